@@ -1,0 +1,218 @@
+"""Deploy bundles: versions on disk, each self-describing, switched by an atomic pointer.
+
+    BUNDLE/SERVING                  text: the serving version id (replaced by atomic rename)
+    BUNDLE/versions/v0001/          model.safetensors, model.json, prototypes.safetensors,
+                                    model.onnx (export), report.json (adaptation), ...
+
+A version directory is built under a temporary name and renamed into place, so a reader never
+sees half a version. Nothing is loaded with pickle: weights are safetensors, metadata is JSON.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from .config import ModelConfig
+from .errors import UserError
+from .labels import CLASSES, PALETTE
+from .model import SegNet
+
+FORMAT = "mas3-edge/1"
+MODEL_FILE, META_FILE, PROTO_FILE, ONNX_FILE = "model.safetensors", "model.json", "prototypes.safetensors", "model.onnx"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write to a temporary file in the same directory, fsync, rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+@dataclass
+class Version:
+    """A loaded bundle version: where it lives, its metadata and its network (eval mode, CPU)."""
+
+    path: Path
+    meta: dict
+    net: SegNet
+
+    @property
+    def id(self) -> str:
+        return self.meta["version"]
+
+    @property
+    def prototypes_path(self) -> Path:
+        return self.path / PROTO_FILE
+
+
+def _versions_dir(root: Path) -> Path:
+    return Path(root) / "versions"
+
+
+def is_version_dir(path: Path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def serving_id(root: Path) -> str | None:
+    pointer = Path(root) / "SERVING"
+    return pointer.read_text().strip() or None if pointer.is_file() else None
+
+
+def set_serving(root: Path, version: str) -> None:
+    """Point the bundle at `version` (atomic: a reader sees the old or the new id, never neither)."""
+    if not is_version_dir(_versions_dir(root) / version):
+        raise UserError(f"no version {version!r} in bundle {root}; see `mas3-edge versions`")
+    atomic_write(Path(root) / "SERVING", version + "\n")
+
+
+def resolve(bundle: Path, version: str | None = None) -> Path:
+    """A bundle root (+ optional version id) or a version directory -> the version directory."""
+    bundle = Path(bundle)
+    if is_version_dir(bundle):
+        return bundle
+    if not bundle.is_dir():
+        raise UserError(f"bundle {bundle} does not exist; train one with `mas3-edge train` or name another")
+    version = version or serving_id(bundle)
+    if version is None:
+        ids = version_ids(bundle)
+        if not ids:
+            raise UserError(f"bundle {bundle} has no versions; train one with `mas3-edge train`")
+        version = ids[-1]
+    path = _versions_dir(bundle) / version
+    if not is_version_dir(path):
+        raise UserError(f"bundle {bundle} has no version {version!r}; see `mas3-edge versions`")
+    return path
+
+
+def version_ids(root: Path) -> list[str]:
+    vdir = _versions_dir(root)
+    return sorted(p.name for p in vdir.iterdir() if p.name.startswith("v") and p.is_dir()) if vdir.is_dir() else []
+
+
+def read_meta(vdir: Path) -> dict:
+    try:
+        meta = json.loads((Path(vdir) / META_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{Path(vdir) / META_FILE} is unreadable ({e}); the version is corrupt") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{Path(vdir) / META_FILE} is not a mas3-edge model file (format {meta.get('format')!r})")
+    return meta
+
+
+def load_version(bundle: Path, version: str | None = None, verify: bool = True) -> Version:
+    """Load weights and metadata; the weights' sha256 must match model.json."""
+    vdir = resolve(bundle, version)
+    meta = read_meta(vdir)
+    wpath = vdir / MODEL_FILE
+    if not wpath.is_file():
+        raise UserError(f"version {meta['version']} has no weights ({wpath} missing)")
+    if verify and sha256_file(wpath) != meta.get("sha256"):
+        raise UserError(f"{wpath} does not match the hash in model.json: the weights are corrupt")
+    net = SegNet(ModelConfig.from_dict(meta["architecture"]))
+    try:
+        state = safetensors.torch.load_file(str(wpath))
+        net.load_state_dict(state)
+    except Exception as e:  # safetensors raises several types for a bad file
+        raise UserError(f"cannot load weights {wpath}: {str(e).splitlines()[0]}") from None
+    return Version(vdir, meta, net.eval())
+
+
+def list_versions(root: Path) -> list[dict]:
+    """Metadata of every readable version, oldest first; corrupt ones are skipped with a warning."""
+    out = []
+    for vid in version_ids(root):
+        try:
+            out.append(read_meta(_versions_dir(root) / vid))
+        except UserError as e:
+            warnings.warn(f"skipping version {vid}: {e}")
+    return out
+
+
+def save_version(root: Path, net: SegNet, *, parent: Version | None = None, info: dict | None = None,
+                 files: dict[str, Path | bytes] | None = None, serve: bool = True) -> Path:
+    """Write a new version (weights, model.json, extra files) and, by default, serve it.
+
+    The directory is assembled under a temporary name and renamed into place, so a crash leaves
+    either nothing or a whole version. Prototypes are carried over from the parent unless given.
+    """
+    root = Path(root)
+    vdir_root = _versions_dir(root)
+    vdir_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=vdir_root))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        weights = safetensors.torch.save(state)
+        digest = sha256_bytes(weights)
+        (tmp / MODEL_FILE).write_bytes(weights)
+        files = dict(files or {})
+        if parent is not None and PROTO_FILE not in files and parent.prototypes_path.is_file():
+            files[PROTO_FILE] = parent.prototypes_path
+        for name, src in files.items():
+            (tmp / name).write_bytes(src if isinstance(src, bytes) else Path(src).read_bytes())
+        vid = _claim(vdir_root, tmp, net, parent, digest, info or {})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if serve:
+        set_serving(root, vid)
+    return vdir_root / vid
+
+
+def _claim(vdir_root: Path, tmp: Path, net: SegNet, parent: Version | None, digest: str, info: dict) -> str:
+    """Pick the next free id and rename the finished directory onto it (retry if another process won)."""
+    for _ in range(100):
+        ids = [int(p[1:]) for p in version_ids(vdir_root.parent) if p[1:].isdigit()]
+        vid = f"v{max(ids, default=0) + 1:04d}"
+        meta = {
+            "format": FORMAT, "version": vid, "parent": parent.id if parent else None,
+            "architecture": net.config.to_dict(), "classes": list(CLASSES), "palette": [list(c) for c in PALETTE],
+            "input_size": list(net.config.input_size),
+            "normalization": {"mean": list(net.config.mean), "std": list(net.config.std), "input": "uint8 RGB NHWC"},
+            "sha256": digest, "source_sha256": parent.meta["source_sha256"] if parent else digest,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "info": info,
+        }
+        atomic_write_json(tmp / META_FILE, meta)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        try:
+            os.rename(tmp, vdir_root / vid)  # fails if another writer took the id first
+            return vid
+        except OSError:
+            continue
+    raise UserError(f"could not claim a new version id in {vdir_root}")

@@ -1,0 +1,6 @@
+"""Placeholder: train, prototypes, adapt, eval, demo arrive with the core issue."""
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

@@ -1,0 +1,6 @@
+"""Placeholder: commands arrive with their issue."""
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

@@ -1,0 +1,99 @@
+"""Frozen, validated configuration: the model architecture and the adaptation round."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import UserError
+from .labels import NUM_CLASSES
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UserError(msg)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the network (stored in model.json)."""
+
+    preset: str = "tiny"
+    num_classes: int = NUM_CLASSES
+    embed_dim: int = NUM_CLASSES  # D = K as in the paper
+    width_mult: float = 0.5
+    aspp_channels: int = 64
+    input_size: tuple[int, int] = (128, 256)  # (H, W) the runtime resizes frames to
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # RGB, on 0..1 pixel values
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_size", tuple(int(s) for s in self.input_size))
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        _check(self.num_classes >= 2, f"num_classes must be >= 2, got {self.num_classes}")
+        _check(self.embed_dim >= 2, f"embed_dim must be >= 2, got {self.embed_dim}")
+        _check(0.1 <= self.width_mult <= 4, f"width_mult must be in [0.1, 4], got {self.width_mult}")
+        h, w = self.input_size
+        _check(h % 8 == 0 and w % 8 == 0 and h >= 32 and w >= 32,
+               f"input size must be multiples of 8 and >= 32, got {h}x{w}")
+        _check(all(s > 0 for s in self.std), "std must be positive")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        _check(not unknown, f"model.json has unknown architecture keys {sorted(unknown)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(preset="tiny", width_mult=0.5, aspp_channels=64, input_size=(128, 256)),
+    "edge": ModelConfig(preset="edge", width_mult=1.0, aspp_channels=128, input_size=(512, 1024)),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    _check(name in PRESETS, f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """One adaptation round. Paper defaults: lambda 0.5, L 100, Adam lr 1e-4, batch 2, tau 0.97."""
+
+    method: str = "mas3"  # mas3 | mas3-paper | bn | tent | pseudo | none
+    steps: int = 100
+    batch_size: int = 2
+    lr: float = 1e-4
+    lam: float = 0.5
+    n_projections: int = 100
+    tau: float = 0.97
+    swd_pixels: int = 65536  # target embeddings subsampled per step for the SWD
+    gmm_samples: int = 4096  # pseudo-dataset draws per step (before the confidence filter)
+    params: str = "all"  # all | encdec | norm
+    bn: str = "adapt"  # frozen (paper) | adapt (re-estimate on target frames)
+    class_conditional: bool = True  # match each predicted class to its own component
+    anchor: float = 0.0  # L2 pull towards the starting weights (guards against forgetting)
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {METHODS}")
+        _check(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
+        _check(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.lam >= 0, f"lambda must be >= 0, got {self.lam}")
+        _check(self.n_projections >= 1, f"projections must be >= 1, got {self.n_projections}")
+        _check(0 <= self.tau < 1, f"tau must be in [0, 1), got {self.tau}")
+        _check(self.swd_pixels >= 16, f"swd pixels must be >= 16, got {self.swd_pixels}")
+        _check(self.params in ("all", "encdec", "norm"), f"params must be all|encdec|norm, got {self.params!r}")
+        _check(self.bn in ("frozen", "adapt"), f"bn must be frozen|adapt, got {self.bn!r}")
+        _check(self.anchor >= 0, f"anchor must be >= 0, got {self.anchor}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+METHODS = ("mas3", "mas3-paper", "bn", "tent", "pseudo", "none")

@@ -1,0 +1,139 @@
+"""The segmentation network f = h ∘ ψ ∘ φ, split as the paper splits it.
+
+φ (encoder): MobileNetV2-style inverted residuals, output stride 8 (the last stages dilate
+instead of striding). ψ (decoder): a light ASPP that ends in a linear 1×1 conv to the
+embedding z ∈ R^D. h (head): a 1×1 conv D → K. Only conv, batch norm, ReLU6, global average
+pool and bilinear resize are used, so the graph exports to ONNX and TensorRT as it is.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .errors import UserError
+
+
+def _ch(c: float, mult: float) -> int:
+    return max(8, int(round(c * mult / 8)) * 8)
+
+
+def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1, groups: int = 1,
+            act: bool = True) -> nn.Sequential:
+    pad = dilation * (k - 1) // 2
+    layers = [nn.Conv2d(cin, cout, k, stride, pad, dilation, groups, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, nn.ReLU6(inplace=True)) if act else nn.Sequential(*layers)
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int, dilation: int = 1):
+        super().__init__()
+        hidden = cin * expand
+        layers = [conv_bn(cin, hidden, 1)] if expand != 1 else []
+        layers += [conv_bn(hidden, hidden, 3, stride, dilation, groups=hidden),
+                   conv_bn(hidden, cout, 1, act=False)]
+        self.block = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x) if self.residual else self.block(x)
+
+
+# (expansion, channels, repeats, stride, dilation) — MobileNetV2 with the stride-16/32 stages dilated
+_STAGES = ((1, 16, 1, 1, 1), (6, 24, 2, 2, 1), (6, 32, 3, 2, 1), (6, 64, 4, 1, 2), (6, 96, 3, 1, 4))
+
+
+class Encoder(nn.Module):
+    """φ: image (B, 3, H, W) -> features (B, C, H/8, W/8)."""
+
+    def __init__(self, width_mult: float):
+        super().__init__()
+        cin = _ch(32, width_mult)
+        layers: list[nn.Module] = [conv_bn(3, cin, 3, stride=2)]
+        for t, c, n, s, d in _STAGES:
+            cout = _ch(c, width_mult)
+            for i in range(n):
+                layers.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, d))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.out_channels = cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class Decoder(nn.Module):
+    """ψ: light ASPP (1×1, two dilated depthwise-separable branches, image pooling) -> z (B, D, h, w)."""
+
+    def __init__(self, cin: int, channels: int, embed_dim: int, rates: tuple[int, ...] = (3, 6)):
+        super().__init__()
+        self.branches = nn.ModuleList([conv_bn(cin, channels, 1)] + [
+            nn.Sequential(conv_bn(cin, cin, 3, dilation=r, groups=cin), conv_bn(cin, channels, 1))
+            for r in rates])
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn(cin, channels, 1))
+        n = len(rates) + 2
+        self.project = nn.Sequential(conv_bn(n * channels, channels, 1),
+                                     conv_bn(channels, channels, 3, groups=channels), conv_bn(channels, channels, 1))
+        self.embed = nn.Conv2d(channels, embed_dim, 1)  # linear: z is modelled by Gaussians
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        pooled = self.pool(x).expand(-1, -1, h, w)  # broadcast instead of resize: cheaper, exports cleanly
+        feats = [b(x) for b in self.branches] + [pooled]
+        return self.embed(self.project(torch.cat(feats, dim=1)))
+
+
+class SegNet(nn.Module):
+    """f = h ∘ ψ ∘ φ. `forward` returns logits at input size; `embed` returns z at stride 8."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config.width_mult)
+        self.decoder = Decoder(self.encoder.out_channels, config.aspp_channels, config.embed_dim)
+        self.head = nn.Conv2d(config.embed_dim, config.num_classes, 1)
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) RGB -> normalised float (B, 3, H, W)."""
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise UserError(f"expected images of shape (B, H, W, 3), got {tuple(images.shape)}")
+        x = images.permute(0, 3, 1, 2).float()
+        return (x - self.mean) / self.std
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised -> z (B, D, H/8, W/8)."""
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % 8 or x.shape[3] % 8:
+            raise UserError(f"expected input (B, 3, H, W) with H and W multiples of 8, got {tuple(x.shape)}")
+        return self.decoder(self.encoder(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised -> logits (B, K, H, W)."""
+        logits = self.head(self.embed(x))  # (B, K, H/8, W/8)
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class Deployed(nn.Module):
+    """What the runtime runs: uint8 RGB (B, H, W, 3) -> class ids uint8 (B, H, W), confidence (B, H, W).
+
+    Normalisation, argmax and max-softmax live inside the graph, so the caller does no per-pixel work.
+    With `with_embedding` the stride-8 embedding (B, D, H/8, W/8) is returned too (drift monitoring).
+    """
+
+    def __init__(self, net: SegNet, with_embedding: bool = False):
+        super().__init__()
+        self.net = net
+        self.with_embedding = with_embedding
+
+    def forward(self, images: torch.Tensor):
+        z = self.net.embed(self.net.normalize(images))
+        logits = F.interpolate(self.net.head(z), size=images.shape[1:3], mode="bilinear", align_corners=False)
+        conf, classes = torch.softmax(logits, dim=1).max(dim=1)
+        outputs = (classes.to(torch.uint8), conf)
+        return outputs + (z,) if self.with_embedding else outputs
+
+
+def build_model(config: ModelConfig) -> SegNet:
+    return SegNet(config)
