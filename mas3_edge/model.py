@@ -40,18 +40,19 @@ class InvertedResidual(nn.Module):
         return x + self.block(x) if self.residual else self.block(x)
 
 
-# (expansion, channels, repeats, stride, dilation) — MobileNetV2 with the stride-16/32 stages dilated
-_STAGES = ((1, 16, 1, 1, 1), (6, 24, 2, 2, 1), (6, 32, 3, 2, 1), (6, 64, 4, 1, 2), (6, 96, 3, 1, 4))
+# (channels, stride, dilation) per stage — MobileNetV2 with the stride-16/32 stages dilated instead
+_STAGES = ((16, 1, 1), (24, 2, 1), (32, 2, 1), (64, 1, 2), (96, 1, 4))
 
 
 class Encoder(nn.Module):
     """φ: image (B, 3, H, W) -> features (B, C, H/8, W/8)."""
 
-    def __init__(self, width_mult: float):
+    def __init__(self, width_mult: float, depth: tuple[int, ...], expansion: int):
         super().__init__()
         cin = _ch(32, width_mult)
         layers: list[nn.Module] = [conv_bn(3, cin, 3, stride=2)]
-        for t, c, n, s, d in _STAGES:
+        for stage, ((c, s, d), n) in enumerate(zip(_STAGES, depth)):
+            t = 1 if stage == 0 else expansion
             cout = _ch(c, width_mult)
             for i in range(n):
                 layers.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, d))
@@ -90,7 +91,7 @@ class SegNet(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config.width_mult)
+        self.encoder = Encoder(config.width_mult, config.depth, config.expansion)
         self.decoder = Decoder(self.encoder.out_channels, config.aspp_channels, config.embed_dim)
         self.head = nn.Conv2d(config.embed_dim, config.num_classes, 1)
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1) * 255, persistent=False)

@@ -1,6 +1,145 @@
-"""Placeholder: train, prototypes, adapt, eval, demo arrive with the core issue."""
+"""The factory → device workflow: train, prototypes, adapt, eval, and the end-to-end demo."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from ..errors import UserError
+
+BundleOpt = Annotated[Path, typer.Option("--bundle", "-b", help="Bundle directory (versions + SERVING pointer).")]
+VersionOpt = Annotated[Optional[str], typer.Option("--version", "-v", help="Version id; default: the serving one.")]
+DataKind = Annotated[str, typer.Option("--kind", help="Dataset layout: folder, cityscapes, gta5 or synthia.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")]
+
+
+def _device(name: str) -> str:
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is usable; use --device cpu")
+    return name
+
+
+def table(title: str, columns: list[str], rows: list[list]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in r])
+    Console().print(t)
+
+
+def train_cmd(
+    data: Annotated[Path, typer.Option("--data", help="Labelled source data (images/ + labels/).")],
+    bundle: BundleOpt = Path("bundle"),
+    kind: DataKind = "folder",
+    preset: Annotated[str, typer.Option(help="Model preset: tiny or edge.")] = "tiny",
+    steps: int = 1500, batch_size: int = 8, lr: float = 2e-3, seed: int = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train the source model (Eq. 1) and write the bundle's first version."""
+    from .. import config, data as datasets, train
+    mcfg = config.preset(preset)
+    ds = datasets.open_dataset(data, kind=kind, split="train")
+    vdir = train.train(ds, mcfg, train.TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed),
+                       bundle, bundle / "checkpoint", resume=resume, device=_device(device), source_name=str(data))
+    typer.echo(f"wrote {vdir} (serving); next: mas3-edge prototypes --bundle {bundle} --data {data}")
+
+
+def prototypes_cmd(
+    data: Annotated[Path, typer.Option("--data", help="The labelled source data the model was trained on.")],
+    bundle: BundleOpt = Path("bundle"), version: VersionOpt = None, kind: DataKind = "folder",
+    tau: Annotated[float, typer.Option(help="Confidence threshold of the support sets (Eq. 3).")] = 0.97,
+    min_count: Annotated[int, typer.Option(help="Pixels a class needs before τ is lowered for it.")] = 100,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Fit the class-prototype GMM in one pass over the source data and store it in the version."""
+    from .. import bundle as bundles, data as datasets, prototypes
+    from ..labels import CLASSES
+    ver = bundles.load_version(bundle, version)
+    ds = datasets.open_dataset(data, kind=kind, split="train", size=ver.net.config.input_size)
+    proto = prototypes.fit(ver.net, _labelled_batches(ds), tau=tau, min_count=min_count, device=_device(device))
+    prototypes.save(proto, ver.prototypes_path, ver.meta["source_sha256"], str(data))
+    handling = proto.meta["handling"]
+    table(f"prototypes of {ver.id} (τ = {tau})", ["class", "pixels", "α", "note"],
+          [[c, int(proto.counts[j]), float(proto.alpha[j]), handling.get(c, "")] for j, c in enumerate(CLASSES)])
+    typer.echo(f"wrote {ver.prototypes_path} ({ver.prototypes_path.stat().st_size / 1024:.1f} KB)")
+
+
+def _labelled_batches(ds, batch_size: int = 8):
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+    for i in tqdm(range(0, len(ds), batch_size), desc="prototypes", leave=False):
+        items = [ds[j] for j in range(i, min(i + batch_size, len(ds)))]
+        yield torch.from_numpy(np.stack([a for a, _ in items])), torch.from_numpy(np.stack([b for _, b in items]))
+
+
+def adapt_cmd(
+    buffer: Annotated[Path, typer.Option("--buffer", help="Folder of unlabeled target frames.")] = Path("frames"),
+    bundle: BundleOpt = Path("bundle"), version: VersionOpt = None,
+    method: Annotated[str, typer.Option(help="mas3 (default), mas3-paper, bn, tent, pseudo or none.")] = "mas3",
+    steps: int = 100, batch_size: int = 2, lr: float = 1e-4,
+    lam: Annotated[float, typer.Option("--lambda", help="Weight of the SWD term (Eq. 4).")] = 0.5,
+    tau: float = 0.97, projections: int = 100,
+    swd_pixels: Annotated[int, typer.Option(help="Target embeddings subsampled per step.")] = 65536,
+    params: Annotated[str, typer.Option(help="Updated parameters: all, encdec or norm.")] = "all",
+    bn: Annotated[str, typer.Option(help="Batch-norm statistics: adapt (re-estimate) or frozen.")] = "adapt",
+    class_conditional: Annotated[bool, typer.Option(help="Match each predicted class to its own component.")] = True,
+    anchor: Annotated[float, typer.Option(help="L2 pull towards the starting weights.")] = 0.0,
+    limit: Annotated[Optional[int], typer.Option(help="Use only the newest N frames.")] = None,
+    guard: Annotated[bool, typer.Option(help="Reject a round that worsens the health signals.")] = True,
+    serve: Annotated[bool, typer.Option(help="Serve the new version when accepted.")] = True,
+    seed: int = 0,
+) -> None:
+    """Run one source-free adaptation round on unlabeled frames; write a new version."""
+    from .. import adapt, bundle as bundles
+    from ..config import AdaptConfig
+    cfg = AdaptConfig(method=method, steps=steps, batch_size=batch_size, lr=lr, lam=lam, tau=tau,
+                      n_projections=projections, swd_pixels=swd_pixels, params=params, bn=bn,
+                      class_conditional=class_conditional, anchor=anchor, seed=seed)
+    res = adapt.run_round(bundle, buffer, cfg, version=version, guard=guard, limit=limit)
+    hb, ha = res.report["health_before"], res.report["health_after"]
+    table(f"adaptation round ({method}, {len(res.report.get('steps', []))} steps, "
+          f"{res.report['frames']['adapt']} frames + {res.report['frames']['holdout']} held out)",
+          ["health signal (lower is better)", "before", "after"], [[k, hb[k], ha[k]] for k in hb])
+    if not res.accepted:
+        typer.echo(f"rejected: {res.reason}; the serving version is unchanged")
+        raise typer.Exit(2)
+    if serve:
+        bundles.set_serving(bundle, res.version_dir.name)
+    typer.echo(f"accepted: wrote {res.version_dir}{' (serving)' if serve else ''}; report in report.json")
+
+
+def eval_cmd(
+    data: Annotated[Path, typer.Option("--data", help="Labelled folder (images/ + labels/).")],
+    bundle: BundleOpt = Path("bundle"), version: VersionOpt = None, kind: DataKind = "folder",
+    split: str = "val",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
+    overlays: Annotated[Optional[Path], typer.Option(help="Write colour overlays (image | truth | prediction).")] = None,
+) -> None:
+    """Evaluate a version: per-class IoU, mIoU and pixel accuracy."""
+    from .. import bundle as bundles, data as datasets
+    from ..bundle import atomic_write_json
+    from ..evaluate import evaluate
+    ver = bundles.load_version(bundle, version)
+    res = evaluate(ver.net, datasets.open_dataset(data, kind=kind, split=split), overlays=overlays)
+    rows = [[c, v if v is not None else "-"] for c, v in res["per_class_iou"].items()]
+    table(f"{ver.id} on {data} ({res['images']} images)", ["class", "IoU"],
+          rows + [["mIoU", res["miou"]], ["pixel accuracy", res["pixel_accuracy"]]])
+    if json_out:
+        atomic_write_json(json_out, {"version": ver.id, "data": str(data), **res})
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("train")(train_cmd)
+    app.command("prototypes")(prototypes_cmd)
+    app.command("adapt")(adapt_cmd)
+    app.command("eval")(eval_cmd)

@@ -1,0 +1,198 @@
+"""MAS3 adaptation (paper Algorithm 1, Eq. 4): source-free, label-free.
+
+Each step: predict the target batch, draw a pseudo-dataset from the prototype GMM with as many
+samples per class as the model PREDICTS on the batch (never target labels), keep the samples
+h labels with confidence > τ, and minimise CE(h(z_p), y_p) + λ·SWD(ψ(φ(x_t)), z_p).
+
+`mas3-paper` is Algorithm 1 as written (pooled SWD, frozen batch-norm statistics). `mas3`, the
+default, adds what the measurements in the README call for: batch-norm statistics re-estimated on
+the target frames, class-conditional matching (each predicted class against its own component,
+so the SWD cannot fall by swapping classes) and an L2 anchor to the starting weights.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AdaptConfig
+from .errors import UserError
+from .model import SegNet
+from .prototypes import Prototypes
+from .swd import sliced_wasserstein
+
+MIN_CLASS_PIXELS = 16  # a predicted class needs this many target pixels to get its own SWD term
+
+
+def configure(net: SegNet, cfg: AdaptConfig) -> list[nn.Parameter]:
+    """Train mode off (BN statistics are not updated by gradient steps); choose the updated params."""
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    if cfg.params == "norm":
+        params = [p for m in net.modules() if isinstance(m, nn.BatchNorm2d) for p in (m.weight, m.bias)]
+    elif cfg.params == "encdec":
+        params = list(net.encoder.parameters()) + list(net.decoder.parameters())
+    else:
+        params = list(net.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+@torch.no_grad()
+def reestimate_bn(net: SegNet, frames: np.ndarray, batch_size: int = 8) -> None:
+    """AdaBN: replace every batch-norm running mean/var by the cumulative average over `frames`."""
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over all batches
+        m.train()
+    for i in range(0, len(frames), batch_size):
+        net.embed(net.normalize(torch.from_numpy(frames[i:i + batch_size])))
+    for m, (momentum, training) in zip(bns, saved):
+        m.momentum = momentum
+        m.train(training)
+
+
+def pseudo_dataset(proto: Prototypes, head: nn.Conv2d, hist: torch.Tensor, n: int, tau: float,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 1, lines 9–11: z_p ~ GMM with per-class counts ∝ predicted histogram, keep h-conf > τ."""
+    weights = hist.float() * (proto.alpha > 0)
+    per_class = torch.floor(weights / weights.sum().clamp(min=1) * n + 0.5)
+    z, _ = proto.sample(per_class, generator)
+    with torch.no_grad():
+        conf, y = torch.softmax(head(z[:, :, None, None]).flatten(1), 1).max(1)  # h is a 1×1 conv
+    keep = conf > tau
+    return z[keep], y[keep]
+
+
+def swd_loss(zt: torch.Tensor, pred: torch.Tensor, zp: torch.Tensor, yp: torch.Tensor, cfg: AdaptConfig,
+             generator: torch.Generator) -> torch.Tensor:
+    """Pooled SWD (paper), or the mean of per-class SWDs when class_conditional (pixels ∝ weight)."""
+    if not cfg.class_conditional or cfg.method == "mas3-paper":
+        return sliced_wasserstein(zt, zp, cfg.n_projections, generator=generator)
+    terms, weights = [], []
+    for j in torch.unique(pred).tolist():
+        tj, pj = zt[pred == j], zp[yp == j]
+        if tj.shape[0] >= MIN_CLASS_PIXELS and pj.shape[0] >= MIN_CLASS_PIXELS:
+            terms.append(sliced_wasserstein(tj, pj, cfg.n_projections, generator=generator))
+            weights.append(tj.shape[0])
+    if not terms:
+        return zt.sum() * 0
+    w = torch.tensor(weights, dtype=zt.dtype)
+    return (torch.stack(terms) * w).sum() / w.sum()
+
+
+def mas3_step(net: SegNet, proto: Prototypes, images: torch.Tensor, cfg: AdaptConfig,
+              generator: torch.Generator, anchor: list[torch.Tensor] | None = None) -> dict:
+    """One term of Eq. 4 on a batch of uint8 frames; returns the loss and its parts."""
+    z = net.embed(net.normalize(images))  # (B, D, h, w)
+    zt = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B*h*w, D)
+    with torch.no_grad():
+        pred = net.head(z).argmax(1).flatten()
+    if zt.shape[0] > cfg.swd_pixels:
+        idx = torch.randperm(zt.shape[0], generator=generator)[: cfg.swd_pixels]
+        zt, pred = zt[idx], pred[idx]
+    hist = torch.bincount(pred, minlength=proto.k)
+    zp, yp = pseudo_dataset(proto, net.head, hist, cfg.gmm_samples, cfg.tau, generator)
+    if zp.shape[0] < MIN_CLASS_PIXELS:
+        raise UserError(f"fewer than {MIN_CLASS_PIXELS} GMM samples pass tau={cfg.tau}; lower --tau")
+    ce = F.cross_entropy(net.head(zp[:, :, None, None]).flatten(1), yp)
+    swd = swd_loss(zt, pred, zp, yp, cfg, generator)
+    loss = ce + cfg.lam * swd
+    if anchor is not None and cfg.anchor > 0:
+        loss = loss + cfg.anchor * sum(((p - a) ** 2).sum() for p, a in zip(net.parameters(), anchor))
+    return {"loss": loss, "ce": ce.item(), "swd": swd.item(), "gmm_kept": int(zp.shape[0])}
+
+
+def adapt(net: SegNet, proto: Prototypes, frames: np.ndarray, cfg: AdaptConfig, progress=None) -> dict:
+    """Run one adaptation round in place on uint8 frames (N, H, W, 3); returns per-step losses."""
+    if len(frames) == 0:
+        raise UserError("no frames to adapt on")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    if cfg.bn == "adapt" and cfg.method != "mas3-paper":
+        reestimate_bn(net, frames)
+    params = configure(net, cfg)
+    anchor = [p.detach().clone() for p in net.parameters()]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    log = []
+    for step in range(cfg.steps):
+        idx = torch.randint(0, len(frames), (cfg.batch_size,), generator=gen)
+        parts = mas3_step(net, proto, torch.from_numpy(frames[idx.numpy()]), cfg, gen, anchor)
+        if not torch.isfinite(parts["loss"]):
+            raise UserError(f"adaptation loss became {parts['loss'].item()} at step {step}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        opt.step()
+        log.append({"step": step, "loss": parts["loss"].item(), **{k: parts[k] for k in ("ce", "swd", "gmm_kept")}})
+        if progress:
+            progress(1)
+    if cfg.bn == "adapt" and cfg.method != "mas3-paper":
+        reestimate_bn(net, frames)  # the weights moved: statistics follow them
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return {"steps": log, "seconds": time.perf_counter() - t0}
+
+
+# --- a round on a bundle: adapt, check health on held-out frames, write a new version ----------
+
+class RoundResult:
+    def __init__(self, accepted: bool, reason: str, version_dir, report: dict):
+        self.accepted, self.reason, self.version_dir, self.report = accepted, reason, version_dir, report
+
+    def __repr__(self) -> str:
+        return f"RoundResult(accepted={self.accepted}, reason={self.reason!r}, version_dir={self.version_dir})"
+
+
+def split_holdout(frames: np.ndarray, every: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Every `every`-th frame is held out for the health check; the rest are adapted on."""
+    mask = np.arange(len(frames)) % every == every - 1
+    if mask.sum() == 0 or (~mask).sum() == 0:
+        return frames, frames
+    return frames[~mask], frames[mask]
+
+
+def run_round(bundle, frames, cfg: AdaptConfig, version: str | None = None, guard: bool = True,
+              limit: int | None = None, progress=None) -> RoundResult:
+    """Adapt a bundle version on unlabeled frames (a folder or an array) and write the result.
+
+    The new version is written (not served) only when the unsupervised health signals on
+    held-out frames did not get worse, or `guard` is off. Never reads a label.
+    """
+    from . import bundle as bundles, health
+    from .baselines import run_baseline
+    from .frames import load_frames
+    from .prototypes import load as load_prototypes
+
+    base = bundles.load_version(bundle, version)
+    proto = load_prototypes(base.prototypes_path, base.meta)
+    if not isinstance(frames, np.ndarray):
+        frames = load_frames(frames, base.net.config.input_size, limit)
+    train, held = split_holdout(frames)
+    before = health.signals(base.net, proto, held)
+    net = bundles.load_version(bundle, base.id).net
+    if cfg.method in ("mas3", "mas3-paper"):
+        log = adapt(net, proto, train, cfg, progress)
+    else:
+        log = run_baseline(net, train, cfg)
+    finite = all(torch.isfinite(p).all() for p in net.state_dict().values() if p.is_floating_point())
+    after = health.signals(net, proto, held) if finite else {k: float("nan") for k in before}
+    ok, reason = health.accept(before, after) if finite else (False, "weights are not finite after adaptation")
+    report = {"parent": base.id, "config": cfg.to_dict(), "frames": {"adapt": len(train), "holdout": len(held)},
+              "health_before": before, "health_after": after, "accepted": ok or not guard, "reason": reason, **log}
+    vdir = None
+    if ok or not guard:
+        import json
+        vdir = bundles.save_version(bundle, net, parent=base, serve=False,
+                                    info={"kind": "adapted", "method": cfg.method, "health": after,
+                                          "health_parent": before, "reason": reason},
+                                    files={"report.json": json.dumps(report, indent=2).encode()})
+    return RoundResult(ok or not guard, reason, vdir, report)

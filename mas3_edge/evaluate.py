@@ -1,0 +1,61 @@
+"""Evaluation on a labelled folder: confusion matrix -> IoU per class, mIoU, pixel accuracy.
+
+Images and labels are brought to the model's input size (labels by nearest neighbour), the size
+the runtime serves at.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from .data import write_png
+from .frames import resize
+from .labels import colorize, overlay
+from .metrics import Confusion
+from .model import SegNet
+
+
+@torch.no_grad()
+def predict(net: SegNet, images: np.ndarray) -> np.ndarray:
+    """uint8 (B, H, W, 3) at the model's input size -> class ids uint8 (B, H, W)."""
+    logits = net(net.normalize(torch.from_numpy(np.ascontiguousarray(images))))
+    return logits.argmax(1).to(torch.uint8).numpy()
+
+
+def _pairs(dataset, size: tuple[int, int]):
+    for i in range(len(dataset)):
+        img, lbl = dataset[i]
+        h, w = size
+        yield resize(img, size), (lbl if lbl.shape == (h, w) else cv2.resize(lbl, (w, h), interpolation=cv2.INTER_NEAREST))
+
+
+def _chunks(iterable, n: int):
+    batch = []
+    for item in iterable:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def evaluate(net: SegNet, dataset, batch_size: int = 8, overlays: Path | None = None,
+             max_overlays: int = 16) -> dict:
+    """mIoU etc. of `net` over a dataset of (image, label) pairs; optional PNG overlays
+    (image | ground truth | prediction)."""
+    net.eval()
+    conf = Confusion(net.config.num_classes)
+    written = 0
+    for batch in _chunks(_pairs(dataset, net.config.input_size), batch_size):
+        preds = predict(net, np.stack([img for img, _ in batch]))
+        for (img, lbl), pred in zip(batch, preds):
+            conf.update(pred, lbl)
+            if overlays is not None and written < max_overlays:
+                write_png(Path(overlays) / f"{written:04d}.png",
+                          np.concatenate([img, colorize(lbl), overlay(img, pred)], axis=1))
+                written += 1
+    return {**conf.summary(), "images": len(dataset)}

@@ -1,0 +1,176 @@
+"""The prototypical distribution (paper Eq. 2–3): a K-component GMM in the embedding space.
+
+Fitted in ONE streaming pass of float64 sufficient statistics (count, Σz, Σzzᵀ) per class, kept
+at several confidence thresholds at once so that a class with too few confident pixels falls back
+to a lower τ without a second pass over the source data. This file is all that the device keeps
+of the source domain.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+
+from .bundle import atomic_write
+from .errors import UserError
+from .labels import CLASSES, IGNORE
+
+FALLBACK_TAUS = (0.9, 0.7, 0.5, 0.0)  # tried in order for a class short of confident pixels
+
+
+class SufficientStats:
+    """Per-class count, Σz and Σzzᵀ in float64, at each threshold in `taus` (one pass)."""
+
+    def __init__(self, k: int, d: int, taus: tuple[float, ...], device: torch.device | str = "cpu"):
+        self.taus = taus
+        self.count = torch.zeros(len(taus), k, dtype=torch.float64, device=device)
+        self.sum = torch.zeros(len(taus), k, d, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(len(taus), k, d, d, dtype=torch.float64, device=device)
+
+    def update(self, z: torch.Tensor, label: torch.Tensor, pred: torch.Tensor, conf: torch.Tensor) -> None:
+        """z (N, D); label, pred, conf (N,). A pixel is in S_j if label == pred == j and conf > τ."""
+        correct = (label == pred) & (label != IGNORE)
+        z64, label = z.double(), label.long()
+        for t, tau in enumerate(self.taus):
+            keep = correct & (conf > tau)
+            for j in torch.unique(label[keep]).tolist():
+                zj = z64[keep & (label == j)]
+                self.count[t, j] += zj.shape[0]
+                self.sum[t, j] += zj.sum(0)
+                self.outer[t, j] += zj.T @ zj
+
+
+@dataclass
+class Prototypes:
+    """GMM parameters: alpha (K,), mean (K, D), chol (K, D, D) lower Cholesky factors, counts (K,)."""
+
+    alpha: torch.Tensor
+    mean: torch.Tensor
+    chol: torch.Tensor
+    counts: torch.Tensor
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return self.mean.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.mean.shape[1]
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        return self.chol @ self.chol.transpose(1, 2)
+
+    def sample(self, per_class: torch.Tensor, generator: torch.Generator | None = None):
+        """Draw per_class[j] samples of component j -> z (N, D), y (N,). Empty components are skipped."""
+        per_class = per_class.long().clone()
+        per_class[self.alpha <= 0] = 0
+        y = torch.repeat_interleave(torch.arange(self.k), per_class.cpu())
+        eps = torch.randn(y.shape[0], self.d, 1, generator=generator)
+        z = self.mean[y] + (self.chol[y] @ eps).squeeze(-1)
+        return z, y
+
+    def to(self, device) -> "Prototypes":
+        return Prototypes(self.alpha.to(device), self.mean.to(device), self.chol.to(device),
+                          self.counts.to(device), self.meta)
+
+
+def finalize(stats: SufficientStats, min_count: int, shrink: float = 1e-3) -> Prototypes:
+    """Eq. 3 from the sufficient statistics, with a per-class fallback to a lower τ and a shrunk Σ."""
+    _, k, d = stats.sum.shape
+    mean = torch.zeros(k, d, dtype=torch.float64)
+    cov = torch.eye(d, dtype=torch.float64).repeat(k, 1, 1)
+    counts = torch.zeros(k, dtype=torch.float64)
+    handling = {}
+    for j in range(k):
+        level = next((t for t in range(len(stats.taus)) if stats.count[t, j] >= min_count), None)
+        if level is None:
+            handling[CLASSES[j] if j < len(CLASSES) else str(j)] = "absent: no usable pixels, weight 0"
+            continue
+        n = stats.count[level, j].cpu()
+        mu = stats.sum[level, j].cpu() / n
+        sigma = stats.outer[level, j].cpu() / n - torch.outer(mu, mu)
+        # Shrink toward a scaled identity: keeps Σ positive definite for small or degenerate S_j.
+        s = shrink + d / (n.item() + d)
+        sigma = (1 - s) * sigma + s * torch.eye(d, dtype=torch.float64) * sigma.diagonal().mean().clamp(min=1e-6)
+        mean[j], cov[j], counts[j] = mu, sigma, n
+        if level > 0:
+            handling[CLASSES[j]] = f"tau lowered to {stats.taus[level]} ({int(n)} pixels)"
+    alpha = counts / counts.sum().clamp(min=1)
+    chol = torch.linalg.cholesky(cov)
+    return Prototypes(alpha.float(), mean.float(), chol.float(), counts.float(),
+                      {"tau": stats.taus[0], "handling": handling, "min_count": min_count})
+
+
+@torch.no_grad()
+def fit(net, batches, tau: float = 0.97, min_count: int = 100, device: str | torch.device = "cpu",
+        progress=None) -> Prototypes:
+    """One pass over labelled source batches (uint8 images (B,H,W,3), labels (B,H,W)) -> GMM.
+
+    Labels are brought to the embedding grid (stride 8) by nearest sampling, where z and the
+    prediction h(z) live; the confidence filter discards the boundary pixels this blurs.
+    """
+    net = net.to(device).eval()
+    stats = SufficientStats(net.config.num_classes, net.config.embed_dim,
+                            (tau,) + tuple(t for t in FALLBACK_TAUS if t < tau), device)
+    for images, labels in batches:
+        z = net.embed(net.normalize(images.to(device)))  # (B, D, h, w)
+        conf, pred = torch.softmax(net.head(z), 1).max(1)  # (B, h, w)
+        lab = F.interpolate(labels[:, None].float().to(device), size=z.shape[-2:], mode="nearest")[:, 0]
+        stats.update(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), lab.reshape(-1).long(),
+                     pred.reshape(-1), conf.reshape(-1))
+        if progress:
+            progress(images.shape[0])
+    return finalize(stats, min_count)
+
+
+def save(proto: Prototypes, path: Path, model_sha256: str, source: str) -> None:
+    meta = {"tau": str(proto.meta.get("tau")), "classes": json.dumps(list(CLASSES[: proto.k])),
+            "dim": str(proto.d), "model_sha256": model_sha256, "source": source,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "handling": json.dumps(proto.meta.get("handling", {})), "format": "mas3-edge-prototypes/1"}
+    tensors = {"alpha": proto.alpha, "mean": proto.mean, "chol": proto.chol, "counts": proto.counts}
+    atomic_write(Path(path), safetensors.torch.save({k: v.contiguous().cpu() for k, v in tensors.items()}, meta))
+
+
+def load(path: Path, model_meta: dict | None = None) -> Prototypes:
+    """Load and validate; with `model_meta` (model.json) check that the file belongs to that model."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prototype file {path} is missing; fit one with `mas3-edge prototypes`")
+    try:
+        with safetensors.safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            t = {k: f.get_tensor(k) for k in ("alpha", "mean", "chol", "counts")}
+    except Exception as e:
+        raise UserError(f"prototype file {path} is unreadable ({str(e).splitlines()[0]})") from None
+    proto = Prototypes(t["alpha"].float(), t["mean"].float(), t["chol"].float(), t["counts"].float(), meta)
+    _validate(proto, path, model_meta)
+    return proto
+
+
+def _validate(p: Prototypes, path: Path, model_meta: dict | None) -> None:
+    k, d = p.mean.shape
+    if p.alpha.shape != (k,) or p.counts.shape != (k,) or p.chol.shape != (k, d, d):
+        raise UserError(f"prototype file {path} has inconsistent shapes")
+    if not all(torch.isfinite(x).all() for x in (p.alpha, p.mean, p.chol)):
+        raise UserError(f"prototype file {path} contains NaN or infinite values")
+    used = p.alpha > 0
+    if not used.any() or (p.chol[used].diagonal(dim1=1, dim2=2) <= 0).any():
+        raise UserError(f"prototype file {path} has a covariance that is not positive definite")
+    if model_meta is not None:
+        arch = model_meta["architecture"]
+        if (k, d) != (arch["num_classes"], arch["embed_dim"]):
+            raise UserError(f"prototype file {path} has K={k}, D={d} but the model has "
+                            f"K={arch['num_classes']}, D={arch['embed_dim']}")
+        if p.meta.get("model_sha256") != model_meta.get("source_sha256"):
+            raise UserError(f"prototype file {path} was fitted for another model "
+                            f"({p.meta.get('model_sha256', '?')[:12]}), not this one "
+                            f"({model_meta.get('source_sha256', '?')[:12]}); refit with `mas3-edge prototypes`")

@@ -1,0 +1,119 @@
+import numpy as np
+import pytest
+import torch
+
+from mas3_edge import prototypes as P
+from mas3_edge.errors import UserError
+from mas3_edge.labels import IGNORE
+
+
+def _random_stats(k=4, d=3, n=3000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=g, dtype=torch.float64) * 2 + torch.arange(d)
+    label = torch.randint(0, k, (n,), generator=g)
+    pred = torch.where(torch.rand(n, generator=g) < 0.8, label, torch.randint(0, k, (n,), generator=g))
+    conf = torch.rand(n, generator=g)
+    label[:50] = IGNORE
+    return z, label, pred, conf
+
+
+def test_eq3_matches_direct_numpy_in_one_streaming_pass():
+    k, d, tau = 4, 3, 0.5
+    z, label, pred, conf = _random_stats(k, d)
+    stats = P.SufficientStats(k, d, (tau,))
+    for chunk in range(0, len(z), 700):  # streamed in pieces
+        sl = slice(chunk, chunk + 700)
+        stats.update(z[sl], label[sl], pred[sl], conf[sl])
+    proto = P.finalize(stats, min_count=1, shrink=0.0)
+    zn, ln, pn, cn = z.numpy(), label.numpy(), pred.numpy(), conf.numpy()
+    sizes = []
+    for j in range(k):
+        s = zn[(ln == j) & (pn == j) & (cn > tau)]
+        sizes.append(len(s))
+        assert np.allclose(proto.mean[j].numpy(), s.mean(0), atol=1e-5)
+        cov = np.cov(s.T, bias=True)
+        shrink = d / (len(s) + d)  # the documented small-sample shrinkage
+        target = (1 - shrink) * cov + shrink * np.eye(d) * np.diag(cov).mean()
+        assert np.allclose(proto.covariance[j].numpy(), target, atol=1e-4)
+    assert np.allclose(proto.alpha.numpy(), np.array(sizes) / sum(sizes), atol=1e-6)
+
+
+def test_confidence_filter_excludes_low_confidence_and_wrong_pixels():
+    stats = P.SufficientStats(2, 2, (0.9,))
+    z = torch.tensor([[1.0, 1.0], [100.0, 100.0], [-50.0, 3.0]])
+    stats.update(z, torch.tensor([0, 0, 0]), torch.tensor([0, 0, 1]), torch.tensor([0.95, 0.5, 0.99]))
+    assert stats.count[0, 0] == 1 and stats.sum[0, 0].tolist() == [1.0, 1.0]
+
+
+def test_rare_class_falls_back_to_lower_tau_and_absent_class_gets_zero_weight():
+    stats = P.SufficientStats(3, 2, (0.97, 0.5, 0.0))
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(400, 2, generator=g)
+    label = torch.tensor([0] * 300 + [1] * 100)
+    conf = torch.tensor([0.99] * 300 + [0.6] * 100)  # class 1 never passes 0.97
+    stats.update(z, label, label.clone(), conf)
+    proto = P.finalize(stats, min_count=50)
+    assert proto.alpha[2] == 0 and proto.alpha[1] > 0
+    assert "tau lowered to 0.5" in proto.meta["handling"]["sidewalk"]
+    assert "absent" in proto.meta["handling"]["building"]
+    assert torch.isfinite(proto.chol).all()
+
+
+def test_degenerate_class_covariance_stays_positive_definite():
+    stats = P.SufficientStats(1, 3, (0.0,))
+    z = torch.ones(200, 3)  # all identical: the empirical covariance is zero
+    stats.update(z, torch.zeros(200, dtype=torch.long), torch.zeros(200, dtype=torch.long), torch.ones(200))
+    proto = P.finalize(stats, min_count=10)
+    assert torch.linalg.eigvalsh(proto.covariance[0]).min() > 0
+
+
+def test_samples_have_the_fitted_moments():
+    z, label, pred, conf = _random_stats(3, 3, 6000)
+    stats = P.SufficientStats(3, 3, (0.0,))
+    stats.update(z, label, pred, conf)
+    proto = P.finalize(stats, min_count=1)
+    zs, ys = proto.sample(torch.tensor([20000, 20000, 20000]), torch.Generator().manual_seed(0))
+    for j in range(3):
+        s = zs[ys == j].double()
+        assert torch.allclose(s.mean(0), proto.mean[j].double(), atol=0.05)
+        assert torch.allclose(torch.cov(s.T), proto.covariance[j].double(), atol=0.15)
+
+
+def _proto(k=19, d=19):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(k, d, d, generator=g) * 0.1
+    chol = torch.linalg.cholesky(a @ a.transpose(1, 2) + torch.eye(d))
+    return P.Prototypes(torch.full((k,), 1 / k), torch.randn(k, d, generator=g), chol, torch.full((k,), 100.0), {"tau": 0.97})
+
+
+def _meta(k=19, d=19, sha="abc"):
+    return {"architecture": {"num_classes": k, "embed_dim": d}, "source_sha256": sha}
+
+
+def test_file_round_trip_is_small_and_exact(tmp_path):
+    proto, path = _proto(), tmp_path / "prototypes.safetensors"
+    P.save(proto, path, "abc", "synthetic")
+    assert path.stat().st_size < 64 * 1024
+    back = P.load(path, _meta())
+    assert torch.equal(back.chol, proto.chol) and torch.equal(back.mean, proto.mean)
+    assert back.meta["source"] == "synthetic" and back.meta["model_sha256"] == "abc"
+
+
+def test_mismatched_model_and_bad_files_are_clear_errors(tmp_path):
+    path = tmp_path / "p.safetensors"
+    P.save(_proto(), path, "abc", "synthetic")
+    with pytest.raises(UserError, match="another model"):
+        P.load(path, _meta(sha="other"))
+    with pytest.raises(UserError, match="K=19, D=19"):
+        P.load(path, _meta(d=8))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="unreadable"):
+        P.load(bad)
+    with pytest.raises(UserError, match="missing"):
+        P.load(tmp_path / "nope.safetensors")
+    nan = _proto()
+    nan.mean[0, 0] = float("nan")
+    P.save(nan, tmp_path / "nan.safetensors", "abc", "s")
+    with pytest.raises(UserError, match="NaN"):
+        P.load(tmp_path / "nan.safetensors")
