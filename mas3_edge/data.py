@@ -1,0 +1,312 @@
+"""Image IO, datasets in the 19-class Cityscapes train-id space, and common corruptions.
+
+Every dataset yields the same item: an RGB uint8 image (H, W, 3) and, when labels are wanted, a
+uint8 label map (H, W) of train ids 0..18 with 255 = ignore. The datasets are plain map-style
+datasets (len + getitem), which torch's DataLoader accepts; torch is not imported here so that
+the data commands stay fast.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .errors import UserError
+from .labels import IGNORE, NUM_CLASSES
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+CORRUPTIONS = (  # the 15 ImageNet-C / Cityscapes-C corruptions (Hendrycks & Dietterich 2019)
+    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+    "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+    "jpeg_compression",
+)
+KINDS = ("folder", "cityscapes", "gta5", "synthia")
+
+
+def _lut(pairs: dict[int, int], size: int = 256) -> np.ndarray:
+    lut = np.full(size, IGNORE, np.uint8)
+    for k, v in pairs.items():
+        lut[k] = v
+    return lut
+
+
+# Official Cityscapes label id -> train id (cityscapesscripts/helpers/labels.py); GTA5 uses the
+# same label ids. Everything else (unlabeled, parking, rail track, guard rail, ...) is ignored.
+CITYSCAPES_TO_TRAIN = _lut({7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
+                            23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18})
+# SYNTHIA class id -> Cityscapes train id, as used by AdaptSegNet, ADVENT, DACS, ProDA.
+SYNTHIA_TO_TRAIN = _lut({3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10,
+                         10: 11, 17: 12, 8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18}, 65536)
+# The usual SYNTHIA benchmarks score 16 classes (no terrain, truck, train) or 13 (also no wall,
+# fence, pole). Labels keep their 19-class train ids; classes outside the subset become ignore.
+SUBSETS = {19: tuple(range(NUM_CLASSES)),
+           16: tuple(c for c in range(NUM_CLASSES) if c not in (9, 14, 16)),
+           13: tuple(c for c in range(NUM_CLASSES) if c not in (3, 4, 5, 9, 14, 16))}
+
+
+# ---- image IO --------------------------------------------------------------------------------
+def _imread(path: str | Path) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: the file is empty; re-create or remove it")
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.size == 0:
+        raise UserError(f"{path}: not a readable image (corrupt or unsupported format)")
+    return arr
+
+
+def _to_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.uint16:  # 16-bit: full range maps onto 8 bits
+        return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if arr.dtype in (np.float32, np.float64):  # HDR/TIFF floats are taken as 0..1
+        return (np.clip(np.nan_to_num(arr), 0, 1) * 255 + 0.5).astype(np.uint8)
+    raise UserError(f"{path}: unsupported pixel type {arr.dtype}; convert it to 8-bit RGB")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Any grey / BGR / BGRA, 8- or 16-bit image file -> RGB uint8 (H, W, 3)."""
+    arr = _to_uint8(_imread(path), Path(path))
+    if arr.ndim == 2:
+        return cv2.cvtColor(arr, cv2.COLOR_GRAY2RGB)
+    channels = arr.shape[2]
+    if channels in (1, 2):  # grey (+ alpha)
+        return cv2.cvtColor(np.ascontiguousarray(arr[..., 0]), cv2.COLOR_GRAY2RGB)
+    if channels == 4:
+        return cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+
+
+def _read_ids(path: str | Path, channel: int = 0) -> np.ndarray:
+    """A single-channel id map; colour files give `channel` in RGB order (SYNTHIA: 0)."""
+    arr = _imread(path)
+    if arr.ndim == 3:
+        arr = arr[..., [2, 1, 0, 3][channel] if arr.shape[2] >= 3 else channel]
+    return np.ascontiguousarray(arr)
+
+
+def read_label(path: str | Path, strict: bool = True) -> np.ndarray:
+    """Train-id label map uint8 (H, W). Ids other than 0..18 and 255 raise a UserError,
+    or become 255 with strict=False."""
+    ids = _read_ids(path)
+    bad = (ids >= NUM_CLASSES) & (ids != IGNORE)
+    if bad.any():
+        if strict:
+            vals = np.unique(ids[bad])
+            shown = ", ".join(str(v) for v in vals[:10]) + (" ..." if len(vals) > 10 else "")
+            raise UserError(f"{path}: label ids {shown} are not train ids 0..{NUM_CLASSES - 1} "
+                            f"or {IGNORE}; convert the labels (or read with strict=False)")
+        ids = np.where(bad, IGNORE, ids)
+    return ids.astype(np.uint8)
+
+
+def write_png(path: str | Path, array: np.ndarray) -> None:
+    """Write a PNG atomically (temp file, fsync, rename); (H, W, 3|4) arrays are RGB(A)."""
+    path = Path(path)
+    if array.ndim == 3 and array.shape[2] == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    elif array.ndim == 3 and array.shape[2] == 4:
+        array = cv2.cvtColor(array, cv2.COLOR_RGBA2BGRA)
+    ok, buf = cv2.imencode(".png", array)
+    if not ok:
+        raise UserError(f"{path}: cannot encode an array of shape {array.shape} as PNG")
+    _atomic_write(path, buf.tobytes())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Sorted image files of a folder, or of its images/ subfolder when it has one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder")
+    if (folder / "images").is_dir():
+        folder = folder / "images"
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    return files
+
+
+def track(items, total: int, desc: str):
+    """Iterate with a progress bar (rich, else tqdm, else none: progress is optional)."""
+    try:
+        from rich.progress import track as rich_track
+        return rich_track(items, total=total, description=desc, transient=True)
+    except ImportError:
+        pass
+    try:
+        from tqdm import tqdm
+        return tqdm(items, total=total, desc=desc, leave=False)
+    except ImportError:
+        return items
+
+
+# ---- datasets --------------------------------------------------------------------------------
+class PairDataset:
+    """(image, label) pairs read from disk, resized to size (H, W) when given.
+
+    label_fn reads a label file into train ids; labels=False yields the image alone."""
+
+    def __init__(self, images: Sequence[Path], labels: Sequence[Path] | None,
+                 label_fn: Callable[[Path], np.ndarray] = read_label,
+                 size: tuple[int, int] | None = None, classes: int = NUM_CLASSES):
+        if classes not in SUBSETS:
+            raise UserError(f"classes must be one of {sorted(SUBSETS)}, got {classes}")
+        self.images, self.labels, self.label_fn = list(images), labels, label_fn
+        self.size = None if size is None else (int(size[0]), int(size[1]))
+        self.keep = _lut({c: c for c in SUBSETS[classes]})
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        img = read_image(self.images[i])
+        if self.size is not None and img.shape[:2] != self.size:
+            h, w = self.size
+            down = h * w < img.shape[0] * img.shape[1]
+            img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if down else cv2.INTER_LINEAR)
+        if self.labels is None:
+            return img
+        lbl = self.keep[self.label_fn(self.labels[i])]
+        if lbl.shape != img.shape[:2]:
+            lbl = cv2.resize(lbl, img.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+        return img, lbl
+
+
+class FolderDataset(PairDataset):
+    """The generic format: images/NAME.* and labels/NAME.png (train ids). A folder of images
+    alone, or images/ without labels/, is a valid unlabeled dataset (labels=False)."""
+
+    def __init__(self, root: str | Path, size: tuple[int, int] | None = None,
+                 labels: bool = True, classes: int = NUM_CLASSES):
+        images = list_images(root)
+        label_files = [Path(root) / "labels" / f"{p.stem}.png" for p in images] if labels else None
+        _all_there(label_files, "add labels/NAME.png or open the folder with labels=False")
+        super().__init__(images, label_files, read_label, size, classes)
+
+
+def _all_there(label_files: list[Path] | None, hint: str) -> None:
+    missing = [p for p in label_files or () if not p.is_file()]
+    if missing:
+        raise UserError(f"{missing[0]}: label missing ({len(missing)} of {len(label_files)} "
+                        f"images have none); {hint}")
+
+
+def _mapped(lut: np.ndarray, path: Path, channel: int = 0) -> np.ndarray:
+    ids = _read_ids(path, channel)
+    if ids.max() >= len(lut):
+        raise UserError(f"{path}: label id {ids.max()} is out of range for this dataset kind")
+    return lut[ids]
+
+
+def _cityscapes_label(path: Path) -> np.ndarray:  # module-level functions pickle for workers
+    return _mapped(CITYSCAPES_TO_TRAIN, path)
+
+
+def _synthia_label(path: Path) -> np.ndarray:
+    return _mapped(SYNTHIA_TO_TRAIN, path, channel=0)
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise UserError(f"{path}: missing; expected the {what} layout here")
+    return path
+
+
+def _cityscapes(root: Path, split: str, labels: bool) -> tuple[list[Path], list[Path] | None]:
+    imgs = sorted(_need(root / "leftImg8bit" / split, "Cityscapes").glob("*/*_leftImg8bit.png"))
+    if not labels:
+        return imgs, None
+    gt = _need(root / "gtFine" / split, "Cityscapes gtFine")
+    return imgs, [gt / p.parent.name / p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")
+                  for p in imgs]
+
+
+def _flat(root: Path, img_dir: str, lbl_dir: str, what: str, labels: bool):
+    imgs = sorted(p for p in _need(root / img_dir, what).iterdir()
+                  if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not labels:
+        return imgs, None
+    return imgs, [_need(root / lbl_dir, f"{what} labels") / f"{p.stem}.png" for p in imgs]
+
+
+def open_dataset(root: str | Path, kind: str = "folder", split: str = "train",
+                 size: tuple[int, int] | None = None, classes: int = NUM_CLASSES,
+                 labels: bool = True) -> PairDataset:
+    """A dataset in train ids from a folder laid out like `kind`.
+
+    folder: images/ + labels/ (train ids). cityscapes: leftImg8bit/{split}/{city}/ + gtFine
+    labelIds. gta5: images/ + labels/ (Cityscapes label ids). synthia (RAND-CITYSCAPES): RGB/ +
+    GT/LABELS/ (16-bit, class in the first channel). GTA5 and SYNTHIA use every image: their
+    official splits are file lists, not folders, so `split` applies to Cityscapes only."""
+    root = Path(root)
+    if kind not in KINDS:
+        raise UserError(f"unknown dataset kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind == "folder":
+        return FolderDataset(root, size, labels, classes)
+    if kind == "cityscapes":
+        (imgs, lbls), fn = _cityscapes(root, split, labels), _cityscapes_label
+    elif kind == "gta5":  # GTA5 labels use the Cityscapes label ids
+        (imgs, lbls), fn = _flat(root, "images", "labels", "GTA5", labels), _cityscapes_label
+    else:
+        (imgs, lbls), fn = _flat(root, "RGB", "GT/LABELS", "SYNTHIA", labels), _synthia_label
+    if not imgs:
+        raise UserError(f"{root}: no {kind} images found (split {split!r})")
+    _all_there(lbls, f"is the {kind} download complete?")
+    return PairDataset(imgs, lbls, fn, size, classes)
+
+
+# ---- corruptions -----------------------------------------------------------------------------
+def _corrupt_fn() -> Callable:
+    try:
+        from imagecorruptions import corrupt
+    except ImportError as e:
+        raise UserError(f"corruptions need the imagecorruptions package ({e}); "
+                        "run: pip install imagecorruptions-imaug") from None
+    return corrupt
+
+
+def corrupt_folder(src: str | Path, dst: str | Path, corruption: str, severity: int,
+                   progress: bool = True) -> int:
+    """Write every image of src with one corruption to dst/images/NAME.png and copy the labels
+    (src/labels/) unchanged to dst/labels/. Returns the number of images written.
+
+    All 15 corruptions run with imagecorruptions-imaug 1.1.5 and numpy 2.x; glass_blur compiles
+    with numba on its first call (about 5 s) and is then fast."""
+    if corruption not in CORRUPTIONS:
+        raise UserError(f"unknown corruption {corruption!r}; choose one of {', '.join(CORRUPTIONS)}")
+    if not 1 <= int(severity) <= 5:
+        raise UserError(f"severity must be 1..5, got {severity}")
+    corrupt, images = _corrupt_fn(), list_images(src)
+    dst = Path(dst)
+    for p in track(images, len(images), f"{corruption} s{severity}") if progress else images:
+        img = read_image(p)
+        if min(img.shape[:2]) < 32:  # imagecorruptions' own limit, said with the file's name
+            raise UserError(f"{p}: {img.shape[0]}x{img.shape[1]} is too small; corruptions need "
+                            "at least 32x32 pixels")
+        out = np.asarray(corrupt(img, corruption_name=corruption, severity=int(severity)))
+        write_png(dst / "images" / f"{p.stem}.png", np.clip(out, 0, 255).astype(np.uint8))
+        label = Path(src) / "labels" / f"{p.stem}.png"
+        if label.is_file():
+            _atomic_write(dst / "labels" / label.name, label.read_bytes())
+    return len(images)
