@@ -1,6 +1,96 @@
-"""Placeholder: commands arrive with their issue."""
+"""`mas3-edge export`: a thin wrapper over export.onnx and export.tensorrt (imported in the command)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from ..errors import UserError
+
+ENGINES = ("onnx", "tensorrt", "all")
+
+
+def export_cmd(
+    bundle: Annotated[Path, typer.Option("--bundle", "-b", help="Bundle directory (or a version directory).")] = Path("bundle"),
+    version: Annotated[Optional[str], typer.Option("--version", "-v", help="Version id; default: the serving one.")] = None,
+    engine: Annotated[str, typer.Option("--engine", "-e", help="onnx, tensorrt, or all (every engine this machine can build).")] = "onnx",
+    fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="TensorRT precision.")] = True,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="TensorRT optimisation profiles, e.g. 1,8.")] = "1,8",
+    embedding: Annotated[bool, typer.Option("--embedding", help="Also output the stride-8 embedding.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Re-export even if model.onnx is up to date.")] = False,
+) -> None:
+    """Export a version to ONNX with a parity check against PyTorch, and build TensorRT engines.
+
+    Nothing is replaced unless the new artifact passes its check; the numbers go to export.json and to the engine's sidecar in engines/.
+    """
+    if engine not in ENGINES:
+        raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    sizes = _batch_sizes(batch_sizes)
+    from export import tensorrt as trt
+    trt_ok, why = trt.tensorrt_status()
+    if engine == "tensorrt" and not trt_ok:
+        raise UserError(f"cannot build a TensorRT engine: {why}")  # before any work, so nothing changes
+    from export.onnx import export_onnx
+    from mas3_edge.bundle import resolve
+    vdir = resolve(bundle, version)
+    typer.echo(f"exporting {vdir} ...")
+    res = export_onnx(vdir, with_embedding=embedding, force=force)
+    rows = [_onnx_row(res)]
+    notes = [f"onnx: {res.path} (graph: {res.report['onnx']['graph']})"]
+    if engine != "onnx":
+        if trt_ok:
+            path, info = trt.ensure_engine(vdir, "fp16" if fp16 else "fp32", sizes)
+            rows.append(_engine_row(path, info))
+            notes.append(f"tensorrt: {path} (GPU: {info.get('spec', {}).get('gpu', '?')})")
+        else:
+            rows.append(["tensorrt", "fp16" if fp16 else "fp32", "", "", "", "", "skipped"])
+            notes.append(f"tensorrt skipped: {why}")
+    _print_table(f"export of {res.report['version']}", rows)
+    for note in notes:
+        typer.echo(note)
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"--batch-sizes must be positive integers like 1,8; got {text!r}")
+    return sizes
+
+
+def _fmt(check: dict | None) -> list[str]:
+    if not check:
+        return ["not checked", "", ""]
+    logit = check.get("max_logit_diff")
+    return [f"{check['class_agreement']:.4%}", "" if logit is None else f"{logit:.1e}", f"{check['max_conf_diff']:.1e}"]
+
+
+def _onnx_row(res) -> list[str]:
+    onnx = res.report["onnx"]
+    check = res.report["parity"]["onnxruntime-cpu"]
+    status = "reused" if res.reused else "written"
+    return ["onnx", "fp32", *_fmt(check), f"{onnx['bytes'] / 1e6:.2f} MB", status]
+
+
+def _engine_row(path: Path, info: dict) -> list[str]:
+    spec = info.get("spec", {})
+    return ["tensorrt", spec.get("precision", "?"), *_fmt(info.get("parity")),
+            f"{path.stat().st_size / 1e6:.2f} MB", "ready"]
+
+
+def _print_table(title: str, rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=title)
+    for col in ("engine", "precision", "classes agree", "logit diff", "conf diff", "size", "status"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*r)
+    Console().print(table)
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("export")(export_cmd)

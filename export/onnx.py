@@ -1,0 +1,381 @@
+"""Export a bundle version to `model.onnx`, check it against PyTorch, write it atomically.
+
+The exported graph is `mas3_edge.model.Deployed`, the module the runtime serves:
+
+    images      uint8 (batch, H, W, 3) RGB, H x W = the version's input size
+    classes     uint8 (batch, H, W)    argmax over classes
+    confidence  float32 (batch, H, W)  max softmax
+    embedding   float32 (batch, D, H/8, W/8)  only with `with_embedding`
+
+Why uint8 NHWC in and normalisation inside: a camera frame goes in as it comes off the resize,
+with no per-pixel Python work and 4x fewer bytes over PCIe than float NCHW; the mean/std live
+in the graph, so they can never disagree with the weights. The batch dimension is dynamic; H
+and W are fixed (the runtime resizes to the version's input size), which lets TensorRT and
+onnxslim fold every shape computation.
+
+Graph passes, each kept only if the parity check passes on the result (the first candidate
+that passes ships, the raw torch export is the last resort):
+  1. onnxslim (constant folding, dead code, fusions), when installed.
+  2. classes-last: Deployed upsamples NCHW logits and takes softmax/max/argmax over axis 1.
+     ONNX Runtime's CPU Softmax on a non-last axis transposes the full-size tensor on every call
+     (~350 ms of a ~550 ms frame at 512x1024 on 2 cores). Transposing the low-resolution logits
+     to NHWC before the upsample makes every full-size reduction run over the last axis; the
+     maths is unchanged (same softmax, same argmax over probabilities).
+
+Parity (see export/parity.py): ONNX Runtime CPU fp32 against PyTorch fp32 on random and
+real-looking images: max |logit diff| <= 1e-3 (logits read from a throw-away copy of the graph
+that exposes the softmax input as an extra output), class agreement >= 99.9%, and max
+confidence diff <= 1e-3 on the shipped graph itself. A failed check raises UserError and
+leaves model.onnx and export.json as they were; the numbers land in export.json.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from mas3_edge.bundle import (ONNX_FILE, atomic_write, atomic_write_json, load_version, read_meta, resolve,
+                              sha256_bytes, sha256_file)
+from mas3_edge.errors import UserError
+from mas3_edge.model import Deployed, SegNet
+
+from . import parity
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+EXPORT_FILE = "export.json"
+FORMAT = "mas3-edge-export/1"
+INPUT = "images"
+OUTPUTS = ("classes", "confidence")
+EMBEDDING = "embedding"
+
+
+@dataclass
+class OnnxExport:
+    """Where the model is, what export.json says about it, and whether it was reused as it was."""
+
+    path: Path
+    report: dict
+    reused: bool = False
+
+
+def export_onnx(bundle: Path, version: str | None = None, *, opset: int = OPSET, simplify: bool = True,
+                with_embedding: bool = False, force: bool = False) -> OnnxExport:
+    """Export a version (bundle root + id, or a version directory) to model.onnx with a parity check.
+
+    An up-to-date export (same weights, same settings, file unchanged) is reused unless `force`.
+    """
+    vdir = resolve(bundle, version)
+    ver = load_version(vdir)  # UserError for missing or corrupt weights
+    settings = {"opset": opset, "simplify": simplify, "with_embedding": with_embedding}
+    current = read_export(vdir)
+    if not force and _is_current(vdir, current, ver.meta["sha256"], settings):
+        log.info("%s is up to date with %s; reusing it", vdir / ONNX_FILE, ver.id)
+        return OnnxExport(vdir / ONNX_FILE, current, reused=True)
+    images, source = parity.check_images(tuple(ver.net.config.input_size))
+    ref = parity.torch_reference(ver.net, images)
+    with tempfile.TemporaryDirectory(prefix="mas3-export-") as tmp:
+        raw = _torch_export(ver.net, with_embedding, opset, Path(tmp) / "raw.onnx")
+    model, graph, check = _first_passing(_candidates(raw, ver.net, simplify), images, ref, source)
+    data = model.SerializeToString()
+    report = _report(ver.meta, data, model, settings, graph, check)
+    atomic_write(vdir / ONNX_FILE, data)
+    atomic_write_json(vdir / EXPORT_FILE, report)
+    log.info("exported %s (%s, %.1f MB)", vdir / ONNX_FILE, graph, len(data) / 1e6)
+    return OnnxExport(vdir / ONNX_FILE, report)
+
+
+def read_export(vdir: Path) -> dict | None:
+    """export.json of a version, or None when there is none or it is unreadable."""
+    import json
+    try:
+        report = json.loads((Path(vdir) / EXPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) and report.get("format") == FORMAT else None
+
+
+def check_onnx(vdir: Path) -> tuple[Path, dict]:
+    """The version's model.onnx and its export report, if the file is the one export verified.
+
+    Raises UserError when the file is missing, changed since export (corrupt or foreign), or was
+    exported from other weights than the version's (stale).
+    """
+    vdir = Path(vdir)
+    path, meta = vdir / ONNX_FILE, read_meta(vdir)
+    fix = f"run `mas3-edge export --bundle {vdir}`"
+    if not path.is_file():
+        raise UserError(f"version {meta['version']} has no {ONNX_FILE}; {fix}")
+    report = read_export(vdir)
+    if report is None:
+        raise UserError(f"{path} has no readable {EXPORT_FILE} (not exported by mas3-edge); {fix}")
+    if report.get("weights_sha256") != meta.get("sha256"):
+        raise UserError(f"{path} was exported from other weights than version {meta['version']} (stale); {fix}")
+    if report["onnx"]["sha256"] != sha256_file(path):
+        raise UserError(f"{path} is not the file export verified (corrupt or replaced); {fix}")
+    return path, report
+
+
+def _is_current(vdir: Path, report: dict | None, weights_sha: str, settings: dict) -> bool:
+    if report is None or report.get("weights_sha256") != weights_sha or report.get("settings") != settings:
+        return False
+    path = vdir / ONNX_FILE
+    return path.is_file() and sha256_file(path) == report["onnx"]["sha256"]
+
+
+def _torch_export(net: SegNet, with_embedding: bool, opset: int, path: Path) -> onnx.ModelProto:
+    """Trace Deployed(net) with the TorchScript exporter (the dynamo one needs onnxscript)."""
+    h, w = net.config.input_size
+    model = Deployed(net, with_embedding).eval()
+    names = list(OUTPUTS) + ([EMBEDDING] if with_embedding else [])
+    kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    dummy = torch.zeros((2, h, w, 3), dtype=torch.uint8)  # batch 2: a batch of 1 can hide a baked-in size
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about the shape checks in SegNet
+        torch.onnx.export(model, (dummy,), str(path), input_names=[INPUT], output_names=names,
+                          dynamic_axes={n: {0: "batch"} for n in [INPUT, *names]}, opset_version=opset,
+                          do_constant_folding=True, **kwargs)
+    model = onnx.load(str(path))
+    _declare_io(model, net)
+    return model
+
+
+def _declare_io(model: onnx.ModelProto, net: SegNet) -> None:
+    """Give every input/output its static shape (batch stays symbolic) so consumers need no inference."""
+    h, w = net.config.input_size
+    shapes = {INPUT: ("batch", h, w, 3), "classes": ("batch", h, w), "confidence": ("batch", h, w),
+              EMBEDDING: ("batch", net.config.embed_dim, h // 8, w // 8)}
+    for vi in list(model.graph.input) + list(model.graph.output):
+        for d, s in zip(vi.type.tensor_type.shape.dim, shapes[vi.name]):
+            if isinstance(s, str):
+                d.dim_param = s  # dim_param/dim_value are a oneof: setting one clears the other
+            else:
+                d.dim_value = s
+
+
+def _candidates(raw: onnx.ModelProto, net: SegNet, simplify: bool) -> list[tuple[str, onnx.ModelProto]]:
+    """Graphs to try, most optimised first; the raw export is always the last resort."""
+    out = []
+    slim = _simplify(raw) if simplify else None
+    for label, base in (("onnxslim", slim), ("raw", raw)):
+        if base is None:
+            continue
+        fast = _classes_last(base, net)
+        if fast is not None:
+            out.append((f"{label}+classes-last", fast))
+    if slim is not None:
+        out.append(("onnxslim", slim))
+    out.append(("raw", raw))
+    return [(label, _uint8_via_float(m)) for label, m in out]
+
+
+def _uint8_via_float(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Touch uint8 only in float <-> uint8 casts at the graph's edges, the one form TensorRT's
+    documentation promises (its uint8 tensors may only be converted from/to float32/float16).
+
+    The trace gives Transpose(uint8) -> Cast(float) at the input, swapped here to cast first,
+    and ArgMax(int64) -> Cast(uint8) at the output, routed through float (ids < 256 are exact).
+    """
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    nodes = list(m.graph.node)
+    first = [n for n in nodes if INPUT in n.input]
+    if len(first) == 1 and first[0].op_type == "Transpose":
+        cast = [n for n in nodes if first[0].output[0] in n.input]
+        if len(cast) == 1 and cast[0].op_type == "Cast" and _attr(cast[0], "to") == onnx.TensorProto.FLOAT:
+            tr, ca = first[0], cast[0]
+            tr_out, ca_out = tr.output[0], ca.output[0]
+            ca.input[0], ca.output[0] = INPUT, tr_out  # Cast(images) -> float NHWC ...
+            tr.input[0], tr.output[0] = tr_out, ca_out  # ... -> Transpose -> what the cast fed before
+            i, j = nodes.index(tr), nodes.index(ca)
+            nodes[i], nodes[j] = ca, tr
+    out = next((n for n in nodes if "classes" in n.output), None)
+    if out is not None and out.op_type == "Cast":
+        via = helper.make_node("Cast", [out.input[0]], ["classes_float"], to=onnx.TensorProto.FLOAT,
+                               name="classes_via_float")
+        out.input[0] = "classes_float"
+        nodes.insert(nodes.index(out), via)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    del m.graph.value_info[:]  # recorded types/shapes of the rewired tensors are stale; ORT re-infers
+    return m
+
+
+def _simplify(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    try:
+        import onnxslim
+    except ImportError:
+        log.info("onnxslim is not installed; the graph is not simplified")
+        return None
+    try:
+        return onnxslim.slim(onnx.ModelProto.FromString(model.SerializeToString()))
+    except Exception as e:  # a failed simplification only costs speed: ship the raw graph
+        log.warning("onnxslim failed (%s); keeping the unsimplified graph", str(e).splitlines()[0])
+        return None
+
+
+def _classes_last(model: onnx.ModelProto, net: SegNet) -> onnx.ModelProto | None:
+    """Move the class axis last before the upsample (see the module docstring), or None if no match."""
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    nodes = list(m.graph.node)
+    users = lambda t: [n for n in nodes if t in n.input]  # noqa: E731
+    soft = [n for n in nodes if n.op_type == "Softmax" and _attr(n, "axis") == 1]
+    if len(soft) != 1:
+        return None
+    soft = soft[0]
+    resize = next((n for n in nodes if soft.input[0] in n.output and n.op_type == "Resize"), None)
+    tail = users(soft.output[0])
+    if resize is None or len(users(resize.output[0])) != 1 or sorted(n.op_type for n in tail) != ["ArgMax", "ReduceMax"]:
+        return None
+    if not all(_attr(n, "keepdims") == 0 for n in tail) or _attr(resize, "mode") != b"linear":
+        return None
+    scales = _upsample_scales(m, resize.input[0], tuple(net.config.input_size))
+    if scales is None:
+        return None
+    m.graph.initializer.append(numpy_helper.from_array(np.array(scales, np.float32), "classes_last_scales"))
+    nhwc = resize.input[0] + "_nhwc"
+    transpose = helper.make_node("Transpose", [resize.input[0]], [nhwc], perm=[0, 2, 3, 1], name="classes_last")
+    del resize.input[:]
+    resize.input.extend([nhwc, "", "classes_last_scales"])
+    _set_axis(m, soft, 3)
+    for n in tail:
+        _set_axis(m, n, 3)
+    del m.graph.node[:]
+    m.graph.node.extend(_insert_before(nodes, resize, transpose))
+    del m.graph.value_info[:]  # the upsampled tensor is NHWC now: its recorded shape is stale
+    _prune(m)
+    return m
+
+
+def _upsample_scales(model: onnx.ModelProto, tensor: str, size: tuple[int, int]) -> list[float] | None:
+    """NHWC Resize scales that take `tensor` (B, K, h, w) to `size`, from shape inference."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    vi = next((v for v in inferred.graph.value_info if v.name == tensor), None)
+    dims = [d.dim_value for d in vi.type.tensor_type.shape.dim] if vi is not None else []
+    if len(dims) != 4 or not dims[2] or not dims[3] or size[0] % dims[2] or size[1] % dims[3]:
+        return None  # only exact integer upsampling: then scales and sizes give identical pixels
+    return [1.0, size[0] / dims[2], size[1] / dims[3], 1.0]
+
+
+def _attr(node: onnx.NodeProto, name: str):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
+
+
+def _set_axis(model: onnx.ModelProto, node: onnx.NodeProto, axis: int) -> None:
+    """Point Softmax/ArgMax (attribute `axis`) or ReduceMax (`axes` attribute or input) at `axis`."""
+    for a in node.attribute:
+        if a.name == "axis":
+            a.i = axis
+        elif a.name == "axes":
+            del a.ints[:]
+            a.ints.append(axis)
+    if node.op_type == "ReduceMax" and len(node.input) > 1:  # opset >= 18: axes is an input
+        name = f"{node.name or node.output[0]}_axes_last"
+        model.graph.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), name))
+        node.input[1] = name
+
+
+def _insert_before(nodes: list, anchor: onnx.NodeProto, new: onnx.NodeProto) -> list:
+    i = next(i for i, n in enumerate(nodes) if n is anchor)
+    return nodes[:i] + [new] + nodes[i:]
+
+
+def _prune(model: onnx.ModelProto) -> None:
+    """Drop nodes and initializers no graph output depends on (the old sizes computation)."""
+    needed = {o.name for o in model.graph.output}
+    keep = []
+    for n in reversed(model.graph.node):
+        if any(o in needed for o in n.output):
+            keep.append(n)
+            needed.update(i for i in n.input if i)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(keep))
+    inits = [i for i in model.graph.initializer if i.name in needed]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+
+
+def _first_passing(candidates: list[tuple[str, onnx.ModelProto]], images: np.ndarray, ref: dict,
+                   source: str) -> tuple[onnx.ModelProto, str, parity.Parity]:
+    """The first candidate graph that passes the parity check; UserError if none does."""
+    failures = []
+    for label, model in candidates:
+        try:
+            onnx.checker.check_model(model)
+            check = _verify(model, images, ref, source)
+        except Exception as e:  # a pass that broke the graph: note it, try the next candidate
+            failures.append(f"{label}: {str(e).splitlines()[0]}")
+            continue
+        if not check.failures():
+            return model, label, check
+        failures.append(f"{label}: {', '.join(check.failures())}")
+        log.warning("graph %s failed the parity check: %s", label, failures[-1])
+    raise UserError("ONNX export failed its parity check against PyTorch (" + "; ".join(failures)
+                    + f"); {ONNX_FILE} was left as it was")
+
+
+def _verify(model: onnx.ModelProto, images: np.ndarray, ref: dict, source: str) -> parity.Parity:
+    """Compare with PyTorch through a copy that also outputs the logits (ONNX Runtime CPU, fp32).
+
+    The copy only adds an Identity output, so it computes what the shipped graph computes; the
+    shipped graph itself must then give the same outputs on the first image.
+    """
+    probe, layout = _expose_logits(model)
+    got = run_onnx(probe.SerializeToString(), images, [*OUTPUTS, "logits"])
+    if layout == "nhwc":
+        got["logits"] = got["logits"].transpose(0, 3, 1, 2)
+    shipped = run_onnx(model.SerializeToString(), images[:1], list(OUTPUTS))
+    if not (np.array_equal(shipped["classes"], got["classes"][:1])
+            and np.allclose(shipped["confidence"], got["confidence"][:1], atol=1e-6)):
+        raise ValueError("the shipped graph disagrees with its logits-exposing copy")
+    return parity.compare(ref, got, "fp32", source)
+
+
+def _expose_logits(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    """A copy whose extra output `logits` is the softmax input, and that tensor's layout."""
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    soft = next((n for n in m.graph.node if n.op_type == "Softmax"), None)
+    if soft is None:
+        raise ValueError("no Softmax node: not a mas3-edge segmentation graph")
+    ident = helper.make_node("Identity", [soft.input[0]], ["logits"], name="expose_logits")
+    m.graph.node.append(ident)
+    m.graph.output.append(helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None))
+    return m, "nchw" if _attr(soft, "axis") == 1 else "nhwc"
+
+
+def run_onnx(model: bytes | Path, images: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
+    """ONNX Runtime CPU fp32 outputs for a batch of images: a batch of 1 first, then pairs
+    (two batch sizes prove the batch dimension is really dynamic)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # pruned-initializer warnings are noise here
+    src = str(model) if isinstance(model, Path) else model
+    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    chunks = [images[:1]] + [images[i:i + 2] for i in range(1, len(images), 2)]
+    runs = [sess.run(outputs, {INPUT: c}) for c in chunks]
+    return {name: np.concatenate([r[k] for r in runs]) for k, name in enumerate(outputs)}
+
+
+def _report(meta: dict, data: bytes, model: onnx.ModelProto, settings: dict, graph: str,
+            check: parity.Parity) -> dict:
+    import onnxruntime as ort
+    h, w = meta["input_size"]
+    return {
+        "format": FORMAT, "version": meta["version"], "weights_sha256": meta["sha256"],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "settings": settings,
+        "onnx": {"file": ONNX_FILE, "sha256": sha256_bytes(data), "bytes": len(data), "opset": settings["opset"],
+                 "graph": graph, "nodes": len(model.graph.node),
+                 "input": {"name": INPUT, "dtype": "uint8", "layout": "NHWC RGB", "shape": ["batch", h, w, 3]},
+                 "outputs": [o.name for o in model.graph.output]},
+        "tools": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
+        "parity": {"onnxruntime-cpu": check.to_dict()},
+    }

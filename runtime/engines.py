@@ -1,0 +1,363 @@
+"""Inference engines: one small interface over TensorRT, ONNX Runtime and PyTorch.
+
+    engine = load_engine(version_dir, kind="auto")      # or a bundle root: its serving version
+    classes, confidence = engine.infer(frames)          # uint8 (B,H,W,3) RGB -> (B,H,W) uint8, float32
+    engine.name, engine.provider, engine.version, engine.input_size, engine.precision
+
+Kinds: `tensorrt` (a cached engine from export/tensorrt.py, built on first use), `onnxruntime`
+(TensorRT / CUDA / CPU execution providers, whichever actually loads), `torch` (eager fp32),
+`torch-fp16` (eager, fp16 autocast, CUDA) and `torch-cudagraph` (fp16 autocast replayed as
+CUDA graphs, one per batch size). `auto` tries them fastest first and logs which one it took:
+on a GPU tensorrt, onnxruntime (GPU providers only), torch-cudagraph, torch-fp16, torch; on a
+CPU onnxruntime (2-3x PyTorch eager here, see tools/bench_inference.py), then torch.
+
+Engines that read model.onnx only accept the file export verified against this version's
+weights (export.onnx.check_onnx). Loading keeps no global state and does its slow work (engine
+build, CUDA graph capture, warm-up) in the constructor, so the runtime can build the next
+engine in a background thread and swap it in between frames; `infer` is safe to call from
+several threads (GPU engines serialise on a lock).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from mas3_edge.errors import UserError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("tensorrt", "onnxruntime", "torch", "torch-fp16", "torch-cudagraph")
+_ALIASES = {"trt": "tensorrt", "ort": "onnxruntime", "onnx": "onnxruntime", "pytorch": "torch", "torch-fp32": "torch"}
+_TORCH_MODES = {"torch": "eager", "torch-fp16": "fp16", "torch-cudagraph": "cudagraph"}
+
+
+class Engine:
+    """A loaded model that maps uint8 RGB frames at `input_size` to class ids and confidence."""
+
+    name: str = "engine"  # the kind, e.g. "onnxruntime"
+    provider: str = ""  # what actually runs, e.g. "CPUExecutionProvider" or "TensorRT 10.3 fp16 on ..."
+    precision: str = "fp32"
+    version: str = ""  # the bundle version id
+    input_size: tuple[int, int] = (0, 0)  # (H, W)
+
+    def infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (B, H, W, 3) RGB -> classes uint8 (B, H, W), confidence float32 (B, H, W)."""
+        return self._infer(self._check(frames))
+
+    def close(self) -> None:
+        """Release device memory now rather than at garbage collection (after a hot swap)."""
+
+    def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _check(self, frames: np.ndarray) -> np.ndarray:
+        h, w = self.input_size
+        if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 \
+                or frames.shape[1:] != (h, w, 3) or frames.shape[0] < 1:
+            got = f"{type(frames).__name__} {getattr(frames, 'dtype', '')} {getattr(frames, 'shape', '')}"
+            raise UserError(f"{self.name} engine expects uint8 frames of shape (B, {h}, {w}, 3), got {got}")
+        return np.ascontiguousarray(frames)
+
+    def __repr__(self) -> str:
+        return f"<{self.name} engine {self.version} {self.input_size[0]}x{self.input_size[1]} on {self.provider}>"
+
+
+def load_engine(version_dir: Path, kind: str = "auto", device: str | None = None, *,
+                precision: str = "fp16", batch_sizes: tuple[int, ...] = (1, 8),
+                threads: int | None = None) -> Engine:
+    """Load a version (a version directory, or a bundle root: its serving version) as an engine.
+
+    `device`: None picks "cuda" when torch sees a GPU, else "cpu". `precision` applies to GPU
+    engines that can lower it (TensorRT, ONNX Runtime's TensorRT provider). `batch_sizes` are
+    the sizes to prepare for (TensorRT profiles, CUDA graphs); others still work, slower.
+    `threads`: ONNX Runtime intra-op threads (default: its own, the physical cores).
+    """
+    from mas3_edge.bundle import resolve
+    vdir = resolve(Path(version_dir))
+    dev = _resolve_device(device)
+    kind = _ALIASES.get(kind, kind)
+    opts = {"precision": precision, "batch_sizes": tuple(batch_sizes), "threads": threads}
+    if kind != "auto":
+        if kind not in KINDS:
+            raise UserError(f"unknown engine kind {kind!r}; choose auto or one of {', '.join(KINDS)}")
+        return _announce(_build(kind, vdir, dev, opts), "asked for")
+    reasons = []
+    for candidate in _auto_order(dev):
+        try:
+            engine = _build(candidate, vdir, dev, {**opts, "gpu_only": dev != "cpu"})
+        except (UserError, ImportError) as e:
+            reasons.append(f"{candidate}: {e}")
+            log.info("auto: %s is not available (%s)", candidate, e)
+            continue
+        return _announce(engine, "auto picked")
+    raise UserError("no inference engine could be loaded (" + "; ".join(reasons) + ")")
+
+
+def available_kinds(device: str | None = None) -> list[str]:
+    """Kinds worth trying on this machine, fastest first (what `auto` walks through)."""
+    return _auto_order(_resolve_device(device))
+
+
+def _auto_order(dev: str) -> list[str]:
+    if dev == "cpu":
+        return ["onnxruntime", "torch"]
+    return ["tensorrt", "onnxruntime", "torch-cudagraph", "torch-fp16", "torch"]
+
+
+def _resolve_device(device: str | None) -> str:
+    import torch
+    if device in (None, "auto"):
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if not device.startswith("cuda"):
+        raise UserError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    return device if ":" in device else f"{device}:0"
+
+
+def _announce(engine: Engine, how: str) -> Engine:
+    log.info("%s the %s engine for %s: %s, %s", how, engine.name, engine.version, engine.provider, engine.precision)
+    return engine
+
+
+def _build(kind: str, vdir: Path, dev: str, opts: dict) -> Engine:
+    if kind == "tensorrt":
+        if dev == "cpu":
+            raise UserError("the tensorrt engine needs a CUDA device, not cpu")
+        return TensorRTEngine(vdir, dev, opts["precision"], opts["batch_sizes"])
+    if kind == "onnxruntime":
+        return OrtEngine(vdir, dev, opts["precision"], opts["batch_sizes"], opts["threads"],
+                         gpu_only=opts.get("gpu_only", False))
+    from mas3_edge.bundle import load_version
+    ver = load_version(vdir)
+    return TorchEngine(ver.net, ver.id, dev, _TORCH_MODES[kind], opts["batch_sizes"])
+
+
+# ---------------------------------------------------------------- host <-> device (CUDA engines)
+
+def _to_device(frames: np.ndarray, device):
+    """Through pinned memory, so the upload is a real asynchronous DMA on the current stream."""
+    import torch
+    host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
+    host.numpy()[...] = frames
+    return host.to(device, non_blocking=True)
+
+
+def _to_host(classes, conf) -> tuple[np.ndarray, np.ndarray]:
+    """Download both maps into pinned buffers, wait once, hand them out as numpy (no extra copy)."""
+    import torch
+    outs = []
+    for t in (classes.to(torch.uint8), conf.float()):
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        outs.append(host)
+    torch.cuda.current_stream(classes.device).synchronize()
+    return outs[0].numpy(), outs[1].numpy()
+
+
+# ---------------------------------------------------------------- PyTorch
+
+class TorchEngine(Engine):
+    """PyTorch: eager fp32 (CPU or GPU), eager fp16 autocast, or fp16 autocast in CUDA graphs."""
+
+    def __init__(self, net, version: str, device: str = "cpu", mode: str = "eager",
+                 batch_sizes: tuple[int, ...] = (1,)):
+        import torch
+        from mas3_edge.model import Deployed
+        self._torch, self.device, self.mode = torch, torch.device(device), mode
+        if mode not in ("eager", "fp16", "cudagraph"):
+            raise UserError(f"torch mode must be eager, fp16 or cudagraph, got {mode!r}")
+        if self.device.type != "cuda" and mode != "eager":
+            raise UserError(f"torch {mode} needs a CUDA device, got {device}")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("a CUDA device was asked for but torch sees no usable GPU")
+        self.name = {"eager": "torch", "fp16": "torch-fp16", "cudagraph": "torch-cudagraph"}[mode]
+        self.version, self.input_size = version, tuple(net.config.input_size)
+        self.precision = "fp32" if mode == "eager" else "fp16"
+        model = Deployed(net).eval()
+        if self.device.type == "cuda":  # NHWC convs are what tensor cores want; the input already is NHWC
+            model = model.to(self.device, memory_format=torch.channels_last)
+        self._model, self._lock, self._graphs = model, threading.Lock(), {}
+        extra = {"eager": "", "fp16": ", fp16 autocast", "cudagraph": ", fp16 autocast, CUDA graphs"}[mode]
+        self.provider = f"torch {torch.__version__} {self.device}{extra}"
+        if mode == "cudagraph":
+            for b in batch_sizes:
+                self._graph(b)
+
+    def _autocast(self):
+        if self.mode == "eager":
+            return contextlib.nullcontext()
+        # cache_enabled=False: autocast's weight cast cache must not outlive a graph capture
+        return self._torch.autocast("cuda", dtype=self._torch.float16, cache_enabled=False)
+
+    def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        if self.device.type == "cpu":
+            with torch.inference_mode():
+                classes, conf = self._model(torch.from_numpy(frames))
+            return classes.numpy(), conf.numpy()
+        with self._lock, torch.cuda.device(self.device):
+            if self.mode == "cudagraph":
+                graph, static_in, static_out = self._graph(len(frames))
+                static_in.copy_(_to_device(frames, self.device))
+                graph.replay()
+                return _to_host(*static_out)
+            with torch.inference_mode(), self._autocast():
+                return _to_host(*self._model(_to_device(frames, self.device)))
+
+    def _graph(self, batch: int):
+        """Capture (once per batch size) the whole forward pass as a CUDA graph with static buffers."""
+        if batch in self._graphs:
+            return self._graphs[batch]
+        torch = self._torch
+        h, w = self.input_size
+        with torch.cuda.device(self.device):
+            static_in = torch.zeros((batch, h, w, 3), dtype=torch.uint8, device=self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side), torch.no_grad(), self._autocast():
+                for _ in range(3):  # warm-up on a side stream, as capture requires: cuDNN picks its kernels
+                    self._model(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: a capture in a loader thread must not trip over the serving thread's CUDA calls
+            with torch.no_grad(), self._autocast(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                static_out = self._model(static_in)
+        self._graphs[batch] = (graph, static_in, static_out)
+        return self._graphs[batch]
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self._model = None
+
+
+# ---------------------------------------------------------------- ONNX Runtime
+
+_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+class OrtEngine(Engine):
+    """ONNX Runtime on the best provider that actually loads (checked, not assumed).
+
+    onnxruntime-gpu lists CUDA/TensorRT among its available providers even when their libraries
+    are missing, prints errors and quietly runs on CPU; so the session's own provider list is what
+    `provider` reports, and a mismatch is logged as a warning.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, vdir: Path, device: str = "cpu", precision: str = "fp16",
+                 batch_sizes: tuple[int, ...] = (1, 8), threads: int | None = None, gpu_only: bool = False):
+        import onnxruntime as ort
+        from export.onnx import check_onnx
+        path, report = check_onnx(vdir)
+        self.version, self.input_size = report["version"], tuple(report["onnx"]["input"]["shape"][1:3])
+        wanted = self._providers(ort, Path(vdir), device, precision, tuple(batch_sizes), report)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        try:
+            self._sess = ort.InferenceSession(str(path), so, providers=wanted)
+        except Exception as e:  # ORT raises its own types for an unloadable model
+            raise UserError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
+        self.provider = self._sess.get_providers()[0]
+        if self.provider != wanted[0][0]:
+            log.warning("onnxruntime asked for %s but runs on %s (GPU libraries missing?)", wanted[0][0], self.provider)
+        if gpu_only and self.provider not in _GPU_PROVIDERS:
+            raise UserError(f"onnxruntime has no usable GPU provider here (it would run on {self.provider})")
+        trt_fp16 = self.provider == "TensorrtExecutionProvider" and precision == "fp16"
+        self.precision = "fp16" if trt_fp16 else "fp32"
+        for b in (batch_sizes if self.provider in _GPU_PROVIDERS else (1,)):  # TensorRT EP builds at first run
+            self._infer(np.zeros((b, *self.input_size, 3), np.uint8))
+
+    @staticmethod
+    def _providers(ort, vdir: Path, device: str, precision: str, batch_sizes: tuple[int, ...],
+                   report: dict) -> list[tuple[str, dict]]:
+        available = ort.get_available_providers()
+        out: list[tuple[str, dict]] = []
+        if device != "cpu":
+            idx = int(device.split(":")[1]) if ":" in device else 0
+            if "TensorrtExecutionProvider" in available:
+                out.append(("TensorrtExecutionProvider", _ort_trt_options(vdir, idx, precision, batch_sizes, report)))
+            if "CUDAExecutionProvider" in available:
+                out.append(("CUDAExecutionProvider", {"device_id": idx}))
+        return out + [("CPUExecutionProvider", {})]
+
+    def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        classes, conf = self._sess.run(["classes", "confidence"], {"images": frames})
+        return classes, conf
+
+    def close(self) -> None:
+        self._sess = None
+
+
+def _ort_trt_options(vdir: Path, idx: int, precision: str, batch_sizes: tuple[int, ...], report: dict) -> dict:
+    """TensorRT provider options: fp16, profile shapes, and an engine cache keyed like ours."""
+    from export.tensorrt import EngineCache, EngineSpec
+    try:
+        import tensorrt
+        trt_version = tensorrt.__version__
+    except ImportError:  # the provider links TensorRT itself; key on the ORT build instead
+        import onnxruntime
+        trt_version = f"via onnxruntime {onnxruntime.__version__}"
+    h, w = report["onnx"]["input"]["shape"][1:3]
+    spec = EngineSpec(report["onnx"]["sha256"], trt_version, _gpu_label(idx), precision, (h, w), batch_sizes)
+    cache = EngineCache(vdir).ort_cache_dir(spec)
+    cache.mkdir(parents=True, exist_ok=True)
+    shape = lambda b: f"images:{b}x{h}x{w}x3"  # noqa: E731
+    return {"device_id": idx, "trt_fp16_enable": precision == "fp16", "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(cache), "trt_profile_min_shapes": shape(1),
+            "trt_profile_opt_shapes": shape(max(spec.batch_sizes)), "trt_profile_max_shapes": shape(max(spec.batch_sizes))}
+
+
+def _gpu_label(idx: int) -> str:
+    import torch
+    if torch.cuda.is_available():
+        from export.tensorrt import gpu_name
+        return gpu_name(f"cuda:{idx}")
+    return f"cuda:{idx}"
+
+
+# ---------------------------------------------------------------- TensorRT
+
+class TensorRTEngine(Engine):
+    """A TensorRT engine from the version's cache (built and parity-checked on first use)."""
+
+    name = "tensorrt"
+
+    def __init__(self, vdir: Path, device: str = "cuda:0", precision: str = "fp16",
+                 batch_sizes: tuple[int, ...] = (1, 8)):
+        import torch
+        from export.tensorrt import TrtRunner, ensure_engine, require_tensorrt
+        from mas3_edge.bundle import read_meta
+        trt = require_tensorrt()
+        self.device, self._torch, self._lock = torch.device(device), torch, threading.Lock()
+        meta = read_meta(vdir)
+        self.version, self.input_size, self.precision = meta["version"], tuple(meta["input_size"]), precision
+        path, info = ensure_engine(vdir, precision, batch_sizes, str(self.device))
+        try:
+            self._runner = TrtRunner(path.read_bytes(), self.device)
+        except UserError as e:  # the cache said fine but TensorRT refuses it: rebuild once
+            log.warning("cached engine %s did not load (%s); rebuilding", path.name, e)
+            path, info = ensure_engine(vdir, precision, batch_sizes, str(self.device), rebuild=True)
+            self._runner = TrtRunner(path.read_bytes(), self.device)
+        self.provider = f"TensorRT {trt.__version__} on {info.get('spec', {}).get('gpu', device)}"
+        self.path = path
+        for b in batch_sizes:  # first executions allocate; keep that off the serving path
+            self._infer(np.zeros((b, *self.input_size, 3), np.uint8))
+
+    def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        with self._lock, torch.cuda.device(self.device), torch.cuda.stream(self._runner.stream):
+            outs = self._runner(_to_device(frames, self.device))
+            return _to_host(outs["classes"], outs["confidence"])
+
+    def close(self) -> None:
+        self._runner = None
