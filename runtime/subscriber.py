@@ -1,0 +1,87 @@
+"""A Python client for the segmentation stream.
+
+    with Subscriber("tcp://127.0.0.1:5555") as sub:          # latest-only (ZMQ_CONFLATE)
+        msg = sub.recv(timeout=1.0)                           # runtime.wire.Message or None
+    with Subscriber(addr, latest_only=False) as sub: ...      # every message, gaps counted
+
+Latest-only suits a controller that wants the freshest map and nothing stale; every-message
+suits a logger. Gaps (frame ids skipped between two received messages) are counted in both, so
+drops anywhere upstream - capture, publish, transport - are visible to the consumer.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import numpy as np
+import zmq
+
+from mas3_edge.errors import UserError
+
+from .publisher import DEFAULT_ADDRESS
+from .wire import DEFAULT_TOPIC, Message, WireError, decode
+
+
+class Subscriber:
+    def __init__(self, address: str = DEFAULT_ADDRESS, topic: str = DEFAULT_TOPIC, *, latest_only: bool = True,
+                 hwm: int = 1000, context: zmq.Context | None = None):
+        if not address.startswith(("tcp://", "ipc://")):
+            raise UserError(f"subscribe address {address!r} is not tcp://HOST:PORT or ipc://PATH")
+        self.address, self.topic, self.latest_only = address, topic, latest_only
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.SUB)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        if latest_only:
+            self._sock.setsockopt(zmq.CONFLATE, 1)  # before connect: keep one message, the newest
+        else:
+            self._sock.setsockopt(zmq.RCVHWM, hwm)
+        # the NUL that ends the topic makes the filter exact: "mas3/seg" does not match "mas3/segX"
+        self._sock.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii") + b"\0")
+        self._sock.connect(address)
+        self.received = self.gaps = self.malformed = 0
+        self._last_id: int | None = None
+        self.latencies_ms: deque[float] = deque(maxlen=10000)
+
+    def recv(self, timeout: float | None = 1.0) -> Message | None:
+        """The next message (the newest one in latest-only mode), or None after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._sock.poll(None if left is None else int(left * 1000)):
+                return None
+            raw = self._sock.recv(copy=False)
+            try:
+                msg = decode(raw.buffer)
+            except WireError:
+                self.malformed += 1  # a foreign publisher on the same topic; keep listening
+                continue
+            self._account(msg)
+            return msg
+
+    def _account(self, msg: Message) -> None:
+        now = time.time_ns()
+        if self._last_id is not None and msg.frame_id > self._last_id + 1:
+            self.gaps += msg.frame_id - self._last_id - 1
+        self._last_id = msg.frame_id
+        self.received += 1
+        self.latencies_ms.append((now - msg.capture_ns) / 1e6)
+
+    def latency_ms(self, q: float) -> float:
+        """A percentile (0..100) of capture-to-receive latency over the recent messages."""
+        return float(np.percentile(np.fromiter(self.latencies_ms, float), q)) if self.latencies_ms else float("nan")
+
+    def __iter__(self):
+        while True:
+            msg = self.recv(timeout=None)
+            if msg is not None:
+                yield msg
+
+    def close(self) -> None:
+        if not self._sock.closed:
+            self._sock.close(0)
+
+    def __enter__(self) -> "Subscriber":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
