@@ -1,0 +1,372 @@
+"""Camera capture behind one small interface: connect / read_latest / disconnect.
+
+    with Camera("video.avi", size=(128, 256), loop=True) as cam:
+        frame = cam.read_latest(timeout=1.0)   # Frame(id, capture_ns, image RGB uint8 (H, W, 3), label)
+
+Sources: a device index ("0"), a video file, an RTSP/HTTP URL, a GStreamer pipeline (contains
+"!"), a folder of images, or "synthetic://DOMAIN[?seed=N&shift=F]" (mas3_edge.synth scenes, which
+carry labels so the runtime can report live mIoU).
+
+A background thread reads as fast as the source gives frames and keeps only the newest one: the
+serving loop never waits on I/O it does not need and never sees a stale frame (a frame replaced
+before it was read is counted in `stats.dropped`). A live source that stops delivering is closed
+and reopened with exponential backoff; a file ends or loops. Corrupt frames are skipped and
+counted; grey, 16-bit, BGRA and odd-sized frames are converted, centre-cropped to the model's
+aspect ratio and resized. The design follows lerobot's OpenCV camera.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import cv2
+import numpy as np
+
+from mas3_edge.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC = "synthetic://"
+OK, BAD, FAIL, END = "ok", "bad", "fail", "end"  # a frame / undecodable data / no data / end of stream
+
+
+@dataclass
+class Frame:
+    id: int  # capture sequence number, +1 per frame grabbed (across reconnects and loops)
+    capture_ns: int  # time.time_ns() when the frame came off the source
+    image: np.ndarray  # RGB uint8 (H, W, 3) at the requested size
+    label: np.ndarray | None = None  # uint8 (H, W) train ids, synthetic sources only
+
+
+@dataclass
+class CameraStats:
+    grabbed: int = 0  # frames read from the source
+    delivered: int = 0  # frames handed out by read_latest
+    dropped: int = 0  # frames replaced by a newer one before anyone read them
+    corrupt: int = 0  # undecodable or malformed frames skipped
+    read_errors: int = 0  # reads that returned nothing (device gone, stream stalled)
+    reconnects: int = 0
+    loops: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- frame conversion
+
+def to_rgb(arr: np.ndarray, bgr: bool = True) -> np.ndarray:
+    """Grey / BGR / BGRA (or RGB with bgr=False), 8- or 16-bit or float -> RGB uint8 (H, W, 3)."""
+    if not isinstance(arr, np.ndarray) or arr.size == 0 or arr.ndim not in (2, 3):
+        raise ValueError(f"not an image: {getattr(arr, 'shape', type(arr).__name__)}")
+    if arr.dtype == np.uint16:
+        arr = ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif arr.dtype.kind == "f":
+        arr = (np.clip(np.nan_to_num(arr), 0, 1) * 255 + 0.5).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise ValueError(f"unsupported pixel type {arr.dtype}")
+    if arr.ndim == 2 or arr.shape[2] in (1, 2):
+        return cv2.cvtColor(np.ascontiguousarray(arr if arr.ndim == 2 else arr[..., 0]), cv2.COLOR_GRAY2RGB)
+    if arr.shape[2] == 4:
+        return cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB if bgr else cv2.COLOR_RGBA2RGB)
+    if arr.shape[2] != 3:
+        raise ValueError(f"unsupported channel count {arr.shape[2]}")
+    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB) if bgr else arr
+
+
+def fit(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Centre-crop to the aspect ratio of `size` (H, W), then resize: shapes are not distorted."""
+    h, w = size
+    ih, iw = image.shape[:2]
+    if (ih, iw) == (h, w):
+        return image
+    if ih * w > iw * h:  # too tall
+        ch = max(1, round(iw * h / w))
+        image = image[(ih - ch) // 2:(ih - ch) // 2 + ch]
+    elif ih * w < iw * h:  # too wide
+        cw = max(1, round(ih * w / h))
+        image = image[:, (iw - cw) // 2:(iw - cw) // 2 + cw]
+    interp = cv2.INTER_AREA if image.shape[0] > h else cv2.INTER_LINEAR
+    return cv2.resize(np.ascontiguousarray(image), (w, h), interpolation=interp)
+
+
+# ---------------------------------------------------------------- readers (one per kind of source)
+
+class _CvReader:
+    """cv2.VideoCapture on a device, file, URL or GStreamer pipeline."""
+
+    def __init__(self, target, api: int, live: bool, what: str, params: list[int] | None = None):
+        self.live, self.what, self.bgr = live, what, True
+        self.cap = cv2.VideoCapture(target, api, params or [])
+        if not self.cap.isOpened():
+            self.cap.release()
+            raise UserError(f"cannot open {what}")
+        if live:
+            self.cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # the driver's queue would hand us stale frames
+        native = self.cap.get(cv2.CAP_PROP_FPS)
+        self.fps = native if 1 <= native <= 240 else 30.0
+
+    def read(self):
+        ok, arr = self.cap.read()
+        if ok and arr is not None and arr.size:
+            return OK, arr, None
+        if self.live:
+            return FAIL, None, None
+        count, pos = self.cap.get(cv2.CAP_PROP_FRAME_COUNT), self.cap.get(cv2.CAP_PROP_POS_FRAMES)
+        return (BAD if 0 < pos < count - 1 else END), None, None  # a hole mid-file is a corrupt frame
+
+    def rewind(self) -> bool:
+        return bool(self.cap.set(cv2.CAP_PROP_POS_FRAMES, 0))
+
+    def close(self) -> None:
+        self.cap.release()
+
+
+class _FolderReader:
+    def __init__(self, folder: Path):
+        from mas3_edge.data import list_images
+        self.paths, self.i, self.live, self.fps, self.bgr = list_images(folder), 0, False, 30.0, False
+
+    def read(self):
+        from mas3_edge.data import read_image
+        if self.i >= len(self.paths):
+            return END, None, None
+        path, self.i = self.paths[self.i], self.i + 1
+        try:
+            return OK, read_image(path), None
+        except UserError as e:
+            log.warning("skipping %s", e)
+            return BAD, None, None
+
+    def rewind(self) -> bool:
+        self.i = 0
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class _SyntheticReader:
+    """An endless stream of mas3_edge.synth scenes rendered at the model's size, with labels."""
+
+    def __init__(self, spec: str, size: tuple[int, int]):
+        from mas3_edge import synth
+        url = urlparse(spec)
+        q = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        self.domain, self.size = url.netloc or url.path, size
+        self.seed, self.shift = int(q.get("seed", 0)), float(q.get("shift", 0.0))
+        synth.render(self.domain, 0, (32, 32), self.shift)  # validates domain and options now
+        self.i, self.live, self.fps, self.bgr = 0, False, 10.0, False
+
+    def read(self):
+        from mas3_edge import synth
+        img, label = synth.render(self.domain, synth.scene_seed(self.seed, self.i), self.size, self.shift)
+        self.i += 1
+        return OK, img, label
+
+    def rewind(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def open_reader(source: str, size: tuple[int, int], live: bool | None = None):
+    """Parse a --camera value and open it; UserError (one line) when it cannot be opened."""
+    source = str(source).strip()
+    if source.startswith(SYNTHETIC):
+        return _SyntheticReader(source, size)
+    if source.isdigit():
+        idx = int(source)
+        try:
+            return _CvReader(idx, cv2.CAP_ANY, True if live is None else live, f"camera {idx}")
+        except UserError:
+            raise UserError(f"no camera at index {idx} (is it plugged in and free? on Linux see /dev/video*)") from None
+    if "!" in source:
+        return _CvReader(source, cv2.CAP_GSTREAMER, True if live is None else live,
+                         "GStreamer pipeline (is OpenCV built with GStreamer?)")
+    if "://" in source:
+        timeouts = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 5000, cv2.CAP_PROP_READ_TIMEOUT_MSEC, 5000]
+        return _CvReader(source, cv2.CAP_FFMPEG, True if live is None else live, f"stream {source}", timeouts)
+    path = Path(source)
+    if path.is_dir():
+        return _FolderReader(path)
+    if not path.is_file():
+        raise UserError(f"camera source {source} is neither a file, a folder, a device index, a URL "
+                        f"nor {SYNTHETIC}DOMAIN")
+    try:
+        return _CvReader(str(path), cv2.CAP_ANY, bool(live), f"video file {path}")
+    except UserError:
+        raise UserError(f"cannot read video file {path} (corrupt or an unsupported codec)") from None
+
+
+# ---------------------------------------------------------------- the camera
+
+class Camera:
+    """A source read on a background thread; `read_latest` hands out the newest unread frame."""
+
+    def __init__(self, source: str, size: tuple[int, int], *, loop: bool = False, fps: float | None = None,
+                 live: bool | None = None, max_failures: int = 30, backoff: tuple[float, float] = (0.25, 8.0)):
+        self.source, self.size, self.loop = str(source), (int(size[0]), int(size[1])), loop
+        self.fps_limit, self.live_override = fps, live
+        self.max_failures, self.backoff = max_failures, backoff
+        self.stats = CameraStats()
+        self.connected = False
+        self._reader = None
+        self._cond = threading.Condition()
+        self._fresh: Frame | None = None
+        self._done = False  # the source ended (or failed for good) and the thread has stopped
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._next_id = 0
+
+    @property
+    def live(self) -> bool:
+        return bool(self._reader and self._reader.live)
+
+    @property
+    def ended(self) -> bool:
+        return self._done
+
+    @property
+    def has_labels(self) -> bool:
+        return self.source.startswith(SYNTHETIC)
+
+    def connect(self) -> "Camera":
+        """Open the source and check it yields a frame; UserError if not. Starts the capture thread."""
+        self._reader = open_reader(self.source, self.size, self.live_override)
+        rate = self.fps_limit if self.fps_limit is not None else (0.0 if self._reader.live else self._reader.fps)
+        self._period = 1.0 / rate if rate and rate > 0 else 0.0
+        for _ in range(self.max_failures):
+            if self._grab_one() in (OK, END):
+                break
+        if self._fresh is None:
+            self._reader.close()
+            raise UserError(f"camera source {self.source} opened but gave no readable frame")
+        self.connected = True
+        self._thread = threading.Thread(target=self._run, name="camera", daemon=True)
+        self._thread.start()
+        return self
+
+    def read_latest(self, timeout: float = 1.0) -> Frame | None:
+        """The newest frame not yet handed out; waits up to `timeout` s; None if none came (or ended)."""
+        with self._cond:
+            if self._fresh is None and not self._done:
+                self._cond.wait_for(lambda: self._fresh is not None or self._done, timeout)
+            frame, self._fresh = self._fresh, None
+            if frame is not None:
+                self.stats.delivered += 1
+            return frame
+
+    def disconnect(self, timeout: float = 1.0) -> None:
+        """Stop the thread and release the source (a read stuck in a driver is abandoned after `timeout`)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._reader is not None and not (self._thread and self._thread.is_alive()):
+            self._reader.close()
+        self.connected = False
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
+
+    def __enter__(self) -> "Camera":
+        return self.connect()
+
+    def __exit__(self, *exc) -> None:
+        self.disconnect()
+
+    # ------------------------------------------------------------ capture thread
+
+    def _run(self) -> None:
+        failures, next_t = 0, self._pace(time.monotonic())  # the first frame was read by connect()
+        while not self._stop.is_set():
+            status = self._grab_one()
+            if status == OK:
+                failures = 0
+                next_t = self._pace(next_t)
+            elif status in (BAD, FAIL):
+                failures += 1
+                if failures >= self.max_failures:
+                    failures = 0
+                    if not self._recover(f"{self.max_failures} failed reads in a row"):
+                        break
+            elif status == END and not self._at_end():
+                break
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
+
+    def _grab_one(self) -> str:
+        try:
+            status, arr, label = self._reader.read()
+        except Exception as e:  # a backend raising mid-stream is one more failed read, not a crash
+            log.debug("read raised %s", e)
+            status, arr, label = FAIL, None, None
+        if status == OK:
+            try:
+                image = fit(to_rgb(arr, self._reader.bgr), self.size)
+            except (ValueError, cv2.error):
+                status = BAD
+            else:
+                self._publish(image, label)
+        if status == BAD:
+            self.stats.corrupt += 1
+        elif status == FAIL:
+            self.stats.read_errors += 1
+        return status
+
+    def _publish(self, image: np.ndarray, label: np.ndarray | None) -> None:
+        if label is not None and label.shape != image.shape[:2]:
+            label = cv2.resize(label, image.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+        frame = Frame(self._next_id, time.time_ns(), image, label)
+        self._next_id += 1
+        with self._cond:
+            if self._fresh is not None:
+                self.stats.dropped += 1
+            self._fresh = frame
+            self.stats.grabbed += 1
+            self._cond.notify_all()
+
+    def _pace(self, next_t: float) -> float:
+        """Hold file/synthetic sources to their frame rate (live sources pace themselves)."""
+        if not self._period:
+            return next_t
+        next_t = max(next_t + self._period, time.monotonic() - self._period)  # no burst after a stall
+        self._stop.wait(max(0.0, next_t - time.monotonic()))
+        return next_t
+
+    def _at_end(self) -> bool:
+        """End of stream: loop, reconnect (live) or stop. True to keep reading."""
+        if self.loop and self._reader.rewind():
+            self.stats.loops += 1
+            return True
+        if self._reader.live:
+            return self._recover("the stream ended")
+        log.info("camera source %s ended", self.source)
+        return False
+
+    def _recover(self, why: str) -> bool:
+        """Reopen a live source with exponential backoff until it works or we are stopped."""
+        if not self._reader.live:
+            self.error = f"{self.source}: {why}"
+            log.warning("camera %s: %s; giving up on a non-live source", self.source, why)
+            return False
+        log.warning("camera %s: %s; reconnecting", self.source, why)
+        self.connected = False
+        self._reader.close()
+        delay = self.backoff[0]
+        while not self._stop.wait(delay):
+            try:
+                self._reader = open_reader(self.source, self.size, self.live_override)
+            except UserError as e:
+                log.warning("camera %s: reconnect failed (%s); next try in %.1f s", self.source, e, delay)
+                delay = min(delay * 2, self.backoff[1])
+                continue
+            self.stats.reconnects += 1
+            self.connected = True
+            log.warning("camera %s: reconnected", self.source)
+            return True
+        return False

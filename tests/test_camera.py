@@ -1,0 +1,187 @@
+"""Camera capture: real OpenCV reads of generated video files and image folders, synthetic scenes."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from mas3_edge.errors import UserError
+from runtime.camera import Camera, fit, to_rgb
+
+SIZE = (64, 128)
+
+
+def write_video(path: Path, n: int, size: tuple[int, int] = (160, 320), fps: float = 30.0) -> Path:
+    """An MJPG AVI whose frame i is red on the left, and has i encoded in the blue level on the right."""
+    h, w = size
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    assert vw.isOpened()
+    for i in range(n):
+        bgr = np.zeros((h, w, 3), np.uint8)
+        bgr[:, : w // 2, 2] = 255
+        bgr[:, w // 2:, 0] = (i * 8) % 256
+        vw.write(bgr)
+    vw.release()
+    return path
+
+
+def drain(cam: Camera, seconds: float = 5.0, pause: float = 0.0) -> list:
+    frames, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline and not cam.ended:
+        f = cam.read_latest(timeout=0.2)
+        if f is not None:
+            frames.append(f)
+            time.sleep(pause)
+    while (f := cam.read_latest(timeout=0)) is not None:
+        frames.append(f)
+    return frames
+
+
+def test_video_frames_arrive_rgb_at_model_size(tmp_path):
+    video = write_video(tmp_path / "v.avi", 10)
+    with Camera(str(video), SIZE, fps=0) as cam:
+        frames = drain(cam)
+    assert frames and all(f.image.shape == (*SIZE, 3) and f.image.dtype == np.uint8 for f in frames)
+    left = frames[0].image[:, :40].reshape(-1, 3).mean(0)
+    assert left[0] > 200 and left[2] < 60, f"BGR was not converted to RGB: {left}"
+    assert [f.id for f in frames] == sorted({f.id for f in frames})
+    assert cam.ended and cam.stats.grabbed == 10
+
+
+def test_only_the_newest_frame_is_kept_and_drops_are_counted(tmp_path):
+    video = write_video(tmp_path / "v.avi", 60)
+    with Camera(str(video), SIZE, fps=0) as cam:
+        frames = drain(cam, pause=0.03)  # a consumer slower than the source
+    s = cam.stats
+    assert s.dropped > 0
+    assert s.delivered + s.dropped == s.grabbed == 60
+    assert all(b.id > a.id for a, b in zip(frames, frames[1:]))
+
+
+def test_file_loops_when_asked(tmp_path):
+    video = write_video(tmp_path / "v.avi", 5)
+    with Camera(str(video), SIZE, fps=0, loop=True) as cam:
+        time.sleep(0.3)
+        assert not cam.ended
+    assert cam.stats.loops >= 1 and cam.stats.grabbed > 5
+
+
+def test_file_rate_is_paced(tmp_path):
+    video = write_video(tmp_path / "v.avi", 12, fps=40)
+    t0 = time.monotonic()
+    with Camera(str(video), SIZE) as cam:  # default: the file's own frame rate
+        frames = drain(cam)
+    assert time.monotonic() - t0 >= 11 / 40 * 0.8
+    assert len(frames) == 12 and cam.stats.dropped == 0
+
+
+def test_folder_converts_grey_16bit_bgra_and_skips_corrupt(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    cv2.imwrite(str(d / "0.png"), np.full((40, 80), 90, np.uint8))
+    cv2.imwrite(str(d / "1.png"), np.full((100, 200, 3), 40000, np.uint16))
+    (d / "2.png").write_bytes(b"\x89PNG not really")
+    cv2.imwrite(str(d / "3.png"), np.full((64, 128, 4), 200, np.uint8))
+    cv2.imwrite(str(d / "4.jpg"), np.zeros((480, 640, 3), np.uint8))
+    with Camera(str(d), SIZE, fps=20) as cam:
+        frames = drain(cam)
+    assert len(frames) == 4 and cam.stats.corrupt == 1
+    assert all(f.image.shape == (*SIZE, 3) and f.image.dtype == np.uint8 for f in frames)
+    assert frames[1].image.max() == round(40000 / 257)
+
+
+def test_fit_crops_to_the_aspect_ratio():
+    img = np.zeros((240, 320, 3), np.uint8)
+    img[:40] = 255  # top band outside the central 2:1 crop
+    assert fit(img, SIZE).max() == 0
+    assert to_rgb(np.zeros((5, 5, 3), np.float32)).dtype == np.uint8
+    with pytest.raises(ValueError):
+        to_rgb(np.zeros((0, 5, 3), np.uint8))
+
+
+def test_missing_and_unreadable_sources_fail_with_one_line(tmp_path):
+    with pytest.raises(UserError, match="neither a file"):
+        Camera(str(tmp_path / "nope.avi"), SIZE).connect()
+    bad = tmp_path / "bad.avi"
+    bad.write_bytes(b"not a video at all" * 100)
+    with pytest.raises(UserError, match="cannot read video file"):
+        Camera(str(bad), SIZE).connect()
+    with pytest.raises(UserError, match="no camera at index 57"):
+        Camera("57", SIZE).connect()
+    with pytest.raises(UserError, match="unknown domain"):
+        Camera("synthetic://mars", SIZE).connect()
+
+
+def test_synthetic_source_carries_labels():
+    with Camera("synthetic://night?seed=3", SIZE, fps=50) as cam:
+        f = cam.read_latest(timeout=5)
+    assert f.image.shape == (*SIZE, 3) and f.label.shape == SIZE and f.label.dtype == np.uint8
+    assert cam.has_labels
+
+
+def test_vanished_device_is_reopened_with_backoff(tmp_path):
+    """A live source whose stream ends is reopened; while it is gone, reopening backs off."""
+    video = write_video(tmp_path / "cam.avi", 5)
+    cam = Camera(str(video), SIZE, fps=100, live=True, max_failures=2, backoff=(0.05, 0.2)).connect()
+    try:
+        deadline = time.monotonic() + 5
+        while cam.stats.reconnects < 1 and time.monotonic() < deadline:
+            cam.read_latest(timeout=0.1)
+        assert cam.stats.reconnects >= 1
+        video.rename(tmp_path / "away.avi")  # the device disappears
+        time.sleep(0.6)
+        gone_at, grabbed = cam.stats.reconnects, cam.stats.grabbed
+        assert not cam.connected
+        (tmp_path / "away.avi").rename(video)  # and comes back
+        while cam.stats.grabbed <= grabbed and time.monotonic() < deadline + 5:
+            cam.read_latest(timeout=0.1)
+        assert cam.stats.reconnects > gone_at and cam.stats.grabbed > grabbed
+    finally:
+        cam.disconnect()
+
+
+class _FlakyCapture:
+    """Stands in for cv2.VideoCapture (lerobot-style): good frames, garbage, and failed reads."""
+
+    script = ["ok", "empty", "int32", "ok", "fail", "ok", "weird", "ok"]
+
+    def __init__(self, *args, **kwargs):
+        self.i = 0
+
+    def isOpened(self):
+        return True
+
+    def read(self):
+        step = self.script[self.i % len(self.script)]
+        self.i += 1
+        if step == "ok":
+            return True, np.full((120, 240, 3), 100, np.uint8)
+        if step == "empty":
+            return True, np.zeros((0, 0, 3), np.uint8)
+        if step == "int32":
+            return True, np.zeros((120, 240, 3), np.int32)
+        if step == "weird":
+            return True, np.zeros((120, 240, 5), np.uint8)
+        return False, None
+
+    def set(self, *a):
+        return True
+
+    def get(self, prop):
+        return 30.0 if prop == cv2.CAP_PROP_FPS else 0.0
+
+    def release(self):
+        pass
+
+
+def test_corrupt_frames_from_a_live_device_are_skipped_and_counted(monkeypatch):
+    monkeypatch.setattr(cv2, "VideoCapture", _FlakyCapture)
+    with Camera("0", SIZE, fps=200) as cam:
+        deadline = time.monotonic() + 5
+        while cam.stats.grabbed < 12 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert cam.stats.corrupt >= 6 and cam.stats.read_errors >= 2
+    assert cam.stats.reconnects == 0  # isolated failures stay under the cap
