@@ -1,0 +1,205 @@
+"""A bounded on-disk ring buffer of unlabeled frames, the material of adaptation rounds.
+
+    buf = FrameBuffer(Path("frames"), BufferPolicy(max_frames=2000, every_n=5))
+    buf.offer(rgb)      # from the serving loop: cheap; the PNG is written on a writer thread
+    buf.close()
+
+Files are `00000042.png` (a sequence number, so name order is time order and
+`mas3_edge.frames.load_frames(limit=N)` takes the newest N). Each is written to a `.tmp` name,
+fsynced and renamed, so a crash never leaves a broken image; the sequence continues after a
+restart. Oldest frames are evicted first when the frame or byte cap is passed. A full disk (or
+free space under `min_free_mb`) stops buffering with one warning and is retried later; serving
+never depends on the buffer. Labels are never written: adaptation must not see any.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from mas3_edge.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".png"
+
+
+@dataclass(frozen=True)
+class BufferPolicy:
+    max_frames: int = 2000
+    max_mb: float = 512.0
+    every_n: int = 5  # keep every n-th offered frame ...
+    min_interval_s: float = 0.5  # ... at most this often ...
+    dedup: float = 2.0  # ... unless it is a near-duplicate of the last kept one (mean |diff|, grey levels)
+    min_free_mb: float = 200.0  # stop before the disk is full, leaving room for the rest of the system
+    retry_s: float = 60.0  # after stopping on a full disk, look again this much later
+
+    def __post_init__(self) -> None:
+        if self.max_frames < 1 or self.max_mb <= 0 or self.every_n < 1 or self.min_interval_s < 0 or self.dedup < 0:
+            raise UserError(f"invalid buffer policy {self}: caps must be positive and rates non-negative")
+
+
+@dataclass
+class BufferSummary:
+    path: Path
+    frames: int
+    bytes: int
+    first: str | None
+    last: str | None
+    oldest_mtime: float | None
+    newest_mtime: float | None
+
+
+def _seq(name: str) -> int | None:
+    stem = name[: -len(SUFFIX)] if name.endswith(SUFFIX) else ""
+    return int(stem) if stem.isdigit() else None
+
+
+def scan(root: Path) -> list[tuple[int, Path, int]]:
+    """(sequence, path, size) of the buffer's frames, oldest first; stray temporary files ignored."""
+    out = []
+    if Path(root).is_dir():
+        for p in Path(root).iterdir():
+            seq = _seq(p.name)
+            if seq is not None and p.is_file():
+                out.append((seq, p, p.stat().st_size))
+    return sorted(out)
+
+
+def summarize(root: Path) -> BufferSummary:
+    items = scan(root)
+    mtimes = [p.stat().st_mtime for _, p, _ in (items[0], items[-1])] if items else [None, None]
+    return BufferSummary(Path(root), len(items), sum(s for *_, s in items), items[0][1].name if items else None,
+                         items[-1][1].name if items else None, mtimes[0], mtimes[1])
+
+
+class FrameBuffer:
+    def __init__(self, root: Path, policy: BufferPolicy = BufferPolicy(), *, queue_size: int = 8):
+        self.root, self.policy = Path(root), policy
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the frame buffer folder {self.root}: {e.strerror}") from None
+        for stray in self.root.glob("*.tmp"):  # a crash mid-write left it; never a whole frame
+            stray.unlink(missing_ok=True)
+        items = scan(self.root)
+        self._index: deque[tuple[Path, int]] = deque((p, s) for _, p, s in items)
+        self.bytes = sum(s for _, s in self._index)
+        self._next = items[-1][0] + 1 if items else 0
+        self.offered = self.kept = self.written = self.evicted = self.failed = self.backlog_drops = 0
+        self.enabled, self.warning = True, None
+        self._retry_at = 0.0
+        self._last_t, self._last_thumb = -1e18, None
+        self._q: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._lock = threading.Lock()
+        self._evict()
+        self._thread = threading.Thread(target=self._writer, name="frame-buffer", daemon=True)
+        self._thread.start()
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def offer(self, image: np.ndarray, t: float | None = None) -> bool:
+        """Consider one RGB frame; True if it was queued for writing. Never blocks, never raises."""
+        self.offered += 1
+        t = time.monotonic() if t is None else t
+        if not self._enabled_now() or (self.offered - 1) % self.policy.every_n:
+            return False
+        if t - self._last_t < self.policy.min_interval_s:
+            return False
+        thumb = cv2.resize(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), (32, 16), interpolation=cv2.INTER_AREA)
+        if self._last_thumb is not None and np.abs(thumb.astype(np.int16) - self._last_thumb).mean() < self.policy.dedup:
+            return False
+        try:
+            self._q.put_nowait(image)
+        except queue.Full:  # the disk is slower than the policy asks for: drop rather than wait
+            self.backlog_drops += 1
+            return False
+        self._last_t, self._last_thumb = t, thumb.astype(np.int16)
+        self.kept += 1
+        return True
+
+    def _enabled_now(self) -> bool:
+        if self.enabled:
+            return True
+        if time.monotonic() >= self._retry_at and self._free_mb() >= self.policy.min_free_mb:
+            log.warning("frame buffer %s: disk space is back; buffering again", self.root)
+            self.enabled, self.warning = True, None
+        return self.enabled
+
+    def _free_mb(self) -> float:
+        try:
+            return shutil.disk_usage(self.root).free / 2**20
+        except OSError:
+            return 0.0
+
+    def _stop(self, why: str) -> None:
+        if self.enabled:
+            log.warning("frame buffer %s: %s; buffering stops, serving goes on", self.root, why)
+        self.enabled, self.warning = False, why
+        self._retry_at = time.monotonic() + self.policy.retry_s
+
+    # ------------------------------------------------------------ writer thread
+
+    def _writer(self) -> None:
+        while True:
+            image = self._q.get()
+            if image is None:
+                return
+            if self.enabled:
+                self._write(image)
+
+    def _write(self, image: np.ndarray) -> None:
+        if self._free_mb() < self.policy.min_free_mb:
+            return self._stop(f"less than {self.policy.min_free_mb:.0f} MB free on the disk")
+        ok, buf = cv2.imencode(SUFFIX, cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        path = self.root / f"{self._next:08d}{SUFFIX}"
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            write_file(tmp, buf.tobytes())
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            self.failed += 1
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            return self._stop("the disk is full" if full else f"cannot write {path.name}: {e.strerror}")
+        with self._lock:
+            self._next += 1
+            self._index.append((path, len(buf)))
+            self.bytes += len(buf)
+            self.written += 1
+            self._evict()
+
+    def _evict(self) -> None:
+        cap = self.policy.max_mb * 2**20
+        while self._index and (len(self._index) > self.policy.max_frames or self.bytes > cap):
+            path, size = self._index.popleft()
+            path.unlink(missing_ok=True)
+            self.bytes -= size
+            self.evicted += 1
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Finish queued writes (up to `timeout`); a write cut short leaves only a .tmp file."""
+        try:
+            self._q.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        self._thread.join(timeout)
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Write and fsync (a module function so tests can make the disk 'full')."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,123 @@
+"""The on-disk frame ring buffer: caps, sampling, atomic writes, restarts, a full disk."""
+from __future__ import annotations
+
+import errno
+import logging
+
+import numpy as np
+import pytest
+
+from mas3_edge.errors import UserError
+from mas3_edge.frames import load_frames
+from runtime import frame_buffer
+from runtime.frame_buffer import BufferPolicy, scan, summarize
+
+KEEP_ALL = dict(every_n=1, min_interval_s=0.0, dedup=0.0, min_free_mb=0.0)
+
+
+def FrameBuffer(root, policy=BufferPolicy()):
+    """A queue long enough that a burst of offers in a test is never dropped for backlog."""
+    return frame_buffer.FrameBuffer(root, policy, queue_size=64)
+
+
+def frame(i: int) -> np.ndarray:
+    rng = np.random.default_rng(i)
+    return rng.integers(0, 256, (32, 64, 3), np.uint8)
+
+
+def fill(buf, n: int, start: int = 0) -> None:
+    for i in range(start, start + n):
+        buf.offer(frame(i), t=float(i))
+    buf.close()
+
+
+def test_frame_cap_evicts_oldest_first(tmp_path):
+    buf = FrameBuffer(tmp_path, BufferPolicy(max_frames=5, **KEEP_ALL))
+    fill(buf, 12)
+    items = scan(tmp_path)
+    assert [s for s, *_ in items] == list(range(7, 12))
+    assert buf.evicted == 7 and len(buf) == 5
+    newest = load_frames(tmp_path, (32, 64), limit=1)  # what an adaptation round reads
+    assert np.array_equal(newest[0], frame(11))
+
+
+def test_byte_cap(tmp_path):
+    one = FrameBuffer(tmp_path / "probe", BufferPolicy(**KEEP_ALL))
+    fill(one, 1)
+    size = one.bytes
+    buf = FrameBuffer(tmp_path / "b", BufferPolicy(max_mb=3.5 * size / 2**20, **KEEP_ALL))
+    fill(buf, 10)
+    assert buf.bytes <= 3.5 * size and len(scan(tmp_path / "b")) == 3
+
+
+def test_sampling_policy(tmp_path):
+    buf = FrameBuffer(tmp_path / "n", BufferPolicy(every_n=3, min_interval_s=0, dedup=0, min_free_mb=0))
+    fill(buf, 9)
+    assert buf.kept == 3
+    buf = FrameBuffer(tmp_path / "t", BufferPolicy(every_n=1, min_interval_s=2.5, dedup=0, min_free_mb=0))
+    fill(buf, 10)  # t = 0..9 s
+    assert buf.kept == 4  # t = 0, 3, 6, 9
+    buf = FrameBuffer(tmp_path / "d", BufferPolicy(every_n=1, min_interval_s=0, dedup=2.0, min_free_mb=0))
+    same = frame(0)
+    for i in range(5):
+        buf.offer(same.copy(), t=float(i))
+    buf.offer(frame(1), t=9.0)
+    buf.close()
+    assert buf.kept == 2
+
+
+def test_survives_a_restart_and_cleans_half_written_files(tmp_path):
+    fill(FrameBuffer(tmp_path, BufferPolicy(**KEEP_ALL)), 3)
+    (tmp_path / "00000003.png.tmp").write_bytes(b"half a png")  # a crash mid-write
+    buf = FrameBuffer(tmp_path, BufferPolicy(**KEEP_ALL))
+    assert len(buf) == 3 and not list(tmp_path.glob("*.tmp"))
+    fill(buf, 2, start=3)
+    assert [s for s, *_ in scan(tmp_path)] == [0, 1, 2, 3, 4]
+    s = summarize(tmp_path)
+    assert (s.frames, s.first, s.last) == (5, "00000000.png", "00000004.png") and s.bytes == buf.bytes
+
+
+def test_full_disk_stops_buffering_and_never_raises(tmp_path, monkeypatch, caplog):
+    def enospc(path, data):
+        path.write_bytes(data[:10])  # the partial temp file a full disk leaves
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    buf = FrameBuffer(tmp_path, BufferPolicy(**KEEP_ALL))
+    monkeypatch.setattr(frame_buffer, "write_file", enospc)
+    with caplog.at_level(logging.WARNING):
+        fill(buf, 5)
+    assert not buf.enabled and "full" in buf.warning and buf.failed == 1
+    assert not list(tmp_path.iterdir())  # no partial file left behind
+    assert sum("buffering stops" in r.message for r in caplog.records) == 1
+    assert buf.offer(frame(99)) is False
+
+
+def test_low_free_space_stops_before_the_disk_fills(tmp_path):
+    buf = FrameBuffer(tmp_path, BufferPolicy(every_n=1, min_interval_s=0, dedup=0, min_free_mb=1e12))
+    fill(buf, 3)
+    assert not buf.enabled and "free" in buf.warning and not scan(tmp_path)
+
+
+def test_a_slow_disk_drops_frames_instead_of_blocking(tmp_path, monkeypatch):
+    import time
+    slow = frame_buffer.write_file
+
+    def slow_write(path, data):
+        time.sleep(0.05)
+        slow(path, data)
+
+    monkeypatch.setattr(frame_buffer, "write_file", slow_write)
+    buf = frame_buffer.FrameBuffer(tmp_path, BufferPolicy(**KEEP_ALL), queue_size=2)
+    t0 = time.perf_counter()
+    for i in range(20):
+        buf.offer(frame(i), t=float(i))
+    assert time.perf_counter() - t0 < 0.5 and buf.backlog_drops > 0
+    buf.close()
+
+
+def test_bad_policy_and_folder_are_user_errors(tmp_path):
+    with pytest.raises(UserError):
+        BufferPolicy(max_frames=0)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="cannot create"):
+        FrameBuffer(tmp_path / "file" / "sub")
