@@ -13,14 +13,9 @@ in the graph, so they can never disagree with the weights. The batch dimension i
 and W are fixed (the runtime resizes to the version's input size), which lets TensorRT and
 onnxslim fold every shape computation.
 
-Graph passes, each kept only if the parity check passes on the result (the first candidate
-that passes ships, the raw torch export is the last resort):
-  1. onnxslim (constant folding, dead code, fusions), when installed.
-  2. classes-last: Deployed upsamples NCHW logits and takes softmax/max/argmax over axis 1.
-     ONNX Runtime's CPU Softmax on a non-last axis transposes the full-size tensor on every call
-     (~350 ms of a ~550 ms frame at 512x1024 on 2 cores). Transposing the low-resolution logits
-     to NHWC before the upsample makes every full-size reduction run over the last axis; the
-     maths is unchanged (same softmax, same argmax over probabilities).
+Graph passes (export/passes.py: onnxslim, classes-last, uint8-via-float) are kept only if the
+parity check passes on their result; the first candidate that passes ships, the raw torch export
+is the last resort, and export.json names the one that shipped.
 
 Parity (see export/parity.py): ONNX Runtime CPU fp32 against PyTorch fp32 on random and
 real-looking images: max |logit diff| <= 1e-3 (logits read from a throw-away copy of the graph
@@ -41,14 +36,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from mas3_edge.bundle import (ONNX_FILE, atomic_write, atomic_write_json, load_version, read_meta, resolve,
                               sha256_bytes, sha256_file)
 from mas3_edge.errors import UserError
 from mas3_edge.model import Deployed, SegNet
 
-from . import parity
+from . import parity, passes
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +70,8 @@ def export_onnx(bundle: Path, version: str | None = None, *, opset: int = OPSET,
 
     An up-to-date export (same weights, same settings, file unchanged) is reused unless `force`.
     """
+    if opset < 17:
+        raise UserError(f"opset must be 17 or newer (TensorRT 10 and ONNX Runtime both take 17), got {opset}")
     vdir = resolve(bundle, version)
     ver = load_version(vdir)  # UserError for missing or corrupt weights
     settings = {"opset": opset, "simplify": simplify, "with_embedding": with_embedding}
@@ -86,7 +83,9 @@ def export_onnx(bundle: Path, version: str | None = None, *, opset: int = OPSET,
     ref = parity.torch_reference(ver.net, images)
     with tempfile.TemporaryDirectory(prefix="mas3-export-") as tmp:
         raw = _torch_export(ver.net, with_embedding, opset, Path(tmp) / "raw.onnx")
-    model, graph, check = _first_passing(_candidates(raw, ver.net, simplify), images, ref, source)
+    model, graph, check = _first_passing(passes.candidates(raw, tuple(ver.net.config.input_size), simplify), images, ref, source)
+    helper.set_model_props(model, {"mas3_edge.version": ver.id, "mas3_edge.weights_sha256": ver.meta["sha256"],
+                                   "mas3_edge.input": "uint8 NHWC RGB, normalisation inside"})
     data = model.SerializeToString()
     report = _report(ver.meta, data, model, settings, graph, check)
     atomic_write(vdir / ONNX_FILE, data)
@@ -163,147 +162,6 @@ def _declare_io(model: onnx.ModelProto, net: SegNet) -> None:
                 d.dim_value = s
 
 
-def _candidates(raw: onnx.ModelProto, net: SegNet, simplify: bool) -> list[tuple[str, onnx.ModelProto]]:
-    """Graphs to try, most optimised first; the raw export is always the last resort."""
-    out = []
-    slim = _simplify(raw) if simplify else None
-    for label, base in (("onnxslim", slim), ("raw", raw)):
-        if base is None:
-            continue
-        fast = _classes_last(base, net)
-        if fast is not None:
-            out.append((f"{label}+classes-last", fast))
-    if slim is not None:
-        out.append(("onnxslim", slim))
-    out.append(("raw", raw))
-    return [(label, _uint8_via_float(m)) for label, m in out]
-
-
-def _uint8_via_float(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Touch uint8 only in float <-> uint8 casts at the graph's edges, the one form TensorRT's
-    documentation promises (its uint8 tensors may only be converted from/to float32/float16).
-
-    The trace gives Transpose(uint8) -> Cast(float) at the input, swapped here to cast first,
-    and ArgMax(int64) -> Cast(uint8) at the output, routed through float (ids < 256 are exact).
-    """
-    m = onnx.ModelProto.FromString(model.SerializeToString())
-    nodes = list(m.graph.node)
-    first = [n for n in nodes if INPUT in n.input]
-    if len(first) == 1 and first[0].op_type == "Transpose":
-        cast = [n for n in nodes if first[0].output[0] in n.input]
-        if len(cast) == 1 and cast[0].op_type == "Cast" and _attr(cast[0], "to") == onnx.TensorProto.FLOAT:
-            tr, ca = first[0], cast[0]
-            tr_out, ca_out = tr.output[0], ca.output[0]
-            ca.input[0], ca.output[0] = INPUT, tr_out  # Cast(images) -> float NHWC ...
-            tr.input[0], tr.output[0] = tr_out, ca_out  # ... -> Transpose -> what the cast fed before
-            i, j = nodes.index(tr), nodes.index(ca)
-            nodes[i], nodes[j] = ca, tr
-    out = next((n for n in nodes if "classes" in n.output), None)
-    if out is not None and out.op_type == "Cast":
-        via = helper.make_node("Cast", [out.input[0]], ["classes_float"], to=onnx.TensorProto.FLOAT,
-                               name="classes_via_float")
-        out.input[0] = "classes_float"
-        nodes.insert(nodes.index(out), via)
-    del m.graph.node[:]
-    m.graph.node.extend(nodes)
-    del m.graph.value_info[:]  # recorded types/shapes of the rewired tensors are stale; ORT re-infers
-    return m
-
-
-def _simplify(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    try:
-        import onnxslim
-    except ImportError:
-        log.info("onnxslim is not installed; the graph is not simplified")
-        return None
-    try:
-        return onnxslim.slim(onnx.ModelProto.FromString(model.SerializeToString()))
-    except Exception as e:  # a failed simplification only costs speed: ship the raw graph
-        log.warning("onnxslim failed (%s); keeping the unsimplified graph", str(e).splitlines()[0])
-        return None
-
-
-def _classes_last(model: onnx.ModelProto, net: SegNet) -> onnx.ModelProto | None:
-    """Move the class axis last before the upsample (see the module docstring), or None if no match."""
-    m = onnx.ModelProto.FromString(model.SerializeToString())
-    nodes = list(m.graph.node)
-    users = lambda t: [n for n in nodes if t in n.input]  # noqa: E731
-    soft = [n for n in nodes if n.op_type == "Softmax" and _attr(n, "axis") == 1]
-    if len(soft) != 1:
-        return None
-    soft = soft[0]
-    resize = next((n for n in nodes if soft.input[0] in n.output and n.op_type == "Resize"), None)
-    tail = users(soft.output[0])
-    if resize is None or len(users(resize.output[0])) != 1 or sorted(n.op_type for n in tail) != ["ArgMax", "ReduceMax"]:
-        return None
-    if not all(_attr(n, "keepdims") == 0 for n in tail) or _attr(resize, "mode") != b"linear":
-        return None
-    scales = _upsample_scales(m, resize.input[0], tuple(net.config.input_size))
-    if scales is None:
-        return None
-    m.graph.initializer.append(numpy_helper.from_array(np.array(scales, np.float32), "classes_last_scales"))
-    nhwc = resize.input[0] + "_nhwc"
-    transpose = helper.make_node("Transpose", [resize.input[0]], [nhwc], perm=[0, 2, 3, 1], name="classes_last")
-    del resize.input[:]
-    resize.input.extend([nhwc, "", "classes_last_scales"])
-    _set_axis(m, soft, 3)
-    for n in tail:
-        _set_axis(m, n, 3)
-    del m.graph.node[:]
-    m.graph.node.extend(_insert_before(nodes, resize, transpose))
-    del m.graph.value_info[:]  # the upsampled tensor is NHWC now: its recorded shape is stale
-    _prune(m)
-    return m
-
-
-def _upsample_scales(model: onnx.ModelProto, tensor: str, size: tuple[int, int]) -> list[float] | None:
-    """NHWC Resize scales that take `tensor` (B, K, h, w) to `size`, from shape inference."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    vi = next((v for v in inferred.graph.value_info if v.name == tensor), None)
-    dims = [d.dim_value for d in vi.type.tensor_type.shape.dim] if vi is not None else []
-    if len(dims) != 4 or not dims[2] or not dims[3] or size[0] % dims[2] or size[1] % dims[3]:
-        return None  # only exact integer upsampling: then scales and sizes give identical pixels
-    return [1.0, size[0] / dims[2], size[1] / dims[3], 1.0]
-
-
-def _attr(node: onnx.NodeProto, name: str):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
-
-
-def _set_axis(model: onnx.ModelProto, node: onnx.NodeProto, axis: int) -> None:
-    """Point Softmax/ArgMax (attribute `axis`) or ReduceMax (`axes` attribute or input) at `axis`."""
-    for a in node.attribute:
-        if a.name == "axis":
-            a.i = axis
-        elif a.name == "axes":
-            del a.ints[:]
-            a.ints.append(axis)
-    if node.op_type == "ReduceMax" and len(node.input) > 1:  # opset >= 18: axes is an input
-        name = f"{node.name or node.output[0]}_axes_last"
-        model.graph.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), name))
-        node.input[1] = name
-
-
-def _insert_before(nodes: list, anchor: onnx.NodeProto, new: onnx.NodeProto) -> list:
-    i = next(i for i, n in enumerate(nodes) if n is anchor)
-    return nodes[:i] + [new] + nodes[i:]
-
-
-def _prune(model: onnx.ModelProto) -> None:
-    """Drop nodes and initializers no graph output depends on (the old sizes computation)."""
-    needed = {o.name for o in model.graph.output}
-    keep = []
-    for n in reversed(model.graph.node):
-        if any(o in needed for o in n.output):
-            keep.append(n)
-            needed.update(i for i in n.input if i)
-    del model.graph.node[:]
-    model.graph.node.extend(reversed(keep))
-    inits = [i for i in model.graph.initializer if i.name in needed]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(inits)
-
-
 def _first_passing(candidates: list[tuple[str, onnx.ModelProto]], images: np.ndarray, ref: dict,
                    source: str) -> tuple[onnx.ModelProto, str, parity.Parity]:
     """The first candidate graph that passes the parity check; UserError if none does."""
@@ -314,6 +172,7 @@ def _first_passing(candidates: list[tuple[str, onnx.ModelProto]], images: np.nda
             check = _verify(model, images, ref, source)
         except Exception as e:  # a pass that broke the graph: note it, try the next candidate
             failures.append(f"{label}: {str(e).splitlines()[0]}")
+            log.warning("graph %s is not usable: %s", label, failures[-1])
             continue
         if not check.failures():
             return model, label, check
@@ -349,7 +208,7 @@ def _expose_logits(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
     ident = helper.make_node("Identity", [soft.input[0]], ["logits"], name="expose_logits")
     m.graph.node.append(ident)
     m.graph.output.append(helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, None))
-    return m, "nchw" if _attr(soft, "axis") == 1 else "nhwc"
+    return m, "nchw" if passes.attr(soft, "axis") == 1 else "nhwc"
 
 
 def run_onnx(model: bytes | Path, images: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:

@@ -20,6 +20,7 @@ several threads (GPU engines serialise on a lock).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import threading
 from pathlib import Path
@@ -139,12 +140,13 @@ def _build(kind: str, vdir: Path, dev: str, opts: dict) -> Engine:
 
 # ---------------------------------------------------------------- host <-> device (CUDA engines)
 
-def _to_device(frames: np.ndarray, device):
-    """Through pinned memory, so the upload is a real asynchronous DMA on the current stream."""
+def _to_device(frames: np.ndarray, device, out=None):
+    """Through pinned memory, so the upload is a real asynchronous DMA on the current stream;
+    into `out` (a CUDA graph's static input) when given."""
     import torch
     host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
     host.numpy()[...] = frames
-    return host.to(device, non_blocking=True)
+    return host.to(device, non_blocking=True) if out is None else out.copy_(host, non_blocking=True)
 
 
 def _to_host(classes, conf) -> tuple[np.ndarray, np.ndarray]:
@@ -178,15 +180,15 @@ class TorchEngine(Engine):
         self.name = {"eager": "torch", "fp16": "torch-fp16", "cudagraph": "torch-cudagraph"}[mode]
         self.version, self.input_size = version, tuple(net.config.input_size)
         self.precision = "fp32" if mode == "eager" else "fp16"
-        model = Deployed(net).eval()
+        model = Deployed(copy.deepcopy(net)).eval()  # a snapshot: adapting `net` later must not change what serves
         if self.device.type == "cuda":  # NHWC convs are what tensor cores want; the input already is NHWC
             model = model.to(self.device, memory_format=torch.channels_last)
         self._model, self._lock, self._graphs = model, threading.Lock(), {}
         extra = {"eager": "", "fp16": ", fp16 autocast", "cudagraph": ", fp16 autocast, CUDA graphs"}[mode]
         self.provider = f"torch {torch.__version__} {self.device}{extra}"
-        if mode == "cudagraph":
-            for b in batch_sizes:
-                self._graph(b)
+        warm = batch_sizes if self.device.type == "cuda" else batch_sizes[:1]
+        for b in warm:  # CUDA graph capture, cuDNN/oneDNN kernel choice: in the loader, not the first frame
+            self._infer(np.zeros((b, *self.input_size, 3), np.uint8))
 
     def _autocast(self):
         if self.mode == "eager":
@@ -203,7 +205,7 @@ class TorchEngine(Engine):
         with self._lock, torch.cuda.device(self.device):
             if self.mode == "cudagraph":
                 graph, static_in, static_out = self._graph(len(frames))
-                static_in.copy_(_to_device(frames, self.device))
+                _to_device(frames, self.device, out=static_in)
                 graph.replay()
                 return _to_host(*static_out)
             with torch.inference_mode(), self._autocast():
@@ -257,15 +259,7 @@ class OrtEngine(Engine):
         path, report = check_onnx(vdir)
         self.version, self.input_size = report["version"], tuple(report["onnx"]["input"]["shape"][1:3])
         wanted = self._providers(ort, Path(vdir), device, precision, tuple(batch_sizes), report)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = int(threads)
-        try:
-            self._sess = ort.InferenceSession(str(path), so, providers=wanted)
-        except Exception as e:  # ORT raises its own types for an unloadable model
-            raise UserError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
+        self._sess = _ort_session(ort, path, wanted, threads)
         self.provider = self._sess.get_providers()[0]
         if self.provider != wanted[0][0]:
             log.warning("onnxruntime asked for %s but runs on %s (GPU libraries missing?)", wanted[0][0], self.provider)
@@ -295,6 +289,24 @@ class OrtEngine(Engine):
 
     def close(self) -> None:
         self._sess = None
+
+
+def _ort_session(ort, path: Path, wanted: list[tuple[str, dict]], threads: int | None):
+    """A session on the first provider list that ORT accepts, dropping the most demanding provider
+    after each failure (an ORT build that rejects a TensorRT option must still get CUDA)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    for i in range(len(wanted)):
+        try:
+            return ort.InferenceSession(str(path), so, providers=wanted[i:])
+        except Exception as e:  # ORT raises its own exception types
+            error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if i + 1 < len(wanted):
+                log.warning("onnxruntime could not start %s (%s); trying %s", wanted[i][0], error, wanted[i + 1][0])
+    raise UserError(f"onnxruntime cannot load {path}: {error}")
 
 
 def _ort_trt_options(vdir: Path, idx: int, precision: str, batch_sizes: tuple[int, ...], report: dict) -> dict:

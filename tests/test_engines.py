@@ -139,11 +139,14 @@ def test_engines_load_in_a_background_thread_while_another_serves(two_versions):
     assert all(np.array_equal(r[0], results[0][0]) for r in results)
 
 
-def test_torch_engine_from_a_network(small_net):
+def test_torch_engine_serves_a_snapshot_of_the_network(small_net):
     engine = TorchEngine(small_net, "v-test")
     classes, conf = engine.infer(_frames(1))
     assert engine.name == "torch" and engine.precision == "fp32" and classes.shape == (1, 64, 128)
     assert ((conf > 0) & (conf <= 1)).all()
+    with torch.no_grad():
+        small_net.head.bias.add_(5.0)  # the adapter keeps training its copy...
+    assert np.array_equal(engine.infer(_frames(1))[1], conf)  # ...the engine serves what it loaded
 
 
 @pytest.mark.gpu
