@@ -87,6 +87,8 @@ class Publisher:
     def close(self) -> None:
         if not self._sock.closed:
             self._sock.close(0)
+            if self.endpoint.startswith("ipc://"):  # libzmq unlinks it lazily, maybe after we exit
+                Path(self.endpoint[len("ipc://"):]).unlink(missing_ok=True)
 
     def __enter__(self) -> "Publisher":
         return self

@@ -1,6 +1,199 @@
-"""Placeholder: commands arrive with their issue."""
+"""The on-device runtime: run, subscribe, buffer, versions, rollback.
+
+Heavy modules (cv2, zmq, torch, onnxruntime) are imported inside the commands.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from ..errors import UserError
+
+BundleOpt = Annotated[Path, typer.Option("--bundle", "-b", help="Bundle directory (versions + SERVING pointer).")]
+AddressOpt = Annotated[str, typer.Option("--address", "--publish",
+                                         help="tcp://HOST:PORT or ipc://PATH of the segmentation stream.")]
+TopicOpt = Annotated[str, typer.Option(help="Topic prefix of the stream's messages.")]
+
+
+def _bundle(path: Path) -> Path:
+    """The named bundle; when the default ./bundle is missing, a copy of the bundle the package ships."""
+    if path.exists() or path != Path("bundle"):
+        return path
+    shipped = Path(__file__).resolve().parents[1] / "default_bundle"
+    if not (shipped / "SERVING").is_file():
+        return path  # the service explains that it does not exist
+    import shutil
+    shutil.copytree(shipped, path)  # adapted versions are written next to it: never into the package
+    typer.echo(f"no bundle named: using the default bundle shipped with mas3-edge (copied to ./{path})", err=True)
+    return path
+
+
+def run_cmd(
+    camera: Annotated[str, typer.Option(help="Device index (0), video file, rtsp/http URL, GStreamer pipeline, "
+                                             "image folder, or synthetic://DOMAIN (night, fog, rain, realistic).")],
+    bundle: BundleOpt = Path("bundle"),
+    engine: Annotated[str, typer.Option(help="auto, onnxruntime, tensorrt, torch, torch-fp16, torch-cudagraph.")] = "auto",
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda[:N]; default: a GPU if there is one.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime threads (default: its own choice).")] = None,
+    publish: Annotated[str, typer.Option(help="Where to publish: tcp://127.0.0.1:PORT or ipc://PATH.")] = "tcp://127.0.0.1:5555",
+    topic: TopicOpt = "mas3/seg",
+    allow_remote: Annotated[bool, typer.Option(help="Allow a non-loopback publish address.")] = False,
+    confidence: Annotated[bool, typer.Option(help="Send the confidence map.")] = False,
+    overlay: Annotated[bool, typer.Option(help="Send a JPEG colour overlay.")] = True,
+    loop: Annotated[bool, typer.Option(help="Loop a video file or folder.")] = False,
+    fps: Annotated[Optional[float], typer.Option(help="Pace files/synthetic (default: their rate; 0: unpaced).")] = None,
+    buffer: Annotated[Path, typer.Option(help="Frame buffer folder for adaptation.")] = Path("frames"),
+    no_buffer: Annotated[bool, typer.Option("--no-buffer", help="Do not buffer frames (implies --no-adapt).")] = False,
+    buffer_frames: Annotated[int, typer.Option(help="Frame cap of the buffer.")] = 2000,
+    buffer_mb: Annotated[float, typer.Option(help="Size cap of the buffer in MB.")] = 512.0,
+    buffer_every: Annotated[int, typer.Option(help="Buffer every N-th frame.")] = 5,
+    buffer_interval: Annotated[float, typer.Option(help="At most one buffered frame per this many seconds.")] = 0.5,
+    adapt: Annotated[bool, typer.Option(help="Run adaptation rounds in the background.")] = True,
+    round_every_frames: Annotated[int, typer.Option(help="A round per N newly buffered frames (0: off).")] = 150,
+    round_every_minutes: Annotated[float, typer.Option(help="A round every T minutes (0: off).")] = 0.0,
+    drift_threshold: Annotated[Optional[float], typer.Option(help="Start a round when live SWD to the prototypes passes this.")] = None,
+    round_frames: Annotated[int, typer.Option(help="A round adapts on the newest N buffered frames.")] = 150,
+    adapt_steps: Annotated[Optional[int], typer.Option(help="Steps per round (default: 30 on CPU, 100 on GPU).")] = None,
+    method: Annotated[str, typer.Option(help="Adaptation method: mas3, bn, tent, ...")] = "mas3",
+    status_every: Annotated[float, typer.Option(help="Seconds between status lines.")] = 5.0,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on 127.0.0.1:PORT.")] = None,
+    events: Annotated[Optional[Path], typer.Option(help="Append status, round and swap events here (JSON lines).")] = None,
+    max_frames: Annotated[Optional[int], typer.Option(help="Stop after N frames.")] = None,
+    duration: Annotated[Optional[float], typer.Option(help="Stop after S seconds.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+) -> None:
+    """Serve segmentation from a camera over ZeroMQ; buffer frames, adapt and hot-swap in the background."""
+    import logging
+    from runtime.frame_buffer import BufferPolicy
+    from runtime.scheduler import ScheduleConfig
+    from runtime.service import Service, ServiceConfig
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    sched = ScheduleConfig(every_frames=round_every_frames, every_minutes=round_every_minutes,
+                           drift_threshold=drift_threshold, limit=round_frames, min_frames=min(40, round_frames),
+                           adapt={"method": method, **({"steps": adapt_steps} if adapt_steps is not None else {})})
+    cfg = ServiceConfig(camera=camera, bundle=_bundle(bundle), engine=engine, device=device, threads=threads,
+                        publish=publish, topic=topic, allow_remote=allow_remote, confidence=confidence,
+                        overlay=overlay, loop=loop, fps=fps, buffer=None if no_buffer else buffer,
+                        buffer_policy=BufferPolicy(max_frames=buffer_frames, max_mb=buffer_mb, every_n=buffer_every,
+                                                   min_interval_s=buffer_interval),
+                        adapt=adapt and not no_buffer, schedule=sched, status_every=status_every,
+                        metrics_port=metrics_port, events=events, max_frames=max_frames, duration=duration)
+    Service(cfg).run()
+
+
+def subscribe_cmd(
+    address: AddressOpt = "tcp://127.0.0.1:5555",
+    topic: TopicOpt = "mas3/seg",
+    every: Annotated[bool, typer.Option("--all", help="Every message (default: only the newest, CONFLATE).")] = False,
+    save: Annotated[Optional[Path], typer.Option(help="Write each received overlay here as PNG.")] = None,
+    show: Annotated[bool, typer.Option(help="Show the overlays in a window (q quits).")] = False,
+    count: Annotated[Optional[int], typer.Option(help="Stop after N messages.")] = None,
+    duration: Annotated[Optional[float], typer.Option(help="Stop after S seconds.")] = None,
+    interval: Annotated[float, typer.Option(help="Seconds between printed lines.")] = 2.0,
+) -> None:
+    """Listen to the segmentation stream: print rates and latency; save or show the overlays."""
+    from runtime.subscriber import Subscriber
+    shown = _Shower() if show else None
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
+    t0 = last = time.monotonic()
+    n_last, msg = 0, None
+    with Subscriber(address, topic, latest_only=not every) as sub:
+        try:
+            while (count is None or sub.received < count) and (duration is None or time.monotonic() - t0 < duration):
+                m = sub.recv(timeout=0.5)
+                msg = m or msg
+                if m is not None and (save is not None or shown is not None):
+                    _render(m, save, shown)
+                now = time.monotonic()
+                if now - last >= interval:
+                    typer.echo(_sub_line(sub, msg, (sub.received - n_last) / (now - last)))
+                    last, n_last = now, sub.received
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if shown is not None:
+                shown.close()
+        typer.echo(f"received {sub.received} messages, {sub.gaps} frame ids skipped, latency p50 "
+                   f"{sub.latency_ms(50):.1f} ms p99 {sub.latency_ms(99):.1f} ms")
+
+
+def _sub_line(sub, msg, rate: float) -> str:
+    if msg is None:
+        return f"waiting for {sub.address} ..."
+    return (f"{rate:.1f} msg/s | latency p50 {sub.latency_ms(50):.0f} ms p99 {sub.latency_ms(99):.0f} ms | "
+            f"gaps {sub.gaps} | frame {msg.frame_id} {msg.version} {msg.engine} {msg.width}x{msg.height}")
+
+
+def _render(msg, save: Path | None, shower) -> None:
+    from mas3_edge.data import write_png
+    from mas3_edge.labels import colorize
+    img = msg.overlay_rgb()
+    img = colorize(msg.classes) if img is None else img
+    if save is not None:
+        write_png(save / f"{msg.frame_id:08d}.png", img)
+    if shower is not None:
+        shower.show(img, f"{msg.version} frame {msg.frame_id}")
+
+
+class _Shower:
+    """An OpenCV window; a machine without a display is a clear error, not a crash."""
+
+    def __init__(self):
+        import cv2
+        self.cv2 = cv2
+        try:
+            cv2.namedWindow("mas3-edge", cv2.WINDOW_NORMAL)
+        except cv2.error:
+            raise UserError("--show needs a display (and OpenCV with GUI support); use --save DIR instead") from None
+
+    def show(self, rgb, title: str) -> None:
+        self.cv2.setWindowTitle("mas3-edge", title)
+        self.cv2.imshow("mas3-edge", self.cv2.cvtColor(rgb, self.cv2.COLOR_RGB2BGR))
+        if self.cv2.waitKey(1) & 0xFF == ord("q"):
+            raise KeyboardInterrupt
+
+    def close(self) -> None:
+        self.cv2.destroyAllWindows()
+
+
+def buffer_cmd(buffer: Annotated[Path, typer.Option(help="Frame buffer folder.")] = Path("frames")) -> None:
+    """Show what is in the frame buffer."""
+    from runtime.frame_buffer import summarize
+    from .core import table
+    if not buffer.is_dir():
+        raise UserError(f"no frame buffer at {buffer}; `mas3-edge run` creates it (see --buffer)")
+    s = summarize(buffer)
+    fmt = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"  # noqa: E731
+    table(f"frame buffer {buffer}", ["frames", "size", "first", "last", "oldest", "newest"],
+          [[s.frames, f"{s.bytes / 2**20:.1f} MB", s.first or "-", s.last or "-", fmt(s.oldest_mtime),
+            fmt(s.newest_mtime)]])
+
+
+def versions_cmd(bundle: BundleOpt = Path("bundle")) -> None:
+    """List the bundle's versions with their health figures (lower is better); * marks the serving one."""
+    from runtime.versions import version_rows
+    from .core import table
+    cols, rows = version_rows(bundle)
+    table(f"versions in {bundle}", cols, rows)
+
+
+def rollback_cmd(
+    version: Annotated[Optional[str], typer.Argument(help="Version to serve; default: the serving one's parent.")] = None,
+    bundle: BundleOpt = Path("bundle"),
+) -> None:
+    """Serve another version (works while `run` serves: it follows the SERVING pointer)."""
+    from runtime.versions import rollback
+    old, new = rollback(bundle, version)
+    typer.echo(f"serving {new} (was {old}); a running `mas3-edge run` swaps to it within a second")
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("run")(run_cmd)
+    app.command("subscribe")(subscribe_cmd)
+    app.command("buffer")(buffer_cmd)
+    app.command("versions")(versions_cmd)
+    app.command("rollback")(rollback_cmd)

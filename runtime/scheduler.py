@@ -1,0 +1,240 @@
+"""Adaptation rounds in a background process, triggered from the serving loop.
+
+The loop calls `tick()` once per frame (cheap: a few comparisons and, while a round runs, a
+liveness check). When a trigger fires - N new buffered frames, T minutes, or a drift check whose
+SWD between live embeddings and the prototypes passes a threshold - a round starts in a
+*spawned* process: the adaptation's torch work gets its own interpreter, nice level and thread
+count, so it can neither hold the serving loop's GIL nor crash it. The child writes its outcome
+as JSON (temp + rename); a child that dies without one is a crashed round.
+
+An accepted round has already written a new version and exported it (parity-checked) in the
+child; the parent then moves the SERVING pointer - unless someone else moved it meanwhile (a
+rollback, another `mas3-edge adapt`) - and the engine swapper picks the pointer change up like
+any other. A kill at any moment leaves either the old pointer or a complete new version.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from mas3_edge.errors import UserError
+
+# mas3_edge.bundle (and so torch) is imported inside functions: a round process that runs a light
+# round function starts in a fraction of a second instead of paying for torch.
+
+log = logging.getLogger(__name__)
+
+# Sized for a CPU (issue 6): short rounds on few frames, so one finishes within a couple of minutes
+# on 2 cores while serving goes on. A GPU machine can afford the paper's 100+ steps.
+CPU_ADAPT = {"steps": 30, "batch_size": 2, "swd_pixels": 8192, "gmm_samples": 2048, "n_projections": 64}
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    every_frames: int = 150  # new buffered frames since the last round (0: off)
+    every_minutes: float = 0.0  # (0: off)
+    drift_threshold: float | None = None  # SWD of live embeddings to the GMM that starts a round
+    drift_every_minutes: float = 2.0
+    min_frames: int = 40  # buffered frames a round needs at all
+    limit: int = 150  # a round adapts on the newest `limit` buffered frames
+    timeout_s: float = 1800.0
+    export: bool = True  # export the accepted version to ONNX before it is served
+    threads: int = 1  # torch threads in the round process (leave cores to serving)
+    nice: int = 10
+    adapt: dict = field(default_factory=dict)  # AdaptConfig fields; unset ones are CPU_ADAPT without a GPU
+
+    def __post_init__(self) -> None:
+        if self.every_frames < 0 or self.every_minutes < 0 or self.min_frames < 2 or self.limit < 2:
+            raise UserError(f"invalid adaptation schedule {self}")
+        from mas3_edge.config import AdaptConfig
+        AdaptConfig(**self.adapt)  # validate now, in the parent: a typo must not become a crashed round
+
+
+def default_round(bundle: str, frames: str, version: str, adapt: dict, limit: int, export: bool,
+                  drift_threshold: float | None = None, threads: int = 1) -> dict:
+    """One round in the child: [drift check], MAS3 + health checks, export. Returns a JSON-able dict."""
+    import torch
+    torch.set_num_threads(threads)
+    from mas3_edge.adapt import run_round
+    from mas3_edge.config import AdaptConfig
+    gpu = torch.cuda.is_available()
+    settings = {**({} if gpu else CPU_ADAPT), **adapt}  # explicit settings win over the CPU sizing
+    out: dict = {"device": "cuda" if gpu else "cpu", "settings": settings}
+    if drift_threshold is not None:
+        out["drift"] = _drift(bundle, frames, version, limit)
+        if out["drift"] < drift_threshold:
+            return {**out, "outcome": "skipped", "reason": f"no drift (SWD {out['drift']:.4f} < {drift_threshold})"}
+    try:
+        res = run_round(bundle, frames, AdaptConfig(**settings), version=version, limit=limit,
+                        **({"device": "cuda"} if gpu else {}))
+    except UserError as e:  # e.g. the loss became NaN: the round failed, the service did not
+        return {**out, "outcome": "rejected", "reason": str(e)}
+    out.update(outcome="accepted" if res.accepted else "rejected", reason=res.reason,
+               health_before=res.report.get("health_before"), health_after=res.report.get("health_after"))
+    if res.accepted:
+        out["version"] = res.version_dir.name
+        if export:
+            from export.onnx import export_onnx
+            try:
+                export_onnx(res.version_dir)
+            except UserError as e:
+                return {**out, "outcome": "rejected", "reason": f"export failed: {e}"}
+    return out
+
+
+def _drift(bundle: str, frames: str, version: str, limit: int) -> float:
+    from mas3_edge import bundle as bundles, health, prototypes
+    from mas3_edge.frames import load_frames
+    ver = bundles.load_version(bundle, version)
+    proto = prototypes.load(ver.prototypes_path, ver.meta)
+    return health.drift_score(ver.net, proto, load_frames(Path(frames), ver.net.config.input_size, min(limit, 32)))
+
+
+def _child(round_fn: Callable[..., dict], job: dict, result: str, nice: int) -> None:
+    """Entry point of the round process: run, then write the outcome atomically."""
+    if nice and hasattr(os, "nice"):
+        os.nice(nice)
+    try:
+        out = round_fn(**job)
+        if out.get("outcome") == "accepted":
+            out = _check_finite(job["bundle"], out)
+    except Exception as e:  # a crash is a rejected round with a reason, never a dead service
+        out = {"outcome": "crashed", "reason": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    tmp = Path(result + ".tmp")
+    tmp.write_text(json.dumps(out, default=str))
+    os.replace(tmp, result)
+
+
+def _check_finite(bundle: str, out: dict) -> dict:
+    """Whatever the round function says, a version with NaN/inf weights is never served."""
+    import safetensors.numpy
+    import numpy as np
+    from mas3_edge.bundle import MODEL_FILE
+    weights = safetensors.numpy.load_file(str(Path(bundle) / "versions" / out["version"] / MODEL_FILE))
+    bad = [k for k, v in weights.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+    if bad:
+        return {**out, "outcome": "rejected", "reason": f"weights are not finite ({bad[0]}, ...)"}
+    return out
+
+
+class Scheduler:
+    def __init__(self, bundle: Path, frames: Path, cfg: ScheduleConfig = ScheduleConfig(), *,
+                 round_fn: Callable[..., dict] = default_round):
+        self.bundle, self.frames, self.cfg, self.round_fn = Path(bundle), Path(frames), cfg, round_fn
+        self.counts: Counter = Counter()
+        self.last: dict | None = None
+        self.history: list[dict] = []
+        self._proc = None
+        self._job: dict = {}
+        self._tmp = Path(tempfile.mkdtemp(prefix="mas3-rounds-"))
+        self._ctx = mp.get_context("spawn")
+        now = time.monotonic()
+        self._last_round_t = self._last_drift_t = now
+        self._buffered_at_last = 0
+
+    @property
+    def busy(self) -> bool:
+        return self._proc is not None
+
+    def describe(self) -> str:
+        """The round part of the status line."""
+        if self._proc is not None:
+            return f"#{sum(self.counts.values()) + 1} running ({time.monotonic() - self._job['t0']:.0f} s)"
+        if self.last is None:
+            return "none yet"
+        v = f" {self.last['version']}" if self.last.get("version") else ""
+        return f"#{sum(self.counts.values())} {self.last['outcome']}{v} ({self.last['reason']})"
+
+    def tick(self, buffered_total: int, in_buffer: int, now: float | None = None) -> dict | None:
+        """Start a round when one is due; return a finished round's outcome (once)."""
+        now = time.monotonic() if now is None else now
+        if self._proc is not None:
+            return self._poll(now)
+        if in_buffer < self.cfg.min_frames:
+            return None
+        new = buffered_total - self._buffered_at_last
+        c = self.cfg
+        if (c.every_frames and new >= c.every_frames) or (c.every_minutes and new > 0
+                                                           and now - self._last_round_t >= c.every_minutes * 60):
+            self._launch(buffered_total, now, drift=False)
+        elif c.drift_threshold is not None and now - self._last_drift_t >= c.drift_every_minutes * 60:
+            self._launch(buffered_total, now, drift=True)
+        return None
+
+    def _launch(self, buffered_total: int, now: float, drift: bool) -> None:
+        from mas3_edge import bundle as bundles
+        version = bundles.serving_id(self.bundle)
+        if version is None:
+            return
+        n = sum(self.counts.values()) + 1
+        result = self._tmp / f"round-{n}.json"
+        job = {"bundle": str(self.bundle), "frames": str(self.frames), "version": version, "adapt": dict(self.cfg.adapt),
+               "limit": self.cfg.limit, "export": self.cfg.export, "threads": self.cfg.threads,
+               "drift_threshold": self.cfg.drift_threshold if drift else None}
+        self._proc = self._ctx.Process(target=_child, args=(self.round_fn, job, str(result), self.cfg.nice),
+                                       name=f"mas3-round-{n}", daemon=True)
+        self._proc.start()
+        self._job = {**job, "t0": now, "result": result, "n": n}
+        self._last_drift_t = now
+        if not drift:
+            self._last_round_t, self._buffered_at_last = now, buffered_total
+        log.info("adaptation round %d started on %s (%s)", n, version, "drift check" if drift else "scheduled")
+
+    def _poll(self, now: float) -> dict | None:
+        proc, job = self._proc, self._job
+        if proc.is_alive():
+            if now - job["t0"] <= self.cfg.timeout_s:
+                return None
+            proc.kill()
+            proc.join(1.0)
+            return self._finish({"outcome": "crashed", "reason": f"timed out after {self.cfg.timeout_s:.0f} s"}, now)
+        proc.join(0.1)
+        try:
+            out = json.loads(job["result"].read_text())
+        except (OSError, ValueError):
+            out = {"outcome": "crashed", "reason": f"the round process died (exit code {proc.exitcode})"}
+        if out.get("outcome") == "skipped":  # a drift check that found no drift is not a round
+            self._proc = None
+            log.info("drift check: %s", out.get("reason"))
+            return None
+        return self._finish(out, now)
+
+    def _finish(self, out: dict, now: float) -> dict:
+        job, self._proc = self._job, None
+        out = {**out, "parent": job["version"], "seconds": now - job["t0"], "round": job["n"]}
+        if out["outcome"] == "accepted":
+            from mas3_edge import bundle as bundles
+            current = bundles.serving_id(self.bundle)
+            if current != job["version"]:  # a rollback or another process moved the pointer: respect it
+                out.update(outcome="superseded", reason=f"serving moved to {current} during the round")
+            else:
+                bundles.set_serving(self.bundle, out["version"])
+        self.counts[out["outcome"]] += 1
+        self.last = out
+        self.history.append(out)
+        log.info("adaptation round %d %s%s: %s", job["n"], out["outcome"],
+                    f" ({out['version']})" if out.get("version") else "", out.get("reason"))
+        return out
+
+    def close(self, timeout: float = 0.5) -> None:
+        """Stop a running round (its half-made version lives only under a temporary name)."""
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(timeout)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(0.2)
+        self._proc = None
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def config_dict(self) -> dict:
+        return asdict(self.cfg)

@@ -1,0 +1,271 @@
+"""`mas3-edge run`: camera -> engine -> ZeroMQ, with buffering, background adaptation and hot swap.
+
+    Service(ServiceConfig(camera="synthetic://night", bundle=Path("bundle"))).run()
+
+One loop thread does only per-frame work: take the newest frame, swap engines if a new one is
+ready, infer, publish (never blocking), offer the frame to the buffer (queued to a writer
+thread), tick the scheduler. Everything slow - capture, disk writes, engine loading and export,
+adaptation - lives on other threads or in other processes. SIGINT/SIGTERM set a flag the loop
+checks at least every 0.1 s; shutdown closes every part with short timeouts (within 2 s in all).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from mas3_edge.errors import UserError
+from mas3_edge.labels import LABEL_SET_ID, NUM_CLASSES
+
+from . import wire
+from .camera import Camera, fit
+from .frame_buffer import BufferPolicy, FrameBuffer
+from .publisher import DEFAULT_ADDRESS, Publisher
+from .scheduler import ScheduleConfig, Scheduler, default_round
+from .swap import EngineSwapper
+from .telemetry import MetricsServer, Telemetry, status_line
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    camera: str
+    bundle: Path
+    engine: str = "auto"
+    device: str | None = None
+    threads: int | None = None  # ONNX Runtime intra-op threads
+    publish: str = DEFAULT_ADDRESS
+    topic: str = wire.DEFAULT_TOPIC
+    allow_remote: bool = False
+    confidence: bool = False
+    overlay: bool = True
+    jpeg_quality: int = 80
+    loop: bool = False
+    fps: float | None = None  # pace file / synthetic sources (None: their own rate, 0: unpaced)
+    buffer: Path | None = Path("frames")
+    buffer_policy: BufferPolicy = field(default_factory=BufferPolicy)
+    adapt: bool = True
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    status_every: float = 5.0
+    metrics_port: int | None = None
+    events: Path | None = None  # JSON lines: status snapshots, rounds, swaps
+    max_frames: int | None = None
+    duration: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.adapt and self.buffer is None:
+            raise UserError("adaptation rounds need the frame buffer; drop --no-buffer or add --no-adapt")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise UserError(f"JPEG quality must be in 1..100, got {self.jpeg_quality}")
+
+
+class Service:
+    def __init__(self, cfg: ServiceConfig, *, echo: Callable[[str], None] | None = None,
+                 round_fn: Callable[..., dict] = default_round):
+        self.cfg, self.round_fn = cfg, round_fn
+        self.echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.telemetry = Telemetry()
+        self.camera = self.swapper = self.engine = self.publisher = self.buffer = None
+        self.scheduler = self.metrics = self._events = None
+        self.infer_errors = self._drops_before = 0
+        self._stop = threading.Event()
+        self._last_status = 0.0
+
+    def stop(self, *_args) -> None:
+        """Ask the loop to finish (safe from a signal handler or another thread)."""
+        self._stop.set()
+
+    def run(self) -> dict:
+        """Serve until the source ends, a limit is reached, or stop()/SIGINT/SIGTERM; return a summary."""
+        restore = self._install_signals()
+        try:
+            self._open()
+            self._loop()
+        finally:
+            self._close()
+            for sig, handler in restore.items():
+                signal.signal(sig, handler)
+        summary = self.snapshot()
+        self._emit_line(f"stopped after {summary['frames']} frames: " + status_line(summary))
+        return summary
+
+    def _install_signals(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {sig: signal.signal(sig, self.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    # ------------------------------------------------------------ setup and teardown
+
+    def _open(self) -> None:
+        c = self.cfg
+        if c.events is not None:
+            c.events.parent.mkdir(parents=True, exist_ok=True)
+            self._events = open(c.events, "a", buffering=1)
+        self.swapper = EngineSwapper(c.bundle, kind=c.engine, device=c.device)
+        size = self._input_size()
+        # the camera first: "no camera" must fail in a second, before any engine is loaded
+        self.camera = Camera(c.camera, size, loop=c.loop, fps=c.fps).connect()
+        self.swapper.threads = self._threads()
+        self.engine = self.swapper.start()
+        self.publisher = Publisher(c.publish, c.topic, allow_remote=c.allow_remote)
+        if c.buffer is not None:
+            self.buffer = FrameBuffer(c.buffer, c.buffer_policy)
+        if c.adapt and self.swapper.root is not None:
+            self.scheduler = Scheduler(self.swapper.root, c.buffer, c.schedule, round_fn=self.round_fn)
+        if c.metrics_port is not None:
+            self.metrics = MetricsServer(c.metrics_port, self.snapshot)
+        e = self.engine
+        self._emit_line(f"serving {e.version} with {e.name} on {e.provider} | camera {c.camera} "
+                        f"| publishing on {self.publisher.endpoint} topic {c.topic}"
+                        + (f" | metrics on http://127.0.0.1:{self.metrics.port}/metrics" if self.metrics else ""))
+        self._event("start", version=e.version, engine=e.name, provider=e.provider, endpoint=self.publisher.endpoint)
+
+    def _threads(self) -> int:
+        """CPU threads for inference. More threads than free cores is a disaster on a small CPU: torch
+        with 2 threads on 2 busy cores measured 1.5 s a frame against 13 ms with 1 (OpenMP workers spin
+        against each other). So leave a core to capture/encoding, and half the cores to adaptation."""
+        import os
+        cores = os.cpu_count() or 2
+        n = self.cfg.threads or max(1, cores // 2 if self.cfg.adapt else cores - 1)
+        import torch
+        if not torch.cuda.is_available() or self.cfg.device == "cpu":
+            torch.set_num_threads(n)
+        return n
+
+    def _input_size(self) -> tuple[int, int]:
+        """The size the camera resizes to: that of the first version the swapper would try."""
+        from mas3_edge import bundle as bundles
+        if not self.cfg.bundle.exists():
+            raise UserError(f"bundle {self.cfg.bundle} does not exist; train one with `mas3-edge train` "
+                            "or name another with --bundle")
+        for vid in self.swapper.candidates():
+            try:
+                return tuple(bundles.read_meta(self.swapper.vdir(vid))["input_size"])
+            except (UserError, KeyError):
+                continue
+        raise UserError(f"bundle {self.cfg.bundle} has no readable version; see `mas3-edge versions`")
+
+    def _close(self) -> None:
+        """Each part gets a short timeout; together well inside the 2 s a supervisor allows."""
+        for name, close in (("scheduler", lambda: self.scheduler.close(0.5)), ("camera", lambda: self.camera.disconnect(0.5)),
+                            ("buffer", lambda: self.buffer.close(0.5)), ("publisher", lambda: self.publisher.close()),
+                            ("metrics", lambda: self.metrics.close()), ("swapper", lambda: self.swapper.close(0.3))):
+            if getattr(self, name) is None:
+                continue
+            try:
+                close()
+            except Exception as e:  # one part failing to close must not keep the others open
+                log.warning("closing the %s failed: %s", name, e)
+        if self._events is not None:
+            self._event("stop", **{k: v for k, v in self.snapshot().items() if k != "miou_by_version"})
+            self._events.close()
+            self._events = None
+
+    # ------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        self.telemetry.started = time.monotonic()
+        self._drops_before = self.camera.stats.dropped  # frames that arrived while the engine was loading
+        c, t_end = self.cfg, (time.monotonic() + self.cfg.duration) if self.cfg.duration else None
+        while not self._stop.is_set():
+            if c.max_frames is not None and self.telemetry.frames >= c.max_frames:
+                break
+            if t_end is not None and time.monotonic() >= t_end:
+                break
+            new = self.swapper.poll()
+            if new is not None:  # between two frames: nothing is in flight on the old engine
+                old_version = self.engine.version
+                self.engine = self.swapper.swap(self.engine, new)
+                self._emit_line(f"swapped {old_version} -> {new.version} ({new.name}) between frames "
+                                f"{self.telemetry.frames} and {self.telemetry.frames + 1}")
+                self._event("swap", **{"from": old_version, "to": new.version, "frame": self.telemetry.frames})
+            frame = self.camera.read_latest(timeout=0.1)
+            if frame is not None:
+                self._serve(frame)
+            elif self.camera.ended:
+                self._emit_line(f"camera source {c.camera} ended" + (f" ({self.camera.error})" if self.camera.error else ""))
+                break
+            self._housekeeping()
+
+    def _serve(self, frame) -> None:
+        engine = self.engine
+        image = frame.image if frame.image.shape[:2] == tuple(engine.input_size) else fit(frame.image, engine.input_size)
+        t0 = time.perf_counter()
+        try:
+            classes, conf = engine.infer(image[None])
+        except Exception as e:  # one bad call must not stop a robot's perception; many in a row do
+            self.infer_errors += 1
+            log.warning("inference failed on frame %d: %s", frame.id, e)
+            if self.infer_errors >= 50:
+                raise UserError(f"inference failed 50 times ({e}); stopping") from None
+            return
+        infer_ms = (time.perf_counter() - t0) * 1e3
+        self.infer_errors = 0
+        cls = classes[0]
+        jpeg = wire.encode_overlay(image, cls, self.cfg.jpeg_quality) if self.cfg.overlay else None
+        msg = wire.encode(self.cfg.topic, frame.id, frame.capture_ns, cls, version=engine.version, engine=engine.name,
+                          label_set=LABEL_SET_ID, num_classes=NUM_CLASSES, infer_us=int(infer_ms * 1e3),
+                          confidence=conf[0] if self.cfg.confidence else None, overlay_jpeg=jpeg)
+        self.publisher.send(msg)
+        self.telemetry.record((time.time_ns() - frame.capture_ns) / 1e6, infer_ms)
+        if frame.label is not None and frame.label.shape == cls.shape:
+            self.telemetry.record_labels(cls, frame.label, engine.version)
+        if self.buffer is not None:
+            self.buffer.offer(frame.image)
+
+    def _housekeeping(self) -> None:
+        if self.scheduler is not None:
+            done = self.scheduler.tick(self.buffer.written, len(self.buffer))
+            if done is not None:
+                self._emit_line(f"adaptation round {done['round']} {done['outcome']}"
+                                + (f" -> {done['version']}" if done.get("version") else "")
+                                + f" after {done['seconds']:.0f} s: {done.get('reason')}")
+                self._event("round", **done)
+        now = time.monotonic()
+        if now - self._last_status >= self.cfg.status_every:
+            self._last_status = now
+            snap = self.snapshot()
+            self._emit_line(status_line(snap))
+            self._event("status", **snap)
+
+    # ------------------------------------------------------------ reporting
+
+    def snapshot(self) -> dict:
+        s = self.telemetry.snapshot()
+        cam, e = self.camera, self.engine
+        s.update(camera_dropped=cam.stats.dropped - self._drops_before if cam else 0, camera_corrupt=cam.stats.corrupt if cam else 0,
+                 camera_reconnects=cam.stats.reconnects if cam else 0, camera_connected=bool(cam is None or cam.connected or self._stop.is_set() or cam.ended),
+                 publish_dropped=self.publisher.dropped if self.publisher else 0,
+                 publish_sent=self.publisher.sent if self.publisher else 0,
+                 engine=e.name if e else "-", provider=e.provider if e else "-", version=e.version if e else "-",
+                 swaps=len(self.swapper.swaps) if self.swapper else 0,
+                 buffer_frames=len(self.buffer) if self.buffer is not None else None,
+                 buffer_stopped=self.buffer is not None and not self.buffer.enabled,
+                 rounds=dict(self.scheduler.counts) if self.scheduler else {},
+                 last_round=self.scheduler.describe() if self.scheduler else "off")
+        return s
+
+    def _emit_line(self, line: str) -> None:
+        self.echo(line)
+
+    def _event(self, kind: str, **fields) -> None:
+        if self._events is not None:
+            rec = {"event": kind, "time": time.time(), **fields}
+            self._events.write(json.dumps(rec, default=_jsonable) + "\n")
+
+
+def _jsonable(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)

@@ -1,0 +1,84 @@
+"""Bundle versions as the runtime sees them: a table with health figures, and rollback.
+
+Rollback only moves the SERVING pointer (atomic rename); a running service follows the pointer,
+so rolling back while `mas3-edge run` serves needs no signal and no restart.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mas3_edge import bundle as bundles
+from mas3_edge.errors import UserError
+
+COLUMNS = ["", "version", "parent", "created", "kind", "onnx", "SWD", "entropy", "prior KL", "note"]
+
+
+def _health(vdir: Path, meta: dict) -> dict:
+    """Health signals of a version: model.json info (adapted versions), else report.json."""
+    info = meta.get("info") or {}
+    if isinstance(info.get("health"), dict):
+        return info["health"]
+    try:
+        return json.loads((vdir / "report.json").read_text()).get("health_after") or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _onnx_state(vdir: Path) -> str:
+    if not (vdir / bundles.ONNX_FILE).is_file():
+        return "-"
+    from export.onnx import check_onnx
+    try:
+        check_onnx(vdir)
+    except UserError:
+        return "stale/corrupt"
+    return "verified"
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) else "-"
+
+
+def version_rows(root: Path) -> tuple[list[str], list[list[str]]]:
+    """One row per version directory, oldest first; a corrupt one is listed as such, not hidden."""
+    root = Path(root)
+    if not (root / "versions").is_dir():
+        raise UserError(f"{root} is not a bundle (no versions/ folder); train one with `mas3-edge train`")
+    serving, rows = bundles.serving_id(root), []
+    for vid in bundles.version_ids(root):
+        vdir = root / "versions" / vid
+        mark = "*" if vid == serving else ""
+        try:
+            meta = bundles.read_meta(vdir)
+        except UserError:
+            rows.append([mark, vid, "-", "-", "corrupt", "-", "-", "-", "-", "unreadable model.json: skipped"])
+            continue
+        info, h = meta.get("info") or {}, _health(vdir, meta)
+        kind = info.get("kind") or ("adapted" if meta.get("parent") else "source")
+        if info.get("method"):
+            kind += f" ({info['method']})"
+        rows.append([mark, vid, meta.get("parent") or "-", meta.get("created", "-"), kind, _onnx_state(vdir),
+                     _fmt(h.get("swd")), _fmt(h.get("entropy")), _fmt(h.get("prior_kl")),
+                     str(info.get("reason") or info.get("note") or "")[:60]])
+    return COLUMNS, rows
+
+
+def rollback(root: Path, version: str | None = None) -> tuple[str | None, str]:
+    """Point SERVING at `version` (default: the serving version's parent); returns (old, new)."""
+    root = Path(root)
+    old = bundles.serving_id(root)
+    if version is None:
+        if old is None:
+            raise UserError(f"nothing is serving in {root}; name the version to serve")
+        version = bundles.read_meta(root / "versions" / old).get("parent")
+        if not version:
+            raise UserError(f"{old} has no parent to roll back to; name a version (see `mas3-edge versions`)")
+    vdir = root / "versions" / version
+    if not bundles.is_version_dir(vdir):
+        raise UserError(f"no version {version!r} in {root}; see `mas3-edge versions`")
+    bundles.read_meta(vdir)  # refuse a corrupt one here rather than in the service
+    if not (vdir / bundles.MODEL_FILE).is_file():
+        raise UserError(f"version {version} has no weights; it cannot be served")
+    bundles.set_serving(root, version)
+    return old, version
