@@ -9,7 +9,7 @@ Kinds: `tensorrt` (a cached engine from export/tensorrt.py, built on first use),
 `torch-fp16` (eager, fp16 autocast, CUDA) and `torch-cudagraph` (fp16 autocast replayed as
 CUDA graphs, one per batch size). `auto` tries them fastest first and logs which one it took:
 on a GPU tensorrt, onnxruntime (GPU providers only), torch-cudagraph, torch-fp16, torch; on a
-CPU onnxruntime (2-3x PyTorch eager here, see tools/bench_inference.py), then torch.
+CPU onnxruntime (3-4x PyTorch eager at 512x1024 on 2 cores, tools/bench_inference.py), then torch.
 
 Engines that read model.onnx only accept the file export verified against this version's
 weights (export.onnx.check_onnx). Loading keeps no global state and does its slow work (engine

@@ -160,7 +160,8 @@ def test_torch_cuda_engines_agree_with_cpu(two_versions, kind):
         classes, conf = engine.infer(batch)
         assert (classes == ref_classes[: len(batch)]).mean() >= 0.995
         assert np.abs(conf - ref_conf[: len(batch)]).max() < 5e-2
-    assert engine.infer(frames[::-1].copy())[0][0].tolist() == engine.infer(frames[1:])[0][0].tolist()
+    # per-batch-size buffers (CUDA graphs) must not leak one batch's result into another's
+    assert (engine.infer(frames[::-1].copy())[0][0] == engine.infer(frames[1:])[0][0]).mean() >= 0.99
 
 
 @pytest.mark.gpu

@@ -34,13 +34,16 @@ def export_cmd(
     from export.onnx import export_onnx
     from mas3_edge.bundle import resolve
     vdir = resolve(bundle, version)
-    typer.echo(f"exporting {vdir} ...")
-    res = export_onnx(vdir, with_embedding=embedding, force=force)
+    from rich.console import Console
+    console = Console(stderr=True)
+    with console.status(f"exporting {vdir} to ONNX and checking it against PyTorch"):
+        res = export_onnx(vdir, with_embedding=embedding, force=force)
     rows = [_onnx_row(res)]
     notes = [f"onnx: {res.path} (graph: {res.report['onnx']['graph']})"]
     if engine != "onnx":
         if trt_ok:
-            path, info = trt.ensure_engine(vdir, "fp16" if fp16 else "fp32", sizes)
+            with console.status("building the TensorRT engine (minutes on small devices) and checking it"):
+                path, info = trt.ensure_engine(vdir, "fp16" if fp16 else "fp32", sizes)
             rows.append(_engine_row(path, info))
             notes.append(f"tensorrt: {path} (GPU: {info.get('spec', {}).get('gpu', '?')})")
         else:
