@@ -116,10 +116,9 @@ def _child(round_fn: Callable[..., dict], job: dict, result: str, nice: int) -> 
 
 def _check_finite(bundle: str, out: dict) -> dict:
     """Whatever the round function says, a version with NaN/inf weights is never served."""
-    import safetensors.numpy
     import numpy as np
-    from mas3_edge.bundle import MODEL_FILE
-    weights = safetensors.numpy.load_file(str(Path(bundle) / "versions" / out["version"] / MODEL_FILE))
+    import safetensors.numpy  # not mas3_edge.bundle: that pulls in torch, seconds for a light round
+    weights = safetensors.numpy.load_file(str(Path(bundle) / "versions" / out["version"] / "model.safetensors"))
     bad = [k for k, v in weights.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
     if bad:
         return {**out, "outcome": "rejected", "reason": f"weights are not finite ({bad[0]}, ...)"}
