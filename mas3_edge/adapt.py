@@ -44,19 +44,25 @@ def configure(net: SegNet, cfg: AdaptConfig) -> list[nn.Parameter]:
 
 
 @torch.no_grad()
-def reestimate_bn(net: SegNet, frames: np.ndarray, batch_size: int = 8) -> None:
-    """AdaBN: replace every batch-norm running mean/var by the cumulative average over `frames`."""
+def reestimate_bn(net: SegNet, frames: np.ndarray, mix: float = 1.0, batch_size: int = 8) -> None:
+    """AdaBN: batch-norm running mean/var := (1 - mix) · current + mix · average over `frames`."""
     bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-    saved = [(m.momentum, m.training) for m in bns]
+    saved = [(m.momentum, m.training, m.running_mean.clone(), m.running_var.clone()) for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average over all batches
         m.train()
     for i in range(0, len(frames), batch_size):
-        net.embed(net.normalize(torch.from_numpy(frames[i:i + batch_size])))
-    for m, (momentum, training) in zip(bns, saved):
+        net.embed(net.normalize(to_device(frames[i:i + batch_size], net)))
+    for m, (momentum, training, mean, var) in zip(bns, saved):
+        m.running_mean.mul_(mix).add_(mean, alpha=1 - mix)
+        m.running_var.mul_(mix).add_(var, alpha=1 - mix)
         m.momentum = momentum
         m.train(training)
+
+
+def to_device(frames: np.ndarray, net: nn.Module) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(frames)).to(next(net.parameters()).device)
 
 
 def pseudo_dataset(proto: Prototypes, head: nn.Conv2d, hist: torch.Tensor, n: int, tau: float,
@@ -64,7 +70,8 @@ def pseudo_dataset(proto: Prototypes, head: nn.Conv2d, hist: torch.Tensor, n: in
     """Algorithm 1, lines 9–11: z_p ~ GMM with per-class counts ∝ predicted histogram, keep h-conf > τ."""
     weights = hist.float() * (proto.alpha > 0)
     per_class = torch.floor(weights / weights.sum().clamp(min=1) * n + 0.5)
-    z, _ = proto.sample(per_class, generator)
+    z, _ = proto.sample(per_class.cpu(), generator)  # sampled on the CPU: one generator, any device
+    z = z.to(head.weight.device)
     with torch.no_grad():
         conf, y = torch.softmax(head(z[:, :, None, None]).flatten(1), 1).max(1)  # h is a 1×1 conv
     keep = conf > tau
@@ -74,7 +81,7 @@ def pseudo_dataset(proto: Prototypes, head: nn.Conv2d, hist: torch.Tensor, n: in
 def swd_loss(zt: torch.Tensor, pred: torch.Tensor, zp: torch.Tensor, yp: torch.Tensor, cfg: AdaptConfig,
              generator: torch.Generator) -> torch.Tensor:
     """Pooled SWD (paper), or the mean of per-class SWDs when class_conditional (pixels ∝ weight)."""
-    if not cfg.class_conditional or cfg.method == "mas3-paper":
+    if not cfg.class_conditional:
         return sliced_wasserstein(zt, zp, cfg.n_projections, generator=generator)
     terms, weights = [], []
     for j in torch.unique(pred).tolist():
@@ -84,7 +91,7 @@ def swd_loss(zt: torch.Tensor, pred: torch.Tensor, zp: torch.Tensor, yp: torch.T
             weights.append(tj.shape[0])
     if not terms:
         return zt.sum() * 0
-    w = torch.tensor(weights, dtype=zt.dtype)
+    w = torch.tensor(weights, dtype=zt.dtype, device=zt.device)
     return (torch.stack(terms) * w).sum() / w.sum()
 
 
@@ -96,9 +103,9 @@ def mas3_step(net: SegNet, proto: Prototypes, images: torch.Tensor, cfg: AdaptCo
     with torch.no_grad():
         pred = net.head(z).argmax(1).flatten()
     if zt.shape[0] > cfg.swd_pixels:
-        idx = torch.randperm(zt.shape[0], generator=generator)[: cfg.swd_pixels]
+        idx = torch.randperm(zt.shape[0], generator=generator)[: cfg.swd_pixels].to(zt.device)
         zt, pred = zt[idx], pred[idx]
-    hist = torch.bincount(pred, minlength=proto.k)
+    hist = torch.bincount(pred, minlength=proto.k).cpu()
     zp, yp = pseudo_dataset(proto, net.head, hist, cfg.gmm_samples, cfg.tau, generator)
     if zp.shape[0] < MIN_CLASS_PIXELS:
         raise UserError(f"fewer than {MIN_CLASS_PIXELS} GMM samples pass tau={cfg.tau}; lower --tau")
@@ -111,21 +118,22 @@ def mas3_step(net: SegNet, proto: Prototypes, images: torch.Tensor, cfg: AdaptCo
 
 
 def adapt(net: SegNet, proto: Prototypes, frames: np.ndarray, cfg: AdaptConfig, progress=None) -> dict:
-    """Run one adaptation round in place on uint8 frames (N, H, W, 3); returns per-step losses."""
+    """Run one adaptation round in place on uint8 frames (N, H, W, 3), on the net's device."""
     if len(frames) == 0:
         raise UserError("no frames to adapt on")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    if cfg.bn == "adapt" and cfg.method != "mas3-paper":
-        reestimate_bn(net, frames)
+    source_stats = [b.clone() for b in net.buffers()]
+    if cfg.bn == "adapt":
+        reestimate_bn(net, frames, cfg.bn_mix)
     params = configure(net, cfg)
     anchor = [p.detach().clone() for p in net.parameters()]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     log = []
     for step in range(cfg.steps):
         idx = torch.randint(0, len(frames), (cfg.batch_size,), generator=gen)
-        parts = mas3_step(net, proto, torch.from_numpy(frames[idx.numpy()]), cfg, gen, anchor)
+        parts = mas3_step(net, proto, to_device(frames[idx.numpy()], net), cfg, gen, anchor)
         if not torch.isfinite(parts["loss"]):
             raise UserError(f"adaptation loss became {parts['loss'].item()} at step {step}; lower --lr")
         opt.zero_grad(set_to_none=True)
@@ -134,8 +142,10 @@ def adapt(net: SegNet, proto: Prototypes, frames: np.ndarray, cfg: AdaptConfig, 
         log.append({"step": step, "loss": parts["loss"].item(), **{k: parts[k] for k in ("ce", "swd", "gmm_kept")}})
         if progress:
             progress(1)
-    if cfg.bn == "adapt" and cfg.method != "mas3-paper":
-        reestimate_bn(net, frames)  # the weights moved: statistics follow them
+    if cfg.bn == "adapt":  # the weights moved: statistics follow them, from the source ones again
+        for b, s in zip(net.buffers(), source_stats):
+            b.copy_(s)
+        reestimate_bn(net, frames, cfg.bn_mix)
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -161,7 +171,7 @@ def split_holdout(frames: np.ndarray, every: int = 5) -> tuple[np.ndarray, np.nd
 
 
 def run_round(bundle, frames, cfg: AdaptConfig, version: str | None = None, guard: bool = True,
-              limit: int | None = None, progress=None) -> RoundResult:
+              limit: int | None = None, progress=None, device: str = "cpu") -> RoundResult:
     """Adapt a bundle version on unlabeled frames (a folder or an array) and write the result.
 
     The new version is written (not served) only when the unsupervised health signals on
@@ -177,8 +187,8 @@ def run_round(bundle, frames, cfg: AdaptConfig, version: str | None = None, guar
     if not isinstance(frames, np.ndarray):
         frames = load_frames(frames, base.net.config.input_size, limit)
     train, held = split_holdout(frames)
-    before = health.signals(base.net, proto, held)
-    net = bundles.load_version(bundle, base.id).net
+    before = health.signals(base.net.to(device), proto, held)
+    net = bundles.load_version(bundle, base.id).net.to(device)
     if cfg.method in ("mas3", "mas3-paper"):
         log = adapt(net, proto, train, cfg, progress)
     else:
@@ -191,7 +201,7 @@ def run_round(bundle, frames, cfg: AdaptConfig, version: str | None = None, guar
     vdir = None
     if ok or not guard:
         import json
-        vdir = bundles.save_version(bundle, net, parent=base, serve=False,
+        vdir = bundles.save_version(bundle, net.cpu(), parent=base, serve=False,
                                     info={"kind": "adapted", "method": cfg.method, "health": after,
                                           "health_parent": before, "reason": reason},
                                     files={"report.json": json.dumps(report, indent=2).encode()})

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapt import reestimate_bn
+from .adapt import reestimate_bn, to_device
 from .config import AdaptConfig
 from .labels import IGNORE
 from .model import SegNet
@@ -41,7 +41,9 @@ def run_baseline(net: SegNet, frames: np.ndarray, cfg: AdaptConfig) -> dict:
     """Adapt `net` in place with cfg.method in (none, bn, tent, pseudo)."""
     if cfg.method == "none":
         return {"steps": []}
-    reestimate_bn(net, frames) if cfg.method in ("bn", "tent") else None
+    source_stats = [b.clone() for b in net.buffers()]
+    if cfg.method in ("bn", "tent"):
+        reestimate_bn(net, frames, cfg.bn_mix)
     if cfg.method == "bn":
         return {"steps": []}
     bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -59,13 +61,15 @@ def run_baseline(net: SegNet, frames: np.ndarray, cfg: AdaptConfig) -> dict:
     log = []
     for step in range(cfg.steps):
         idx = torch.randint(0, len(frames), (cfg.batch_size,), generator=gen)
-        loss = loss_fn(net, torch.from_numpy(frames[idx.numpy()]))
+        loss = loss_fn(net, to_device(frames[idx.numpy()], net))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         log.append({"step": step, "loss": loss.item()})
-    if cfg.method == "tent":
-        reestimate_bn(net, frames)
+    if cfg.method == "tent":  # Tent's steps overwrite the running statistics with batch ones
+        for b, s in zip(net.buffers(), source_stats):
+            b.copy_(s)
+        reestimate_bn(net, frames, cfg.bn_mix)
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)

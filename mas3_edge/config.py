@@ -1,7 +1,7 @@
 """Frozen, validated configuration: the model architecture and the adaptation round."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 from .errors import UserError
 from .labels import NUM_CLASSES
@@ -73,21 +73,24 @@ class AdaptConfig:
     method: str = "mas3"  # mas3 | mas3-paper | bn | tent | pseudo | none
     steps: int = 100
     batch_size: int = 2
-    lr: float = 1e-4
+    lr: float | None = None  # None: the method's default (METHOD_DEFAULTS)
     lam: float = 0.5
     n_projections: int = 100
     tau: float = 0.97
     swd_pixels: int = 65536  # target embeddings subsampled per step for the SWD
     gmm_samples: int = 4096  # pseudo-dataset draws per step (before the confidence filter)
-    params: str = "all"  # all | encdec | norm
-    bn: str = "adapt"  # frozen (paper) | adapt (re-estimate on target frames)
-    class_conditional: bool = True  # match each predicted class to its own component
+    params: str | None = None  # all | encdec | norm; None: the method's default
+    bn: str | None = None  # frozen (paper) | adapt (re-estimate on target frames); None: the method's default
+    bn_mix: float = 1.0  # weight of the target statistics when bn == adapt (1: AdaBN; <1 keeps some source)
+    class_conditional: bool | None = None  # match each predicted class to its own component
     anchor: float = 0.0  # L2 pull towards the starting weights (guards against forgetting)
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {METHODS}")
+        for key, value in METHOD_DEFAULTS.get(self.method, METHOD_DEFAULTS["mas3"]).items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
         _check(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
         _check(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -97,6 +100,7 @@ class AdaptConfig:
         _check(self.swd_pixels >= 16, f"swd pixels must be >= 16, got {self.swd_pixels}")
         _check(self.params in ("all", "encdec", "norm"), f"params must be all|encdec|norm, got {self.params!r}")
         _check(self.bn in ("frozen", "adapt"), f"bn must be frozen|adapt, got {self.bn!r}")
+        _check(0 <= self.bn_mix <= 1, f"bn mix must be in [0, 1], got {self.bn_mix}")
         _check(self.anchor >= 0, f"anchor must be >= 0, got {self.anchor}")
 
     def to_dict(self) -> dict:
@@ -104,3 +108,11 @@ class AdaptConfig:
 
 
 METHODS = ("mas3", "mas3-paper", "bn", "tent", "pseudo", "none")
+# mas3-paper is Algorithm 1 with the paper's settings. mas3 is what won on our benchmark (README):
+# re-estimated BN statistics, class-conditional matching, only the normalisation layers updated.
+METHOD_DEFAULTS = {
+    "mas3": {"lr": 1e-3, "params": "norm", "bn": "adapt", "class_conditional": True},
+    "mas3-paper": {"lr": 1e-4, "params": "all", "bn": "frozen", "class_conditional": False},
+    "tent": {"lr": 1e-4, "params": "norm", "bn": "adapt", "class_conditional": False},
+    "pseudo": {"lr": 1e-4, "params": "all", "bn": "frozen", "class_conditional": False},
+}

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import torch
 
+from .adapt import to_device
 from .data import write_png
 from .frames import resize
 from .labels import colorize, overlay
@@ -21,8 +22,8 @@ from .model import SegNet
 @torch.no_grad()
 def predict(net: SegNet, images: np.ndarray) -> np.ndarray:
     """uint8 (B, H, W, 3) at the model's input size -> class ids uint8 (B, H, W)."""
-    logits = net(net.normalize(torch.from_numpy(np.ascontiguousarray(images))))
-    return logits.argmax(1).to(torch.uint8).numpy()
+    logits = net(net.normalize(to_device(images, net)))
+    return logits.argmax(1).to(torch.uint8).cpu().numpy()
 
 
 def _pairs(dataset, size: tuple[int, int]):

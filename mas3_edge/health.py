@@ -11,6 +11,7 @@ import math
 import numpy as np
 import torch
 
+from .adapt import to_device
 from .model import SegNet
 from .prototypes import Prototypes
 from .swd import random_directions, sliced_wasserstein
@@ -23,7 +24,7 @@ def embed_frames(net: SegNet, frames: np.ndarray, batch_size: int = 8):
     """-> embeddings (N*h*w, D), predicted class (N*h*w,), probabilities (N*h*w, K)."""
     zs, ps = [], []
     for i in range(0, len(frames), batch_size):
-        z = net.embed(net.normalize(torch.from_numpy(frames[i:i + batch_size])))
+        z = net.embed(net.normalize(to_device(frames[i:i + batch_size], net)))
         zs.append(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
         ps.append(torch.softmax(net.head(z), 1).permute(0, 2, 3, 1).reshape(-1, net.config.num_classes))
     z, p = torch.cat(zs), torch.cat(ps)
@@ -34,7 +35,7 @@ def embed_frames(net: SegNet, frames: np.ndarray, batch_size: int = 8):
 def signals(net: SegNet, proto: Prototypes, frames: np.ndarray, max_pixels: int = 32768, seed: int = 0) -> dict:
     """Health of `net` on `frames`; fixed seeds so that two models are compared on equal terms."""
     gen = torch.Generator().manual_seed(seed)
-    z, pred, p = embed_frames(net, frames)
+    z, pred, p = (t.cpu() for t in embed_frames(net, frames))
     entropy = float((-(p * p.clamp(min=1e-12).log()).sum(1)).mean() / math.log(p.shape[1]))
     hist = torch.bincount(pred, minlength=proto.k).float()
     prior = hist / hist.sum()

@@ -16,6 +16,7 @@ import numpy as np
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .bundle import atomic_write
 from .errors import UserError
@@ -110,9 +111,9 @@ def finalize(stats: SufficientStats, min_count: int, shrink: float = 1e-3) -> Pr
 
 
 @torch.no_grad()
-def fit(net, batches, tau: float = 0.97, min_count: int = 100, device: str | torch.device = "cpu",
-        progress=None) -> Prototypes:
-    """One pass over labelled source batches (uint8 images (B,H,W,3), labels (B,H,W)) -> GMM.
+def fit(net, dataset, tau: float = 0.97, min_count: int = 100, device: str | torch.device = "cpu",
+        batch_size: int = 8) -> Prototypes:
+    """One pass over a labelled source dataset of (uint8 image (H,W,3), label (H,W)) pairs -> GMM.
 
     Labels are brought to the embedding grid (stride 8) by nearest sampling, where z and the
     prediction h(z) live; the confidence filter discards the boundary pixels this blurs.
@@ -120,14 +121,15 @@ def fit(net, batches, tau: float = 0.97, min_count: int = 100, device: str | tor
     net = net.to(device).eval()
     stats = SufficientStats(net.config.num_classes, net.config.embed_dim,
                             (tau,) + tuple(t for t in FALLBACK_TAUS if t < tau), device)
-    for images, labels in batches:
-        z = net.embed(net.normalize(images.to(device)))  # (B, D, h, w)
+    for i in tqdm(range(0, len(dataset), batch_size), desc="prototypes", leave=False):
+        items = [dataset[j] for j in range(i, min(i + batch_size, len(dataset)))]
+        images = torch.from_numpy(np.stack([img for img, _ in items])).to(device)
+        labels = torch.from_numpy(np.stack([lbl for _, lbl in items])).to(device)
+        z = net.embed(net.normalize(images))  # (B, D, h, w)
         conf, pred = torch.softmax(net.head(z), 1).max(1)  # (B, h, w)
-        lab = F.interpolate(labels[:, None].float().to(device), size=z.shape[-2:], mode="nearest")[:, 0]
+        lab = F.interpolate(labels[:, None].float(), size=z.shape[-2:], mode="nearest")[:, 0]
         stats.update(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), lab.reshape(-1).long(),
                      pred.reshape(-1), conf.reshape(-1))
-        if progress:
-            progress(images.shape[0])
     return finalize(stats, min_count)
 
 

@@ -7,7 +7,7 @@ import torch
 def random_directions(dim: int, n: int, generator: torch.Generator | None = None,
                       device: torch.device | str = "cpu") -> torch.Tensor:
     """n unit vectors in R^dim, as columns: (dim, n)."""
-    theta = torch.randn(dim, n, generator=generator, device=device)
+    theta = torch.randn(dim, n, generator=generator).to(device)  # CPU generator: same draws on any device
     return theta / theta.norm(dim=0, keepdim=True)
 
 

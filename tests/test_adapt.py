@@ -1,0 +1,116 @@
+"""Adaptation: Algorithm 1's pieces, the round on a bundle, and the no-label-read guarantee."""
+import builtins
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from mas3_edge import adapt, bundle, prototypes as P
+from mas3_edge.config import AdaptConfig
+from mas3_edge.errors import UserError
+
+
+def _fit_proto(net, seed=0):
+    """A GMM in the net's embedding space: one well-separated component per class."""
+    g = torch.Generator().manual_seed(seed)
+    k, d = net.config.num_classes, net.config.embed_dim
+    chol = torch.eye(d).repeat(k, 1, 1) * 0.5
+    return P.Prototypes(torch.full((k,), 1 / k), torch.randn(k, d, generator=g) * 3, chol, torch.full((k,), 100.0))
+
+
+@pytest.fixture
+def proto_bundle(tiny_bundle):
+    v = bundle.load_version(tiny_bundle)
+    P.save(_fit_proto(v.net), v.prototypes_path, v.meta["source_sha256"], "test")
+    return tiny_bundle
+
+
+def _frames_folder(root, n=10, size=(64, 128), with_labels=True):
+    rng = np.random.default_rng(1)
+    (root / "images").mkdir(parents=True)
+    if with_labels:
+        (root / "labels").mkdir()
+    for i in range(n):
+        cv2.imwrite(str(root / "images" / f"{i:04d}.png"), rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+        if with_labels:
+            cv2.imwrite(str(root / "labels" / f"{i:04d}.png"), np.zeros(size, np.uint8))
+    return root
+
+
+def test_gmm_sample_counts_follow_the_predicted_histogram(small_net):
+    proto = _fit_proto(small_net)
+    hist = torch.zeros(proto.k, dtype=torch.long)
+    used = torch.nonzero(proto.alpha > 0).flatten()[:2]
+    hist[used[0]], hist[used[1]] = 300, 100
+    seen = {}
+    real_sample = proto.sample
+    proto.sample = lambda per_class, gen: (seen.setdefault("n", per_class), real_sample(per_class, gen))[1]
+    adapt.pseudo_dataset(proto, small_net.head, hist, 400, 0.0, torch.Generator().manual_seed(0))
+    assert seen["n"][used[0]] == 300 and seen["n"][used[1]] == 100 and seen["n"].sum() == 400
+
+
+def test_pseudo_dataset_keeps_only_confident_samples(small_net):
+    proto = _fit_proto(small_net)
+    hist = torch.bincount(torch.nonzero(proto.alpha > 0).flatten(), minlength=proto.k) * 100
+    z, y = adapt.pseudo_dataset(proto, small_net.head, hist, 2000, 0.3, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        conf, pred = torch.softmax(small_net.head(z[:, :, None, None]).flatten(1), 1).max(1)
+    assert (conf > 0.3).all() and torch.equal(pred, y)
+
+
+@pytest.mark.parametrize("method", ["mas3", "mas3-paper"])
+def test_steps_reduce_the_adaptation_loss(small_net, method):
+    proto = _fit_proto(small_net)
+    frames = np.random.default_rng(3).integers(0, 255, (6, 64, 128, 3), dtype=np.uint8)
+    cfg = AdaptConfig(method=method, steps=30, lr=1e-3, tau=0.0, swd_pixels=512, gmm_samples=1024)
+    log = adapt.adapt(small_net, proto, frames, cfg)["steps"]
+    first, last = np.mean([s["swd"] for s in log[:5]]), np.mean([s["swd"] for s in log[-5:]])
+    assert last < first and all(np.isfinite(s["loss"]) for s in log)
+
+
+def test_round_writes_an_unserved_child_version_with_a_report(proto_bundle, tmp_path):
+    frames = _frames_folder(tmp_path / "frames", with_labels=False)
+    cfg = AdaptConfig(steps=3, tau=0.0, swd_pixels=256, gmm_samples=512)
+    res = adapt.run_round(proto_bundle, frames, cfg, guard=False)
+    assert res.accepted and res.version_dir.name == "v0002"
+    assert bundle.serving_id(proto_bundle) == "v0001"
+    report = json.loads((res.version_dir / "report.json").read_text())
+    assert report["parent"] == "v0001" and len(report["steps"]) == 3
+    assert set(report["health_before"]) == {"swd", "swd_class", "entropy", "prior_kl"}
+    child = bundle.load_version(proto_bundle, "v0002")
+    P.load(child.prototypes_path, child.meta)  # the GMM travels with the lineage and still validates
+
+
+def test_adaptation_never_reads_a_label(proto_bundle, tmp_path, monkeypatch):
+    frames = _frames_folder(tmp_path / "frames", with_labels=True)
+    opened = []
+    real_open, real_imread = builtins.open, cv2.imread
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (opened.append(str(f)), real_open(f, *a, **k))[1])
+    monkeypatch.setattr(cv2, "imread", lambda f, *a, **k: (opened.append(str(f)), real_imread(f, *a, **k))[1])
+    adapt.run_round(proto_bundle, frames, AdaptConfig(steps=2, tau=0.0, swd_pixels=256, gmm_samples=512), guard=False)
+    assert any("/images/" in p for p in opened)
+    assert not [p for p in opened if "/labels/" in p]
+
+
+def test_empty_buffer_and_too_strict_tau_are_clear_errors(proto_bundle, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images"):
+        adapt.run_round(proto_bundle, tmp_path / "empty", AdaptConfig(steps=1))
+    frames = _frames_folder(tmp_path / "frames", n=5, with_labels=False)
+    with pytest.raises(UserError, match="lower --tau"):
+        adapt.run_round(proto_bundle, frames, AdaptConfig(steps=1, tau=0.999999))
+
+
+def test_nan_weights_are_rejected_and_nothing_is_written(proto_bundle, tmp_path, monkeypatch):
+    frames = _frames_folder(tmp_path / "frames", n=5, with_labels=False)
+
+    def poison(net, proto, frames, cfg, progress=None):
+        with torch.no_grad():
+            next(net.parameters()).fill_(float("nan"))
+        return {"steps": []}
+    monkeypatch.setattr(adapt, "adapt", poison)
+    res = adapt.run_round(proto_bundle, frames, AdaptConfig(steps=1, tau=0.0))
+    assert not res.accepted and "not finite" in res.reason and res.version_dir is None
+    assert bundle.version_ids(proto_bundle) == ["v0001"]
