@@ -139,6 +139,13 @@ class Scheduler:
         now = time.monotonic()
         self._last_round_t = self._last_drift_t = now
         self._buffered_at_last = 0
+        self._failures = 0  # rounds in a row that were not accepted
+
+    @property
+    def backoff(self) -> int:
+        """Factor on the round interval: a round that keeps failing (a bad prototype file, a domain
+        where adaptation does not help) is retried ever less often instead of every N frames."""
+        return 2 ** min(self._failures, 4)
 
     @property
     def busy(self) -> bool:
@@ -161,9 +168,9 @@ class Scheduler:
         if in_buffer < self.cfg.min_frames:
             return None
         new = buffered_total - self._buffered_at_last
-        c = self.cfg
-        if (c.every_frames and new >= c.every_frames) or (c.every_minutes and new > 0
-                                                           and now - self._last_round_t >= c.every_minutes * 60):
+        c, k = self.cfg, self.backoff
+        if (c.every_frames and new >= c.every_frames * k) or (c.every_minutes and new > 0
+                                                               and now - self._last_round_t >= c.every_minutes * 60 * k):
             self._launch(buffered_total, now, drift=False)
         elif c.drift_threshold is not None and now - self._last_drift_t >= c.drift_every_minutes * 60:
             self._launch(buffered_total, now, drift=True)
@@ -218,6 +225,10 @@ class Scheduler:
             else:
                 bundles.set_serving(self.bundle, out["version"])
         self.counts[out["outcome"]] += 1
+        if out["outcome"] in ("rejected", "crashed"):
+            self._failures += 1
+        elif out["outcome"] == "accepted":
+            self._failures = 0
         self.last = out
         self.history.append(out)
         log.info("adaptation round %d %s%s: %s", job["n"], out["outcome"],

@@ -86,7 +86,8 @@ def status_line(s: dict) -> str:
     parts.append(f"round: {s['last_round']}")
     if s.get("miou_window") is not None:
         by = " ".join(f"{v} {m:.1f}" for v, m in s["miou_by_version"].items() if m is not None)
-        parts.append(f"mIoU last {s['miou_window_frames']} {s['miou_window']:.1f} ({by})")
+        first = f"first {s['miou_window_frames']} {s['miou_first']:.1f}; " if s.get("miou_first") is not None else ""
+        parts.append(f"mIoU last {s['miou_window_frames']} {s['miou_window']:.1f} ({first}{by})")
     return " | ".join(parts)
 
 

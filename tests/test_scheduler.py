@@ -83,8 +83,14 @@ def test_triggers(tmp_path, monkeypatch):
     launched = []
     s = Scheduler(tmp_path, tmp_path, ScheduleConfig(every_frames=10, every_minutes=1.0, min_frames=5,
                                                       drift_threshold=0.5, drift_every_minutes=2.0))
-    monkeypatch.setattr(s, "_launch", lambda total, now, drift: launched.append((total, drift)) or setattr(
-        s, "_buffered_at_last", total if not drift else s._buffered_at_last) or setattr(s, "_last_round_t", now))
+
+    def fake_launch(total, now, drift):  # the real bookkeeping, without starting a process
+        launched.append((total, drift))
+        s._last_drift_t = now
+        if not drift:
+            s._last_round_t, s._buffered_at_last = now, total
+
+    monkeypatch.setattr(s, "_launch", fake_launch)
     t0 = time.monotonic()
     s.tick(20, 3, t0)  # too few frames in the buffer for any round
     s.tick(9, 9, t0)  # 9 new frames: not yet
@@ -92,6 +98,11 @@ def test_triggers(tmp_path, monkeypatch):
     s.tick(12, 12, t0 + 61)  # a minute later with new frames: a round
     s.tick(12, 12, t0 + 200)  # no new frames but drift is due: a drift check
     assert launched == [(10, False), (12, False), (12, True)]
+    s._failures = 2  # two rounds in a row failed: wait 4x longer for the next
+    s.tick(12 + 39, 60, t0 + 200)
+    assert len(launched) == 3
+    s.tick(12 + 40, 60, t0 + 200)
+    assert launched[-1] == (52, False)
     s.close()
 
 
