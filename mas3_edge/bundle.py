@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -216,3 +217,30 @@ def _claim(vdir_root: Path, tmp: Path, net: SegNet, parent: Version | None, dige
         except OSError:
             continue
     raise UserError(f"could not claim a new version id in {vdir_root}")
+
+
+PACKAGED = Path(__file__).parent / "default_bundle"  # built by tools/build_default_bundle.py
+
+
+def user_bundle(bundle: Path | None) -> Path:
+    """The bundle a command works on: the one named, or a writable copy of the packaged default.
+
+    The packaged bundle lives inside the installed package, which may be read-only, so it is
+    copied once to $MAS3_EDGE_HOME/bundle (default ~/.local/share/mas3-edge/bundle); adaptation
+    rounds add versions there.
+    """
+    if bundle is not None:
+        return Path(bundle)
+    home = Path(os.environ.get("MAS3_EDGE_HOME", Path.home() / ".local" / "share" / "mas3-edge"))
+    dest = home / "bundle"
+    if not (dest / "SERVING").is_file():
+        if not (PACKAGED / "SERVING").is_file():
+            raise UserError("no --bundle given and this install has no default bundle; "
+                            "name one with --bundle or run tools/build_default_bundle.py")
+        home.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=home))
+        shutil.copytree(PACKAGED, tmp, dirs_exist_ok=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.rename(tmp, dest)
+    print(f"using the default bundle {dest} (name your own with --bundle)", file=sys.stderr)
+    return dest

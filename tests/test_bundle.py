@@ -61,3 +61,21 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     bundle.atomic_write_json(p, {"a": 1})
     bundle.atomic_write_json(p, {"a": 2})
     assert json.loads(p.read_text()) == {"a": 2} and len(list(tmp_path.iterdir())) == 1
+
+
+def test_default_bundle_is_copied_once_to_a_writable_home(tmp_path, tiny_bundle, monkeypatch, capsys):
+    monkeypatch.setattr(bundle, "PACKAGED", tiny_bundle)
+    monkeypatch.setenv("MAS3_EDGE_HOME", str(tmp_path / "home"))
+    first = bundle.user_bundle(None)
+    assert first == tmp_path / "home" / "bundle" and bundle.load_version(first).id == "v0001"
+    assert "using the default bundle" in capsys.readouterr().err
+    (first / "marker").write_text("kept")  # a second call reuses the copy (adapted versions live there)
+    assert (bundle.user_bundle(None) / "marker").read_text() == "kept"
+    assert bundle.user_bundle(tmp_path / "mine") == tmp_path / "mine"
+
+
+def test_missing_default_bundle_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(bundle, "PACKAGED", tmp_path / "absent")
+    monkeypatch.setenv("MAS3_EDGE_HOME", str(tmp_path / "home"))
+    with pytest.raises(UserError, match="no default bundle"):
+        bundle.user_bundle(None)

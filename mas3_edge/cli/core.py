@@ -9,7 +9,9 @@ import typer
 
 from ..errors import UserError
 
-BundleOpt = Annotated[Path, typer.Option("--bundle", "-b", help="Bundle directory (versions + SERVING pointer).")]
+BundleOpt = Annotated[Optional[Path], typer.Option(
+    "--bundle", "-b", help="Bundle directory (versions + SERVING pointer); default: the packaged one.")]
+NewBundleOpt = Annotated[Path, typer.Option("--bundle", "-b", help="Bundle directory to create or extend.")]
 VersionOpt = Annotated[Optional[str], typer.Option("--version", "-v", help="Version id; default: the serving one.")]
 DataKind = Annotated[str, typer.Option("--kind", help="Dataset layout: folder, cityscapes, gta5 or synthia.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")]
@@ -22,6 +24,11 @@ def _device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is usable; use --device cpu")
     return name
+
+
+def _bundle(path: Optional[Path]) -> Path:
+    from ..bundle import user_bundle
+    return user_bundle(path)
 
 
 def table(title: str, columns: list[str], rows: list[list]) -> None:
@@ -37,7 +44,7 @@ def table(title: str, columns: list[str], rows: list[list]) -> None:
 
 def train_cmd(
     data: Annotated[Path, typer.Option("--data", help="Labelled source data (images/ + labels/).")],
-    bundle: BundleOpt = Path("bundle"),
+    bundle: NewBundleOpt = Path("bundle"),
     kind: DataKind = "folder",
     preset: Annotated[str, typer.Option(help="Model preset: tiny or edge.")] = "tiny",
     steps: int = 1500, batch_size: int = 8, lr: float = 2e-3, seed: int = 0,
@@ -55,12 +62,13 @@ def train_cmd(
 
 def prototypes_cmd(
     data: Annotated[Path, typer.Option("--data", help="The labelled source data the model was trained on.")],
-    bundle: BundleOpt = Path("bundle"), version: VersionOpt = None, kind: DataKind = "folder",
+    bundle: BundleOpt = None, version: VersionOpt = None, kind: DataKind = "folder",
     tau: Annotated[float, typer.Option(help="Confidence threshold of the support sets (Eq. 3).")] = 0.97,
     min_count: Annotated[int, typer.Option(help="Pixels a class needs before τ is lowered for it.")] = 100,
     device: DeviceOpt = "auto",
 ) -> None:
     """Fit the class-prototype GMM in one pass over the source data and store it in the version."""
+    bundle = _bundle(bundle)
     from .. import bundle as bundles, data as datasets, prototypes
     from ..labels import CLASSES
     ver = bundles.load_version(bundle, version)
@@ -75,15 +83,18 @@ def prototypes_cmd(
 
 def adapt_cmd(
     buffer: Annotated[Path, typer.Option("--buffer", help="Folder of unlabeled target frames.")] = Path("frames"),
-    bundle: BundleOpt = Path("bundle"), version: VersionOpt = None,
+    bundle: BundleOpt = None, version: VersionOpt = None,
     method: Annotated[str, typer.Option(help="mas3 (default), mas3-paper, bn, tent, pseudo or none.")] = "mas3",
-    steps: int = 100, batch_size: int = 2, lr: float = 1e-4,
+    steps: int = 100, batch_size: int = 2,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (default: the method's).")] = None,
     lam: Annotated[float, typer.Option("--lambda", help="Weight of the SWD term (Eq. 4).")] = 0.5,
     tau: float = 0.97, projections: int = 100,
     swd_pixels: Annotated[int, typer.Option(help="Target embeddings subsampled per step.")] = 65536,
-    params: Annotated[str, typer.Option(help="Updated parameters: all, encdec or norm.")] = "all",
-    bn: Annotated[str, typer.Option(help="Batch-norm statistics: adapt (re-estimate) or frozen.")] = "adapt",
-    class_conditional: Annotated[bool, typer.Option(help="Match each predicted class to its own component.")] = True,
+    params: Annotated[Optional[str], typer.Option(help="Updated parameters: all, encdec or norm.")] = None,
+    bn: Annotated[Optional[str], typer.Option(help="Batch-norm statistics: adapt (re-estimate) or frozen.")] = None,
+    bn_mix: Annotated[float, typer.Option(help="Weight of the target BN statistics (1 = AdaBN).")] = 1.0,
+    class_conditional: Annotated[Optional[bool], typer.Option(
+        "--class-conditional/--pooled", help="Match each predicted class to its own component, or pool.")] = None,
     anchor: Annotated[float, typer.Option(help="L2 pull towards the starting weights.")] = 0.0,
     limit: Annotated[Optional[int], typer.Option(help="Use only the newest N frames.")] = None,
     guard: Annotated[bool, typer.Option(help="Reject a round that worsens the health signals.")] = True,
@@ -91,10 +102,11 @@ def adapt_cmd(
     seed: int = 0,
 ) -> None:
     """Run one source-free adaptation round on unlabeled frames; write a new version."""
+    bundle = _bundle(bundle)
     from .. import adapt, bundle as bundles
     from ..config import AdaptConfig
     cfg = AdaptConfig(method=method, steps=steps, batch_size=batch_size, lr=lr, lam=lam, tau=tau,
-                      n_projections=projections, swd_pixels=swd_pixels, params=params, bn=bn,
+                      n_projections=projections, swd_pixels=swd_pixels, params=params, bn=bn, bn_mix=bn_mix,
                       class_conditional=class_conditional, anchor=anchor, seed=seed)
     res = adapt.run_round(bundle, buffer, cfg, version=version, guard=guard, limit=limit)
     hb, ha = res.report["health_before"], res.report["health_after"]
@@ -111,12 +123,13 @@ def adapt_cmd(
 
 def eval_cmd(
     data: Annotated[Path, typer.Option("--data", help="Labelled folder (images/ + labels/).")],
-    bundle: BundleOpt = Path("bundle"), version: VersionOpt = None, kind: DataKind = "folder",
+    bundle: BundleOpt = None, version: VersionOpt = None, kind: DataKind = "folder",
     split: str = "val",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
     overlays: Annotated[Optional[Path], typer.Option(help="Write colour overlays (image | truth | prediction).")] = None,
 ) -> None:
     """Evaluate a version: per-class IoU, mIoU and pixel accuracy."""
+    bundle = _bundle(bundle)
     from .. import bundle as bundles, data as datasets
     from ..bundle import atomic_write_json
     from ..evaluate import evaluate

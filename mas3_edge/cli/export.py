@@ -12,7 +12,8 @@ ENGINES = ("onnx", "tensorrt", "all")
 
 
 def export_cmd(
-    bundle: Annotated[Path, typer.Option("--bundle", "-b", help="Bundle directory (or a version directory).")] = Path("bundle"),
+    bundle: Annotated[Optional[Path], typer.Option(
+        "--bundle", "-b", help="Bundle directory (or a version directory); default: the packaged one.")] = None,
     version: Annotated[Optional[str], typer.Option("--version", "-v", help="Version id; default: the serving one.")] = None,
     engine: Annotated[str, typer.Option("--engine", "-e", help="onnx, tensorrt, or all (every engine this machine can build).")] = "onnx",
     fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="TensorRT precision.")] = True,
@@ -32,8 +33,8 @@ def export_cmd(
     if engine == "tensorrt" and not trt_ok:
         raise UserError(f"cannot build a TensorRT engine: {why}")  # before any work, so nothing changes
     from export.onnx import export_onnx
-    from mas3_edge.bundle import resolve
-    vdir = resolve(bundle, version)
+    from mas3_edge.bundle import resolve, user_bundle
+    vdir = resolve(user_bundle(bundle), version)
     from rich.console import Console
     console = Console(stderr=True)
     with console.status(f"exporting {vdir} to ONNX and checking it against PyTorch"):
