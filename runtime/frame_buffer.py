@@ -163,6 +163,9 @@ class FrameBuffer:
         if self._free_mb() < self.policy.min_free_mb:
             return self._stop(f"less than {self.policy.min_free_mb:.0f} MB free on the disk")
         ok, buf = cv2.imencode(SUFFIX, cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        if not ok:
+            self.failed += 1
+            return None
         path = self.root / f"{self._next:08d}{SUFFIX}"
         tmp = path.with_name(path.name + ".tmp")
         try:
@@ -188,8 +191,15 @@ class FrameBuffer:
             self.bytes -= size
             self.evicted += 1
 
-    def close(self, timeout: float = 1.0) -> None:
-        """Finish queued writes (up to `timeout`); a write cut short leaves only a .tmp file."""
+    def close(self, timeout: float = 1.0, discard_pending: bool = False) -> None:
+        """Stop the writer after the queued frames (or, on shutdown, without them: they are only
+        training material, and a deadline matters more). A write cut short leaves only a .tmp file."""
+        if discard_pending:
+            try:
+                while True:
+                    self._q.get_nowait()
+            except queue.Empty:
+                pass
         try:
             self._q.put(None, timeout=timeout)
         except queue.Full:

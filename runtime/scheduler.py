@@ -92,7 +92,8 @@ def default_round(bundle: str, frames: str, version: str, adapt: dict, limit: in
 
 
 def _drift(bundle: str, frames: str, version: str, limit: int) -> float:
-    from mas3_edge import bundle as bundles, health, prototypes
+    from mas3_edge import bundle as bundles
+    from mas3_edge import health, prototypes
     from mas3_edge.frames import load_frames
     ver = bundles.load_version(bundle, version)
     proto = prototypes.load(ver.prototypes_path, ver.meta)

@@ -156,9 +156,11 @@ class Service:
 
     def _close(self) -> None:
         """Each part gets a short timeout; together well inside the 2 s a supervisor allows."""
-        for name, close in (("scheduler", lambda: self.scheduler.close(0.5)), ("camera", lambda: self.camera.disconnect(0.5)),
-                            ("buffer", lambda: self.buffer.close(0.5)), ("publisher", lambda: self.publisher.close()),
-                            ("metrics", lambda: self.metrics.close()), ("swapper", lambda: self.swapper.close(0.3))):
+        for name, close in (("scheduler", lambda: self.scheduler.close(0.5)),
+                            ("camera", lambda: self.camera.disconnect(0.4)),
+                            ("buffer", lambda: self.buffer.close(0.3, discard_pending=True)),
+                            ("publisher", lambda: self.publisher.close()),
+                            ("metrics", lambda: self.metrics.close()), ("swapper", lambda: self.swapper.close(0.2))):
             if getattr(self, name) is None:
                 continue
             try:

@@ -75,8 +75,8 @@ def status_line(s: dict) -> str:
     """One line every few seconds: rate, latency, drops, what is serving, adaptation, accuracy."""
     up = int(s["uptime_s"])
     parts = [f"[{up // 3600:02d}:{up % 3600 // 60:02d}:{up % 60:02d}] {s['fps']:.1f} fps",
-             f"latency p50 {_ms(s['latency_p50_ms'])} ms p99 {_ms(s['latency_p99_ms'])} ms "
-             f"(infer {_ms(s['infer_p50_ms'])})",
+             (f"latency p50 {_ms(s['latency_p50_ms'])} ms p99 {_ms(s['latency_p99_ms'])} ms "
+              f"(infer {_ms(s['infer_p50_ms'])})"),
              f"drops capture {s['camera_dropped']} publish {s['publish_dropped']}",
              f"{s['engine']} {s['version']}"]
     if not s.get("camera_connected", True):

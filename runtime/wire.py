@@ -129,6 +129,7 @@ def decode(buf: bytes | memoryview) -> Message:
 def encode_overlay(image_rgb: np.ndarray, classes: np.ndarray, quality: int = 80, alpha: float = 0.5) -> bytes:
     """A JPEG of the class colours blended over the frame (standard JPEG: decoders return RGB)."""
     import cv2
+
     from mas3_edge.labels import overlay
     blended = overlay(image_rgb, classes, alpha)
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(blended, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])

@@ -143,3 +143,40 @@ def test_stalled_subscriber_never_blocks_the_publisher(tmp_path):
 def test_subscriber_rejects_bad_address():
     with pytest.raises(UserError):
         Subscriber("udp://x:1")
+
+
+def test_subscribe_command_saves_overlays_and_reports(tmp_path, monkeypatch):
+    """`mas3-edge subscribe --save DIR --count N` against a live publisher thread."""
+    import threading
+
+    from typer.testing import CliRunner
+
+    from mas3_edge.cli import app
+    addr, stop = f"ipc://{tmp_path}/cli.sock", threading.Event()
+
+    def publish():
+        img = np.zeros((8, 16, 3), np.uint8)
+        with Publisher(addr, hwm=1000) as pub:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                classes = np.full((8, 16), i % 19, np.uint8)
+                pub.send(wire.encode("mas3/seg", i, time.time_ns(), classes, version="v0001",
+                                     overlay_jpeg=wire.encode_overlay(img, classes)))
+                time.sleep(0.01)
+
+    t = threading.Thread(target=publish, daemon=True)
+    t.start()
+    try:
+        res = CliRunner().invoke(app, ["subscribe", "--address", addr, "--all", "--count", "20", "--save",
+                                       str(tmp_path / "png"), "--interval", "0.1"])
+    finally:
+        stop.set()
+        t.join(2)
+    assert res.exit_code == 0, res.output
+    assert "received 20 messages" in res.output and "msg/s" in res.output
+    assert len(list((tmp_path / "png").glob("*.png"))) == 20
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    res = CliRunner().invoke(app, ["subscribe", "--address", addr, "--show", "--count", "1"])
+    assert isinstance(res.exception, UserError) and "display" in str(res.exception)

@@ -20,6 +20,7 @@ FAST = dict(every_frames=5, min_frames=2, limit=10, export=False, nice=0)
 
 def _new_version(bundle: str, version: str, fill: float | None = None) -> str:
     import torch
+
     from mas3_edge import bundle as b
     torch.set_num_threads(1)
     base = b.load_version(bundle, version)
@@ -183,10 +184,11 @@ def test_killed_mid_round_the_restart_serves_the_last_good_version(tiny_bundle, 
 
 
 def test_the_service_swaps_in_an_accepted_round_without_dropping_a_frame(tiny_bundle, tmp_path):
-    from mas3_edge import bundle
-    from runtime.frame_buffer import BufferPolicy
     from test_camera import write_video
     from test_service import Running, config
+
+    from mas3_edge import bundle
+    from runtime.frame_buffer import BufferPolicy
     video = write_video(tmp_path / "v.avi", 30, size=(64, 128))
     # as in production, the round process runs niced, so the serving process keeps its core
     cfg = config(tmp_path, tiny_bundle, str(video), adapt=True, schedule=ScheduleConfig(**{**FAST, "nice": 10}), fps=10,

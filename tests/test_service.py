@@ -2,7 +2,6 @@
 rollback, faults, clean shutdown of a real process."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_camera import write_video
 
 from mas3_edge import bundle
 from mas3_edge.errors import UserError
@@ -22,7 +22,6 @@ from runtime.frame_buffer import BufferPolicy
 from runtime.service import Service, ServiceConfig
 from runtime.subscriber import Subscriber
 from runtime.swap import EngineSwapper
-from test_camera import write_video
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -89,6 +89,7 @@ def run_cmd(*args: str, **kw) -> subprocess.Popen:
 def make_video(path: Path, n: int = 150, size: tuple[int, int] = (256, 512)) -> Path:
     """Night-domain synthetic scenes at twice the tiny model's size (the camera resizes), MJPG."""
     import cv2
+
     from mas3_edge import synth
     vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (size[1], size[0]))
     for i in range(n):
@@ -101,6 +102,7 @@ def make_video(path: Path, n: int = 150, size: tuple[int, int] = (256, 512)) -> 
 def make_bundle(work: Path, source: Path | None) -> tuple[Path, list[str]]:
     """A bundle with four exported versions (the served one + three to swap to)."""
     import torch
+
     from export.onnx import export_onnx
     from mas3_edge import bundle
     from mas3_edge.config import preset
@@ -145,7 +147,7 @@ def stop_event(events: Path) -> dict:
 def phase_stream(work, bundle, video, name, engine, seconds, fps, swaps: list[str] | None = None) -> dict:
     record = work / f"{name}.json"
     sub = py(__file__, "--_listen", f"ipc://{work}/{name}.sock", "--_record", str(record))
-    proc, addr, events = serve(work, bundle, video, name, engine, ["--fps", str(fps), "--duration", str(seconds)])
+    proc, _addr, events = serve(work, bundle, video, name, engine, ["--fps", str(fps), "--duration", str(seconds)])
     swap_times = []
     if swaps:
         from runtime.versions import rollback  # what `mas3-edge rollback VERSION` does, minus its start-up
@@ -203,7 +205,7 @@ def phase_stalled(work, bundle, video, engine, messages) -> dict:
     addr = f"ipc://{work}/stall.sock"
     staller = py(__file__, "--_stall", addr)
     time.sleep(1.0)
-    proc, _, events = serve(work, bundle, video, "stall", engine, ["--fps", "0", "--max-frames", str(messages)])
+    proc, _addr, events = serve(work, bundle, video, "stall", engine, ["--fps", "0", "--max-frames", str(messages)])
     samples = []
     while proc.poll() is None:
         try:
@@ -244,8 +246,9 @@ def markdown(res: dict) -> str:
         (f"latency, camera at {res['fps']:.0f} fps", f"p50 {lat['latency_p50_ms']:.1f} ms, p99 {lat['latency_p99_ms']:.1f} ms",
          f"capture to subscriber; {lat['dropped']} dropped, {lat['late']} late of {lat['messages']}"),
         (f"3 hot swaps at {res['fps']:.0f} fps", f"{sw['dropped']} dropped, {sw['late']} late",
-         f"{sw['swaps_seen']}/{sw['swaps_requested']} swaps seen by the subscriber; {sw['dropped_at_swaps']} dropped at the swaps; "
-         f"gaps at swaps {', '.join(f'{g:.0f}' for g in sw['gap_at_swaps_ms'])} ms (period {1000 / res['fps']:.0f} ms)"),
+         (f"{sw['swaps_seen']}/{sw['swaps_requested']} swaps seen by the subscriber; {sw['dropped_at_swaps']} dropped "
+          f"at the swaps; gaps at swaps {', '.join(f'{g:.0f}' for g in sw['gap_at_swaps_ms'])} ms "
+          f"(period {1000 / res['fps']:.0f} ms)")),
         (f"stalled subscriber, {st['messages']} messages", f"RSS {st['rss_mb_warm']:.0f} -> {st['rss_mb_end']:.0f} MB",
          f"growth {st['growth_mb']:+.1f} MB over {st['seconds']:.0f} s, max {st['rss_mb_max']:.0f} MB"),
     ]

@@ -37,7 +37,7 @@ def run_cmd(
     bundle: BundleOpt = Path("bundle"),
     engine: Annotated[str, typer.Option(help="auto, onnxruntime, tensorrt, torch, torch-fp16, torch-cudagraph.")] = "auto",
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda[:N]; default: a GPU if there is one.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime threads (default: its own choice).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU inference threads (default: half the cores while adapting, else all but one).")] = None,
     publish: Annotated[str, typer.Option(help="Where to publish: tcp://127.0.0.1:PORT or ipc://PATH.")] = "tcp://127.0.0.1:5555",
     topic: TopicOpt = "mas3/seg",
     allow_remote: Annotated[bool, typer.Option(help="Allow a non-loopback publish address.")] = False,
@@ -67,6 +67,7 @@ def run_cmd(
 ) -> None:
     """Serve segmentation from a camera over ZeroMQ; buffer frames, adapt and hot-swap in the background."""
     import logging
+
     from runtime.frame_buffer import BufferPolicy
     from runtime.scheduler import ScheduleConfig
     from runtime.service import Service, ServiceConfig
@@ -143,8 +144,14 @@ class _Shower:
     """An OpenCV window; a machine without a display is a clear error, not a crash."""
 
     def __init__(self):
+        import os
+        import sys
+
         import cv2
         self.cv2 = cv2
+        # Qt aborts the whole process (no exception) when it finds no display: check first
+        if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+            raise UserError("--show needs a display (DISPLAY is not set); use --save DIR instead")
         try:
             cv2.namedWindow("mas3-edge", cv2.WINDOW_NORMAL)
         except cv2.error:
@@ -163,6 +170,7 @@ class _Shower:
 def buffer_cmd(buffer: Annotated[Path, typer.Option(help="Frame buffer folder.")] = Path("frames")) -> None:
     """Show what is in the frame buffer."""
     from runtime.frame_buffer import summarize
+
     from .core import table
     if not buffer.is_dir():
         raise UserError(f"no frame buffer at {buffer}; `mas3-edge run` creates it (see --buffer)")
@@ -176,6 +184,7 @@ def buffer_cmd(buffer: Annotated[Path, typer.Option(help="Frame buffer folder.")
 def versions_cmd(bundle: BundleOpt = Path("bundle")) -> None:
     """List the bundle's versions with their health figures (lower is better); * marks the serving one."""
     from runtime.versions import version_rows
+
     from .core import table
     cols, rows = version_rows(bundle)
     table(f"versions in {bundle}", cols, rows)
