@@ -188,7 +188,7 @@ class Scheduler:
                "limit": self.cfg.limit, "export": self.cfg.export, "threads": self.cfg.threads,
                "drift_threshold": self.cfg.drift_threshold if drift else None}
         self._proc = self._ctx.Process(target=_child, args=(self.round_fn, job, str(result), self.cfg.nice),
-                                       name=f"mas3-round-{n}", daemon=True)
+                                       name=f"mas3-round-{n}")  # not daemonic: a round may use worker processes
         self._proc.start()
         self._job = {**job, "t0": now, "result": result, "n": n}
         self._last_drift_t = now
