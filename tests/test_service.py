@@ -96,7 +96,7 @@ def test_hot_swap_and_rollback_happen_between_frames(tmp_path, tiny_bundle):
     video = write_video(tmp_path / "v.avi", 30, size=(64, 128))
     v2 = second_version(tiny_bundle)
     events = tmp_path / "events.jsonl"
-    with Running(config(tmp_path, tiny_bundle, str(video), events=events)) as run:
+    with Running(config(tmp_path, tiny_bundle, str(video), events=events, fps=12)) as run:
         run.collect(1.0)
         bundle.set_serving(tiny_bundle, v2)  # what an accepted round or `mas3-edge adapt` does
         msgs = run.collect(6, until=lambda m: sum(x.version == v2 for x in m) >= 10)
