@@ -12,29 +12,17 @@ import typer
 
 from ..errors import UserError
 
-BundleOpt = Annotated[Path, typer.Option("--bundle", "-b", help="Bundle directory (versions + SERVING pointer).")]
+BundleOpt = Annotated[Optional[Path], typer.Option(
+    "--bundle", "-b", help="Bundle directory (versions + SERVING pointer); default: the packaged one.")]
 AddressOpt = Annotated[str, typer.Option("--address", "--publish",
                                          help="tcp://HOST:PORT or ipc://PATH of the segmentation stream.")]
 TopicOpt = Annotated[str, typer.Option(help="Topic prefix of the stream's messages.")]
 
 
-def _bundle(path: Path) -> Path:
-    """The named bundle; when the default ./bundle is missing, a copy of the bundle the package ships."""
-    if path.exists() or path != Path("bundle"):
-        return path
-    shipped = Path(__file__).resolve().parents[1] / "default_bundle"
-    if not (shipped / "SERVING").is_file():
-        return path  # the service explains that it does not exist
-    import shutil
-    shutil.copytree(shipped, path)  # adapted versions are written next to it: never into the package
-    typer.echo(f"no bundle named: using the default bundle shipped with mas3-edge (copied to ./{path})", err=True)
-    return path
-
-
 def run_cmd(
     camera: Annotated[str, typer.Option(help="Device index (0), video file, rtsp/http URL, GStreamer pipeline, "
                                              "image folder, or synthetic://DOMAIN (night, fog, rain, realistic).")],
-    bundle: BundleOpt = Path("bundle"),
+    bundle: BundleOpt = None,
     engine: Annotated[str, typer.Option(help="auto, onnxruntime, tensorrt, torch, torch-fp16, torch-cudagraph.")] = "auto",
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda[:N]; default: a GPU if there is one.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU inference threads (default: half the cores while adapting, else all but one).")] = None,
@@ -75,7 +63,8 @@ def run_cmd(
     sched = ScheduleConfig(every_frames=round_every_frames, every_minutes=round_every_minutes,
                            drift_threshold=drift_threshold, limit=round_frames, min_frames=min(40, round_frames),
                            adapt={"method": method, **({"steps": adapt_steps} if adapt_steps is not None else {})})
-    cfg = ServiceConfig(camera=camera, bundle=_bundle(bundle), engine=engine, device=device, threads=threads,
+    from mas3_edge.bundle import user_bundle
+    cfg = ServiceConfig(camera=camera, bundle=user_bundle(bundle), engine=engine, device=device, threads=threads,
                         publish=publish, topic=topic, allow_remote=allow_remote, confidence=confidence,
                         overlay=overlay, loop=loop, fps=fps, buffer=None if no_buffer else buffer,
                         buffer_policy=BufferPolicy(max_frames=buffer_frames, max_mb=buffer_mb, every_n=buffer_every,
@@ -181,22 +170,25 @@ def buffer_cmd(buffer: Annotated[Path, typer.Option(help="Frame buffer folder.")
             fmt(s.newest_mtime)]])
 
 
-def versions_cmd(bundle: BundleOpt = Path("bundle")) -> None:
+def versions_cmd(bundle: BundleOpt = None) -> None:
     """List the bundle's versions with their health figures (lower is better); * marks the serving one."""
+    from mas3_edge.bundle import user_bundle
     from runtime.versions import version_rows
 
     from .core import table
+    bundle = user_bundle(bundle)
     cols, rows = version_rows(bundle)
     table(f"versions in {bundle}", cols, rows)
 
 
 def rollback_cmd(
     version: Annotated[Optional[str], typer.Argument(help="Version to serve; default: the serving one's parent.")] = None,
-    bundle: BundleOpt = Path("bundle"),
+    bundle: BundleOpt = None,
 ) -> None:
     """Serve another version (works while `run` serves: it follows the SERVING pointer)."""
+    from mas3_edge.bundle import user_bundle
     from runtime.versions import rollback
-    old, new = rollback(bundle, version)
+    old, new = rollback(user_bundle(bundle), version)
     typer.echo(f"serving {new} (was {old}); a running `mas3-edge run` swaps to it within a second")
 
 
