@@ -104,7 +104,10 @@ def finalize(stats: SufficientStats, min_count: int, shrink: float = 1e-3) -> Pr
         mean[j], cov[j], counts[j] = mu, sigma, n
         if level > 0:
             handling[CLASSES[j]] = f"tau lowered to {stats.taus[level]} ({int(n)} pixels)"
-    alpha = counts / counts.sum().clamp(min=1)
+    if counts.sum() == 0:
+        raise UserError("no class has a single correctly predicted source pixel: is the model trained, "
+                        "and is this the data it was trained on?")
+    alpha = counts / counts.sum()
     chol = torch.linalg.cholesky(cov)
     return Prototypes(alpha.float(), mean.float(), chol.float(), counts.float(),
                       {"tau": stats.taus[0], "handling": handling, "min_count": min_count})
@@ -165,7 +168,9 @@ def _validate(p: Prototypes, path: Path, model_meta: dict | None) -> None:
     if not all(torch.isfinite(x).all() for x in (p.alpha, p.mean, p.chol)):
         raise UserError(f"prototype file {path} contains NaN or infinite values")
     used = p.alpha > 0
-    if not used.any() or (p.chol[used].diagonal(dim1=1, dim2=2) <= 0).any():
+    if not used.any():
+        raise UserError(f"prototype file {path} has no component with positive weight; refit it")
+    if (p.chol[used].diagonal(dim1=1, dim2=2) <= 0).any():
         raise UserError(f"prototype file {path} has a covariance that is not positive definite")
     if model_meta is not None:
         arch = model_meta["architecture"]

@@ -1,5 +1,14 @@
 """On-device runtime: inference engines, camera, publisher, scheduler, hot swap.
 
 Kept import-free on purpose: `import runtime.engines` (or any sibling) pulls in only what it needs,
-so the CLI and the serving loop stay fast to start.
+so the CLI and the serving loop stay fast to start. `runtime.Subscriber` and `runtime.load_engine`
+resolve lazily.
 """
+_LAZY = {"Subscriber": "runtime.subscriber", "Publisher": "runtime.publisher", "load_engine": "runtime.engines"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'runtime' has no attribute {name!r}")

@@ -117,3 +117,10 @@ def test_mismatched_model_and_bad_files_are_clear_errors(tmp_path):
     P.save(nan, tmp_path / "nan.safetensors", "abc", "s")
     with pytest.raises(UserError, match="NaN"):
         P.load(tmp_path / "nan.safetensors")
+
+
+def test_a_model_that_gets_no_pixel_right_is_refused():
+    stats = P.SufficientStats(2, 2, (0.97, 0.0))
+    stats.update(torch.randn(50, 2), torch.zeros(50, dtype=torch.long), torch.ones(50, dtype=torch.long), torch.ones(50))
+    with pytest.raises(UserError, match="is the model trained"):
+        P.finalize(stats, min_count=10)
