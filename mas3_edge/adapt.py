@@ -142,14 +142,21 @@ def adapt(net: SegNet, proto: Prototypes, frames: np.ndarray, cfg: AdaptConfig, 
         log.append({"step": step, "loss": parts["loss"].item(), **{k: parts[k] for k in ("ce", "swd", "gmm_kept")}})
         if progress:
             progress(1)
-    if cfg.bn == "adapt":  # the weights moved: statistics follow them, from the source ones again
-        for b, s in zip(net.buffers(), source_stats):
-            b.copy_(s)
-        reestimate_bn(net, frames, cfg.bn_mix)
+    finish(net, frames, source_stats if cfg.bn == "adapt" else None, cfg.bn_mix)
+    return {"steps": log, "seconds": time.perf_counter() - t0}
+
+
+def finish(net: SegNet, frames: np.ndarray, source_stats: list[torch.Tensor] | None, mix: float) -> None:
+    """End a round: with `source_stats`, re-estimate BN statistics from the source ones (the
+    weights moved, so the statistics follow them); freeze the net in eval mode."""
+    if source_stats is not None:
+        with torch.no_grad():
+            for b, s in zip(net.buffers(), source_stats):
+                b.copy_(s)
+        reestimate_bn(net, frames, mix)
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    return {"steps": log, "seconds": time.perf_counter() - t0}
 
 
 # --- a round on a bundle: adapt, check health on held-out frames, write a new version ----------

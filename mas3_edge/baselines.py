@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapt import reestimate_bn, to_device
+from .adapt import finish, reestimate_bn, to_device
 from .config import AdaptConfig
 from .labels import IGNORE
 from .model import SegNet
@@ -66,11 +66,6 @@ def run_baseline(net: SegNet, frames: np.ndarray, cfg: AdaptConfig) -> dict:
         loss.backward()
         opt.step()
         log.append({"step": step, "loss": loss.item()})
-    if cfg.method == "tent":  # Tent's steps overwrite the running statistics with batch ones
-        for b, s in zip(net.buffers(), source_stats):
-            b.copy_(s)
-        reestimate_bn(net, frames, cfg.bn_mix)
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
+    # Tent's steps overwrite the running statistics with batch ones: re-estimate them
+    finish(net, frames, source_stats if cfg.method == "tent" else None, cfg.bn_mix)
     return {"steps": log}

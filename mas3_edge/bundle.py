@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
-import torch
 
 from .config import ModelConfig
+from .fsutil import atomic_write, atomic_write_json
 from .errors import UserError
 from .labels import CLASSES, PALETTE
 from .model import SegNet
@@ -42,26 +42,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write to a temporary file in the same directory, fsync, rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: dict) -> None:
-    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 @dataclass

@@ -7,8 +7,6 @@ the data commands stay fast.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import cv2
 import numpy as np
 
 from .errors import UserError
+from .fsutil import atomic_write
 from .labels import IGNORE, NUM_CLASSES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -117,21 +116,7 @@ def write_png(path: str | Path, array: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", array)
     if not ok:
         raise UserError(f"{path}: cannot encode an array of shape {array.shape} as PNG")
-    _atomic_write(path, buf.tobytes())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, buf.tobytes())
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -308,5 +293,5 @@ def corrupt_folder(src: str | Path, dst: str | Path, corruption: str, severity: 
         write_png(dst / "images" / f"{p.stem}.png", np.clip(out, 0, 255).astype(np.uint8))
         label = Path(src) / "labels" / f"{p.stem}.png"
         if label.is_file():
-            _atomic_write(dst / "labels" / label.name, label.read_bytes())
+            atomic_write(dst / "labels" / label.name, label.read_bytes())
     return len(images)

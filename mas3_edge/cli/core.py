@@ -1,7 +1,6 @@
 """The factory → device workflow: train, prototypes, adapt, eval, and the end-to-end demo."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
