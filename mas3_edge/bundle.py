@@ -23,7 +23,7 @@ from pathlib import Path
 import safetensors.torch
 
 from .config import ModelConfig
-from .fsutil import atomic_write, atomic_write_json
+from .fsutil import atomic_write, atomic_write_json, make_readable_dir
 from .errors import UserError
 from .labels import CLASSES, PALETTE
 from .model import SegNet
@@ -155,6 +155,7 @@ def save_version(root: Path, net: SegNet, *, parent: Version | None = None, info
     vdir_root = _versions_dir(root)
     vdir_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=vdir_root))
+    make_readable_dir(tmp)
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         weights = safetensors.torch.save(state)

@@ -13,6 +13,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file should read like any other
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
@@ -25,3 +26,14 @@ def atomic_write(path: Path, data: bytes | str) -> None:
 
 def atomic_write_json(path: Path, obj: dict) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_readable_dir(path: Path) -> None:
+    """mkdtemp makes 0700 directories; give a finished one the usual permissions."""
+    os.chmod(path, 0o777 & ~_umask())

@@ -79,3 +79,9 @@ def test_missing_default_bundle_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("MAS3_EDGE_HOME", str(tmp_path / "home"))
     with pytest.raises(UserError, match="no default bundle"):
         bundle.user_bundle(None)
+
+
+def test_written_files_and_versions_are_readable_by_others(tmp_path, small_net):
+    vdir = bundle.save_version(tmp_path / "b", small_net)
+    assert vdir.stat().st_mode & 0o005 == 0o005
+    assert (vdir / "model.json").stat().st_mode & 0o004
