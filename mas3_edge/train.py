@@ -72,7 +72,7 @@ def _load_ckpt(ckpt: Path, net: SegNet, opt: torch.optim.Optimizer) -> int:
         t = safetensors.torch.load_file(str(ckpt / "last.safetensors"))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot resume from {ckpt}: {e}") from None
-    if info["architecture"] != net.config.to_dict():
+    if ModelConfig.from_dict(info["architecture"]) != net.config:
         raise UserError(f"checkpoint in {ckpt} is for another architecture; remove it or drop --resume")
     net.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
     state = opt.state_dict()
