@@ -32,7 +32,7 @@ PRESETS = {"small": dict(n_train=600, n_adapt=200, n_val=60, train_steps=1000, w
 METHODS = {
     "bn": dict(method="bn"), "tent": dict(method="tent"), "pseudo": dict(method="pseudo"),
     "mas3-paper": dict(method="mas3-paper"),
-    "mas3 (all params, lr 1e-4)": dict(method="mas3", params="all", lr=1e-4),
+    "mas3 (all params at lr 1e-4)": dict(method="mas3", params="all", lr=1e-4),
     "mas3 (pooled SWD)": dict(method="mas3", class_conditional=False),
     "mas3 (bn mix 0.5)": dict(method="mas3", bn_mix=0.5),
     "mas3": dict(method="mas3"),
@@ -70,9 +70,12 @@ def main() -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=100, help="adaptation steps per round")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma list of rows")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma list of rows (names as in METHODS)")
     ap.add_argument("--out", type=Path, default=Path("bench_quality.json"))
     args = ap.parse_args()
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown:
+        sys.exit(f"error: unknown rows {unknown}; choose from {list(METHODS)}")
     p, t0 = PRESETS[args.preset], time.perf_counter()
     data = make_data(p)
     root = Path(tempfile.mkdtemp(prefix="mas3-quality-"))
@@ -100,10 +103,10 @@ def main() -> None:
                                 "health_after": r.report["health_after"]}
             shutil.rmtree(r.version_dir)
         print(f"{name} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+        report = {"preset": args.preset, "device": _device_name(args.device), "adapt_steps": args.steps,
+                  "results": results, "seconds": time.perf_counter() - t0}
+        args.out.write_text(json.dumps(report, indent=1))  # after every row: a stopped run keeps its rows
     shutil.rmtree(root)
-    report = {"preset": args.preset, "device": _device_name(args.device), "adapt_steps": args.steps,
-              "results": results, "seconds": time.perf_counter() - t0}
-    args.out.write_text(json.dumps(report, indent=1))
     print(table(results))
 
 
