@@ -13,6 +13,16 @@ from mas3_edge.model import SegNet
 SMALL = ModelConfig(preset="tiny", width_mult=0.25, aspp_channels=16, input_size=(64, 128))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tests share two cores with whatever else runs: one torch thread is as fast on these tiny
+    inputs and avoids OpenMP workers spinning against each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def small_net() -> SegNet:
     torch.manual_seed(0)

@@ -1,5 +1,4 @@
 """The bundle shipped in the package: small, complete, self-consistent."""
-import numpy as np
 
 from export.onnx import check_onnx, run_onnx
 from mas3_edge import bundle, prototypes

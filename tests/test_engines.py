@@ -21,15 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """See test_export.py: one thread is as fast on tiny inputs and immune to a busy neighbour."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def two_versions(tmp_path_factory) -> tuple[Path, Path]:
     """A bundle with two exported versions of differently initialised small networks."""

@@ -18,16 +18,6 @@ from mas3_edge.errors import UserError
 from mas3_edge.model import Deployed
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny inputs gain nothing from two threads, and on a shared 2-core box the spinning of a
-    second OpenMP thread makes every conv many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
     """One exported small version shared by the read-only tests (an export costs ~1 s)."""

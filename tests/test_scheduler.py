@@ -61,15 +61,9 @@ def existing_v2_round(**_):
 # ---------------------------------------------------------------- helpers
 
 def wait_result(s: Scheduler, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
     s.tick(100, 100)  # starts the round
     assert s.busy
-    while time.monotonic() < deadline:
-        done = s.tick(100, 100)
-        if done is not None:
-            return done
-        time.sleep(0.05)
-    raise AssertionError("the round never finished")
+    return _finish(s, timeout)
 
 
 def frames_dir(tmp_path: Path) -> Path:

@@ -11,7 +11,6 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from test_camera import write_video
 
@@ -22,15 +21,6 @@ from runtime.frame_buffer import BufferPolicy
 from runtime.service import Service, ServiceConfig
 from runtime.subscriber import Subscriber
 from runtime.swap import EngineSwapper
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tests share two cores with whatever else runs; one torch thread avoids OpenMP spin fights."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def second_version(root: Path, seed: int = 1, serve: bool = False) -> str:
