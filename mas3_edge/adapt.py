@@ -6,8 +6,10 @@ h labels with confidence > τ, and minimise CE(h(z_p), y_p) + λ·SWD(ψ(φ(x_t)
 
 `mas3-paper` is Algorithm 1 as written (pooled SWD, frozen batch-norm statistics). `mas3`, the
 default, adds what the measurements in the README call for: batch-norm statistics re-estimated on
-the target frames, class-conditional matching (each predicted class against its own component,
-so the SWD cannot fall by swapping classes) and an L2 anchor to the starting weights.
+the target frames and mixed 70/30 with the SOURCE model's (AdaBN alone costs the source domain
+points, and round after round would forget it), class-conditional matching (each predicted class
+against its own component, so the SWD cannot fall by swapping classes) and only the normalisation
+layers' affine parameters updated.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ def configure(net: SegNet, cfg: AdaptConfig) -> list[nn.Parameter]:
 
 @torch.no_grad()
 def reestimate_bn(net: SegNet, frames: np.ndarray, mix: float = 1.0, batch_size: int = 8) -> None:
-    """AdaBN: batch-norm running mean/var := (1 - mix) · current + mix · average over `frames`."""
+    """AdaBN: batch-norm statistics := the moments of the mixture (1 - mix) · current + mix · `frames`."""
     bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
     saved = [(m.momentum, m.training, m.running_mean.clone(), m.running_var.clone()) for m in bns]
     for m in bns:
@@ -55,10 +57,21 @@ def reestimate_bn(net: SegNet, frames: np.ndarray, mix: float = 1.0, batch_size:
     for i in range(0, len(frames), batch_size):
         net.embed(net.normalize(to_device(frames[i:i + batch_size], net)))
     for m, (momentum, training, mean, var) in zip(bns, saved):
+        # moments of the mixture: the variance gains the spread between the two means
+        gap = (m.running_mean - mean) ** 2
         m.running_mean.mul_(mix).add_(mean, alpha=1 - mix)
-        m.running_var.mul_(mix).add_(var, alpha=1 - mix)
+        m.running_var.mul_(mix).add_(var, alpha=1 - mix).add_(gap, alpha=mix * (1 - mix))
         m.momentum = momentum
         m.train(training)
+
+
+@torch.no_grad()
+def take_bn_stats(net: SegNet, other: SegNet) -> None:
+    """Copy `other`'s batch-norm running statistics into `net` (same architecture)."""
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m, o in zip(bns, [m for m in other.modules() if isinstance(m, nn.BatchNorm2d)]):
+        m.running_mean.copy_(o.running_mean)
+        m.running_var.copy_(o.running_var)
 
 
 def to_device(frames: np.ndarray, net: nn.Module) -> torch.Tensor:
@@ -196,6 +209,8 @@ def run_round(bundle, frames, cfg: AdaptConfig, version: str | None = None, guar
     train, held = split_holdout(frames)
     before = health.signals(base.net.to(device), proto, held)
     net = bundles.load_version(bundle, base.id).net.to(device)
+    if cfg.bn == "adapt" and cfg.bn_mix < 1:  # mix with the SOURCE statistics: round after round
+        take_bn_stats(net, bundles.lineage_root(base).net)  # cannot walk away from the source
     if cfg.method in ("mas3", "mas3-paper"):
         log = adapt(net, proto, train, cfg, progress)
     else:

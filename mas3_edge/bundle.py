@@ -133,6 +133,14 @@ def load_version(bundle: Path, version: str | None = None, verify: bool = True) 
     return Version(vdir, meta, net.eval())
 
 
+def lineage_root(version: Version) -> Version:
+    """The version's first ancestor (the trained source model), following `parent` links."""
+    root, meta = version.path.parent.parent, version.meta
+    while meta.get("parent") and is_version_dir(_versions_dir(root) / meta["parent"]):
+        meta = read_meta(_versions_dir(root) / meta["parent"])
+    return version if meta is version.meta else load_version(root, meta["version"])
+
+
 def list_versions(root: Path) -> list[dict]:
     """Metadata of every readable version, oldest first; corrupt ones are skipped with a warning."""
     out = []

@@ -1,5 +1,6 @@
 """Adaptation: Algorithm 1's pieces, the round on a bundle, and the no-label-read guarantee."""
 import builtins
+import copy
 import json
 
 import cv2
@@ -64,7 +65,7 @@ def test_pseudo_dataset_keeps_only_confident_samples(small_net):
 def test_steps_reduce_the_adaptation_loss(small_net, method):
     proto = _fit_proto(small_net)
     frames = np.random.default_rng(3).integers(0, 255, (6, 64, 128, 3), dtype=np.uint8)
-    cfg = AdaptConfig(method=method, steps=30, lr=1e-3, tau=0.0, swd_pixels=512, gmm_samples=1024)
+    cfg = AdaptConfig(method=method, steps=30, lr=1e-3, tau=0.0, swd_pixels=512, gmm_samples=1024, bn_mix=1.0)
     log = adapt.adapt(small_net, proto, frames, cfg)["steps"]
     first, last = np.mean([s["swd"] for s in log[:5]]), np.mean([s["swd"] for s in log[-5:]])
     assert last < first and all(np.isfinite(s["loss"]) for s in log)
@@ -81,6 +82,37 @@ def test_round_writes_an_unserved_child_version_with_a_report(proto_bundle, tmp_
     assert set(report["health_before"]) == {"swd", "swd_class", "entropy", "prior_kl"}
     child = bundle.load_version(proto_bundle, "v0002")
     P.load(child.prototypes_path, child.meta)  # the GMM travels with the lineage and still validates
+
+
+def _bn_means(net):
+    return torch.cat([m.running_mean for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)])
+
+
+def test_bn_mix_gives_the_moments_of_the_mixture(small_net):
+    frames = np.random.default_rng(0).integers(0, 255, (4, 64, 128, 3), dtype=np.uint8)
+    first_bn = lambda net: next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    target = copy.deepcopy(small_net)
+    adapt.reestimate_bn(target, frames)  # the frames' own statistics
+    mt, vt = first_bn(target).running_mean, first_bn(target).running_var
+    bn = first_bn(small_net)
+    with torch.no_grad():
+        bn.running_mean.fill_(5.0), bn.running_var.fill_(2.0)
+    adapt.reestimate_bn(small_net, frames, mix=0.25)
+    assert torch.allclose(bn.running_mean, 0.75 * 5.0 + 0.25 * mt, atol=1e-4)
+    assert torch.allclose(bn.running_var, 0.75 * 2.0 + 0.25 * vt + 0.25 * 0.75 * (mt - 5.0) ** 2, rtol=1e-4)
+
+
+def test_a_mixed_round_mixes_with_the_source_statistics_not_the_parents(proto_bundle, tmp_path):
+    source = bundle.load_version(proto_bundle)
+    drifted = copy.deepcopy(source.net)
+    with torch.no_grad():
+        for m in drifted.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.add_(3.0)
+    child = bundle.save_version(proto_bundle, drifted, parent=source)
+    frames = np.random.default_rng(2).integers(0, 255, (6, 64, 128, 3), dtype=np.uint8)
+    res = adapt.run_round(proto_bundle, frames, AdaptConfig(steps=0, bn_mix=0.0), child.name, guard=False)
+    assert torch.allclose(_bn_means(bundle.load_version(res.version_dir).net), _bn_means(source.net))
 
 
 def test_adaptation_never_reads_a_label(proto_bundle, tmp_path, monkeypatch):

@@ -91,7 +91,8 @@ def adapt_cmd(
     swd_pixels: Annotated[int, typer.Option(help="Target embeddings subsampled per step.")] = 65536,
     params: Annotated[Optional[str], typer.Option(help="Updated parameters: all, encdec or norm.")] = None,
     bn: Annotated[Optional[str], typer.Option(help="Batch-norm statistics: adapt (re-estimate) or frozen.")] = None,
-    bn_mix: Annotated[float, typer.Option(help="Weight of the target BN statistics (1 = AdaBN).")] = 1.0,
+    bn_mix: Annotated[Optional[float], typer.Option(
+        help="Weight of the target BN statistics, the rest the source model's (1 = AdaBN; default: the method's).")] = None,
     class_conditional: Annotated[Optional[bool], typer.Option(
         "--class-conditional/--pooled", help="Match each predicted class to its own component, or pool.")] = None,
     anchor: Annotated[float, typer.Option(help="L2 pull towards the starting weights.")] = 0.0,
