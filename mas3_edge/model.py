@@ -136,5 +136,20 @@ class Deployed(nn.Module):
         return outputs + (z,) if self.with_embedding else outputs
 
 
-def build_model(config: ModelConfig) -> SegNet:
-    return SegNet(config)
+@torch.no_grad()
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """Inference only: fold every conv → batch-norm pair into the conv (weight and bias), in place.
+
+    One pass over each activation fewer, the same function (the BN statistics are frozen in eval).
+    """
+    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            conv, bn = seq[i], seq[i + 1]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C,)
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+                conv.weight.mul_(scale.view(-1, 1, 1, 1))
+                conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+                seq[i + 1] = nn.Identity()
+    return module
+

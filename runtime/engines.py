@@ -167,9 +167,10 @@ class TorchEngine(Engine):
     """PyTorch: eager fp32 (CPU or GPU), eager fp16 autocast, or fp16 autocast in CUDA graphs."""
 
     def __init__(self, net, version: str, device: str = "cpu", mode: str = "eager",
-                 batch_sizes: tuple[int, ...] = (1,)):
+                 batch_sizes: tuple[int, ...] = (1,), channels_last: bool = True, fold_bn: bool = True,
+                 compile: bool = False):
         import torch
-        from mas3_edge.model import Deployed
+        from mas3_edge.model import Deployed, fold_batchnorm
         self._torch, self.device, self.mode = torch, torch.device(device), mode
         if mode not in ("eager", "fp16", "cudagraph"):
             raise UserError(f"torch mode must be eager, fp16 or cudagraph, got {mode!r}")
@@ -180,11 +181,16 @@ class TorchEngine(Engine):
         self.name = {"eager": "torch", "fp16": "torch-fp16", "cudagraph": "torch-cudagraph"}[mode]
         self.version, self.input_size = version, tuple(net.config.input_size)
         self.precision = "fp32" if mode == "eager" else "fp16"
-        model = Deployed(copy.deepcopy(net)).eval()  # a snapshot: adapting `net` later must not change what serves
+        # a snapshot (adapting `net` later must not change what serves), batch norm folded into the convs
+        model = copy.deepcopy(net).eval()
+        model = Deployed(fold_batchnorm(model) if fold_bn else model).eval()
         if self.device.type == "cuda":  # NHWC convs are what tensor cores want; the input already is NHWC
-            model = model.to(self.device, memory_format=torch.channels_last)
+            model = model.to(self.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        if compile:  # Inductor fuses the pointwise work; compiling takes a minute or more
+            model = torch.compile(model)
         self._model, self._lock, self._graphs = model, threading.Lock(), {}
         extra = {"eager": "", "fp16": ", fp16 autocast", "cudagraph": ", fp16 autocast, CUDA graphs"}[mode]
+        extra += ("" if channels_last or self.device.type != "cuda" else ", NCHW") + (", compiled" if compile else "")
         self.provider = f"torch {torch.__version__} {self.device}{extra}"
         warm = batch_sizes if self.device.type == "cuda" else batch_sizes[:1]
         for b in warm:  # CUDA graph capture, cuDNN/oneDNN kernel choice: in the loader, not the first frame

@@ -140,6 +140,19 @@ def test_torch_engine_serves_a_snapshot_of_the_network(small_net):
     assert np.array_equal(engine.infer(_frames(1))[1], conf)  # ...the engine serves what it loaded
 
 
+def test_folding_batch_norm_keeps_the_function(small_net):
+    from mas3_edge.model import Deployed
+    with torch.no_grad():  # statistics far from the identity, so a wrong fold shows
+        for m in small_net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(), m.running_var.uniform_(0.2, 3.0), m.weight.normal_(), m.bias.normal_()
+    frames = _frames(2)
+    with torch.no_grad():
+        ref_classes, ref_conf = Deployed(small_net)(torch.from_numpy(frames))
+    classes, conf = TorchEngine(small_net, "v-test").infer(frames)
+    assert (classes == ref_classes.numpy()).mean() >= 0.999 and np.abs(conf - ref_conf.numpy()).max() < 1e-4
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kind", ["torch", "torch-fp16", "torch-cudagraph"])
