@@ -271,6 +271,40 @@ def _corrupt_fn() -> Callable:
     return corrupt
 
 
+def _check_corruption(corruption: str, severity: int) -> None:
+    if corruption not in CORRUPTIONS:
+        raise UserError(f"unknown corruption {corruption!r}; choose one of {', '.join(CORRUPTIONS)}")
+    if not 1 <= int(severity) <= 5:
+        raise UserError(f"severity must be 1..5, got {severity}")
+
+
+def corrupt_images(images: np.ndarray, corruption: str, severity: int,
+                   seed: int | None = None) -> np.ndarray:
+    """One corruption at one severity on RGB uint8 images (N, H, W, 3); returns the same shape
+    and dtype. imagecorruptions draws its noise from numpy's global RNG: with a seed, that RNG is
+    seeded for this call and restored after it, so the result is reproducible and the caller's
+    random stream is left as it was."""
+    _check_corruption(corruption, severity)
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
+        raise UserError(f"corruptions take uint8 RGB images (N, H, W, 3), got {images.dtype} "
+                        f"{images.shape}")
+    if min(images.shape[1:3]) < 32:  # imagecorruptions' own limit, said in our words
+        raise UserError(f"{images.shape[1]}x{images.shape[2]} is too small; corruptions need at "
+                        "least 32x32 pixels")
+    corrupt, state = _corrupt_fn(), None
+    if seed is not None:
+        state = np.random.get_state()
+        np.random.seed(seed)
+    try:
+        out = [np.asarray(corrupt(img, corruption_name=corruption, severity=int(severity)))
+               for img in images]
+    finally:
+        if state is not None:
+            np.random.set_state(state)
+    return np.clip(np.stack(out), 0, 255).astype(np.uint8)
+
+
 def corrupt_folder(src: str | Path, dst: str | Path, corruption: str, severity: int,
                    progress: bool = True) -> int:
     """Write every image of src with one corruption to dst/images/NAME.png and copy the labels
@@ -278,19 +312,15 @@ def corrupt_folder(src: str | Path, dst: str | Path, corruption: str, severity: 
 
     All 15 corruptions run with imagecorruptions-imaug 1.1.5 and numpy 2.x; glass_blur compiles
     with numba on its first call (about 5 s) and is then fast."""
-    if corruption not in CORRUPTIONS:
-        raise UserError(f"unknown corruption {corruption!r}; choose one of {', '.join(CORRUPTIONS)}")
-    if not 1 <= int(severity) <= 5:
-        raise UserError(f"severity must be 1..5, got {severity}")
-    corrupt, images = _corrupt_fn(), list_images(src)
-    dst = Path(dst)
+    _check_corruption(corruption, severity)  # before any file is read or written
+    images, dst = list_images(src), Path(dst)
     for p in track(images, len(images), f"{corruption} s{severity}") if progress else images:
         img = read_image(p)
-        if min(img.shape[:2]) < 32:  # imagecorruptions' own limit, said with the file's name
-            raise UserError(f"{p}: {img.shape[0]}x{img.shape[1]} is too small; corruptions need "
-                            "at least 32x32 pixels")
-        out = np.asarray(corrupt(img, corruption_name=corruption, severity=int(severity)))
-        write_png(dst / "images" / f"{p.stem}.png", np.clip(out, 0, 255).astype(np.uint8))
+        try:
+            out = corrupt_images(img[None], corruption, severity)[0]
+        except UserError as e:  # e.g. too small: say which file
+            raise UserError(f"{p}: {e}") from None
+        write_png(dst / "images" / f"{p.stem}.png", out)
         label = Path(src) / "labels" / f"{p.stem}.png"
         if label.is_file():
             atomic_write(dst / "labels" / label.name, label.read_bytes())

@@ -9,7 +9,7 @@ import sys
 import typer
 
 from ..errors import UserError
-from . import core, data, export, runtime
+from . import bench, core, data, export, runtime
 
 app = typer.Typer(help="MAS3 source-free adaptation of segmentation models, on the device.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -17,6 +17,7 @@ core.register(app)
 export.register(app)
 runtime.register(app)
 app.add_typer(data.app, name="data")
+app.add_typer(bench.app, name="bench")
 
 
 def main() -> None:

@@ -1,0 +1,117 @@
+"""tools/bench_quality.py: corruption targets, the oracle, the floor checks, a smoke run of main and
+`mas3-edge bench quality`."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mas3_edge import data, synth
+from mas3_edge.cli import app, bench
+from mas3_edge.errors import UserError
+from mas3_edge.model import SegNet
+
+from conftest import SMALL
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import bench_quality as bq  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+pytest.importorskip("imagecorruptions")
+
+
+def test_corrupt_images_keeps_shape_and_dtype_and_changes_the_image():
+    images = np.stack([synth.render("realistic", i, (32, 64))[0] for i in range(2)])
+    out = data.corrupt_images(images, "gaussian_noise", 3, seed=1)
+    assert out.shape == images.shape and out.dtype == np.uint8
+    assert not np.array_equal(out, images)
+    assert np.array_equal(out, data.corrupt_images(images, "gaussian_noise", 3, seed=1))  # seeded: reproducible
+    with pytest.raises(UserError, match="unknown corruption"):
+        data.corrupt_images(images, "sunburn", 3)
+    with pytest.raises(UserError, match="32x32"):
+        data.corrupt_images(images[:, :16], "fog", 3)
+
+
+def test_targets_parse_and_expand():
+    assert bq.parse_target("realistic+fog@3") == ("realistic", "fog", 3)
+    assert bq.parse_target("night") == ("night", None, 0)
+    assert len(bq.resolve_targets("corruptions")) == 30 and len(bq.resolve_targets("all")) == 35
+    assert bq.resolve_targets("synthetic,realistic,realistic+fog@5")[-2:] == ["label-shift", "realistic+fog@5"]
+    for bad in ("realistic+sunburn@3", "realistic+fog@6", "moon", "realistic+fog"):
+        with pytest.raises(UserError, match="unknown target"):
+            bq.resolve_targets(bad)
+
+
+def test_corruption_targets_keep_the_labels_of_their_base():
+    d = bq.make_data(dict(n_train=1, n_adapt=2, n_val=2, workers=1), ["realistic+contrast@5"])
+    for part in ("adapt", "val"):
+        corrupted, base = d[f"realistic+contrast@5-{part}"], d[f"realistic-{part}"]
+        assert np.array_equal(corrupted.y, base.y) and corrupted.x.shape == base.x.shape
+        assert np.abs(corrupted.x.astype(int) - base.x).mean() > 5
+    assert "night-adapt" not in d  # only the bases the targets need are rendered
+
+
+def test_oracle_fine_tunes_the_source_model_not_a_fresh_one():
+    torch.manual_seed(1)
+    src = SegNet(SMALL)
+    pairs = bq.Pairs([synth.render("realistic", i, SMALL.input_size) for i in range(4)])
+    s = types.SimpleNamespace(src=types.SimpleNamespace(net=src), data={"t-adapt": pairs}, device="cpu")
+    tuned = dict(bq.oracle(s, "t", steps=2).named_parameters())
+    moved = max((tuned[k] - p).abs().max().item() for k, p in src.named_parameters())
+    assert 0 < moved < 0.01  # two Adam steps at lr 2e-3 from the source weights; a fresh init is far away
+
+
+def _results(gains_by_row: dict[str, list[float]]) -> dict:
+    targets = ["a", "b", "c"]
+    res = {"source-only": {t: {"target": 20.0, "source": 30.0} for t in targets}}
+    for row, g in gains_by_row.items():
+        res[row] = {t: {"target": 20.0 + x, "source": 30.0, "accepted": True} for t, x in zip(targets, g)}
+    return res
+
+
+def test_floor_checks_pass_and_fail():
+    ok = bq.floor_checks(_results({"bn": [1, 1, 1], "tent": [2, 0, 1], "pseudo": [0, 0, 0], "mas3": [3, -0.5, 2]}))
+    assert [c["pass"] for c in ok] == [True, True]
+    low = bq.floor_checks(_results({"bn": [1, 1, 1], "mas3": [5, -0.6, 5]}))
+    assert [c["pass"] for c in low] == [False, True] and "b -0.60" in low[0]["detail"]
+    behind = bq.floor_checks(_results({"bn": [1, 1, 1], "tent": [2, 2, 2], "mas3": [2, 2, 1.9]}))
+    assert [c["pass"] for c in behind] == [True, False]
+    assert "FAIL" in bq.format_checks(behind) and bq.floor_checks(_results({"bn": [1, 1, 1]})) == []
+    assert not bq.floor_checks(_results({"mas3": [1, 1, 1]}))[1]["pass"]  # no baseline run: not a pass
+
+
+def test_table_marks_the_oracle_as_a_reference():
+    text = bq.table(_results({"oracle": [10, 10, 10], "bn": [1, 1, 1]}))
+    assert "| oracle (reference) |" in text and "(+10.00)" in text and "| bn |" in text and "+1.00 |" in text
+
+
+def test_smoke_run_writes_json_and_pngs(tmp_path, capsys):
+    out, target = tmp_path / "q.json", "realistic+fog@3"
+    bq.main(["--preset", "smoke", "--device", "cpu", "--steps", "1", "--methods", "bn", "--targets", target,
+             "--out", str(out), "--plot-dir", str(tmp_path / "png")])
+    report = json.loads(out.read_text())
+    assert report["targets"] == [target] and report["oracle"]["steps"] == bq.PRESETS["smoke"]["oracle_steps"]
+    assert set(report["results"]) == {"source-only", "oracle", "bn"}
+    for row in report["results"].values():
+        assert set(row) == {target} and 0 <= row[target]["target"] <= 100
+    for name in ("quality_miou.png", "quality_gain.png"):
+        assert (tmp_path / "png" / name).read_bytes()[:8] == PNG
+    assert "| oracle (reference) |" in capsys.readouterr().out
+
+
+def test_cli_bench_quality_passes_help_through_and_says_when_tools_are_missing(monkeypatch):
+    runner = CliRunner()
+    res = runner.invoke(app, ["bench", "quality", "--help"])
+    assert res.exit_code == 0, res.output
+    assert "--targets" in res.output and "--oracle-steps" in res.output  # the script's own help
+    res = runner.invoke(app, ["bench", "quality", "--methods", "nope"])
+    assert res.exit_code == 2 and "unknown rows" in res.output  # arguments reach the script
+    monkeypatch.setattr(bench, "tool_path", lambda name: Path("/nowhere/tools") / f"{name}.py")
+    res = runner.invoke(app, ["bench", "quality"])
+    assert isinstance(res.exception, UserError) and "source checkout" in str(res.exception)
