@@ -6,7 +6,7 @@
 
 Every row is runtime.engines.TorchEngine (uint8 frames in host memory -> class map and
 confidence in host memory), built with one setting changed from the shipped default (CUDA
-graphs, fp16 autocast, batch norm folded, NHWC). Rows are timed in interleaved rounds.
+graphs, fp16 autocast, batch norm folded, NCHW). Rows are timed in interleaved rounds.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from bench_inference import time_calls  # noqa: E402  (tools/ is on sys.path whe
 VARIANTS = {
     "cudagraph (shipped)": dict(mode="cudagraph"),
     "cudagraph, BN not folded": dict(mode="cudagraph", fold_bn=False),
-    "cudagraph, NCHW": dict(mode="cudagraph", channels_last=False),
+    "cudagraph, NHWC": dict(mode="cudagraph", channels_last=True),
     "fp16 eager": dict(mode="fp16"),
 }
 
