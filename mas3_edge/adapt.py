@@ -6,10 +6,10 @@ h labels with confidence > τ, and minimise CE(h(z_p), y_p) + λ·SWD(ψ(φ(x_t)
 
 `mas3-paper` is Algorithm 1 as written (pooled SWD, frozen batch-norm statistics). `mas3`, the
 default, adds what the measurements in the README call for: batch-norm statistics re-estimated on
-the target frames and mixed 70/30 with the SOURCE model's (AdaBN alone costs the source domain
-points, and round after round would forget it), class-conditional matching (each predicted class
-against its own component, so the SWD cannot fall by swapping classes) and only the normalisation
-layers' affine parameters updated.
+the target frames, class-conditional matching (each predicted class against its own component, so
+the SWD cannot fall by swapping classes), only the normalisation layers updated, and the source
+model's normalisation kept beside the adapted one (model.DomainNorm): each frame is normalised
+with the set its stem statistics are closer to, so adapting to a target does not cost the source.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import AdaptConfig
 from .errors import UserError
-from .model import SegNet
+from .model import DomainNorm, SegNet
 from .prototypes import Prototypes
 from .swd import sliced_wasserstein
 
@@ -66,12 +66,11 @@ def reestimate_bn(net: SegNet, frames: np.ndarray, mix: float = 1.0, batch_size:
 
 
 @torch.no_grad()
-def take_bn_stats(net: SegNet, other: SegNet) -> None:
-    """Copy `other`'s batch-norm running statistics into `net` (same architecture)."""
-    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-    for m, o in zip(bns, [m for m in other.modules() if isinstance(m, nn.BatchNorm2d)]):
-        m.running_mean.copy_(o.running_mean)
-        m.running_var.copy_(o.running_var)
+def source_stats_to_running(net: SegNet) -> None:
+    """Start from the source model's statistics (kept in every DomainNorm along the lineage)."""
+    for m in net.modules():
+        if isinstance(m, DomainNorm):
+            m.running_mean.copy_(m.source_mean), m.running_var.copy_(m.source_var)
 
 
 def to_device(frames: np.ndarray, net: nn.Module) -> torch.Tensor:
@@ -141,6 +140,7 @@ def adapt(net: SegNet, proto: Prototypes, frames: np.ndarray, cfg: AdaptConfig, 
     if cfg.bn == "adapt":
         reestimate_bn(net, frames, cfg.bn_mix)
     params = configure(net, cfg)
+    net.routing = False  # the steps adapt the target's statistics, whatever a frame would be routed to
     anchor = [p.detach().clone() for p in net.parameters()]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     log = []
@@ -155,18 +155,23 @@ def adapt(net: SegNet, proto: Prototypes, frames: np.ndarray, cfg: AdaptConfig, 
         log.append({"step": step, "loss": parts["loss"].item(), **{k: parts[k] for k in ("ce", "swd", "gmm_kept")}})
         if progress:
             progress(1)
-    finish(net, frames, source_stats if cfg.bn == "adapt" else None, cfg.bn_mix)
+    net.routing = True
+    finish(net, frames, source_stats if cfg.bn == "adapt" else None, cfg.bn_mix, cfg.keep_source)
     return {"steps": log, "seconds": time.perf_counter() - t0}
 
 
-def finish(net: SegNet, frames: np.ndarray, source_stats: list[torch.Tensor] | None, mix: float) -> None:
-    """End a round: with `source_stats`, re-estimate BN statistics from the source ones (the
-    weights moved, so the statistics follow them); freeze the net in eval mode."""
+def finish(net: SegNet, frames: np.ndarray, source_stats: list[torch.Tensor] | None, mix: float,
+           keep_source: bool = True) -> None:
+    """End a round: with `source_stats`, re-estimate BN statistics from the round's starting ones
+    (the weights moved, so the statistics follow them); without `keep_source` the adapted set also
+    becomes the source set (one set, no per-frame routing: the baselines as published); eval mode."""
     if source_stats is not None:
         with torch.no_grad():
             for b, s in zip(net.buffers(), source_stats):
                 b.copy_(s)
         reestimate_bn(net, frames, mix)
+    if not keep_source:
+        net.mark_source()
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -210,7 +215,7 @@ def run_round(bundle, frames, cfg: AdaptConfig, version: str | None = None, guar
     before = health.signals(base.net.to(device), proto, held)
     net = bundles.load_version(bundle, base.id).net.to(device)
     if cfg.bn == "adapt" and cfg.bn_mix < 1:  # mix with the SOURCE statistics: round after round
-        take_bn_stats(net, bundles.lineage_root(base).net)  # cannot walk away from the source
+        source_stats_to_running(net)  # cannot walk away from the source
     if cfg.method in ("mas3", "mas3-paper"):
         log = adapt(net, proto, train, cfg, progress)
     else:

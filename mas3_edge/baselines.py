@@ -45,6 +45,7 @@ def run_baseline(net: SegNet, frames: np.ndarray, cfg: AdaptConfig) -> dict:
     if cfg.method in ("bn", "tent"):
         reestimate_bn(net, frames, cfg.bn_mix)
     if cfg.method == "bn":
+        finish(net, frames, None, cfg.bn_mix, cfg.keep_source)
         return {"steps": []}
     bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
     for p in net.parameters():
@@ -58,7 +59,7 @@ def run_baseline(net: SegNet, frames: np.ndarray, cfg: AdaptConfig) -> dict:
     opt = torch.optim.Adam(params, lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     loss_fn = _tent_loss if cfg.method == "tent" else _pseudo_loss
-    log = []
+    log, net.routing = [], False  # the steps see the statistics being adapted, not a per-frame choice
     for step in range(cfg.steps):
         idx = torch.randint(0, len(frames), (cfg.batch_size,), generator=gen)
         loss = loss_fn(net, to_device(frames[idx.numpy()], net))
@@ -66,6 +67,7 @@ def run_baseline(net: SegNet, frames: np.ndarray, cfg: AdaptConfig) -> dict:
         loss.backward()
         opt.step()
         log.append({"step": step, "loss": loss.item()})
+    net.routing = True
     # Tent's steps overwrite the running statistics with batch ones: re-estimate them
-    finish(net, frames, source_stats if cfg.method == "tent" else None, cfg.bn_mix)
+    finish(net, frames, source_stats if cfg.method == "tent" else None, cfg.bn_mix, cfg.keep_source)
     return {"steps": log}

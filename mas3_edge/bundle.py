@@ -127,18 +127,10 @@ def load_version(bundle: Path, version: str | None = None, verify: bool = True) 
     net = SegNet(ModelConfig.from_dict(meta["architecture"]))
     try:
         state = safetensors.torch.load_file(str(wpath))
-        net.load_state_dict(state)
+        net.load_weights(state)
     except Exception as e:  # safetensors raises several types for a bad file
         raise UserError(f"cannot load weights {wpath}: {str(e).splitlines()[0]}") from None
     return Version(vdir, meta, net.eval())
-
-
-def lineage_root(version: Version) -> Version:
-    """The version's first ancestor (the trained source model), following `parent` links."""
-    root, meta = version.path.parent.parent, version.meta
-    while meta.get("parent") and is_version_dir(_versions_dir(root) / meta["parent"]):
-        meta = read_meta(_versions_dir(root) / meta["parent"])
-    return version if meta is version.meta else load_version(root, meta["version"])
 
 
 def list_versions(root: Path) -> list[dict]:

@@ -19,10 +19,46 @@ def _ch(c: float, mult: float) -> int:
     return max(8, int(round(c * mult / 8)) * 8)
 
 
+class DomainNorm(nn.BatchNorm2d):
+    """Batch norm that keeps two sets: the source model's statistics and affine parameters
+    (source_*) and the adapted ones (running_mean/var, weight, bias). In eval each frame is
+    normalised with the set SegNet routed it to (`route`: (B, 1, 1, 1), 1 = adapted), so adapting
+    to a new domain does not cost the old one. Training (and route None) uses the adapted set."""
+
+    SETS = (("source_mean", "running_mean"), ("source_var", "running_var"), ("source_weight", "weight"),
+            ("source_bias", "bias"))
+
+    def __init__(self, channels: int):
+        super().__init__(channels)
+        for src, _ in self.SETS:
+            self.register_buffer(src, torch.ones(channels) if src in ("source_var", "source_weight")
+                                 else torch.zeros(channels))
+        self.route: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or self.route is None:
+            return super().forward(x)
+        w = self.route
+        mean, var, weight, bias = (  # each (B, C, 1, 1): the frame's set (w is 0 or 1: exact)
+            getattr(self, s).view(1, -1, 1, 1) * (1 - w) + getattr(self, a).view(1, -1, 1, 1) * w
+            for s, a in self.SETS)
+        scale = weight * torch.rsqrt(var + self.eps)
+        return torch.addcmul(bias - mean * scale, x, scale)
+
+    @torch.no_grad()
+    def mark_source(self) -> None:
+        for s, a in self.SETS:
+            getattr(self, s).copy_(getattr(self, a))
+
+    def routed(self) -> bool:
+        """Whether the two sets differ (an adapted model); equal sets fold like plain batch norm."""
+        return not all(torch.equal(getattr(self, s), getattr(self, a)) for s, a in self.SETS)
+
+
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1, groups: int = 1,
             act: bool = True) -> nn.Sequential:
     pad = dilation * (k - 1) // 2
-    layers = [nn.Conv2d(cin, cout, k, stride, pad, dilation, groups, bias=False), nn.BatchNorm2d(cout)]
+    layers = [nn.Conv2d(cin, cout, k, stride, pad, dilation, groups, bias=False), DomainNorm(cout)]
     return nn.Sequential(*layers, nn.ReLU6(inplace=True)) if act else nn.Sequential(*layers)
 
 
@@ -94,6 +130,7 @@ class SegNet(nn.Module):
         self.encoder = Encoder(config.width_mult, config.depth, config.expansion)
         self.decoder = Decoder(self.encoder.out_channels, config.aspp_channels, config.embed_dim)
         self.head = nn.Conv2d(config.embed_dim, config.num_classes, 1)
+        self.routing = True  # per-frame choice of normalisation statistics in eval (off while adapting)
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1) * 255, persistent=False)
 
@@ -108,7 +145,45 @@ class SegNet(nn.Module):
         """(B, 3, H, W) normalised -> z (B, D, H/8, W/8)."""
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % 8 or x.shape[3] % 8:
             raise UserError(f"expected input (B, 3, H, W) with H and W multiples of 8, got {tuple(x.shape)}")
+        route = self.route(x) if self.routing and not self.training else None
+        for m in self.modules():
+            if isinstance(m, DomainNorm):
+                m.route = route
         return self.decoder(self.encoder(x))
+
+    @torch.no_grad()
+    def route(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Per frame, 1 if the stem's channel statistics are at least as close (Gaussian KL) to the
+        adapted set as to the source set, else 0: (B, 1, 1, 1). Cheap: one 3×3 conv on the input.
+        None (the adapted set everywhere) when the stem was folded for inference: its sets were equal."""
+        conv, bn = self.encoder.layers[0][0], self.encoder.layers[0][1]
+        if not isinstance(bn, DomainNorm):
+            return None
+        h = conv(x)  # (B, C, H/2, W/2)
+        m = h.mean((2, 3))
+        v = ((h - m[:, :, None, None]) ** 2).mean((2, 3)) + bn.eps
+
+        def kl(mu, var):  # KL(N(m, v) || N(mu, var)), summed over channels
+            var = var + bn.eps
+            return 0.5 * (v / var + (m - mu) ** 2 / var - 1 + torch.log(var / v)).sum(1)
+        adapted = kl(bn.running_mean, bn.running_var) <= kl(bn.source_mean, bn.source_var)
+        return adapted.to(x.dtype).view(-1, 1, 1, 1)
+
+    def mark_source(self) -> None:
+        """Make the current statistics the source set (a freshly trained model)."""
+        for m in self.modules():
+            if isinstance(m, DomainNorm):
+                m.mark_source()
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """load_state_dict, accepting files written before DomainNorm (no source set: it is the current one)."""
+        renames = {f".{src}": f".{adapted}" for src, adapted in DomainNorm.SETS}
+        for key in self.state_dict():
+            suffix = "." + key.rsplit(".", 1)[-1]
+            old = key[: -len(suffix)] + renames.get(suffix, suffix)
+            if suffix in renames and key not in state and old in state:
+                state = {**state, key: state[old]}
+        self.load_state_dict(state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised -> logits (B, K, H, W)."""
@@ -138,14 +213,16 @@ class Deployed(nn.Module):
 
 @torch.no_grad()
 def fold_batchnorm(module: nn.Module) -> nn.Module:
-    """Inference only: fold every conv → batch-norm pair into the conv (weight and bias), in place.
+    """Inference only: fold every conv → batch-norm pair into the conv (weight and bias), in place;
+    a DomainNorm with two different sets stays (it picks per frame).
 
     One pass over each activation fewer, the same function (the BN statistics are frozen in eval).
     """
     for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
         for i in range(len(seq) - 1):
             conv, bn = seq[i], seq[i + 1]
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) \
+                    and not (isinstance(bn, DomainNorm) and bn.routed()):  # two sets: per-frame, cannot fold
                 scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C,)
                 bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
                 conv.weight.mul_(scale.view(-1, 1, 1, 1))

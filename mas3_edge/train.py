@@ -74,7 +74,7 @@ def _load_ckpt(ckpt: Path, net: SegNet, opt: torch.optim.Optimizer) -> int:
         raise UserError(f"cannot resume from {ckpt}: {e}") from None
     if ModelConfig.from_dict(info["architecture"]) != net.config:
         raise UserError(f"checkpoint in {ckpt} is for another architecture; remove it or drop --resume")
-    net.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+    net.load_weights({k[6:]: v for k, v in t.items() if k.startswith("model.")})
     state = opt.state_dict()
     for key, v in t.items():
         if key.startswith("adam."):
@@ -114,4 +114,5 @@ def train(dataset, model_cfg: ModelConfig, cfg: TrainConfig, bundle: Path, ckpt:
         if (step + 1) % cfg.ckpt_every == 0:
             _save_ckpt(ckpt, net, opt, step + 1)
     info = {"kind": "source", "source": source_name, "train": {**asdict(cfg), "final_loss": float(np.mean(losses[-50:])) if losses else None}}
+    net.mark_source()  # the trained statistics are the source set that adaptation keeps
     return save_version(bundle, net.cpu().eval(), info=info)

@@ -1,14 +1,16 @@
 """Shared fixtures: small bundles built in a temporary folder (no training, no network)."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from mas3_edge import bundle
+from mas3_edge import adapt, bundle
 from mas3_edge.config import ModelConfig
-from mas3_edge.model import SegNet
+from mas3_edge.model import DomainNorm, SegNet
 
 SMALL = ModelConfig(preset="tiny", width_mult=0.25, aspp_channels=16, input_size=(64, 128))
 
@@ -35,3 +37,22 @@ def tiny_bundle(tmp_path: Path, small_net: SegNet) -> Path:
     root = tmp_path / "bundle"
     bundle.save_version(root, small_net, info={"note": "untrained test model"})
     return root
+
+
+def two_domains(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Bright frames and dark ones: far apart in the stem's channel statistics."""
+    rng = np.random.default_rng(seed)
+    bright = rng.integers(120, 256, (3, 64, 128, 3), dtype=np.uint8)
+    dark = rng.integers(0, 100, (3, 64, 128, 3), dtype=np.uint8)
+    return bright, dark
+
+
+def adapted_copy(net: SegNet, frames: np.ndarray) -> SegNet:
+    """A copy whose adapted set follows `frames` (statistics and affine); the source set stays."""
+    out = copy.deepcopy(net)
+    adapt.reestimate_bn(out, frames)
+    with torch.no_grad():
+        for m in out.modules():
+            if isinstance(m, DomainNorm):
+                m.weight.mul_(1.1), m.bias.add_(0.05)
+    return out.eval()

@@ -11,6 +11,7 @@ import torch
 from mas3_edge import adapt, bundle, prototypes as P
 from mas3_edge.config import AdaptConfig
 from mas3_edge.errors import UserError
+from mas3_edge.model import DomainNorm
 
 
 def _fit_proto(net, seed=0):
@@ -113,6 +114,19 @@ def test_a_mixed_round_mixes_with_the_source_statistics_not_the_parents(proto_bu
     frames = np.random.default_rng(2).integers(0, 255, (6, 64, 128, 3), dtype=np.uint8)
     res = adapt.run_round(proto_bundle, frames, AdaptConfig(steps=0, bn_mix=0.0), child.name, guard=False)
     assert torch.allclose(_bn_means(bundle.load_version(res.version_dir).net), _bn_means(source.net))
+
+
+@pytest.mark.parametrize("method, two_sets", [("mas3", True), ("bn", False)])
+def test_only_mas3_rounds_keep_the_source_normalisation_beside_the_adapted(proto_bundle, method, two_sets):
+    frames = np.random.default_rng(4).integers(0, 255, (6, 64, 128, 3), dtype=np.uint8)
+    cfg = AdaptConfig(method=method, steps=1, tau=0.0, swd_pixels=256, gmm_samples=512)
+    res = adapt.run_round(proto_bundle, frames, cfg, guard=False)
+    norms = lambda net: [m for m in net.modules() if isinstance(m, DomainNorm)]
+    child, source = norms(bundle.load_version(res.version_dir).net), norms(bundle.load_version(proto_bundle).net)
+    assert any(m.routed() for m in child) == two_sets
+    if two_sets:  # the source set is the parent's, byte for byte
+        assert all(torch.equal(c.source_mean, s.running_mean) and torch.equal(c.source_weight, s.weight)
+                   for c, s in zip(child, source))
 
 
 def test_adaptation_never_reads_a_label(proto_bundle, tmp_path, monkeypatch):

@@ -108,6 +108,20 @@ def test_a_broken_graph_pass_falls_back_to_a_verified_graph(tiny_bundle, monkeyp
     assert res.report["parity"]["onnxruntime-cpu"]["class_agreement"] >= 0.999
 
 
+def test_a_model_with_two_normalisation_sets_exports_with_its_routing(small_net, tmp_path):
+    from conftest import adapted_copy, two_domains
+    from mas3_edge import adapt
+    from runtime.engines import load_engine
+    bright, dark = two_domains(2)
+    adapt.reestimate_bn(small_net, bright)
+    small_net.mark_source()
+    vdir = bundle.save_version(tmp_path / "b", adapted_copy(small_net, dark))
+    xonnx.export_onnx(vdir)  # raises if ONNX Runtime and PyTorch disagree
+    frames = np.concatenate([bright, dark])
+    ort, ref = load_engine(vdir, "onnxruntime", "cpu").infer(frames), load_engine(vdir, "torch", "cpu").infer(frames)
+    assert (ort[0] == ref[0]).mean() >= 0.999 and np.abs(ort[1] - ref[1]).max() < 1e-3
+
+
 def test_export_with_embedding(tiny_bundle):
     res = xonnx.export_onnx(tiny_bundle, with_embedding=True, simplify=False)
     frames = np.zeros((2, 64, 128, 3), np.uint8)

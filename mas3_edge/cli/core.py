@@ -96,6 +96,8 @@ def adapt_cmd(
     class_conditional: Annotated[Optional[bool], typer.Option(
         "--class-conditional/--pooled", help="Match each predicted class to its own component, or pool.")] = None,
     anchor: Annotated[float, typer.Option(help="L2 pull towards the starting weights.")] = 0.0,
+    keep_source: Annotated[Optional[bool], typer.Option(
+        "--keep-source/--one-set", help="Keep the source BN statistics too, chosen per frame (default: the method's).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Use only the newest N frames.")] = None,
     guard: Annotated[bool, typer.Option(help="Reject a round that worsens the health signals.")] = True,
     serve: Annotated[bool, typer.Option(help="Serve the new version when accepted.")] = True,
@@ -107,7 +109,7 @@ def adapt_cmd(
     from ..config import AdaptConfig
     cfg = AdaptConfig(method=method, steps=steps, batch_size=batch_size, lr=lr, lam=lam, tau=tau,
                       n_projections=projections, swd_pixels=swd_pixels, params=params, bn=bn, bn_mix=bn_mix,
-                      class_conditional=class_conditional, anchor=anchor, seed=seed)
+                      class_conditional=class_conditional, anchor=anchor, keep_source=keep_source, seed=seed)
     res = adapt.run_round(bundle, buffer, cfg, version=version, guard=guard, limit=limit)
     hb, ha = res.report["health_before"], res.report["health_after"]
     table(f"adaptation round ({method}, {len(res.report.get('steps', []))} steps, "
