@@ -75,6 +75,11 @@ def _results(gains_by_row: dict[str, list[float]]) -> dict:
     return res
 
 
+def test_every_row_can_be_named_in_the_comma_separated_methods_list():
+    for name in bq.METHODS:
+        assert "," not in name and name.strip() == name
+
+
 def test_floor_checks_pass_and_fail():
     ok = bq.floor_checks(_results({"bn": [1, 1, 1], "tent": [2, 0, 1], "pseudo": [0, 0, 0], "mas3": [3, -0.5, 2]}))
     assert [c["pass"] for c in ok] == [True, True]
