@@ -15,7 +15,7 @@ Engines that read model.onnx only accept the file export verified against this v
 weights (export.onnx.check_onnx). Loading keeps no global state and does its slow work (engine
 build, CUDA graph capture, warm-up) in the constructor, so the runtime can build the next
 engine in a background thread and swap it in between frames; `infer` is safe to call from
-several threads (GPU engines serialise on a lock).
+several threads (the PyTorch engines serialise on a lock).
 """
 from __future__ import annotations
 
@@ -204,8 +204,8 @@ class TorchEngine(Engine):
 
     def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch
-        if self.device.type == "cpu":
-            with torch.inference_mode():
+        if self.device.type == "cpu":  # the lock: a forward pass sets each DomainNorm's per-frame route
+            with self._lock, torch.inference_mode():
                 classes, conf = self._model(torch.from_numpy(frames))
             return classes.numpy(), conf.numpy()
         with self._lock, torch.cuda.device(self.device):
