@@ -2,6 +2,8 @@
 # Every GPU check and benchmark in one call, as the device lease wants (results under $OUT):
 #   OUT=gpu_out bash tools/gpu_checks.sh
 # 1) GPU tests, 2) inference timings alone on the GPU, 3) the quality benchmarks in parallel.
+# Wheels the GPU machine lacks go in .whl/ beforehand (git-ignored), e.g. for its Python 3.12:
+#   pip download -d .whl --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 matplotlib tqdm
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT/r"; R="$OUT/r"
 export PYTHONPATH=$PWD MPLBACKEND=Agg OMP_NUM_THREADS=1
