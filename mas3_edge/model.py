@@ -145,21 +145,22 @@ class SegNet(nn.Module):
         """(B, 3, H, W) normalised -> z (B, D, H/8, W/8)."""
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % 8 or x.shape[3] % 8:
             raise UserError(f"expected input (B, 3, H, W) with H and W multiples of 8, got {tuple(x.shape)}")
-        route = self.route(x) if self.routing and not self.training else None
+        stem, rest = self.encoder.layers[0], self.encoder.layers[1:]
+        h = stem[0](x)  # the stem conv, run once: its output also routes the frame
+        route = self.route(h) if self.routing and not self.training else None
         for m in self.modules():
             if isinstance(m, DomainNorm):
                 m.route = route
-        return self.decoder(self.encoder(x))
+        return self.decoder(rest(stem[1:](h)))
 
     @torch.no_grad()
-    def route(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Per frame, 1 if the stem's channel statistics are at least as close (Gaussian KL) to the
-        adapted set as to the source set, else 0: (B, 1, 1, 1). Cheap: one 3×3 conv on the input.
+    def route(self, h: torch.Tensor) -> torch.Tensor | None:
+        """Per frame, 1 if the stem conv's output `h` (B, C, H/2, W/2) has channel statistics at
+        least as close (Gaussian KL) to the adapted set as to the source set, else 0: (B, 1, 1, 1).
         None (the adapted set everywhere) when the stem was folded for inference: its sets were equal."""
-        conv, bn = self.encoder.layers[0][0], self.encoder.layers[0][1]
+        bn = self.encoder.layers[0][1]
         if not isinstance(bn, DomainNorm):
             return None
-        h = conv(x)  # (B, C, H/2, W/2)
         m = h.mean((2, 3))
         v = ((h - m[:, :, None, None]) ** 2).mean((2, 3)) + bn.eps
 
@@ -167,7 +168,7 @@ class SegNet(nn.Module):
             var = var + bn.eps
             return 0.5 * (v / var + (m - mu) ** 2 / var - 1 + torch.log(var / v)).sum(1)
         adapted = kl(bn.running_mean, bn.running_var) <= kl(bn.source_mean, bn.source_var)
-        return adapted.to(x.dtype).view(-1, 1, 1, 1)
+        return adapted.to(h.dtype).view(-1, 1, 1, 1)
 
     def mark_source(self) -> None:
         """Make the current statistics the source set (a freshly trained model)."""
