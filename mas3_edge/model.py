@@ -38,12 +38,16 @@ class DomainNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or self.route is None:
             return super().forward(x)
-        w = self.route
-        mean, var, weight, bias = (  # each (B, C, 1, 1): the frame's set (w is 0 or 1: exact)
-            getattr(self, s).view(1, -1, 1, 1) * (1 - w) + getattr(self, a).view(1, -1, 1, 1) * w
-            for s, a in self.SETS)
+        (s_scale, s_shift), (a_scale, a_shift) = (self._affine(*(getattr(self, pair[i]) for pair in self.SETS))
+                                                   for i in (0, 1))  # each (C,): source, adapted
+        w, view = self.route, (1, -1, 1, 1)  # w is 0 or 1, so the blend is exact
+        scale = s_scale.view(view) * (1 - w) + a_scale.view(view) * w  # (B, C, 1, 1): the frame's set
+        shift = s_shift.view(view) * (1 - w) + a_shift.view(view) * w
+        return torch.addcmul(shift, x, scale)
+
+    def _affine(self, mean, var, weight, bias) -> tuple[torch.Tensor, torch.Tensor]:
         scale = weight * torch.rsqrt(var + self.eps)
-        return torch.addcmul(bias - mean * scale, x, scale)
+        return scale, bias - mean * scale
 
     @torch.no_grad()
     def mark_source(self) -> None:
