@@ -67,3 +67,10 @@ def test_a_tiny_stream_end_to_end(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "| bn |" in printed and "floors for mas3: a_no_round_below_source_only pass" in printed
+
+
+@pytest.mark.parametrize("argv, message", [(["--methods", "nope"], "unknown rows"), (["--rounds", "0"], "rounds")])
+def test_bad_options_end_in_one_error_line_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench_continual.main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -139,10 +139,14 @@ class Setup:
         t0, self.p, self.device = time.perf_counter(), PRESETS[preset_name], device
         self.data = make_data(self.p, targets)
         self.root = Path(tempfile.mkdtemp(prefix="mas3-quality-"))
-        train.train(self.data["source-train"], preset("tiny"), train.TrainConfig(steps=self.p["train_steps"]),
-                    self.root, self.root / "ckpt", device=device)
-        self.src = bundle.load_version(self.root)
-        self.proto = prototypes.fit(self.src.net, self.data["source-train"], device=device)
+        try:
+            train.train(self.data["source-train"], preset("tiny"), train.TrainConfig(steps=self.p["train_steps"]),
+                        self.root, self.root / "ckpt", device=device)
+            self.src = bundle.load_version(self.root)
+            self.proto = prototypes.fit(self.src.net, self.data["source-train"], device=device)
+        except BaseException:  # a failed or interrupted setup leaves no temporary bundle behind
+            self.close()
+            raise
         prototypes.save(self.proto, self.src.prototypes_path, self.src.meta["source_sha256"], "synth:synthetic")
         log(f"source model and prototypes ready ({time.perf_counter() - t0:.0f} s)")
 
