@@ -7,9 +7,11 @@ h labels with confidence > τ, and minimise CE(h(z_p), y_p) + λ·SWD(ψ(φ(x_t)
 `mas3-paper` is Algorithm 1 as written (pooled SWD, frozen batch-norm statistics). `mas3`, the
 default, adds what the measurements in the README call for: batch-norm statistics re-estimated on
 the target frames, class-conditional matching (each predicted class against its own component, so
-the SWD cannot fall by swapping classes), only the normalisation layers updated, and the source
-model's normalisation kept beside the adapted one (model.DomainNorm): each frame is normalised
-with the set its stem statistics are closer to, so adapting to a target does not cost the source.
+the SWD cannot fall by swapping classes) over the target pixels predicted with confidence >= 0.9
+only, only the normalisation layers updated (Adam 1e-3), each step's batch normalised with its own
+statistics, and the source model's normalisation kept beside the adapted one (model.DomainNorm):
+each frame is normalised with the set its stem statistics are closer to, so adapting to a target
+does not cost the source.
 """
 from __future__ import annotations
 
@@ -113,7 +115,11 @@ def mas3_step(net: SegNet, proto: Prototypes, images: torch.Tensor, cfg: AdaptCo
     z = net.embed(net.normalize(images))  # (B, D, h, w)
     zt = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B*h*w, D)
     with torch.no_grad():
-        pred = net.head(z).argmax(1).flatten()
+        conf, pred = (t.flatten() for t in torch.softmax(net.head(z), 1).max(1))
+    if cfg.target_conf > 0:  # only confident pixels are matched to their class's component
+        keep = conf >= cfg.target_conf
+        if keep.sum() >= MIN_CLASS_PIXELS:
+            zt, pred = zt[keep], pred[keep]
     if zt.shape[0] > cfg.swd_pixels:
         idx = torch.randperm(zt.shape[0], generator=generator)[: cfg.swd_pixels].to(zt.device)
         zt, pred = zt[idx], pred[idx]
@@ -139,8 +145,12 @@ def adapt(net: SegNet, proto: Prototypes, frames: np.ndarray, cfg: AdaptConfig, 
     source_stats = [b.clone() for b in net.buffers()]
     if cfg.bn == "adapt":
         reestimate_bn(net, frames, cfg.bn_mix)
+    frozen_stats = [b.clone() for b in net.buffers()]
     params = configure(net, cfg)
     net.routing = False  # the steps adapt the target's statistics, whatever a frame would be routed to
+    for m in net.modules() if cfg.batch_stats else ():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()  # each step's batch normalised with its own statistics (they drift the running ones)
     anchor = [p.detach().clone() for p in net.parameters()]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     log = []
@@ -156,6 +166,9 @@ def adapt(net: SegNet, proto: Prototypes, frames: np.ndarray, cfg: AdaptConfig, 
         if progress:
             progress(1)
     net.routing = True
+    with torch.no_grad():
+        for b, s in zip(net.buffers(), frozen_stats):
+            b.copy_(s)
     finish(net, frames, source_stats if cfg.bn == "adapt" else None, cfg.bn_mix, cfg.keep_source)
     return {"steps": log, "seconds": time.perf_counter() - t0}
 

@@ -72,6 +72,39 @@ def test_steps_reduce_the_adaptation_loss(small_net, method):
     assert last < first and all(np.isfinite(s["loss"]) for s in log)
 
 
+@pytest.mark.parametrize("batch_stats", [True, False])
+def test_batch_statistics_in_the_steps_leave_frozen_statistics_alone(small_net, batch_stats):
+    proto = _fit_proto(small_net)
+    frames = np.random.default_rng(5).integers(0, 255, (4, 64, 128, 3), dtype=np.uint8)
+    modes, before = [], _bn_means(small_net).clone()
+    bn = next(m for m in small_net.modules() if isinstance(m, DomainNorm))
+    bn.register_forward_pre_hook(lambda m, x: modes.append(m.training))
+    cfg = AdaptConfig(method="mas3", bn="frozen", batch_stats=batch_stats, steps=3, tau=0.0, swd_pixels=256,
+                      gmm_samples=512)
+    adapt.adapt(small_net, proto, frames, cfg)
+    assert modes == [batch_stats] * 3  # each step normalised with its batch's statistics, or the running ones
+    assert torch.equal(_bn_means(small_net), before)  # and bn="frozen" keeps them as they were
+
+
+def test_only_confident_target_pixels_enter_the_swd(small_net, monkeypatch):
+    proto = _fit_proto(small_net)
+    frames = np.random.default_rng(6).integers(0, 255, (2, 64, 128, 3), dtype=np.uint8)
+    with torch.no_grad():
+        conf = torch.softmax(small_net.head(small_net.embed(small_net.normalize(torch.from_numpy(frames)))), 1)
+    conf = conf.amax(1)  # on the embedding grid, where the SWD is taken
+    threshold = float(conf.median())  # about half the pixels pass
+    seen = []
+    real = adapt.swd_loss
+    monkeypatch.setattr(adapt, "swd_loss", lambda zt, *a: (seen.append(zt.detach()), real(zt, *a))[1])
+    cfg = AdaptConfig(method="mas3", bn="frozen", batch_stats=False, target_conf=threshold, steps=1, batch_size=2,
+                      tau=0.0, swd_pixels=1 << 20, gmm_samples=512)
+    monkeypatch.setattr(torch, "randint", lambda *a, **k: torch.tensor([0, 1]))  # the step sees both frames
+    adapt.adapt(small_net, proto, frames, cfg)
+    with torch.no_grad():
+        kept = torch.softmax(small_net.head(seen[0][:, :, None, None]).flatten(1), 1).amax(1)
+    assert (kept >= threshold - 1e-6).all() and 0 < len(kept) < conf.numel()
+
+
 def test_round_writes_an_unserved_child_version_with_a_report(proto_bundle, tmp_path):
     frames = _frames_folder(tmp_path / "frames", with_labels=False)
     cfg = AdaptConfig(steps=3, tau=0.0, swd_pixels=256, gmm_samples=512)

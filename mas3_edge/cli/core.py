@@ -95,6 +95,11 @@ def adapt_cmd(
         help="Weight of the target BN statistics, the rest the source model's (1 = AdaBN; default: the method's).")] = None,
     class_conditional: Annotated[Optional[bool], typer.Option(
         "--class-conditional/--pooled", help="Match each predicted class to its own component, or pool.")] = None,
+    target_conf: Annotated[Optional[float], typer.Option(
+        help="Only target pixels predicted at least this confidently enter the SWD (default: the method's).")] = None,
+    batch_stats: Annotated[Optional[bool], typer.Option(
+        "--batch-stats/--running-stats", help="mas3: normalise each step's batch with its own statistics, "
+        "or with the running ones (default: the method's).")] = None,
     anchor: Annotated[float, typer.Option(help="L2 pull towards the starting weights.")] = 0.0,
     keep_source: Annotated[Optional[bool], typer.Option(
         "--keep-source/--one-set", help="Keep the source BN statistics too, chosen per frame (default: the method's).")] = None,
@@ -109,7 +114,8 @@ def adapt_cmd(
     from ..config import AdaptConfig
     cfg = AdaptConfig(method=method, steps=steps, batch_size=batch_size, lr=lr, lam=lam, tau=tau,
                       n_projections=projections, swd_pixels=swd_pixels, params=params, bn=bn, bn_mix=bn_mix,
-                      class_conditional=class_conditional, anchor=anchor, keep_source=keep_source, seed=seed)
+                      class_conditional=class_conditional, anchor=anchor, keep_source=keep_source,
+                      batch_stats=batch_stats, target_conf=target_conf, seed=seed)
     res = adapt.run_round(bundle, buffer, cfg, version=version, guard=guard, limit=limit)
     hb, ha = res.report["health_before"], res.report["health_after"]
     table(f"adaptation round ({method}, {len(res.report.get('steps', []))} steps, "
