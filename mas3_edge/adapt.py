@@ -7,11 +7,11 @@ h labels with confidence > τ, and minimise CE(h(z_p), y_p) + λ·SWD(ψ(φ(x_t)
 `mas3-paper` is Algorithm 1 as written (pooled SWD, frozen batch-norm statistics). `mas3`, the
 default, adds what the measurements in the README call for: batch-norm statistics re-estimated on
 the target frames, class-conditional matching (each predicted class against its own component, so
-the SWD cannot fall by swapping classes) over the target pixels predicted with confidence >= 0.9
-only, only the normalisation layers updated (Adam 1e-3), each step's batch normalised with its own
-statistics, and the source model's normalisation kept beside the adapted one (model.DomainNorm):
-each frame is normalised with the set its stem statistics are closer to, so adapting to a target
-does not cost the source.
+the SWD cannot fall by swapping classes), only the normalisation layers updated, and the source
+model's normalisation kept beside the adapted one (model.DomainNorm): each frame is normalised
+with the set its stem statistics are closer to, so adapting to a target does not cost the source.
+Opt-in: `batch_stats` (each step's batch normalised with its own statistics, as Tent does) and
+`target_conf` (only target pixels predicted at least that confidently enter the SWD).
 """
 from __future__ import annotations
 
@@ -166,7 +166,7 @@ def adapt(net: SegNet, proto: Prototypes, frames: np.ndarray, cfg: AdaptConfig, 
         if progress:
             progress(1)
     net.routing = True
-    with torch.no_grad():
+    with torch.no_grad():  # batch statistics in the steps moved the running ones: back to where they were
         for b, s in zip(net.buffers(), frozen_stats):
             b.copy_(s)
     finish(net, frames, source_stats if cfg.bn == "adapt" else None, cfg.bn_mix, cfg.keep_source)

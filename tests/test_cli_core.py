@@ -54,7 +54,8 @@ def _cli(*args):
     (["adapt", "--buffer", "{root}/frames", "--bundle", "{root}/bundle", "--method", "magic"], "unknown method"),
     (["adapt", "--buffer", "{root}/frames", "--bundle", "{root}/bundle", "--tau", "1.5"], "tau must be"),
     (["adapt", "--buffer", "{root}/frames", "--bundle", "{root}/bundle", "--target-conf", "1"], "target confidence"),
-    (["adapt", "--buffer", "{root}/frames", "--bundle", "{root}/bundle", "--batch-size", "1"], "--batch-size must be"),
+    (["adapt", "--buffer", "{root}/frames", "--bundle", "{root}/bundle", "--batch-stats", "--batch-size", "1"],
+     "--batch-size must be"),
     (["eval", "--data", "{root}/frames", "--bundle", "{root}/bundle"], "label missing"),
     (["train", "--data", "{root}/src", "--bundle", "{root}/b2", "--preset", "huge"], "unknown model preset"),
 ])
