@@ -16,6 +16,7 @@ Opt-in: `batch_stats` (each step's batch normalised with its own statistics, as 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -73,6 +74,25 @@ def source_stats_to_running(net: SegNet) -> None:
     for m in net.modules():
         if isinstance(m, DomainNorm):
             m.running_mean.copy_(m.source_mean), m.running_var.copy_(m.source_var)
+
+
+@contextmanager
+def stepping(net: SegNet, batch_stats: bool):
+    """The mode of a round's gradient steps (mas3 and the baselines): no per-frame routing (the
+    steps adapt the target's set); with `batch_stats`, each batch normalised with its own
+    statistics, and the running statistics the steps drift put back afterwards."""
+    saved = [b.clone() for b in net.buffers()] if batch_stats else []
+    net.routing = False
+    for m in net.modules() if batch_stats else ():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+    try:
+        yield
+    finally:
+        net.routing = True
+        with torch.no_grad():
+            for b, s in zip(net.buffers(), saved):
+                b.copy_(s)
 
 
 def to_device(frames: np.ndarray, net: nn.Module) -> torch.Tensor:
@@ -145,30 +165,23 @@ def adapt(net: SegNet, proto: Prototypes, frames: np.ndarray, cfg: AdaptConfig, 
     source_stats = [b.clone() for b in net.buffers()]
     if cfg.bn == "adapt":
         reestimate_bn(net, frames, cfg.bn_mix)
-    frozen_stats = [b.clone() for b in net.buffers()]
     params = configure(net, cfg)
-    net.routing = False  # the steps adapt the target's statistics, whatever a frame would be routed to
-    for m in net.modules() if cfg.batch_stats else ():
-        if isinstance(m, nn.BatchNorm2d):
-            m.train()  # each step's batch normalised with its own statistics (they drift the running ones)
     anchor = [p.detach().clone() for p in net.parameters()]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     log = []
-    for step in range(cfg.steps):
-        idx = torch.randint(0, len(frames), (cfg.batch_size,), generator=gen)
-        parts = mas3_step(net, proto, to_device(frames[idx.numpy()], net), cfg, gen, anchor)
-        if not torch.isfinite(parts["loss"]):
-            raise UserError(f"adaptation loss became {parts['loss'].item()} at step {step}; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        opt.step()
-        log.append({"step": step, "loss": parts["loss"].item(), **{k: parts[k] for k in ("ce", "swd", "gmm_kept")}})
-        if progress:
-            progress(1)
-    net.routing = True
-    with torch.no_grad():  # batch statistics in the steps moved the running ones: back to where they were
-        for b, s in zip(net.buffers(), frozen_stats):
-            b.copy_(s)
+    with stepping(net, cfg.batch_stats):
+        for step in range(cfg.steps):
+            idx = torch.randint(0, len(frames), (cfg.batch_size,), generator=gen)
+            parts = mas3_step(net, proto, to_device(frames[idx.numpy()], net), cfg, gen, anchor)
+            if not torch.isfinite(parts["loss"]):
+                raise UserError(f"adaptation loss became {parts['loss'].item()} at step {step}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            opt.step()
+            log.append({"step": step, "loss": parts["loss"].item(),
+                        **{k: parts[k] for k in ("ce", "swd", "gmm_kept")}})
+            if progress:
+                progress(1)
     finish(net, frames, source_stats if cfg.bn == "adapt" else None, cfg.bn_mix, cfg.keep_source)
     return {"steps": log, "seconds": time.perf_counter() - t0}
 

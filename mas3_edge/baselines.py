@@ -12,9 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .adapt import finish, reestimate_bn, to_device
+from .adapt import configure, finish, reestimate_bn, stepping, to_device
 from .config import AdaptConfig
 from .labels import IGNORE
 from .model import SegNet
@@ -47,27 +46,18 @@ def run_baseline(net: SegNet, frames: np.ndarray, cfg: AdaptConfig) -> dict:
     if cfg.method == "bn":
         finish(net, frames, None, cfg.bn_mix, cfg.keep_source)
         return {"steps": []}
-    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-    for p in net.parameters():
-        p.requires_grad_(cfg.method == "pseudo")
-    params = [p for m in bns for p in (m.weight, m.bias)] if cfg.method == "tent" else list(net.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    net.eval()
-    for m in bns if cfg.method == "tent" else []:
-        m.train()  # Tent normalises with the batch's own statistics
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = torch.optim.Adam(configure(net, cfg), lr=cfg.lr)  # tent: the norms' affine; pseudo: all weights
     gen = torch.Generator().manual_seed(cfg.seed)
     loss_fn = _tent_loss if cfg.method == "tent" else _pseudo_loss
-    log, net.routing = [], False  # the steps see the statistics being adapted, not a per-frame choice
-    for step in range(cfg.steps):
-        idx = torch.randint(0, len(frames), (cfg.batch_size,), generator=gen)
-        loss = loss_fn(net, to_device(frames[idx.numpy()], net))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        log.append({"step": step, "loss": loss.item()})
-    net.routing = True
-    # Tent's steps overwrite the running statistics with batch ones: re-estimate them
-    finish(net, frames, source_stats if cfg.method == "tent" else None, cfg.bn_mix, cfg.keep_source)
+    log = []
+    with stepping(net, cfg.batch_stats):  # Tent normalises each batch with its own statistics
+        for step in range(cfg.steps):
+            idx = torch.randint(0, len(frames), (cfg.batch_size,), generator=gen)
+            loss = loss_fn(net, to_device(frames[idx.numpy()], net))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            log.append({"step": step, "loss": loss.item()})
+    # the weights moved: re-estimate the adapted statistics from the round's starting ones
+    finish(net, frames, source_stats if cfg.bn == "adapt" else None, cfg.bn_mix, cfg.keep_source)
     return {"steps": log}

@@ -98,8 +98,8 @@ def adapt_cmd(
     target_conf: Annotated[Optional[float], typer.Option(
         help="Only target pixels predicted at least this confidently enter the SWD (default: the method's).")] = None,
     batch_stats: Annotated[Optional[bool], typer.Option(
-        "--batch-stats/--running-stats", help="mas3: normalise each step's batch with its own statistics, "
-        "or with the running ones (default: the method's).")] = None,
+        "--batch-stats/--running-stats", help="Normalise each step's batch with its own statistics, "
+        "or with the running ones (default: the method's; tent: batch).")] = None,
     anchor: Annotated[float, typer.Option(help="L2 pull towards the starting weights.")] = 0.0,
     keep_source: Annotated[Optional[bool], typer.Option(
         "--keep-source/--one-set", help="Keep the source BN statistics too, chosen per frame (default: the method's).")] = None,
