@@ -7,9 +7,11 @@ h labels with confidence > τ, and minimise CE(h(z_p), y_p) + λ·SWD(ψ(φ(x_t)
 `mas3-paper` is Algorithm 1 as written (pooled SWD, frozen batch-norm statistics). `mas3`, the
 default, adds what the measurements in the README call for: batch-norm statistics re-estimated on
 the target frames, class-conditional matching (each predicted class against its own component, so
-the SWD cannot fall by swapping classes), only the normalisation layers updated, and the source
-model's normalisation kept beside the adapted one (model.DomainNorm): each frame is normalised
-with the set its stem statistics are closer to, so adapting to a target does not cost the source.
+the SWD cannot fall by swapping classes), only the normalisation layers updated, and a bank of
+normalisation sets (model.DomainNorm): the source model's, kept unchanged, and one per domain
+adapted to. Each frame is normalised with the set its stem statistics are closest to, and a round
+adapts the set of its chunk's domain or starts a new one (`select_set`), so adapting to one domain
+costs neither the source nor the domains before it.
 Opt-in: `batch_stats` (each step's batch normalised with its own statistics, as Tent does) and
 `target_conf` (only target pixels predicted at least that confidently enter the SWD).
 """
@@ -25,7 +27,7 @@ from torch import nn
 
 from .config import AdaptConfig
 from .errors import UserError
-from .model import DomainNorm, SegNet
+from .model import DomainNorm, SegNet, gaussian_kl
 from .prototypes import Prototypes
 from .swd import sliced_wasserstein
 
@@ -73,7 +75,31 @@ def source_stats_to_running(net: SegNet) -> None:
     """Start from the source model's statistics (kept in every DomainNorm along the lineage)."""
     for m in net.modules():
         if isinstance(m, DomainNorm):
-            m.running_mean.copy_(m.source_mean), m.running_var.copy_(m.source_var)
+            m.running_mean.copy_(m.bank[0, 0]), m.running_var.copy_(m.bank[0, 1])
+
+
+@torch.no_grad()
+def select_set(net: SegNet, frames: np.ndarray, keep: int, batch_size: int = 8) -> str:
+    """Before a round that keeps the source set: make the set of this chunk's domain the working
+    set, or start a new one from the source's. The chunk is of a set's domain when its pooled stem
+    statistics are closer to the set's (Gaussian KL) than its frames, on the median, are to the
+    chunk's own: a shift smaller than the spread within the chunk is the same domain. Returns
+    which it chose ("working", "banked N" or "new")."""
+    net.eval()
+    bn = net.encoder.layers[0][1]
+    stats = [net.stem_stats(net.encoder.layers[0][0](net.normalize(to_device(frames[i:i + batch_size], net))))
+             for i in range(0, len(frames), batch_size)]
+    m, v = (torch.cat(t) for t in zip(*stats))  # (N, C) each
+    mu = m.mean(0, keepdim=True)
+    var = (v + m ** 2).mean(0, keepdim=True) - mu ** 2  # the chunk pooled: (1, C)
+    spread = gaussian_kl(m, v, mu, var).median()
+    sets = bn.sets()  # (S + 1, 4, C): source, banked adapted sets, the working set
+    dist = gaussian_kl(mu, var, sets[:, 0], sets[:, 1] + bn.eps)[0]  # (S + 1,)
+    row = int(dist[1:].argmin()) + 1
+    if dist[row] > spread:
+        row = None
+    net.activate_set(row, keep)
+    return "new" if row is None else "working" if row == len(sets) - 1 else f"banked {row}"
 
 
 @contextmanager
@@ -240,6 +266,7 @@ def run_round(bundle, frames, cfg: AdaptConfig, version: str | None = None, guar
     train, held = split_holdout(frames)
     before = health.signals(base.net.to(device), proto, held)
     net = bundles.load_version(bundle, base.id).net.to(device)
+    chosen = select_set(net, train, cfg.max_sets) if cfg.keep_source else "one set"
     if cfg.bn == "adapt" and cfg.bn_mix < 1:  # mix with the SOURCE statistics: round after round
         source_stats_to_running(net)  # cannot walk away from the source
     if cfg.method in ("mas3", "mas3-paper"):
@@ -250,6 +277,7 @@ def run_round(bundle, frames, cfg: AdaptConfig, version: str | None = None, guar
     after = health.signals(net, proto, held) if finite else {k: float("nan") for k in before}
     ok, reason = health.accept(before, after) if finite else (False, "weights are not finite after adaptation")
     report = {"parent": base.id, "config": cfg.to_dict(), "frames": {"adapt": len(train), "holdout": len(held)},
+              "set": chosen,
               "health_before": before, "health_after": after, "accepted": ok or not guard, "reason": reason, **log}
     vdir = None
     if ok or not guard:

@@ -83,9 +83,10 @@ class AdaptConfig:
     bn: str | None = None  # frozen (paper) | adapt (re-estimate on target frames); None: the method's default
     bn_mix: float | None = None  # weight of the target BN statistics (1: AdaBN; <1 keeps part of the source's)
     class_conditional: bool | None = None  # match each predicted class to its own component
-    keep_source: bool | None = None  # keep the source statistics beside the adapted ones, chosen per frame
+    keep_source: bool | None = None  # a bank of BN sets (the source's, one per adapted domain), chosen per frame
     batch_stats: bool | None = None  # normalise each step's batch with its own statistics (as Tent does)
     target_conf: float | None = None  # only target pixels predicted at least this confidently enter the SWD
+    max_sets: int = 8  # adapted normalisation sets kept beside the source's (keep_source): one per domain
     anchor: float = 0.0  # L2 pull towards the starting weights (guards against forgetting)
     seed: int = 0
 
@@ -104,6 +105,7 @@ class AdaptConfig:
         _check(self.params in ("all", "encdec", "norm"), f"params must be all|encdec|norm, got {self.params!r}")
         _check(self.bn in ("frozen", "adapt"), f"bn must be frozen|adapt, got {self.bn!r}")
         _check(0 <= self.bn_mix <= 1, f"bn mix must be in [0, 1], got {self.bn_mix}")
+        _check(self.max_sets >= 1, f"max sets must be >= 1, got {self.max_sets}")
         _check(self.anchor >= 0, f"anchor must be >= 0, got {self.anchor}")
         _check(0 <= self.target_conf < 1, f"target confidence must be in [0, 1), got {self.target_conf}")
         _check(not self.batch_stats or self.batch_size >= 2,

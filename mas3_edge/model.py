@@ -20,43 +20,62 @@ def _ch(c: float, mult: float) -> int:
 
 
 class DomainNorm(nn.BatchNorm2d):
-    """Batch norm that keeps two sets: the source model's statistics and affine parameters
-    (source_*) and the adapted ones (running_mean/var, weight, bias). In eval each frame is
-    normalised with the set SegNet routed it to (`route`: (B, 1, 1, 1), 1 = adapted), so adapting
-    to a new domain does not cost the old one. Training (and route None) uses the adapted set."""
-
-    SETS = (("source_mean", "running_mean"), ("source_var", "running_var"), ("source_weight", "weight"),
-            ("source_bias", "bias"))
+    """Batch norm with a bank of sets beside its own. Its own set (running_mean/var, weight, bias)
+    is the working set, the one training steps update; `bank` (S, 4, C) holds the mean, var, weight
+    and bias of the source model (row 0) and of domains adapted before (rows 1..). In eval each
+    frame is normalised with the set SegNet routed it to (`route`: (B,) index into the bank's rows,
+    then S for the working set), so adapting to a new domain costs neither the source nor the
+    domains before it. Training (and route None) uses the working set."""
 
     def __init__(self, channels: int):
         super().__init__(channels)
-        for src, _ in self.SETS:
-            self.register_buffer(src, torch.ones(channels) if src in ("source_var", "source_weight")
-                                 else torch.zeros(channels))
+        zeros, ones = torch.zeros(channels), torch.ones(channels)
+        self.register_buffer("bank", torch.stack([zeros, ones, ones, zeros])[None])
         self.route: torch.Tensor | None = None
+
+    def working(self) -> torch.Tensor:
+        return torch.stack([self.running_mean, self.running_var, self.weight, self.bias])  # (4, C)
+
+    def sets(self) -> torch.Tensor:
+        """(S + 1, 4, C): the bank's rows, then the working set."""
+        return torch.cat([self.bank, self.working()[None]])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or self.route is None:
             return super().forward(x)
-        (s_scale, s_shift), (a_scale, a_shift) = (self._affine(*(getattr(self, pair[i]) for pair in self.SETS))
-                                                   for i in (0, 1))  # each (C,): source, adapted
-        w, view = self.route, (1, -1, 1, 1)  # w is 0 or 1, so the blend is exact
-        scale = s_scale.view(view) * (1 - w) + a_scale.view(view) * w  # (B, C, 1, 1): the frame's set
-        shift = s_shift.view(view) * (1 - w) + a_shift.view(view) * w
-        return torch.addcmul(shift, x, scale)
-
-    def _affine(self, mean, var, weight, bias) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, var, weight, bias = self.sets().unbind(1)  # each (S + 1, C)
         scale = weight * torch.rsqrt(var + self.eps)
-        return scale, bias - mean * scale
+        shift = bias - mean * scale
+        return torch.addcmul(shift[self.route][:, :, None, None], x, scale[self.route][:, :, None, None])
+
+    @torch.no_grad()
+    def activate(self, row: int | None, bank_working: bool, keep: int) -> None:
+        """Make bank row `row` (None: a fresh copy of the source row) the working set. The old
+        working set is banked when `bank_working`; past `keep` adapted sets (working included)
+        the least recently used is dropped."""
+        if row == len(self.bank):  # the working set already
+            return
+        rows = list(self.bank) + ([self.working()] if bank_working else [])
+        new = (rows[0] if row is None else rows.pop(row)).clone()
+        rows = rows[:1] + rows[1:][max(0, len(rows) - keep):]
+        self.bank = torch.stack(rows)
+        for field, value in zip((self.running_mean, self.running_var, self.weight, self.bias), new):
+            field.copy_(value)
 
     @torch.no_grad()
     def mark_source(self) -> None:
-        for s, a in self.SETS:
-            getattr(self, s).copy_(getattr(self, a))
+        """One set: the working set becomes the source row, and the bank holds nothing else."""
+        self.bank = self.working()[None].clone()
 
     def routed(self) -> bool:
-        """Whether the two sets differ (an adapted model); equal sets fold like plain batch norm."""
-        return not all(torch.equal(getattr(self, s), getattr(self, a)) for s, a in self.SETS)
+        """Whether any banked set differs from the working set; otherwise it folds like plain batch norm."""
+        return not all(torch.equal(row, self.working()) for row in self.bank)
+
+
+def gaussian_kl(m: torch.Tensor, v: torch.Tensor, mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """KL(N(m, v) || N(mu, var)) per channel, summed: (B, C) against (S, C) -> (B, S)."""
+    m, v = m[:, None], v[:, None]
+    return 0.5 * (v / var + (m - mu) ** 2 / var - 1 + torch.log(var / v)).sum(-1)
 
 
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1, groups: int = 1,
@@ -158,21 +177,30 @@ class SegNet(nn.Module):
         return self.decoder(rest(stem[1:](h)))
 
     @torch.no_grad()
+    def stem_stats(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-frame channel mean and variance (B, C) of the stem conv's output h (B, C, H/2, W/2)."""
+        m = h.mean((2, 3))
+        return m, ((h - m[:, :, None, None]) ** 2).mean((2, 3)) + self.encoder.layers[0][1].eps
+
+    @torch.no_grad()
     def route(self, h: torch.Tensor) -> torch.Tensor | None:
-        """Per frame, 1 if the stem conv's output `h` (B, C, H/2, W/2) has channel statistics at
-        least as close (Gaussian KL) to the adapted set as to the source set, else 0: (B, 1, 1, 1).
-        None (the adapted set everywhere) when the stem was folded for inference: its sets were equal."""
+        """Per frame, the set (index into the stem DomainNorm's `sets()`) whose statistics are
+        closest (Gaussian KL) to the stem conv's output `h`: (B,). None (the working set everywhere)
+        when the stem was folded for inference: it had one set."""
         bn = self.encoder.layers[0][1]
         if not isinstance(bn, DomainNorm):
             return None
-        m = h.mean((2, 3))
-        v = ((h - m[:, :, None, None]) ** 2).mean((2, 3)) + bn.eps
+        sets = bn.sets()
+        return gaussian_kl(*self.stem_stats(h), sets[:, 0], sets[:, 1] + bn.eps).argmin(1)
 
-        def kl(mu, var):  # KL(N(m, v) || N(mu, var)), summed over channels
-            var = var + bn.eps
-            return 0.5 * (v / var + (m - mu) ** 2 / var - 1 + torch.log(var / v)).sum(1)
-        adapted = kl(bn.running_mean, bn.running_var) <= kl(bn.source_mean, bn.source_var)
-        return adapted.to(h.dtype).view(-1, 1, 1, 1)
+    @torch.no_grad()
+    def activate_set(self, row: int | None, keep: int) -> None:
+        """Make one set the working set in every DomainNorm (`DomainNorm.activate`); the working set
+        is banked only if it was adapted (differs from the source row somewhere), the same in every layer."""
+        norms = [m for m in self.modules() if isinstance(m, DomainNorm)]
+        adapted = any(not torch.equal(m.bank[0], m.working()) for m in norms)
+        for m in norms:
+            m.activate(row, adapted, keep)
 
     def mark_source(self) -> None:
         """Make the current statistics the source set (a freshly trained model)."""
@@ -181,13 +209,17 @@ class SegNet(nn.Module):
                 m.mark_source()
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """load_state_dict, accepting files written before DomainNorm (no source set: it is the current one)."""
-        renames = {f".{src}": f".{adapted}" for src, adapted in DomainNorm.SETS}
-        for key in self.state_dict():
-            suffix = "." + key.rsplit(".", 1)[-1]
-            old = key[: -len(suffix)] + renames.get(suffix, suffix)
-            if suffix in renames and key not in state and old in state:
-                state = {**state, key: state[old]}
+        """load_state_dict, sizing each bank as the file's, and accepting files written before the
+        bank (a source set `source_*` beside the working one) or before DomainNorm (one set)."""
+        state = dict(state)
+        for name, m in self.named_modules():
+            if isinstance(m, DomainNorm):
+                key = f"{name}.bank"
+                if key not in state:
+                    working = [state[f"{name}.{k}"] for k in ("running_mean", "running_var", "weight", "bias")]
+                    source = [state.pop(f"{name}.source_{k}", w) for k, w in zip(("mean", "var", "weight", "bias"), working)]
+                    state[key] = torch.stack(source)[None]
+                m.bank = torch.empty_like(state[key])
         self.load_state_dict(state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,7 +251,7 @@ class Deployed(nn.Module):
 @torch.no_grad()
 def fold_batchnorm(module: nn.Module) -> nn.Module:
     """Inference only: fold every conv → batch-norm pair into the conv (weight and bias), in place;
-    a DomainNorm with two different sets stays (it picks per frame).
+    a DomainNorm whose sets differ stays (it picks per frame).
 
     One pass over each activation fewer, the same function (the BN statistics are frozen in eval).
     """
@@ -227,7 +259,7 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
         for i in range(len(seq) - 1):
             conv, bn = seq[i], seq[i + 1]
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) \
-                    and not (isinstance(bn, DomainNorm) and bn.routed()):  # two sets: per-frame, cannot fold
+                    and not (isinstance(bn, DomainNorm) and bn.routed()):  # sets that differ: per-frame, cannot fold
                 scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C,)
                 bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
                 conv.weight.mul_(scale.view(-1, 1, 1, 1))

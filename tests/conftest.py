@@ -47,6 +47,14 @@ def two_domains(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return bright, dark
 
 
+def domain(lo: int, hi: int, n: int = 12, seed: int = 0) -> np.ndarray:
+    """n frames of pixel values about [lo, hi), the range moved by up to 10 per frame: a domain
+    whose frames vary a little, so a chunk has a spread to be compared with."""
+    rng = np.random.default_rng(seed)
+    edges = [(max(lo + rng.integers(-10, 10), 0), min(hi + rng.integers(-10, 10), 256)) for _ in range(n)]
+    return np.stack([rng.integers(a, b, (64, 128, 3), dtype=np.uint8) for a, b in edges])
+
+
 def adapted_copy(net: SegNet, frames: np.ndarray) -> SegNet:
     """A copy whose adapted set follows `frames` (statistics and affine); the source set stays."""
     out = copy.deepcopy(net)

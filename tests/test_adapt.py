@@ -158,8 +158,29 @@ def test_only_mas3_rounds_keep_the_source_normalisation_beside_the_adapted(proto
     child, source = norms(bundle.load_version(res.version_dir).net), norms(bundle.load_version(proto_bundle).net)
     assert any(m.routed() for m in child) == two_sets
     if two_sets:  # the source set is the parent's, byte for byte
-        assert all(torch.equal(c.source_mean, s.running_mean) and torch.equal(c.source_weight, s.weight)
-                   for c, s in zip(child, source))
+        assert all(torch.equal(c.bank[0], s.working()) for c, s in zip(child, source))
+
+
+def test_each_domain_keeps_its_own_set_and_a_returning_domain_finds_it(small_net):
+    from conftest import domain
+    bright, dark, grey = domain(120, 256), domain(0, 100), domain(100, 140)
+    adapt.reestimate_bn(small_net, bright)
+    small_net.mark_source()
+    stem = lambda f: small_net.encoder.layers[0][0](small_net.normalize(torch.from_numpy(f)))
+    assert adapt.select_set(small_net, dark, keep=8) == "new"
+    adapt.reestimate_bn(small_net, dark)
+    with torch.no_grad():
+        dark_logits = small_net(small_net.normalize(torch.from_numpy(dark)))
+    assert adapt.select_set(small_net, domain(0, 100, seed=1), keep=8) == "working"  # another chunk, same domain
+    assert adapt.select_set(small_net, grey, keep=8) == "new"
+    adapt.reestimate_bn(small_net, grey)
+    assert [small_net.route(stem(f)).unique().tolist() for f in (bright, dark, grey)] == [[0], [1], [2]]
+    with torch.no_grad():  # adapting to grey left dark's set as it was
+        assert torch.equal(small_net(small_net.normalize(torch.from_numpy(dark))), dark_logits)
+    assert adapt.select_set(small_net, domain(0, 100, seed=2), keep=8) == "banked 1"
+    assert [small_net.route(stem(f)).unique().tolist() for f in (bright, dark, grey)] == [[0], [2], [1]]
+    assert adapt.select_set(small_net, bright, keep=1) == "new"  # one adapted set kept, the new one
+    assert [len(m.bank) for m in small_net.modules() if isinstance(m, DomainNorm)][0] == 1
 
 
 def test_adaptation_never_reads_a_label(proto_bundle, tmp_path, monkeypatch):

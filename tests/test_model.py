@@ -1,4 +1,4 @@
-"""model: DomainNorm's two normalisation sets, per-frame routing, folding, and old weight files."""
+"""model: DomainNorm's bank of normalisation sets, per-frame routing, folding, and old weight files."""
 from __future__ import annotations
 
 import copy
@@ -6,7 +6,7 @@ import copy
 import numpy as np
 import torch
 
-from conftest import adapted_copy, two_domains
+from conftest import adapted_copy, domain, two_domains
 from mas3_edge import adapt
 from mas3_edge.model import Deployed, DomainNorm, SegNet, fold_batchnorm
 
@@ -51,8 +51,36 @@ def test_folding_keeps_a_routed_model_routed(small_net):
 
 
 def test_weights_written_before_domain_norm_load_with_one_set(small_net):
-    old = {k: v for k, v in small_net.state_dict().items() if ".source_" not in k}
+    old = {k: v for k, v in small_net.state_dict().items() if not k.endswith(".bank")}
     net = SegNet(small_net.config)
     net.load_weights(old)
     norms = [m for m in net.modules() if isinstance(m, DomainNorm)]
     assert norms and not any(m.routed() for m in norms)
+
+
+def test_weights_written_with_a_source_set_load_it_as_the_first_row(small_net):
+    bright, dark = two_domains()
+    adapt.reestimate_bn(small_net, bright)
+    small_net.mark_source()
+    adapted = adapted_copy(small_net, dark)
+    old = {k: v for k, v in adapted.state_dict().items() if not k.endswith(".bank")}
+    for name, m in small_net.named_modules():  # the two-set format: source_* beside the working set
+        if isinstance(m, DomainNorm):
+            old.update({f"{name}.source_{k}": v for k, v in zip(("mean", "var", "weight", "bias"), m.working())})
+    net = SegNet(small_net.config)
+    net.load_weights(old)
+    assert torch.equal(_logits(net.eval(), dark), _logits(adapted, dark))
+    assert torch.equal(_logits(net, bright), _logits(adapted, bright))
+
+
+def test_banks_of_different_sizes_save_and_load(small_net, tmp_path):
+    bright, dark = two_domains()
+    adapt.reestimate_bn(small_net, bright)
+    small_net.mark_source()
+    net = adapted_copy(small_net, dark)
+    net.activate_set(None, keep=8)  # dark's set banked, a fresh one from the source's to work on
+    adapt.reestimate_bn(net, domain(100, 140))
+    assert {len(m.bank) for m in net.modules() if isinstance(m, DomainNorm)} == {2}
+    loaded = SegNet(net.config)
+    loaded.load_weights(net.state_dict())
+    assert torch.equal(_logits(loaded.eval(), dark), _logits(net, dark))

@@ -91,7 +91,7 @@ def make_version(root: Path, args: argparse.Namespace, size: tuple[int, int]) ->
     if args.bundle:
         src = bundle.load_version(args.bundle, args.version)
         net = SegNet(replace(src.net.config, input_size=size))
-        net.load_state_dict(src.net.state_dict())  # fully convolutional: the weights fit any size
+        net.load_weights(src.net.state_dict())  # fully convolutional: the weights fit any size
     else:
         torch.manual_seed(0)
         net = SegNet(replace(preset(args.preset), input_size=size))

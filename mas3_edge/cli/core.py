@@ -102,7 +102,9 @@ def adapt_cmd(
         "or with the running ones (default: the method's; tent: batch).")] = None,
     anchor: Annotated[float, typer.Option(help="L2 pull towards the starting weights.")] = 0.0,
     keep_source: Annotated[Optional[bool], typer.Option(
-        "--keep-source/--one-set", help="Keep the source BN statistics too, chosen per frame (default: the method's).")] = None,
+        "--keep-source/--one-set", help="Keep the source's BN set and one per adapted domain, chosen per frame (default: the method's).")] = None,
+    max_sets: Annotated[int, typer.Option(
+        help="With --keep-source: adapted normalisation sets kept, one per domain (least recently used dropped).")] = 8,
     limit: Annotated[Optional[int], typer.Option(help="Use only the newest N frames.")] = None,
     guard: Annotated[bool, typer.Option(help="Reject a round that worsens the health signals.")] = True,
     serve: Annotated[bool, typer.Option(help="Serve the new version when accepted.")] = True,
@@ -114,12 +116,13 @@ def adapt_cmd(
     from ..config import AdaptConfig
     cfg = AdaptConfig(method=method, steps=steps, batch_size=batch_size, lr=lr, lam=lam, tau=tau,
                       n_projections=projections, swd_pixels=swd_pixels, params=params, bn=bn, bn_mix=bn_mix,
-                      class_conditional=class_conditional, anchor=anchor, keep_source=keep_source,
+                      class_conditional=class_conditional, anchor=anchor, keep_source=keep_source, max_sets=max_sets,
                       batch_stats=batch_stats, target_conf=target_conf, seed=seed)
     res = adapt.run_round(bundle, buffer, cfg, version=version, guard=guard, limit=limit)
     hb, ha = res.report["health_before"], res.report["health_after"]
     table(f"adaptation round ({method}, {len(res.report.get('steps', []))} steps, "
-          f"{res.report['frames']['adapt']} frames + {res.report['frames']['holdout']} held out)",
+          f"{res.report['frames']['adapt']} frames + {res.report['frames']['holdout']} held out, "
+          f"normalisation set: {res.report['set']})",
           ["health signal (lower is better)", "before", "after"], [[k, hb[k], ha[k]] for k in hb])
     if not res.accepted:
         typer.echo(f"rejected: {res.reason}; the serving version is unchanged")
