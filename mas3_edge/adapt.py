@@ -6,14 +6,13 @@ h labels with confidence > τ, and minimise CE(h(z_p), y_p) + λ·SWD(ψ(φ(x_t)
 
 `mas3-paper` is Algorithm 1 as written (pooled SWD, frozen batch-norm statistics). `mas3`, the
 default, adds what the measurements in the README call for: batch-norm statistics re-estimated on
-the target frames, class-conditional matching (each predicted class against its own component, so
-the SWD cannot fall by swapping classes), only the normalisation layers updated, and a bank of
-normalisation sets (model.DomainNorm): the source model's, kept unchanged, and one per domain
-adapted to. Each frame is normalised with the set its stem statistics are closest to, and a round
-adapts the set of its chunk's domain or starts a new one (`select_set`), so adapting to one domain
-costs neither the source nor the domains before it.
-Opt-in: `batch_stats` (each step's batch normalised with its own statistics, as Tent does) and
-`target_conf` (only target pixels predicted at least that confidently enter the SWD).
+the target frames and each step's batch normalised with its own (`batch_stats`, as Tent does),
+class-conditional matching of the confidently predicted target pixels (`target_conf`: each class
+against its own component, so the SWD cannot fall by swapping classes), only the normalisation
+layers updated, and a bank of normalisation sets (model.DomainNorm): the source model's, kept
+unchanged, and one per domain adapted to. Each frame is normalised with the set its stem
+statistics are closest to, and a round adapts the set of its chunk's domain or starts a new one
+(`select_set`), so adapting to one domain costs neither the source nor the domains before it.
 """
 from __future__ import annotations
 
