@@ -85,20 +85,18 @@ def select_set(net: SegNet, frames: np.ndarray, keep: int, batch_size: int = 8) 
     chunk's own: a shift smaller than the spread within the chunk is the same domain. Returns
     which it chose ("working", "banked N" or "new")."""
     net.eval()
-    bn = net.encoder.layers[0][1]
     stats = [net.stem_stats(net.encoder.layers[0][0](net.normalize(to_device(frames[i:i + batch_size], net))))
              for i in range(0, len(frames), batch_size)]
     m, v = (torch.cat(t) for t in zip(*stats))  # (N, C) each
     mu = m.mean(0, keepdim=True)
     var = (v + m ** 2).mean(0, keepdim=True) - mu ** 2  # the chunk pooled: (1, C)
     spread = gaussian_kl(m, v, mu, var).median()
-    sets = bn.sets()  # (S + 1, 4, C): source, banked adapted sets, the working set
-    dist = gaussian_kl(mu, var, sets[:, 0], sets[:, 1] + bn.eps)[0]  # (S + 1,)
+    dist = net.set_distances(mu, var)[0]  # (S + 1,): source, banked adapted sets, the working set
     row = int(dist[1:].argmin()) + 1
     if dist[row] > spread:
         row = None
     net.activate_set(row, keep)
-    return "new" if row is None else "working" if row == len(sets) - 1 else f"banked {row}"
+    return "new" if row is None else "working" if row == len(dist) - 1 else f"banked {row}"
 
 
 @contextmanager

@@ -187,11 +187,15 @@ class SegNet(nn.Module):
         """Per frame, the set (index into the stem DomainNorm's `sets()`) whose statistics are
         closest (Gaussian KL) to the stem conv's output `h`: (B,). None (the working set everywhere)
         when the stem was folded for inference: it had one set."""
-        bn = self.encoder.layers[0][1]
-        if not isinstance(bn, DomainNorm):
+        if not isinstance(self.encoder.layers[0][1], DomainNorm):
             return None
+        return self.set_distances(*self.stem_stats(h)).argmin(1)
+
+    def set_distances(self, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Gaussian KL of channel statistics (B, C) to each set of the stem DomainNorm: (B, S + 1)."""
+        bn = self.encoder.layers[0][1]
         sets = bn.sets()
-        return gaussian_kl(*self.stem_stats(h), sets[:, 0], sets[:, 1] + bn.eps).argmin(1)
+        return gaussian_kl(m, v, sets[:, 0], sets[:, 1] + bn.eps)
 
     @torch.no_grad()
     def activate_set(self, row: int | None, keep: int) -> None:
