@@ -7,6 +7,8 @@ pool and bilinear resize are used, so the graph exports to ONNX and TensorRT as 
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -250,6 +252,52 @@ class Deployed(nn.Module):
         conf, classes = torch.softmax(logits, dim=1).max(dim=1)
         outputs = (classes.to(torch.uint8), conf)
         return outputs + (z,) if self.with_embedding else outputs
+
+
+class PerSetFolded(nn.Module):
+    """Deployed for a model with several normalisation sets, at one-set speed: one copy of the
+    network per set with that set folded into its convs, and each frame runs through the copy of
+    the set the stem routes it to (`route`, the same choice as SegNet.embed). The outputs are
+    Deployed(net)'s up to float rounding. Worth it where the per-frame blend is not fused: PyTorch
+    eager runs a routed model several times slower than a folded one."""
+
+    def __init__(self, net: SegNet):
+        super().__init__()
+        self.net = net.eval()
+        self.copies = nn.ModuleList(Deployed(fold_batchnorm(_one_set(net, s))).eval()
+                                    for s in range(len(net.encoder.layers[0][1].sets())))
+
+    @torch.no_grad()
+    def route(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) -> (B,) index of each frame's set."""
+        return self.net.route(self.net.encoder.layers[0][0](self.net.normalize(images)))
+
+    def forward(self, images: torch.Tensor):
+        route = self.route(images)
+        sets = route.unique().tolist()
+        if len(sets) == 1:
+            return self.copies[sets[0]](images)
+        outs = None
+        for s in sets:  # a mixed batch: each set's frames through their copy, put back in order
+            idx = (route == s).nonzero().squeeze(1)
+            part = self.copies[s](images[idx])
+            outs = outs or [p.new_empty((len(images), *p.shape[1:])) for p in part]
+            for out, p in zip(outs, part):
+                out[idx] = p
+        return tuple(outs)
+
+
+@torch.no_grad()
+def _one_set(net: SegNet, s: int) -> SegNet:
+    """A copy of `net` whose every DomainNorm holds set `s` of its sets() and nothing else."""
+    net = copy.deepcopy(net)
+    for m in net.modules():
+        if isinstance(m, DomainNorm):
+            row = m.sets()[s]
+            for field, value in zip((m.running_mean, m.running_var, m.weight, m.bias), row):
+                field.copy_(value)
+            m.bank = row[None].clone()
+    return net
 
 
 @torch.no_grad()

@@ -170,7 +170,7 @@ class TorchEngine(Engine):
                  batch_sizes: tuple[int, ...] = (1,), channels_last: bool = False, fold_bn: bool = True,
                  compile: bool = False):
         import torch
-        from mas3_edge.model import Deployed, fold_batchnorm
+        from mas3_edge.model import Deployed, DomainNorm, PerSetFolded, fold_batchnorm
         self._torch, self.device, self.mode = torch, torch.device(device), mode
         if mode not in ("eager", "fp16", "cudagraph"):
             raise UserError(f"torch mode must be eager, fp16 or cudagraph, got {mode!r}")
@@ -181,19 +181,24 @@ class TorchEngine(Engine):
         self.name = {"eager": "torch", "fp16": "torch-fp16", "cudagraph": "torch-cudagraph"}[mode]
         self.version, self.input_size = version, tuple(net.config.input_size)
         self.precision = "fp32" if mode == "eager" else "fp16"
-        # a snapshot (adapting `net` later must not change what serves), batch norm folded into the convs
+        # a snapshot (adapting `net` later must not change what serves), batch norm folded into the
+        # convs; a model with several normalisation sets as one folded copy per set
         model = copy.deepcopy(net).eval()
-        model = Deployed(fold_batchnorm(model) if fold_bn else model).eval()
+        self._per_set = fold_bn and any(isinstance(m, DomainNorm) and m.routed() for m in model.modules())
+        model = (PerSetFolded(model) if self._per_set else Deployed(fold_batchnorm(model) if fold_bn else model)).eval()
         if self.device.type == "cuda":  # NCHW: faster than NHWC for this depthwise-heavy net on an H200
             model = model.to(self.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         if compile:  # Inductor fuses the pointwise work; compiling takes a minute or more
             model = torch.compile(model)
-        self._model, self._lock, self._graphs = model, threading.Lock(), {}
+        self._model, self._lock, self._graphs, self._inputs = model, threading.Lock(), {}, {}
         extra = {"eager": "", "fp16": ", fp16 autocast", "cudagraph": ", fp16 autocast, CUDA graphs"}[mode]
         extra += (", NHWC" if channels_last and self.device.type == "cuda" else "") + (", compiled" if compile else "")
+        extra += f", {len(model.copies)} sets folded apart" if self._per_set else ""
         self.provider = f"torch {torch.__version__} {self.device}{extra}"
         warm = batch_sizes if self.device.type == "cuda" else batch_sizes[:1]
         for b in warm:  # CUDA graph capture, cuDNN/oneDNN kernel choice: in the loader, not the first frame
+            for key in range(len(model.copies)) if self._per_set and mode == "cudagraph" else ():
+                self._graph(b, key)  # every set's graph, not only the one zeros route to
             self._infer(np.zeros((b, *self.input_size, 3), np.uint8))
 
     def _autocast(self):
@@ -210,36 +215,53 @@ class TorchEngine(Engine):
             return classes.numpy(), conf.numpy()
         with self._lock, torch.cuda.device(self.device):
             if self.mode == "cudagraph":
-                graph, static_in, static_out = self._graph(len(frames))
+                static_in = self._input(len(frames))
                 _to_device(frames, self.device, out=static_in)
+                key = None
+                if self._per_set:  # one graph per set: pick it from the route (one small sync)
+                    sets = self._model.route(static_in).unique().tolist()
+                    if len(sets) > 1:  # frames of different sets in one batch: eager, each through its copy
+                        with torch.inference_mode(), self._autocast():
+                            return _to_host(*self._model(static_in))
+                    key = sets[0]
+                graph, static_out = self._graph(len(frames), key)
                 graph.replay()
                 return _to_host(*static_out)
             with torch.inference_mode(), self._autocast():
                 return _to_host(*self._model(_to_device(frames, self.device)))
 
-    def _graph(self, batch: int):
-        """Capture (once per batch size) the whole forward pass as a CUDA graph with static buffers."""
-        if batch in self._graphs:
-            return self._graphs[batch]
+    def _input(self, batch: int):
+        """The static input buffer the graphs of this batch size read."""
+        if batch not in self._inputs:
+            shape = (batch, *self.input_size, 3)
+            self._inputs[batch] = self._torch.zeros(shape, dtype=self._torch.uint8, device=self.device)
+        return self._inputs[batch]
+
+    def _graph(self, batch: int, key: int | None = None):
+        """Capture (once per batch size, and per set `key` of a PerSetFolded model) the whole
+        forward pass as a CUDA graph reading the static input; -> (graph, static outputs)."""
+        if (batch, key) in self._graphs:
+            return self._graphs[batch, key]
         torch = self._torch
-        h, w = self.input_size
+        model = self._model if key is None else self._model.copies[key]
         with torch.cuda.device(self.device):
-            static_in = torch.zeros((batch, h, w, 3), dtype=torch.uint8, device=self.device)
+            static_in = self._input(batch)
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side), torch.no_grad(), self._autocast():
                 for _ in range(3):  # warm-up on a side stream, as capture requires: cuDNN picks its kernels
-                    self._model(static_in)
+                    model(static_in)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # thread_local: a capture in a loader thread must not trip over the serving thread's CUDA calls
             with torch.no_grad(), self._autocast(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                static_out = self._model(static_in)
-        self._graphs[batch] = (graph, static_in, static_out)
-        return self._graphs[batch]
+                static_out = model(static_in)
+        self._graphs[batch, key] = (graph, static_out)
+        return self._graphs[batch, key]
 
     def close(self) -> None:
         self._graphs.clear()
+        self._inputs.clear()
         self._model = None
 
 
