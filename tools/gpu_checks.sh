@@ -11,7 +11,7 @@ export PYTHONPATH=$PWD MPLBACKEND=Agg OMP_NUM_THREADS=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$R/gpu.txt"
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" >>"$R/gpu.txt"
 timeout 90 python -m pytest -q -m gpu -p no:cacheprovider tests/test_engines.py >"$R/pytest_gpu.log" 2>&1
-timeout 90 python tools/probe_torch_gpu.py --out "$R/probe.json" >"$R/probe.md" 2>&1
+timeout 150 python tools/probe_torch_gpu.py --out "$R/probe.json" >"$R/probe.md" 2>&1
 timeout 150 python tools/bench_inference.py --preset edge --device cuda --engines torch,torch-fp16,torch-cudagraph \
   --no-parity --out "$R/bench_inference.json" >"$R/bench_inference.md" 2>&1
 T=${QUALITY_SECONDS:-300}
