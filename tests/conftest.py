@@ -64,3 +64,15 @@ def adapted_copy(net: SegNet, frames: np.ndarray) -> SegNet:
             if isinstance(m, DomainNorm):
                 m.weight.mul_(1.1), m.bias.add_(0.05)
     return out.eval()
+
+
+def three_set_model(net: SegNet) -> tuple[SegNet, np.ndarray]:
+    """`net` made a source model of bright frames, then adapted to dark (banked) and to grey (the
+    working set): three sets. With three frames of each domain, in that order."""
+    bright, dark = two_domains(2)
+    grey = domain(100, 140, n=3)
+    adapt.reestimate_bn(net, bright)
+    net.mark_source()
+    net = adapted_copy(net, dark)
+    net.activate_set(None, keep=8)
+    return adapted_copy(net, grey), np.concatenate([bright, dark, grey])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import three_set_model
 from export.onnx import export_onnx
 from export.tensorrt import tensorrt_status
 from mas3_edge import bundle
@@ -153,21 +154,10 @@ def test_folding_batch_norm_keeps_the_function(small_net):
     assert (classes == ref_classes.numpy()).mean() >= 0.999 and np.abs(conf - ref_conf.numpy()).max() < 1e-4
 
 
-def _three_set_model(net) -> tuple[object, np.ndarray]:
-    """`net` adapted twice (a source set and two banked/working sets) and frames routed to each set."""
-    from conftest import adapted_copy, domain
-    from mas3_edge import adapt
-    bright, grey, dark = domain(150, 256, 3), domain(60, 160, 3, seed=1), domain(0, 70, 3, seed=2)
-    adapt.reestimate_bn(net, bright)
-    net.mark_source()
-    net = adapted_copy(net, dark)
-    net.activate_set(None, keep=8)
-    return adapted_copy(net, grey), np.concatenate([bright[:1], dark[:1], grey[:1]])
-
-
 def test_torch_engine_folds_each_normalisation_set_into_its_own_copy(small_net):
     from mas3_edge.model import Deployed, DomainNorm
-    net, frames = _three_set_model(small_net)
+    net, frames = three_set_model(small_net)
+    frames = frames[::3]  # one frame of each domain
     engine = TorchEngine(net, "v-test")
     assert engine.provider.endswith("3 sets folded apart")
     assert not any(isinstance(m, DomainNorm) for m in engine._model.copies.modules())
@@ -185,7 +175,8 @@ def test_torch_engine_folds_each_normalisation_set_into_its_own_copy(small_net):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["fp16", "cudagraph"])
 def test_cuda_engines_serve_each_normalisation_set_folded_apart(small_net, mode):
-    net, frames = _three_set_model(small_net)
+    net, frames = three_set_model(small_net)
+    frames = frames[::3]
     engine = TorchEngine(net, "v-test", device="cuda", mode=mode, batch_sizes=(1, 3))
     ref_classes, _ = TorchEngine(net, "v-test").infer(frames)
     for idx in ([0, 1, 2], [2, 2, 2], [1], [0]):  # mixed (eager), one set at batch 3 and 1 (its graph)

@@ -109,19 +109,11 @@ def test_a_broken_graph_pass_falls_back_to_a_verified_graph(tiny_bundle, monkeyp
 
 
 def test_a_model_with_a_bank_of_normalisation_sets_exports_with_its_routing(small_net, tmp_path):
-    from conftest import adapted_copy, domain, two_domains
-    from mas3_edge import adapt
+    from conftest import three_set_model
     from runtime.engines import load_engine
-    bright, dark = two_domains(2)
-    grey = domain(100, 140, n=3)
-    adapt.reestimate_bn(small_net, bright)
-    small_net.mark_source()
-    net = adapted_copy(small_net, dark)
-    net.activate_set(None, keep=8)  # three sets: the source's, dark's (banked) and grey's
-    adapt.reestimate_bn(net, grey)
+    net, frames = three_set_model(small_net)
     vdir = bundle.save_version(tmp_path / "b", net)
     xonnx.export_onnx(vdir)  # raises if ONNX Runtime and PyTorch disagree
-    frames = np.concatenate([bright, dark, grey])
     ort, ref = load_engine(vdir, "onnxruntime", "cpu").infer(frames), load_engine(vdir, "torch", "cpu").infer(frames)
     assert (ort[0] == ref[0]).mean() >= 0.999 and np.abs(ort[1] - ref[1]).max() < 1e-3
 
