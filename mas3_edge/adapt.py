@@ -85,7 +85,7 @@ def select_set(net: SegNet, frames: np.ndarray, keep: int, batch_size: int = 8) 
     chunk's own: a shift smaller than the spread within the chunk is the same domain. Returns
     which it chose ("working", "banked N" or "new")."""
     net.eval()
-    stats = [net.stem_stats(net.encoder.layers[0][0](net.normalize(to_device(frames[i:i + batch_size], net))))
+    stats = [net.stem_stats(net.stem(to_device(frames[i:i + batch_size], net)))
              for i in range(0, len(frames), batch_size)]
     m, v = (torch.cat(t) for t in zip(*stats))  # (N, C) each
     mu = m.mean(0, keepdim=True)

@@ -61,7 +61,12 @@ class DomainNorm(nn.BatchNorm2d):
         new = (rows[0] if row is None else rows.pop(row)).clone()
         rows = rows[:1] + rows[1:][max(0, len(rows) - keep):]
         self.bank = torch.stack(rows)
-        for field, value in zip((self.running_mean, self.running_var, self.weight, self.bias), new):
+        self.set_working(new)
+
+    @torch.no_grad()
+    def set_working(self, row: torch.Tensor) -> None:
+        """Copy a (4, C) set into the working set."""
+        for field, value in zip((self.running_mean, self.running_var, self.weight, self.bias), row):
             field.copy_(value)
 
     @torch.no_grad()
@@ -178,6 +183,10 @@ class SegNet(nn.Module):
                 m.route = route
         return self.decoder(rest(stem[1:](h)))
 
+    def stem(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) -> the stem conv's output h, whose statistics route each frame."""
+        return self.encoder.layers[0][0](self.normalize(images))
+
     @torch.no_grad()
     def stem_stats(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-frame channel mean and variance (B, C) of the stem conv's output h (B, C, H/2, W/2)."""
@@ -270,7 +279,7 @@ class PerSetFolded(nn.Module):
     @torch.no_grad()
     def route(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) -> (B,) index of each frame's set."""
-        return self.net.route(self.net.encoder.layers[0][0](self.net.normalize(images)))
+        return self.net.route(self.net.stem(images))
 
     def forward(self, images: torch.Tensor):
         route = self.route(images)
@@ -293,10 +302,8 @@ def _one_set(net: SegNet, s: int) -> SegNet:
     net = copy.deepcopy(net)
     for m in net.modules():
         if isinstance(m, DomainNorm):
-            row = m.sets()[s]
-            for field, value in zip((m.running_mean, m.running_var, m.weight, m.bias), row):
-                field.copy_(value)
-            m.bank = row[None].clone()
+            m.set_working(m.sets()[s])
+            m.mark_source()
     return net
 
 

@@ -166,7 +166,7 @@ def test_each_domain_keeps_its_own_set_and_a_returning_domain_finds_it(small_net
     bright, dark, grey = domain(120, 256), domain(0, 100), domain(100, 140)
     adapt.reestimate_bn(small_net, bright)
     small_net.mark_source()
-    stem = lambda f: small_net.encoder.layers[0][0](small_net.normalize(torch.from_numpy(f)))
+    stem = lambda f: small_net.stem(torch.from_numpy(f))
     assert adapt.select_set(small_net, dark, keep=8) == "new"
     adapt.reestimate_bn(small_net, dark)
     with torch.no_grad():

@@ -21,7 +21,7 @@ def test_each_frame_gets_the_set_its_domain_is_closest_to(small_net):
     adapt.reestimate_bn(small_net, bright)
     small_net.mark_source()  # a source model of the bright domain
     adapted = adapted_copy(small_net, dark)
-    stem = lambda frames: adapted.encoder.layers[0][0](adapted.normalize(torch.from_numpy(frames)))
+    stem = lambda frames: adapted.stem(torch.from_numpy(frames))
     assert adapted.route(stem(bright)).flatten().tolist() == [0, 0, 0]
     assert adapted.route(stem(dark)).flatten().tolist() == [1, 1, 1]
     mixed = np.concatenate([bright[:2], dark[:2]])
