@@ -5,6 +5,6 @@
     export.parity     the check images, the PyTorch reference and the floors
     export.tensorrt   engine build and cache (keyed by ONNX sha256, TensorRT, GPU, precision, shapes)
 
-The modules import torch/onnx/tensorrt; this file imports nothing, so `import export.tensorrt`
+The modules import torch/onnx/tensorrt; this file imports nothing, so `import mas3_edge.export.tensorrt`
 on a machine without ONNX Runtime, or the CLI's --help, stays cheap.
 """

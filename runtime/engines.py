@@ -283,7 +283,7 @@ class OrtEngine(Engine):
     def __init__(self, vdir: Path, device: str = "cpu", precision: str = "fp16",
                  batch_sizes: tuple[int, ...] = (1, 8), threads: int | None = None, gpu_only: bool = False):
         import onnxruntime as ort
-        from export.onnx import check_onnx
+        from mas3_edge.export.onnx import check_onnx
         path, report = check_onnx(vdir)
         self.version, self.input_size = report["version"], tuple(report["onnx"]["input"]["shape"][1:3])
         wanted = self._providers(ort, Path(vdir), device, precision, tuple(batch_sizes), report)
@@ -339,7 +339,7 @@ def _ort_session(ort, path: Path, wanted: list[tuple[str, dict]], threads: int |
 
 def _ort_trt_options(vdir: Path, idx: int, precision: str, batch_sizes: tuple[int, ...], report: dict) -> dict:
     """TensorRT provider options: fp16, profile shapes, and an engine cache keyed like ours."""
-    from export.tensorrt import EngineCache, EngineSpec
+    from mas3_edge.export.tensorrt import EngineCache, EngineSpec
     try:
         import tensorrt
         trt_version = tensorrt.__version__
@@ -360,7 +360,7 @@ def _ort_trt_options(vdir: Path, idx: int, precision: str, batch_sizes: tuple[in
 def _gpu_label(idx: int) -> str:
     import torch
     if torch.cuda.is_available():
-        from export.tensorrt import gpu_name
+        from mas3_edge.export.tensorrt import gpu_name
         return gpu_name(f"cuda:{idx}")
     return f"cuda:{idx}"
 
@@ -375,7 +375,7 @@ class TensorRTEngine(Engine):
     def __init__(self, vdir: Path, device: str = "cuda:0", precision: str = "fp16",
                  batch_sizes: tuple[int, ...] = (1, 8)):
         import torch
-        from export.tensorrt import TrtRunner, ensure_engine, require_tensorrt
+        from mas3_edge.export.tensorrt import TrtRunner, ensure_engine, require_tensorrt
         from mas3_edge.bundle import read_meta
         trt = require_tensorrt()
         self.device, self._torch, self._lock = torch.device(device), torch, threading.Lock()

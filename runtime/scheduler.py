@@ -83,7 +83,7 @@ def default_round(bundle: str, frames: str, version: str, adapt: dict, limit: in
     if res.accepted:
         out["version"] = res.version_dir.name
         if export:
-            from export.onnx import export_onnx
+            from mas3_edge.export.onnx import export_onnx
             try:
                 export_onnx(res.version_dir)
             except UserError as e:

@@ -35,7 +35,7 @@ _NEEDS_ONNX = ("auto", "onnxruntime", "onnx", "ort", "tensorrt", "trt")
 
 def export_in_child(vdir: Path, timeout: float = 900.0) -> None:
     """Export (with its parity check) in a niced child process; UserError with its last line on failure."""
-    code = "import sys; from export.onnx import export_onnx; export_onnx(sys.argv[1])"
+    code = "import sys; from mas3_edge.export.onnx import export_onnx; export_onnx(sys.argv[1])"
     nice = (lambda: os.nice(10)) if hasattr(os, "nice") else None
     try:
         res = subprocess.run([sys.executable, "-c", code, str(vdir)], capture_output=True, text=True,
@@ -48,7 +48,7 @@ def export_in_child(vdir: Path, timeout: float = 900.0) -> None:
 
 
 def _verified_onnx(vdir: Path) -> bool:
-    from export.onnx import check_onnx
+    from mas3_edge.export.onnx import check_onnx
     try:
         check_onnx(vdir)
     except UserError:
@@ -112,7 +112,7 @@ class EngineSwapper:
 
     def load(self, vid: str):
         """Export if needed, load and warm one version's engine (slow: call off the serving loop)."""
-        from runtime.engines import load_engine
+        from mas3_edge.runtime.engines import load_engine
         vdir = self.vdir(vid)
         bundles.read_meta(vdir)  # a corrupt version fails here, before any export is tried
         if self.kind in _NEEDS_ONNX and not _verified_onnx(vdir):

@@ -28,7 +28,7 @@ def _health(vdir: Path, meta: dict) -> dict:
 def _onnx_state(vdir: Path) -> str:
     if not (vdir / bundles.ONNX_FILE).is_file():
         return "-"
-    from export.onnx import check_onnx
+    from mas3_edge.export.onnx import check_onnx
     try:
         check_onnx(vdir)
     except UserError:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mas3_edge.errors import UserError
-from runtime.camera import Camera, fit, to_rgb
+from mas3_edge.runtime.camera import Camera, fit, to_rgb
 
 SIZE = (64, 128)
 

@@ -1,6 +1,6 @@
 """The bundle shipped in the package: small, complete, self-consistent."""
 
-from export.onnx import check_onnx, run_onnx
+from mas3_edge.export.onnx import check_onnx, run_onnx
 from mas3_edge import bundle, prototypes
 from mas3_edge.evaluate import predict
 from mas3_edge.synth import render

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import three_set_model
-from export.onnx import export_onnx
-from export.tensorrt import tensorrt_status
+from mas3_edge.export.onnx import export_onnx
+from mas3_edge.export.tensorrt import tensorrt_status
 from mas3_edge import bundle
 from mas3_edge.errors import UserError
-from runtime.engines import Engine, OrtEngine, TorchEngine, load_engine
+from mas3_edge.runtime.engines import Engine, OrtEngine, TorchEngine, load_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -41,7 +41,7 @@ def _frames(n: int = 2, seed: int = 0) -> np.ndarray:
 
 
 def test_auto_on_cpu_picks_onnxruntime_and_says_so(two_versions, caplog):
-    with caplog.at_level(logging.INFO, logger="runtime.engines"):
+    with caplog.at_level(logging.INFO, logger="mas3_edge.runtime.engines"):
         engine = load_engine(two_versions[0], device="cpu")
     assert (engine.name, engine.provider) == ("onnxruntime", "CPUExecutionProvider")
     assert (engine.version, engine.input_size) == ("v0001", (64, 128))
@@ -68,7 +68,7 @@ def test_bundle_root_loads_the_serving_version_and_engines_are_independent(two_v
 
 
 def test_auto_falls_back_to_torch_without_an_export(tiny_bundle, caplog):
-    with caplog.at_level(logging.INFO, logger="runtime.engines"):
+    with caplog.at_level(logging.INFO, logger="mas3_edge.runtime.engines"):
         engine = load_engine(tiny_bundle, device="cpu")
     assert engine.name == "torch" and "no model.onnx" in caplog.text
     with pytest.raises(UserError, match="mas3-edge export"):
@@ -80,7 +80,7 @@ def test_a_replaced_onnx_file_is_refused(tiny_bundle, caplog):
     (vdir / bundle.ONNX_FILE).write_bytes(b"\x08\x07garbage")
     with pytest.raises(UserError, match="corrupt or replaced"):
         load_engine(vdir, "onnxruntime")
-    with caplog.at_level(logging.INFO, logger="runtime.engines"):
+    with caplog.at_level(logging.INFO, logger="mas3_edge.runtime.engines"):
         assert load_engine(vdir, device="cpu").name == "torch"  # auto still serves, and says why
 
 
@@ -106,7 +106,7 @@ def test_onnxruntime_reports_the_provider_that_really_runs(two_versions, monkeyp
     """onnxruntime-gpu lists CUDA even when its libraries are missing and then runs on CPU."""
     import onnxruntime as ort
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    with caplog.at_level(logging.WARNING, logger="runtime.engines"):
+    with caplog.at_level(logging.WARNING, logger="mas3_edge.runtime.engines"):
         engine = OrtEngine(two_versions[0], device="cuda:0")
     assert engine.provider == "CPUExecutionProvider" and engine.precision == "fp32"
     assert "asked for CUDAExecutionProvider but runs on CPUExecutionProvider" in caplog.text

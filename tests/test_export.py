@@ -10,9 +10,9 @@ import onnx
 import pytest
 import torch
 
-from export import onnx as xonnx
-from export import parity, passes
-from export import tensorrt as xtrt
+from mas3_edge.export import onnx as xonnx
+from mas3_edge.export import parity, passes
+from mas3_edge.export import tensorrt as xtrt
 from mas3_edge import bundle
 from mas3_edge.errors import UserError
 from mas3_edge.model import Deployed
@@ -110,7 +110,7 @@ def test_a_broken_graph_pass_falls_back_to_a_verified_graph(tiny_bundle, monkeyp
 
 def test_a_model_with_a_bank_of_normalisation_sets_exports_with_its_routing(small_net, tmp_path):
     from conftest import three_set_model
-    from runtime.engines import load_engine
+    from mas3_edge.runtime.engines import load_engine
     net, frames = three_set_model(small_net)
     vdir = bundle.save_version(tmp_path / "b", net)
     xonnx.export_onnx(vdir)  # raises if ONNX Runtime and PyTorch disagree

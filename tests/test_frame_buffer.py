@@ -9,8 +9,8 @@ import pytest
 
 from mas3_edge.errors import UserError
 from mas3_edge.frames import load_frames
-from runtime import frame_buffer
-from runtime.frame_buffer import BufferPolicy, scan, summarize
+from mas3_edge.runtime import frame_buffer
+from mas3_edge.runtime.frame_buffer import BufferPolicy, scan, summarize
 
 KEEP_ALL = dict(every_n=1, min_interval_s=0.0, dedup=0.0, min_free_mb=0.0)
 

@@ -10,9 +10,9 @@ import pytest
 import zmq
 
 from mas3_edge.errors import UserError
-from runtime import wire
-from runtime.publisher import Publisher, check_address
-from runtime.subscriber import Subscriber
+from mas3_edge.runtime import wire
+from mas3_edge.runtime.publisher import Publisher, check_address
+from mas3_edge.runtime.subscriber import Subscriber
 
 
 def _msg(fid: int, h: int = 8, w: int = 16, **kw) -> bytes:

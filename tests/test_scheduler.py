@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.scheduler import ScheduleConfig, Scheduler
+from mas3_edge.runtime.scheduler import ScheduleConfig, Scheduler
 
 FAST = dict(every_frames=5, min_frames=2, limit=10, export=False, nice=0)
 
@@ -162,7 +162,7 @@ def _finish(s: Scheduler, timeout: float = 30.0) -> dict:
 
 def test_killed_mid_round_the_restart_serves_the_last_good_version(tiny_bundle, tmp_path):
     from mas3_edge import bundle
-    from runtime.swap import EngineSwapper
+    from mas3_edge.runtime.swap import EngineSwapper
     s = Scheduler(tiny_bundle, frames_dir(tmp_path), ScheduleConfig(**FAST), round_fn=slow_round)
     s.tick(100, 100)
     deadline = time.monotonic() + 60
@@ -182,7 +182,7 @@ def test_the_service_swaps_in_an_accepted_round_without_dropping_a_frame(tiny_bu
     from test_service import Running, config
 
     from mas3_edge import bundle
-    from runtime.frame_buffer import BufferPolicy
+    from mas3_edge.runtime.frame_buffer import BufferPolicy
     video = write_video(tmp_path / "v.avi", 30, size=(64, 128))
     # as in production, the round process runs niced, so the serving process keeps its core
     cfg = config(tmp_path, tiny_bundle, str(video), adapt=True, schedule=ScheduleConfig(**{**FAST, "nice": 10}), fps=10,

@@ -17,10 +17,10 @@ from test_camera import write_video
 from mas3_edge import bundle
 from mas3_edge.errors import UserError
 from mas3_edge.model import SegNet
-from runtime.frame_buffer import BufferPolicy
-from runtime.service import Service, ServiceConfig
-from runtime.subscriber import Subscriber
-from runtime.swap import EngineSwapper
+from mas3_edge.runtime.frame_buffer import BufferPolicy
+from mas3_edge.runtime.service import Service, ServiceConfig
+from mas3_edge.runtime.subscriber import Subscriber
+from mas3_edge.runtime.swap import EngineSwapper
 
 
 def second_version(root: Path, seed: int = 1, serve: bool = False) -> str:
@@ -90,7 +90,7 @@ def test_hot_swap_and_rollback_happen_between_frames(tmp_path, tiny_bundle):
         run.collect(1.0)
         bundle.set_serving(tiny_bundle, v2)  # what an accepted round or `mas3-edge adapt` does
         msgs = run.collect(6, until=lambda m: sum(x.version == v2 for x in m) >= 10)
-        from runtime.versions import rollback
+        from mas3_edge.runtime.versions import rollback
         assert rollback(tiny_bundle) == (v2, "v0001")
         msgs += run.collect(6, until=lambda m: m and m[-1].version == "v0001")
     versions = [m.version for m in msgs]
@@ -199,7 +199,7 @@ def test_buffer_command(tmp_path, monkeypatch):
     from typer.testing import CliRunner
     monkeypatch.setenv("COLUMNS", "200")
     from mas3_edge.cli import app
-    from runtime.frame_buffer import FrameBuffer
+    from mas3_edge.runtime.frame_buffer import FrameBuffer
     buf = FrameBuffer(tmp_path / "frames", BufferPolicy(every_n=1, min_interval_s=0, dedup=0, min_free_mb=0))
     for i in range(3):
         buf.offer(np.random.default_rng(i).integers(0, 255, (16, 32, 3), np.uint8), t=float(i))

@@ -84,7 +84,7 @@ def hardware(device: str) -> dict:
 def make_version(root: Path, args: argparse.Namespace, size: tuple[int, int]) -> Path:
     """A bundle version of the chosen network at `size`, exported to ONNX (with its parity check)."""
     import torch
-    from export.onnx import export_onnx
+    from mas3_edge.export.onnx import export_onnx
     from mas3_edge import bundle
     from mas3_edge.config import preset
     from mas3_edge.model import SegNet
@@ -101,9 +101,9 @@ def make_version(root: Path, args: argparse.Namespace, size: tuple[int, int]) ->
 
 
 def load(kind: str, vdir: Path, args: argparse.Namespace, device: str):
-    from runtime.engines import load_engine
+    from mas3_edge.runtime.engines import load_engine
     if kind == "tensorrt" and args.no_parity:
-        from export.tensorrt import ensure_engine
+        from mas3_edge.export.tensorrt import ensure_engine
         ensure_engine(vdir, args.precision, tuple(args.batches), device, verify=False)
     return load_engine(vdir, kind, device, precision=args.precision, batch_sizes=tuple(args.batches),
                        threads=args.threads)
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     import torch
-    from runtime.engines import _resolve_device
+    from mas3_edge.runtime.engines import _resolve_device
     device = _resolve_device(args.device)
     if device != "cpu":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels (this process only)

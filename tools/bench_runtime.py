@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def listen(address: str, record: Path, idle_s: float = 4.0) -> None:
     """Every-message subscriber: record (frame id, capture ns, receive ns, version) until idle."""
-    from runtime.subscriber import Subscriber
+    from mas3_edge.runtime.subscriber import Subscriber
     rows, last = [], time.monotonic()
     with Subscriber(address, latest_only=False, hwm=100000) as sub:
         while time.monotonic() - last < (idle_s if rows else 120):
@@ -103,7 +103,7 @@ def make_bundle(work: Path, source: Path | None) -> tuple[Path, list[str]]:
     """A bundle with four exported versions (the served one + three to swap to)."""
     import torch
 
-    from export.onnx import export_onnx
+    from mas3_edge.export.onnx import export_onnx
     from mas3_edge import bundle
     from mas3_edge.config import preset
     from mas3_edge.model import SegNet
@@ -150,7 +150,7 @@ def phase_stream(work, bundle, video, name, engine, seconds, fps, swaps: list[st
     proc, _addr, events = serve(work, bundle, video, name, engine, ["--fps", str(fps), "--duration", str(seconds)])
     swap_times = []
     if swaps:
-        from runtime.versions import rollback  # what `mas3-edge rollback VERSION` does, minus its start-up
+        from mas3_edge.runtime.versions import rollback  # what `mas3-edge rollback VERSION` does, minus its start-up
         _wait_for_first_message(events)
         for vid in swaps:
             time.sleep(seconds / (len(swaps) + 2))

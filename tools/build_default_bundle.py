@@ -30,7 +30,7 @@ def main() -> None:
     ver = bundle.load_version(work / "bundle")
     proto = prototypes.fit(ver.net, ds)
     prototypes.save(proto, ver.prototypes_path, ver.meta["source_sha256"], "synth:synthetic")
-    from export.onnx import export_onnx
+    from mas3_edge.export.onnx import export_onnx
     export_onnx(work / "bundle")
     tmp = DEST.with_name(".default_bundle.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

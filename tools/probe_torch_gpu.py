@@ -39,7 +39,7 @@ def main() -> None:
     import torch
     from mas3_edge.config import preset
     from mas3_edge.model import DomainNorm, SegNet
-    from runtime.engines import TorchEngine
+    from mas3_edge.runtime.engines import TorchEngine
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", help="cuda (every row) or cpu (the eager rows)")
     ap.add_argument("--size", default="512x1024")

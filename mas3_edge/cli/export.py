@@ -28,11 +28,11 @@ def export_cmd(
     if engine not in ENGINES:
         raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     sizes = _batch_sizes(batch_sizes)
-    from export import tensorrt as trt
+    from mas3_edge.export import tensorrt as trt
     trt_ok, why = trt.tensorrt_status()
     if engine == "tensorrt" and not trt_ok:
         raise UserError(f"cannot build a TensorRT engine: {why}")  # before any work, so nothing changes
-    from export.onnx import export_onnx
+    from mas3_edge.export.onnx import export_onnx
     from mas3_edge.bundle import resolve, user_bundle
     vdir = resolve(user_bundle(bundle), version)
     from rich.console import Console

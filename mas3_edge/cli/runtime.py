@@ -56,9 +56,9 @@ def run_cmd(
     """Serve segmentation from a camera over ZeroMQ; buffer frames, adapt and hot-swap in the background."""
     import logging
 
-    from runtime.frame_buffer import BufferPolicy
-    from runtime.scheduler import ScheduleConfig
-    from runtime.service import Service, ServiceConfig
+    from mas3_edge.runtime.frame_buffer import BufferPolicy
+    from mas3_edge.runtime.scheduler import ScheduleConfig
+    from mas3_edge.runtime.service import Service, ServiceConfig
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     sched = ScheduleConfig(every_frames=round_every_frames, every_minutes=round_every_minutes,
                            drift_threshold=drift_threshold, limit=round_frames, min_frames=min(40, round_frames),
@@ -85,7 +85,7 @@ def subscribe_cmd(
     interval: Annotated[float, typer.Option(help="Seconds between printed lines.")] = 2.0,
 ) -> None:
     """Listen to the segmentation stream: print rates and latency; save or show the overlays."""
-    from runtime.subscriber import Subscriber
+    from mas3_edge.runtime.subscriber import Subscriber
     shown = _Shower() if show else None
     if save is not None:
         save.mkdir(parents=True, exist_ok=True)
@@ -158,7 +158,7 @@ class _Shower:
 
 def buffer_cmd(buffer: Annotated[Path, typer.Option(help="Frame buffer folder.")] = Path("frames")) -> None:
     """Show what is in the frame buffer."""
-    from runtime.frame_buffer import summarize
+    from mas3_edge.runtime.frame_buffer import summarize
 
     from .core import table
     if not buffer.is_dir():
@@ -173,7 +173,7 @@ def buffer_cmd(buffer: Annotated[Path, typer.Option(help="Frame buffer folder.")
 def versions_cmd(bundle: BundleOpt = None) -> None:
     """List the bundle's versions with their health figures (lower is better); * marks the serving one."""
     from mas3_edge.bundle import user_bundle
-    from runtime.versions import version_rows
+    from mas3_edge.runtime.versions import version_rows
 
     from .core import table
     bundle = user_bundle(bundle)
@@ -187,7 +187,7 @@ def rollback_cmd(
 ) -> None:
     """Serve another version (works while `run` serves: it follows the SERVING pointer)."""
     from mas3_edge.bundle import user_bundle
-    from runtime.versions import rollback
+    from mas3_edge.runtime.versions import rollback
     old, new = rollback(user_bundle(bundle), version)
     typer.echo(f"serving {new} (was {old}); a running `mas3-edge run` swaps to it within a second")
 
