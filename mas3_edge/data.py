@@ -166,13 +166,16 @@ class PairDataset:
 
     def __getitem__(self, i: int):
         img = read_image(self.images[i])
+        lbl = None if self.labels is None else self.keep[self.label_fn(self.labels[i])]
+        if lbl is not None and lbl.shape != img.shape[:2]:  # a resized label would score noise
+            raise UserError(f"{self.labels[i]}: label is {lbl.shape[1]}x{lbl.shape[0]} but its image "
+                            f"{self.images[i].name} is {img.shape[1]}x{img.shape[0]}; labels must match their images")
         if self.size is not None and img.shape[:2] != self.size:
             h, w = self.size
             down = h * w < img.shape[0] * img.shape[1]
             img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if down else cv2.INTER_LINEAR)
-        if self.labels is None:
+        if lbl is None:
             return img
-        lbl = self.keep[self.label_fn(self.labels[i])]
         if lbl.shape != img.shape[:2]:
             lbl = cv2.resize(lbl, img.shape[1::-1], interpolation=cv2.INTER_NEAREST)
         return img, lbl

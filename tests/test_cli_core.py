@@ -37,7 +37,7 @@ def test_adapt_then_eval(workflow):
     assert res.exit_code == 0, res.output
     assert bundle.serving_id(b) == "v0002" and "health signal" in res.output
     out = workflow / "eval.json"
-    res = runner.invoke(app, ["eval", "--data", str(workflow / "src"), "--bundle", str(b), "--json", str(out),
+    res = runner.invoke(app, ["eval", "--data", str(workflow / "src"), "--bundle", str(b), "--out", str(out),
                               "--overlays", str(workflow / "ov")])
     assert res.exit_code == 0, res.output
     figures = json.loads(out.read_text())

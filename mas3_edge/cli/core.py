@@ -11,7 +11,9 @@ from ..errors import UserError
 BundleOpt = Annotated[Optional[Path], typer.Option(
     "--bundle", "-b", help="Bundle directory (versions + SERVING pointer); default: the packaged one.")]
 NewBundleOpt = Annotated[Path, typer.Option("--bundle", "-b", help="Bundle directory to create or extend.")]
-VersionOpt = Annotated[Optional[str], typer.Option("--version", "-v", help="Version id; default: the serving one.")]
+VersionOpt = Annotated[Optional[str], typer.Option("--version", help="Version id; default: the serving one.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for scripts), not a table.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")]
 DataKind = Annotated[str, typer.Option("--kind", help="Dataset layout: folder, cityscapes, gta5 or synthia.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")]
 
@@ -31,6 +33,8 @@ def _bundle(path: Optional[Path]) -> Path:
 
 
 def table(title: str, columns: list[str], rows: list[list]) -> None:
+    import sys
+
     from rich.console import Console
     from rich.table import Table
     t = Table(title=title)
@@ -38,7 +42,24 @@ def table(title: str, columns: list[str], rows: list[list]) -> None:
         t.add_column(c)
     for r in rows:
         t.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in r])
-    Console().print(t)
+    # piped output has no terminal width: print whole cells rather than cut them to 80 columns
+    Console(width=None if sys.stdout.isatty() else 1000).print(t)
+
+
+def print_json(payload) -> None:
+    """The one JSON document a `--json` command prints on stdout."""
+    import json
+    typer.echo(json.dumps(payload, indent=2, default=str))
+
+
+def note(text: str, as_json: bool = False) -> None:
+    """A human line: on stdout, or on stderr when stdout carries JSON."""
+    typer.echo(text, err=as_json)
+
+
+def set_verbose(verbose: bool) -> None:
+    import logging
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
 def train_cmd(
@@ -108,9 +129,12 @@ def adapt_cmd(
     limit: Annotated[Optional[int], typer.Option(help="Use only the newest N frames.")] = None,
     guard: Annotated[bool, typer.Option(help="Reject a round that worsens the health signals.")] = True,
     serve: Annotated[bool, typer.Option(help="Serve the new version when accepted.")] = True,
-    seed: int = 0,
+    seed: int = 0, as_json: JsonOpt = False, verbose: VerboseOpt = False,
 ) -> None:
-    """Run one source-free adaptation round on unlabeled frames; write a new version."""
+    """Run one source-free adaptation round on unlabeled frames; write a new version.
+
+    Exits 3 when the health check rejects the round (nothing is served then)."""
+    set_verbose(verbose)
     bundle = _bundle(bundle)
     from .. import adapt, bundle as bundles
     from ..config import AdaptConfig
@@ -120,37 +144,48 @@ def adapt_cmd(
                       batch_stats=batch_stats, target_conf=target_conf, seed=seed)
     res = adapt.run_round(bundle, buffer, cfg, version=version, guard=guard, limit=limit)
     hb, ha = res.report["health_before"], res.report["health_after"]
-    table(f"adaptation round ({method}, {len(res.report.get('steps', []))} steps, "
+    if res.accepted and serve:
+        bundles.set_serving(bundle, res.version_dir.name)
+    if as_json:
+        print_json({"accepted": res.accepted, "reason": res.reason, "serving": bool(res.accepted and serve),
+                    "version": res.version_dir.name if res.accepted else None, **{
+                        k: res.report.get(k) for k in ("method", "set", "frames", "health_before", "health_after")}})
+    else:
+        table(f"adaptation round ({method}, {len(res.report.get('steps', []))} steps, "
           f"{res.report['frames']['adapt']} frames + {res.report['frames']['holdout']} held out, "
           f"normalisation set: {res.report['set']})",
-          ["health signal (lower is better)", "before", "after"], [[k, hb[k], ha[k]] for k in hb])
+              ["health signal (lower is better)", "before", "after"], [[k, hb[k], ha[k]] for k in hb])
     if not res.accepted:
-        typer.echo(f"rejected: {res.reason}; the serving version is unchanged")
-        raise typer.Exit(2)
-    if serve:
-        bundles.set_serving(bundle, res.version_dir.name)
-    typer.echo(f"accepted: wrote {res.version_dir}{' (serving)' if serve else ''}; report in report.json")
+        note(f"rejected: {res.reason}; the serving version is unchanged", as_json)
+        from . import EXIT_REJECTED
+        raise typer.Exit(EXIT_REJECTED)
+    note(f"accepted: wrote {res.version_dir}{' (serving)' if serve else ''}; report in report.json", as_json)
 
 
 def eval_cmd(
     data: Annotated[Path, typer.Option("--data", help="Labelled folder (images/ + labels/).")],
     bundle: BundleOpt = None, version: VersionOpt = None, kind: DataKind = "folder",
     split: str = "val",
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--out", help="Write the figures as a JSON file here.")] = None,
     overlays: Annotated[Optional[Path], typer.Option(help="Write colour overlays (image | truth | prediction).")] = None,
+    as_json: JsonOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Evaluate a version: per-class IoU, mIoU and pixel accuracy."""
+    set_verbose(verbose)
     bundle = _bundle(bundle)
     from .. import bundle as bundles, data as datasets
     from ..bundle import atomic_write_json
     from ..evaluate import evaluate
     ver = bundles.load_version(bundle, version)
     res = evaluate(ver.net, datasets.open_dataset(data, kind=kind, split=split), overlays=overlays)
+    figures = {"version": ver.id, "data": str(data), **res}
+    if json_out:
+        atomic_write_json(json_out, figures)
+    if as_json:
+        return print_json(figures)
     rows = [[c, v if v is not None else "-"] for c, v in res["per_class_iou"].items()]
     table(f"{ver.id} on {data} ({res['images']} images)", ["class", "IoU"],
           rows + [["mIoU", res["miou"]], ["pixel accuracy", res["pixel_accuracy"]]])
-    if json_out:
-        atomic_write_json(json_out, {"version": ver.id, "data": str(data), **res})
 
 
 def demo_cmd(

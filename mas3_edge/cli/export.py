@@ -1,12 +1,14 @@
 """`mas3-edge export`: a thin wrapper over export.onnx and export.tensorrt (imported in the command)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ..errors import UserError
+from .core import JsonOpt, VerboseOpt, VersionOpt, note, print_json, set_verbose
 
 ENGINES = ("onnx", "tensorrt", "all")
 
@@ -14,17 +16,19 @@ ENGINES = ("onnx", "tensorrt", "all")
 def export_cmd(
     bundle: Annotated[Optional[Path], typer.Option(
         "--bundle", "-b", help="Bundle directory (or a version directory); default: the packaged one.")] = None,
-    version: Annotated[Optional[str], typer.Option("--version", "-v", help="Version id; default: the serving one.")] = None,
+    version: VersionOpt = None,
     engine: Annotated[str, typer.Option("--engine", "-e", help="onnx, tensorrt, or all (every engine this machine can build).")] = "onnx",
     fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="TensorRT precision.")] = True,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="TensorRT optimisation profiles, e.g. 1,8.")] = "1,8",
     embedding: Annotated[bool, typer.Option("--embedding", help="Also output the stride-8 embedding.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Re-export even if model.onnx is up to date.")] = False,
+    as_json: JsonOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Export a version to ONNX with a parity check against PyTorch, and build TensorRT engines.
 
     Nothing is replaced unless the new artifact passes its check; the numbers go to export.json and to the engine's sidecar in engines/.
     """
+    set_verbose(verbose)
     if engine not in ENGINES:
         raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     sizes = _batch_sizes(batch_sizes)
@@ -50,9 +54,14 @@ def export_cmd(
         else:
             rows.append(["tensorrt", "fp16" if fp16 else "fp32", "", "", "", "", "skipped"])
             notes.append(f"tensorrt skipped: {why}")
-    _print_table(f"export of {res.report['version']}", rows)
-    for note in notes:
-        typer.echo(note)
+    if as_json:
+        cols = ("engine", "precision", "classes_agree", "logit_diff", "conf_diff", "size", "status")
+        print_json({"version": res.report["version"], "engines": [dict(zip(cols, r)) for r in rows],
+                    "onnx": str(res.path), "parity": res.report["parity"], "notes": notes})
+    else:
+        _print_table(f"export of {res.report['version']}", rows)
+    for line in notes:
+        note(line, as_json)
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
@@ -93,7 +102,7 @@ def _print_table(title: str, rows: list[list[str]]) -> None:
         table.add_column(col)
     for r in rows:
         table.add_row(*r)
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 1000).print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import UserError
+from .core import JsonOpt, VerboseOpt
 
 BundleOpt = Annotated[Optional[Path], typer.Option(
     "--bundle", "-b", help="Bundle directory (versions + SERVING pointer); default: the packaged one.")]
@@ -51,15 +52,15 @@ def run_cmd(
     events: Annotated[Optional[Path], typer.Option(help="Append status, round and swap events here (JSON lines).")] = None,
     max_frames: Annotated[Optional[int], typer.Option(help="Stop after N frames.")] = None,
     duration: Annotated[Optional[float], typer.Option(help="Stop after S seconds.")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Serve segmentation from a camera over ZeroMQ; buffer frames, adapt and hot-swap in the background."""
-    import logging
-
     from mas3_edge.runtime.frame_buffer import BufferPolicy
     from mas3_edge.runtime.scheduler import ScheduleConfig
     from mas3_edge.runtime.service import Service, ServiceConfig
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    from .core import set_verbose
+    set_verbose(verbose)
     sched = ScheduleConfig(every_frames=round_every_frames, every_minutes=round_every_minutes,
                            drift_threshold=drift_threshold, limit=round_frames, min_frames=min(40, round_frames),
                            adapt={"method": method, **({"steps": adapt_steps} if adapt_steps is not None else {})})
@@ -156,28 +157,37 @@ class _Shower:
         self.cv2.destroyAllWindows()
 
 
-def buffer_cmd(buffer: Annotated[Path, typer.Option(help="Frame buffer folder.")] = Path("frames")) -> None:
+def buffer_cmd(buffer: Annotated[Path, typer.Option(help="Frame buffer folder.")] = Path("frames"),
+               as_json: JsonOpt = False) -> None:
     """Show what is in the frame buffer."""
+    import dataclasses
+
     from mas3_edge.runtime.frame_buffer import summarize
 
-    from .core import table
+    from .core import print_json, table
     if not buffer.is_dir():
         raise UserError(f"no frame buffer at {buffer}; `mas3-edge run` creates it (see --buffer)")
     s = summarize(buffer)
+    if as_json:
+        return print_json(dataclasses.asdict(s))
     fmt = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"  # noqa: E731
     table(f"frame buffer {buffer}", ["frames", "size", "first", "last", "oldest", "newest"],
           [[s.frames, f"{s.bytes / 2**20:.1f} MB", s.first or "-", s.last or "-", fmt(s.oldest_mtime),
             fmt(s.newest_mtime)]])
 
 
-def versions_cmd(bundle: BundleOpt = None) -> None:
+def versions_cmd(bundle: BundleOpt = None, as_json: JsonOpt = False) -> None:
     """List the bundle's versions with their health figures (lower is better); * marks the serving one."""
     from mas3_edge.bundle import user_bundle
     from mas3_edge.runtime.versions import version_rows
 
-    from .core import table
+    from .core import print_json, table
     bundle = user_bundle(bundle)
     cols, rows = version_rows(bundle)
+    if as_json:
+        marker = cols[0]  # the unnamed first column marks the serving version
+        return print_json({"bundle": str(bundle), "versions": [
+            {("serving" if c == marker else c): (v == "*" if c == marker else v) for c, v in zip(cols, r)} for r in rows]})
     table(f"versions in {bundle}", cols, rows)
 
 

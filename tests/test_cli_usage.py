@@ -1,0 +1,125 @@
+"""The installed `mas3-edge` console script as a user meets it: usage errors, exit codes, --version,
+--json output for scripts, piped tables, and the packages the code imports being declared."""
+import ast
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from mas3_edge import synth
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(sys.executable).parent / "mas3-edge"  # what `pip install -e .` puts beside the interpreter
+
+
+def mas3(*args, cwd=None) -> subprocess.CompletedProcess:
+    assert SCRIPT.is_file(), f"{SCRIPT} is missing: install the project (pip install -e .) first"
+    return subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run"], "Missing option '--camera'"),
+    (["adapt", "--bogus"], "No such option: --bogus"),
+    (["versions", "--json", "extra"], "unexpected extra argument"),
+])
+def test_usage_errors_are_one_line_with_exit_2(args, message, tmp_path):
+    res = mas3(*args, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and res.stderr.strip().count("\n") == 0
+    assert res.stderr.startswith("error:") and message in res.stderr
+
+
+def test_version_flag():
+    res = mas3("--version")
+    assert res.returncode == 0 and re.fullmatch(r"mas3-edge \d+\.\d+\.\d+\S*\n", res.stdout)
+
+
+def test_verbose_is_one_thing(tmp_path, tiny_bundle):
+    """-v is --verbose in every command; a version id is only ever --version."""
+    for cmd in (["run", "--camera", "x"], ["adapt"], ["eval", "--data", "x"], ["export"]):
+        help_text = mas3(*cmd, "--help").stdout
+        assert "-v" in help_text and "--verbose" in help_text
+        assert re.search(r"-v\s*,\s*--version|--version\s*,\s*-v", help_text) is None
+
+
+def test_piped_tables_are_not_cut_and_json_parses(tiny_bundle):
+    res = mas3("versions", "--bundle", tiny_bundle)  # stdout is a pipe here
+    assert res.returncode == 0 and "…" not in res.stdout and "version" in res.stdout
+    doc = json.loads(mas3("versions", "--bundle", tiny_bundle, "--json").stdout)
+    assert [(v["version"], v["serving"]) for v in doc["versions"]] == [("v0001", True)]
+
+
+def test_buffer_json_counts_frames(tmp_path):
+    synth.write_folder(tmp_path / "f", "night", 3, seed=0, labels=False)
+    doc = json.loads(mas3("buffer", "--buffer", tmp_path / "f" / "images", "--json").stdout)
+    assert doc["frames"] == 3 and doc["bytes"] > 0
+
+
+def test_eval_and_export_json(tmp_path, tiny_bundle):
+    synth.write_folder(tmp_path / "val", "synthetic", 2, seed=3, size=(64, 128))
+    res = mas3("eval", "--data", tmp_path / "val", "--bundle", tiny_bundle, "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["version"] == "v0001" and doc["images"] == 2 and 0 <= doc["miou"] <= 100
+    res = mas3("export", "--bundle", tiny_bundle, "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["engines"][0]["engine"] == "onnx" and Path(doc["onnx"]).is_file()
+
+
+def test_eval_refuses_labels_of_another_size(tmp_path, tiny_bundle):
+    """Repro of the report: 256x128 images with 70x50 labels scored a meaningless mIoU and exit 0."""
+    for sub in ("images", "labels"):
+        (tmp_path / "d" / sub).mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "d" / "images" / "a.png"), np.zeros((128, 256, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "d" / "labels" / "a.png"), np.zeros((50, 70), np.uint8))
+    res = mas3("eval", "--data", tmp_path / "d", "--bundle", tiny_bundle)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1
+    assert "a.png: label is 70x50 but its image a.png is 256x128" in res.stderr
+
+
+# import name -> distribution name, where they differ
+_DIST = {"cv2": "opencv-python", "zmq": "pyzmq", "yaml": "pyyaml", "prometheus_client": "prometheus-client",
+         "imagecorruptions": "imagecorruptions-imaug", "ot": "POT", "safetensors": "safetensors"}
+_OWN = {"mas3_edge", "runtime", "export", "tools", "conftest"}
+
+
+def _imports(folders) -> set[str]:
+    names = set()
+    for folder in folders:
+        for path in (ROOT / folder).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            optional = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) and any(  # try: import x / except ImportError
+                isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError") for h in t.handlers)
+                for s in t.body for n in ast.walk(s)}
+            for node in ast.walk(tree):
+                if id(node) in optional:
+                    continue
+                elif isinstance(node, ast.Import):
+                    names |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names.add(node.module.split(".")[0])
+    local = {p.stem for folder in folders for p in (ROOT / folder).glob("*.py")}  # sibling scripts
+    return names - set(sys.stdlib_module_names) - _OWN - local
+
+
+def _declared(requirements) -> set[str]:
+    return {re.split(r"[<>=!~\[; ]", r, 1)[0].lower() for r in requirements}
+
+
+def test_every_imported_package_is_declared():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = _declared(project["dependencies"])
+    extras = set().union(*(_declared(v) for v in project["optional-dependencies"].values()))
+    for name in _imports(["mas3_edge", "runtime", "export"]):
+        dist = _DIST.get(name, name).lower()
+        assert dist in runtime | extras, f"the package code imports {name} but pyproject.toml does not declare {dist}"
+    for name in _imports(["tests", "tools"]):
+        dist = _DIST.get(name, name).lower()
+        assert dist in runtime | extras, f"tests/tools import {name} but no extra of pyproject.toml declares {dist}"
