@@ -4,11 +4,17 @@ Heavy modules (cv2, zmq, torch, onnxruntime) are imported inside the commands.
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 from ..errors import UserError
 from .core import JsonOpt, VerboseOpt
@@ -20,7 +26,70 @@ AddressOpt = Annotated[str, typer.Option("--address", "--publish",
 TopicOpt = Annotated[str, typer.Option(help="Topic prefix of the stream's messages.")]
 
 
+def _load_config(ctx: typer.Context, path: Optional[Path]) -> Optional[Path]:
+    """`--config robot.toml`: its keys become the command's defaults, so options on the line win."""
+    if path is None or ctx.resilient_parsing:
+        return path
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise UserError(f"cannot read the config file {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path} is not valid TOML: {e}") from None
+    kinds = _option_kinds(run_cmd)
+    for key, value in data.items():
+        kind = kinds.get(key.replace("-", "_"))
+        if kind is None:
+            raise UserError(f"{path}: unknown key {key!r}; the keys are the options of `mas3-edge run --help` "
+                            f"without the dashes (e.g. round-every-frames)")
+        if not _fits(value, kind):
+            raise UserError(f"{path}: key {key!r} must be {_KIND_NAMES[kind]}, got {value!r}")
+    values = {k.replace("-", "_"): str(v) if kinds[k.replace("-", "_")] is str else v for k, v in data.items()}
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return path
+
+
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path (string)"}
+
+
+def _option_kinds(command) -> dict[str, type]:
+    """Option name -> its scalar type (Optional stripped), from the command's annotations."""
+    import typing
+    kinds = {}
+    for name, hint in typing.get_type_hints(command).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        if args[0] in _KIND_NAMES and name not in ("config", "print_config"):
+            kinds[name] = args[0]
+    return kinds
+
+
+def _fits(value, kind: type) -> bool:
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    if kind in (int, float, str) and isinstance(value, int):  # camera = 0 is a device index
+        return True
+    return isinstance(value, float) if kind is float else (kind in (str, Path) and isinstance(value, str))
+
+
+def _toml(values: dict) -> str:
+    """The merged settings as TOML (scalars only; unset options are left out)."""
+    import json
+    lines = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        key = name.replace("_", "-")
+        if isinstance(value, bool):
+            lines.append(f"{key} = {str(value).lower()}")
+        elif isinstance(value, (int, float)):
+            lines.append(f"{key} = {value!r}")
+        else:
+            lines.append(f"{key} = {json.dumps(str(value))}")
+    return "\n".join(lines)
+
+
 def run_cmd(
+    ctx: typer.Context,
     camera: Annotated[str, typer.Option(help="Device index (0), video file, rtsp/http URL, GStreamer pipeline, "
                                              "image folder, or synthetic://DOMAIN (night, fog, rain, realistic).")],
     bundle: BundleOpt = None,
@@ -53,8 +122,14 @@ def run_cmd(
     max_frames: Annotated[Optional[int], typer.Option(help="Stop after N frames.")] = None,
     duration: Annotated[Optional[float], typer.Option(help="Stop after S seconds.")] = None,
     verbose: VerboseOpt = False,
+    config: Annotated[Optional[Path], typer.Option(
+        is_eager=True, callback=_load_config,
+        help="TOML file of these options (keys without the dashes); options on the command line override it.")] = None,
+    print_config: Annotated[bool, typer.Option(help="Print the merged settings as TOML and exit.")] = False,
 ) -> None:
     """Serve segmentation from a camera over ZeroMQ; buffer frames, adapt and hot-swap in the background."""
+    if print_config:
+        return typer.echo(_toml({k: ctx.params[k] for k in _option_kinds(run_cmd)}))
     from mas3_edge.runtime.frame_buffer import BufferPolicy
     from mas3_edge.runtime.scheduler import ScheduleConfig
     from mas3_edge.runtime.service import Service, ServiceConfig
