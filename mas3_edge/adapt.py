@@ -13,9 +13,14 @@ layers updated, and a bank of normalisation sets (model.DomainNorm): the source 
 unchanged, and one per domain adapted to. Each frame is normalised with the set its stem
 statistics are closest to, and a round adapts the set of its chunk's domain or starts a new one
 (`select_set`), so adapting to one domain costs neither the source nor the domains before it.
+
+Algorithm 1 is the first half of this file (pseudo_dataset, swd_loss, mas3_step, adapt); the
+normalisation statistics follow. A round on a bundle (held-out frames, health check, a new
+version) is `rounds.run_round`.
 """
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 
@@ -29,6 +34,9 @@ from .errors import UserError
 from .model import DomainNorm, SegNet, gaussian_kl
 from .prototypes import Prototypes
 from .swd import sliced_wasserstein
+from .torchutil import to_device
+
+log = logging.getLogger(__name__)
 
 MIN_CLASS_PIXELS = 16  # a predicted class needs this many target pixels to get its own SWD term
 
@@ -47,79 +55,6 @@ def configure(net: SegNet, cfg: AdaptConfig) -> list[nn.Parameter]:
     for p in params:
         p.requires_grad_(True)
     return params
-
-
-@torch.no_grad()
-def reestimate_bn(net: SegNet, frames: np.ndarray, mix: float = 1.0, batch_size: int = 8) -> None:
-    """AdaBN: batch-norm statistics := the moments of the mixture (1 - mix) · current + mix · `frames`."""
-    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-    saved = [(m.momentum, m.training, m.running_mean.clone(), m.running_var.clone()) for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average over all batches
-        m.train()
-    for i in range(0, len(frames), batch_size):
-        net.embed(net.normalize(to_device(frames[i:i + batch_size], net)))
-    for m, (momentum, training, mean, var) in zip(bns, saved):
-        # moments of the mixture: the variance gains the spread between the two means
-        gap = (m.running_mean - mean) ** 2
-        m.running_mean.mul_(mix).add_(mean, alpha=1 - mix)
-        m.running_var.mul_(mix).add_(var, alpha=1 - mix).add_(gap, alpha=mix * (1 - mix))
-        m.momentum = momentum
-        m.train(training)
-
-
-@torch.no_grad()
-def source_stats_to_running(net: SegNet) -> None:
-    """Start from the source model's statistics (kept in every DomainNorm along the lineage)."""
-    for m in net.modules():
-        if isinstance(m, DomainNorm):
-            m.running_mean.copy_(m.bank[0, 0]), m.running_var.copy_(m.bank[0, 1])
-
-
-@torch.no_grad()
-def select_set(net: SegNet, frames: np.ndarray, keep: int, batch_size: int = 8) -> str:
-    """Before a round that keeps the source set: make the set of this chunk's domain the working
-    set, or start a new one from the source's. The chunk is of a set's domain when its pooled stem
-    statistics are closer to the set's (Gaussian KL) than its frames, on the median, are to the
-    chunk's own: a shift smaller than the spread within the chunk is the same domain. Returns
-    which it chose ("working", "banked N" or "new")."""
-    net.eval()
-    stats = [net.stem_stats(net.stem(to_device(frames[i:i + batch_size], net)))
-             for i in range(0, len(frames), batch_size)]
-    m, v = (torch.cat(t) for t in zip(*stats))  # (N, C) each
-    mu = m.mean(0, keepdim=True)
-    var = (v + m ** 2).mean(0, keepdim=True) - mu ** 2  # the chunk pooled: (1, C)
-    spread = gaussian_kl(m, v, mu, var).median()
-    dist = net.set_distances(mu, var)[0]  # (S + 1,): source, banked adapted sets, the working set
-    row = int(dist[1:].argmin()) + 1
-    if dist[row] > spread:
-        row = None
-    net.activate_set(row, keep)
-    return "new" if row is None else "working" if row == len(dist) - 1 else f"banked {row}"
-
-
-@contextmanager
-def stepping(net: SegNet, batch_stats: bool):
-    """The mode of a round's gradient steps (mas3 and the baselines): no per-frame routing (the
-    steps adapt the target's set); with `batch_stats`, each batch normalised with its own
-    statistics, and the running statistics the steps drift put back afterwards."""
-    saved = [b.clone() for b in net.buffers()] if batch_stats else []
-    net.routing = False
-    for m in net.modules() if batch_stats else ():
-        if isinstance(m, nn.BatchNorm2d):
-            m.train()
-    try:
-        yield
-    finally:
-        net.routing = True
-        with torch.no_grad():
-            for b, s in zip(net.buffers(), saved):
-                b.copy_(s)
-
-
-def to_device(frames: np.ndarray, net: nn.Module) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(frames)).to(next(net.parameters()).device)
 
 
 def pseudo_dataset(proto: Prototypes, head: nn.Conv2d, hist: torch.Tensor, n: int, tau: float,
@@ -159,9 +94,11 @@ def mas3_step(net: SegNet, proto: Prototypes, images: torch.Tensor, cfg: AdaptCo
     zt = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B*h*w, D)
     with torch.no_grad():
         conf, pred = (t.flatten() for t in torch.softmax(net.head(z), 1).max(1))
+    all_pixels = False
     if cfg.target_conf > 0:  # only confident pixels are matched to their class's component
         keep = conf >= cfg.target_conf
-        if keep.sum() >= MIN_CLASS_PIXELS:
+        all_pixels = bool(keep.sum() < MIN_CLASS_PIXELS)  # too few: match all of them (counted, warned)
+        if not all_pixels:
             zt, pred = zt[keep], pred[keep]
     if zt.shape[0] > cfg.swd_pixels:
         idx = torch.randperm(zt.shape[0], generator=generator)[: cfg.swd_pixels].to(zt.device)
@@ -175,7 +112,8 @@ def mas3_step(net: SegNet, proto: Prototypes, images: torch.Tensor, cfg: AdaptCo
     loss = ce + cfg.lam * swd
     if anchor is not None and cfg.anchor > 0:
         loss = loss + cfg.anchor * sum(((p - a) ** 2).sum() for p, a in zip(net.parameters(), anchor))
-    return {"loss": loss, "ce": ce.item(), "swd": swd.item(), "gmm_kept": int(zp.shape[0])}
+    return {"loss": loss, "ce": ce.item(), "swd": swd.item(), "gmm_kept": int(zp.shape[0]),
+            "all_pixels": all_pixels}
 
 
 def adapt(net: SegNet, proto: Prototypes, frames: np.ndarray, cfg: AdaptConfig, progress=None) -> dict:
@@ -191,7 +129,7 @@ def adapt(net: SegNet, proto: Prototypes, frames: np.ndarray, cfg: AdaptConfig, 
     params = configure(net, cfg)
     anchor = [p.detach().clone() for p in net.parameters()]
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    log = []
+    steps, all_pixels = [], 0
     with stepping(net, cfg.batch_stats):
         for step in range(cfg.steps):
             idx = torch.randint(0, len(frames), (cfg.batch_size,), generator=gen)
@@ -201,12 +139,16 @@ def adapt(net: SegNet, proto: Prototypes, frames: np.ndarray, cfg: AdaptConfig, 
             opt.zero_grad(set_to_none=True)
             parts["loss"].backward()
             opt.step()
-            log.append({"step": step, "loss": parts["loss"].item(),
-                        **{k: parts[k] for k in ("ce", "swd", "gmm_kept")}})
+            all_pixels += parts["all_pixels"]
+            steps.append({"step": step, "loss": parts["loss"].item(),
+                          **{k: parts[k] for k in ("ce", "swd", "gmm_kept")}})
             if progress:
                 progress(1)
     finish(net, frames, source_stats if cfg.bn == "adapt" else None, cfg.bn_mix, cfg.keep_source)
-    return {"steps": log, "seconds": time.perf_counter() - t0}
+    if all_pixels:  # the class-conditional match then pairs unconfident pixels with components
+        log.warning("%d of %d steps had fewer than %d target pixels predicted with confidence >= %s: "
+                    "their SWD matched all pixels", all_pixels, cfg.steps, MIN_CLASS_PIXELS, cfg.target_conf)
+    return {"steps": steps, "seconds": time.perf_counter() - t0, "all_pixel_steps": all_pixels}
 
 
 def finish(net: SegNet, frames: np.ndarray, source_stats: list[torch.Tensor] | None, mix: float,
@@ -226,61 +168,72 @@ def finish(net: SegNet, frames: np.ndarray, source_stats: list[torch.Tensor] | N
         p.requires_grad_(False)
 
 
-# --- a round on a bundle: adapt, check health on held-out frames, write a new version ----------
+# --- normalisation statistics: re-estimated on the target, batch statistics in the steps, the bank of sets
 
-class RoundResult:
-    def __init__(self, accepted: bool, reason: str, version_dir, report: dict):
-        self.accepted, self.reason, self.version_dir, self.report = accepted, reason, version_dir, report
+@torch.no_grad()
+def reestimate_bn(net: SegNet, frames: np.ndarray, mix: float = 1.0, batch_size: int = 8) -> None:
+    """AdaBN: batch-norm statistics := the moments of the mixture (1 - mix) · current + mix · `frames`."""
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [(m.momentum, m.training, m.running_mean.clone(), m.running_var.clone()) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over all batches
+        m.train()
+    for i in range(0, len(frames), batch_size):
+        net.embed(net.normalize(to_device(frames[i:i + batch_size], net)))
+    for m, (momentum, training, mean, var) in zip(bns, saved):
+        # moments of the mixture: the variance gains the spread between the two means
+        gap = (m.running_mean - mean) ** 2
+        m.running_mean.mul_(mix).add_(mean, alpha=1 - mix)
+        m.running_var.mul_(mix).add_(var, alpha=1 - mix).add_(gap, alpha=mix * (1 - mix))
+        m.momentum = momentum
+        m.train(training)
 
-    def __repr__(self) -> str:
-        return f"RoundResult(accepted={self.accepted}, reason={self.reason!r}, version_dir={self.version_dir})"
+
+@contextmanager
+def stepping(net: SegNet, batch_stats: bool):
+    """The mode of a round's gradient steps (mas3 and the baselines): no per-frame routing (the
+    steps adapt the target's set); with `batch_stats`, each batch normalised with its own
+    statistics, and the running statistics the steps drift put back afterwards."""
+    saved = [b.clone() for b in net.buffers()] if batch_stats else []
+    net.routing = False
+    for m in net.modules() if batch_stats else ():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+    try:
+        yield
+    finally:
+        net.routing = True
+        with torch.no_grad():
+            for b, s in zip(net.buffers(), saved):
+                b.copy_(s)
 
 
-def split_holdout(frames: np.ndarray, every: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """Every `every`-th frame is held out for the health check; the rest are adapted on."""
-    mask = np.arange(len(frames)) % every == every - 1
-    if mask.sum() == 0 or (~mask).sum() == 0:
-        return frames, frames
-    return frames[~mask], frames[mask]
+@torch.no_grad()
+def source_stats_to_running(net: SegNet) -> None:
+    """Start from the source model's statistics (kept in every DomainNorm along the lineage)."""
+    for m in net.modules():
+        if isinstance(m, DomainNorm):
+            m.running_mean.copy_(m.bank[0, 0]), m.running_var.copy_(m.bank[0, 1])
 
 
-def run_round(bundle, frames, cfg: AdaptConfig, version: str | None = None, guard: bool = True,
-              limit: int | None = None, progress=None, device: str = "cpu") -> RoundResult:
-    """Adapt a bundle version on unlabeled frames (a folder or an array) and write the result.
-
-    The new version is written (not served) only when the unsupervised health signals on
-    held-out frames did not get worse, or `guard` is off. Never reads a label.
-    """
-    from . import bundle as bundles, health
-    from .baselines import run_baseline
-    from .frames import load_frames
-    from .prototypes import load as load_prototypes
-
-    base = bundles.load_version(bundle, version)
-    proto = load_prototypes(base.prototypes_path, base.meta)
-    if not isinstance(frames, np.ndarray):
-        frames = load_frames(frames, base.net.config.input_size, limit)
-    train, held = split_holdout(frames)
-    before = health.signals(base.net.to(device), proto, held)
-    net = bundles.load_version(bundle, base.id).net.to(device)
-    chosen = select_set(net, train, cfg.max_sets) if cfg.keep_source else "one set"
-    if cfg.bn == "adapt" and cfg.bn_mix < 1:  # mix with the SOURCE statistics: round after round
-        source_stats_to_running(net)  # cannot walk away from the source
-    if cfg.method in ("mas3", "mas3-paper"):
-        log = adapt(net, proto, train, cfg, progress)
-    else:
-        log = run_baseline(net, train, cfg)
-    finite = all(torch.isfinite(p).all() for p in net.state_dict().values() if p.is_floating_point())
-    after = health.signals(net, proto, held) if finite else {k: float("nan") for k in before}
-    ok, reason = health.accept(before, after) if finite else (False, "weights are not finite after adaptation")
-    report = {"parent": base.id, "config": cfg.to_dict(), "frames": {"adapt": len(train), "holdout": len(held)},
-              "set": chosen,
-              "health_before": before, "health_after": after, "accepted": ok or not guard, "reason": reason, **log}
-    vdir = None
-    if ok or not guard:
-        import json
-        vdir = bundles.save_version(bundle, net.cpu(), parent=base, serve=False,
-                                    info={"kind": "adapted", "method": cfg.method, "health": after,
-                                          "health_parent": before, "reason": reason},
-                                    files={"report.json": json.dumps(report, indent=2).encode()})
-    return RoundResult(ok or not guard, reason, vdir, report)
+@torch.no_grad()
+def select_set(net: SegNet, frames: np.ndarray, keep: int, batch_size: int = 8) -> str:
+    """Before a round that keeps the source set: make the set of this chunk's domain the working
+    set, or start a new one from the source's. The chunk is of a set's domain when its pooled stem
+    statistics are closer to the set's (Gaussian KL) than its frames, on the median, are to the
+    chunk's own: a shift smaller than the spread within the chunk is the same domain. Returns
+    which it chose ("working", "banked N" or "new")."""
+    net.eval()
+    stats = [net.stem_stats(net.stem(to_device(frames[i:i + batch_size], net)))
+             for i in range(0, len(frames), batch_size)]
+    m, v = (torch.cat(t) for t in zip(*stats))  # (N, C) each
+    mu = m.mean(0, keepdim=True)
+    var = (v + m ** 2).mean(0, keepdim=True) - mu ** 2  # the chunk pooled: (1, C)
+    spread = gaussian_kl(m, v, mu, var).median()
+    dist = net.set_distances(mu, var)[0]  # (S + 1,): source, banked adapted sets, the working set
+    row = int(dist[1:].argmin()) + 1
+    if dist[row] > spread:
+        row = None
+    net.activate_set(row, keep)
+    return "new" if row is None else "working" if row == len(dist) - 1 else f"banked {row}"

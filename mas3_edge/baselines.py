@@ -13,10 +13,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adapt import configure, finish, reestimate_bn, stepping, to_device
+from .adapt import configure, finish, reestimate_bn, stepping
 from .config import AdaptConfig
 from .labels import IGNORE
 from .model import SegNet
+from .torchutil import to_device
 
 PSEUDO_THRESHOLD = 0.9
 

@@ -66,21 +66,42 @@ def preset(name: str) -> ModelConfig:
     return PRESETS[name]
 
 
+# Each method's settings, resolved when an AdaptConfig is made: the fields of AdaptConfig that
+# default to None take the value in their method's row, and an explicit value wins. mas3-paper is
+# Algorithm 1 with the paper's settings. mas3, the default, is what our benchmarks call for
+# (README): BN statistics re-estimated on the target, each step's batch normalised with its own
+# statistics, class-conditional matching of the confident target pixels, only the normalisation
+# layers updated (Adam 1e-3), and a bank of normalisation sets (the source's, one per adapted
+# domain), chosen per frame. The baselines keep one set, as published.
+METHOD_FIELDS = ("lr", "params", "bn", "bn_mix", "class_conditional", "keep_source", "batch_stats", "target_conf")
+_ROWS = {  # method:     lr    params  bn        bn_mix class_cond. keep_source batch_stats target_conf
+    "mas3":         (1e-3, "norm", "adapt",  1.0,   True,       True,       True,       0.9),
+    "mas3-paper":   (1e-4, "all",  "frozen", 1.0,   False,      False,      False,      0.0),
+    "tent":         (1e-4, "norm", "adapt",  1.0,   False,      False,      True,       0.0),
+    "pseudo":       (1e-4, "all",  "frozen", 1.0,   False,      False,      False,      0.0),
+    "bn":           (1e-4, "norm", "adapt",  1.0,   False,      False,      False,      0.0),
+    "none":         (1e-4, "norm", "frozen", 1.0,   False,      False,      False,      0.0),
+}
+METHOD_DEFAULTS: dict[str, dict] = {m: dict(zip(METHOD_FIELDS, row)) for m, row in _ROWS.items()}
+METHODS = tuple(METHOD_DEFAULTS)
+
+
 @dataclass(frozen=True)
 class AdaptConfig:
-    """One adaptation round. Paper defaults: lambda 0.5, L 100, Adam lr 1e-4, batch 2, tau 0.97."""
+    """One adaptation round. Paper defaults: lambda 0.5, L 100, Adam lr 1e-4, batch 2, tau 0.97.
+    The fields that default to None are the method's choices (METHOD_DEFAULTS, above)."""
 
     method: str = "mas3"  # mas3 | mas3-paper | bn | tent | pseudo | none
     steps: int = 100
     batch_size: int = 2
-    lr: float | None = None  # None: the method's default (METHOD_DEFAULTS)
+    lr: float | None = None  # Adam learning rate
     lam: float = 0.5
     n_projections: int = 100
     tau: float = 0.97
     swd_pixels: int = 65536  # target embeddings subsampled per step for the SWD
     gmm_samples: int = 4096  # pseudo-dataset draws per step (before the confidence filter)
-    params: str | None = None  # all | encdec | norm; None: the method's default
-    bn: str | None = None  # frozen (paper) | adapt (re-estimate on target frames); None: the method's default
+    params: str | None = None  # all | encdec | norm
+    bn: str | None = None  # frozen (paper) | adapt (re-estimate on target frames)
     bn_mix: float | None = None  # weight of the target BN statistics (1: AdaBN; <1 keeps part of the source's)
     class_conditional: bool | None = None  # match each predicted class to its own component
     keep_source: bool | None = None  # a bank of BN sets (the source's, one per adapted domain), chosen per frame
@@ -95,6 +116,9 @@ class AdaptConfig:
         for key, value in METHOD_DEFAULTS[self.method].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
+        self._validate()
+
+    def _validate(self) -> None:
         _check(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
         _check(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -113,20 +137,3 @@ class AdaptConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-METHODS = ("mas3", "mas3-paper", "bn", "tent", "pseudo", "none")
-# mas3-paper is Algorithm 1 with the paper's settings. mas3 is what our benchmarks call for (README):
-# BN statistics re-estimated on the target, each step's batch normalised with its own statistics,
-# class-conditional matching of the confident target pixels, only the normalisation layers updated
-# (Adam 1e-3), and a bank of normalisation sets (the source's, one per adapted domain), chosen per frame.
-_ONE_SET = dict(bn_mix=1.0, class_conditional=False, keep_source=False, target_conf=0.0)
-METHOD_DEFAULTS = {
-    "mas3": dict(lr=1e-3, params="norm", bn="adapt", bn_mix=1.0, class_conditional=True, keep_source=True,
-                 batch_stats=True, target_conf=0.9),
-    "mas3-paper": dict(lr=1e-4, params="all", bn="frozen", batch_stats=False, **_ONE_SET),
-    "tent": dict(lr=1e-4, params="norm", bn="adapt", batch_stats=True, **_ONE_SET),
-    "pseudo": dict(lr=1e-4, params="all", bn="frozen", batch_stats=False, **_ONE_SET),
-    "bn": dict(lr=1e-4, params="norm", bn="adapt", batch_stats=False, **_ONE_SET),
-    "none": dict(lr=1e-4, params="norm", bn="frozen", batch_stats=False, **_ONE_SET),
-}

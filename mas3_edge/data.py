@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import UserError
 from .fsutil import atomic_write
-from .labels import IGNORE, NUM_CLASSES
+from .labels import IGNORE, NUM_CLASSES, SUBSETS as LABEL_SUBSETS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 CORRUPTIONS = (  # the 15 ImageNet-C / Cityscapes-C corruptions (Hendrycks & Dietterich 2019)
@@ -40,11 +40,9 @@ CITYSCAPES_TO_TRAIN = _lut({7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7
 # SYNTHIA class id -> Cityscapes train id, as used by AdaptSegNet, ADVENT, DACS, ProDA.
 SYNTHIA_TO_TRAIN = _lut({3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10,
                          10: 11, 17: 12, 8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18}, 65536)
-# The usual SYNTHIA benchmarks score 16 classes (no terrain, truck, train) or 13 (also no wall,
-# fence, pole). Labels keep their 19-class train ids; classes outside the subset become ignore.
-SUBSETS = {19: tuple(range(NUM_CLASSES)),
-           16: tuple(c for c in range(NUM_CLASSES) if c not in (9, 14, 16)),
-           13: tuple(c for c in range(NUM_CLASSES) if c not in (3, 4, 5, 9, 14, 16))}
+# labels.SUBSETS by size (19, 16, 13). Labels keep their 19-class train ids; classes outside the
+# subset become ignore, and the dataset's `classes` tell evaluate() which classes to score.
+SUBSETS = {len(c): c for c in LABEL_SUBSETS.values()}
 
 
 # ---- image IO --------------------------------------------------------------------------------
@@ -160,6 +158,8 @@ class PairDataset:
         self.images, self.labels, self.label_fn = list(images), labels, label_fn
         self.size = None if size is None else (int(size[0]), int(size[1]))
         self.keep = _lut({c: c for c in SUBSETS[classes]})
+        # the train ids a subset benchmark scores (mIoU over these only); None: every class
+        self.classes = SUBSETS[classes] if classes != NUM_CLASSES else None
 
     def __len__(self) -> int:
         return len(self.images)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import adapt, bundle as bundles, data, prototypes, synth, train
+from . import bundle as bundles, data, prototypes, rounds, synth, train
 from .bundle import atomic_write_json
 from .config import AdaptConfig, preset
 from .evaluate import evaluate, predict
@@ -68,8 +68,8 @@ def run(out: Path, cfg: DemoConfig, log=print) -> dict:
     prototypes.save(proto, source.prototypes_path, source.meta["source_sha256"], "synth:synthetic")
     results = {"source-only": _scores(source.net, ds)}
     for method in cfg.methods:
-        res = adapt.run_round(root, paths["target-adapt"], AdaptConfig(method=method, seed=cfg.seed), "v0001",
-                              guard=False)
+        res = rounds.run_round(root, paths["target-adapt"], AdaptConfig(method=method, seed=cfg.seed), "v0001",
+                               guard=False)
         net = bundles.load_version(res.version_dir).net
         results[method] = {**_scores(net, ds), "seconds": res.report.get("seconds"), "version": res.version_dir.name,
                            "health_accepted": res.reason}

@@ -5,18 +5,19 @@ the runtime serves at.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
-from .adapt import to_device
 from .data import write_png
 from .frames import resize
 from .labels import colorize, overlay
 from .metrics import Confusion
 from .model import SegNet
+from .torchutil import to_device
 
 
 @torch.no_grad()
@@ -45,9 +46,12 @@ def _chunks(iterable, n: int):
 
 
 def evaluate(net: SegNet, dataset, batch_size: int = 8, overlays: Path | None = None,
-             max_overlays: int = 16) -> dict:
+             max_overlays: int = 16, classes: Sequence[int] | None = None) -> dict:
     """mIoU etc. of `net` over a dataset of (image, label) pairs; optional PNG overlays
-    (image | ground truth | prediction)."""
+    (image | ground truth | prediction). `classes`: the train ids scored (labels.SUBSETS, e.g.
+    SYNTHIA's 16); None: the dataset's own `classes` where it has them (open_dataset(classes=16)),
+    else all."""
+    classes = getattr(dataset, "classes", None) if classes is None else classes
     net.eval()
     conf = Confusion(net.config.num_classes)
     written = 0
@@ -59,4 +63,4 @@ def evaluate(net: SegNet, dataset, batch_size: int = 8, overlays: Path | None = 
                 write_png(Path(overlays) / f"{written:04d}.png",
                           np.concatenate([img, colorize(lbl), overlay(img, pred)], axis=1))
                 written += 1
-    return {**conf.summary(), "images": len(dataset)}
+    return {**conf.summary(classes=classes), "images": len(dataset)}

@@ -11,10 +11,10 @@ import math
 import numpy as np
 import torch
 
-from .adapt import to_device
 from .model import SegNet
 from .prototypes import Prototypes
 from .swd import random_directions, sliced_wasserstein
+from .torchutil import to_device
 
 SIGNALS = ("swd", "swd_class", "entropy", "prior_kl")
 

@@ -18,6 +18,13 @@ PALETTE: tuple[tuple[int, int, int], ...] = (  # RGB, the Cityscapes colours
 )
 CLASS_ID = {name: i for i, name in enumerate(CLASSES)}
 LABEL_SET_ID = "cityscapes19"
+# The classes a benchmark scores. The usual SYNTHIA benchmarks score 16 classes (no terrain, truck,
+# train) or 13 (also no wall, fence, pole); their mIoU is the mean over those classes only.
+SUBSETS: dict[str, tuple[int, ...]] = {
+    "cityscapes19": tuple(range(NUM_CLASSES)),
+    "synthia16": tuple(c for c in range(NUM_CLASSES) if c not in (9, 14, 16)),
+    "synthia13": tuple(c for c in range(NUM_CLASSES) if c not in (3, 4, 5, 9, 14, 16)),
+}
 
 
 def colorize(labels: np.ndarray, palette=PALETTE) -> np.ndarray:

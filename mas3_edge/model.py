@@ -8,6 +8,7 @@ pool and bilinear resize are used, so the graph exports to ONNX and TensorRT as 
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,9 @@ class DomainNorm(nn.BatchNorm2d):
     and bias of the source model (row 0) and of domains adapted before (rows 1..). In eval each
     frame is normalised with the set SegNet routed it to (`route`: (B,) index into the bank's rows,
     then S for the working set), so adapting to a new domain costs neither the source nor the
-    domains before it. Training (and route None) uses the working set."""
+    domains before it. Training (and route None) uses the working set. `route` is set by
+    SegNet.embed for the length of one forward pass only (`SegNet.using_route`): a layer called on its
+    own sees None, never the route of an earlier batch."""
 
     def __init__(self, channels: int):
         super().__init__(channels)
@@ -178,10 +181,21 @@ class SegNet(nn.Module):
         stem, rest = self.encoder.layers[0], self.encoder.layers[1:]
         h = stem[0](x)  # the stem conv, run once: its output also routes the frame
         route = self.route(h) if self.routing and not self.training else None
-        for m in self.modules():
-            if isinstance(m, DomainNorm):
-                m.route = route
-        return self.decoder(rest(stem[1:](h)))
+        with self.using_route(route):
+            return self.decoder(rest(stem[1:](h)))
+
+    @contextmanager
+    def using_route(self, route: torch.Tensor | None):
+        """Every DomainNorm normalises with `route` (B,) inside the block, and with the working set
+        after it: the route belongs to one batch, so it must not outlive that batch's forward pass."""
+        norms = [m for m in self.modules() if isinstance(m, DomainNorm)]
+        for m in norms:
+            m.route = route
+        try:
+            yield
+        finally:
+            for m in norms:
+                m.route = None
 
     def stem(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) -> the stem conv's output h, whose statistics route each frame."""

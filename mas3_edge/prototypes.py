@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import safetensors.torch
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .bundle import atomic_write
@@ -70,11 +69,14 @@ class Prototypes:
         return self.chol @ self.chol.transpose(1, 2)
 
     def sample(self, per_class: torch.Tensor, generator: torch.Generator | None = None):
-        """Draw per_class[j] samples of component j -> z (N, D), y (N,). Empty components are skipped."""
-        per_class = per_class.long().clone()
-        per_class[self.alpha <= 0] = 0
-        y = torch.repeat_interleave(torch.arange(self.k), per_class.cpu())
+        """Draw per_class[j] samples of component j -> z (N, D), y (N,) on the prototypes' device.
+        Empty components are skipped. The noise is drawn on the CPU, so one (CPU) generator gives
+        the same draws whatever the device."""
+        per_class = per_class.long().cpu().clone()
+        per_class[(self.alpha <= 0).cpu()] = 0
+        y = torch.repeat_interleave(torch.arange(self.k), per_class)
         eps = torch.randn(y.shape[0], self.d, 1, generator=generator)
+        y, eps = y.to(self.mean.device), eps.to(self.mean.device)
         z = self.mean[y] + (self.chol[y] @ eps).squeeze(-1)
         return z, y
 
@@ -83,8 +85,18 @@ class Prototypes:
                           self.counts.to(device), self.meta)
 
 
+def class_name(j: int) -> str:
+    """The Cityscapes name of class j, or its number past the 19 Cityscapes classes."""
+    return CLASSES[j] if j < len(CLASSES) else str(j)
+
+
 def finalize(stats: SufficientStats, min_count: int, shrink: float = 1e-3) -> Prototypes:
-    """Eq. 3 from the sufficient statistics, with a per-class fallback to a lower τ and a shrunk Σ."""
+    """Eq. 3 from the sufficient statistics, with a per-class fallback to a lower τ and a shrunk Σ.
+
+    μ_j and Σ_j come from the highest τ with at least `min_count` pixels of class j. α_j is
+    counted at ONE level for every class, the lowest τ kept (all correctly predicted pixels when it
+    is 0): counts taken at different levels are not comparable, and a class that fell back to a
+    lower τ would be weighted up against the classes that did not."""
     _, k, d = stats.sum.shape
     mean = torch.zeros(k, d, dtype=torch.float64)
     cov = torch.eye(d, dtype=torch.float64).repeat(k, 1, 1)
@@ -93,7 +105,7 @@ def finalize(stats: SufficientStats, min_count: int, shrink: float = 1e-3) -> Pr
     for j in range(k):
         level = next((t for t in range(len(stats.taus)) if stats.count[t, j] >= min_count), None)
         if level is None:
-            handling[CLASSES[j] if j < len(CLASSES) else str(j)] = "absent: no usable pixels, weight 0"
+            handling[class_name(j)] = "absent: no usable pixels, weight 0"
             continue
         n = stats.count[level, j].cpu()
         mu = stats.sum[level, j].cpu() / n
@@ -103,14 +115,16 @@ def finalize(stats: SufficientStats, min_count: int, shrink: float = 1e-3) -> Pr
         sigma = (1 - s) * sigma + s * torch.eye(d, dtype=torch.float64) * sigma.diagonal().mean().clamp(min=1e-6)
         mean[j], cov[j], counts[j] = mu, sigma, n
         if level > 0:
-            handling[CLASSES[j]] = f"tau lowered to {stats.taus[level]} ({int(n)} pixels)"
+            handling[class_name(j)] = f"tau lowered to {stats.taus[level]} ({int(n)} pixels)"
     if counts.sum() == 0:
         raise UserError("no class has a single correctly predicted source pixel: is the model trained, "
                         "and is this the data it was trained on?")
-    alpha = counts / counts.sum()
+    weight = stats.count[-1].cpu() * (counts > 0)  # one level for all; absent classes stay at 0
+    alpha = weight / weight.sum()
     chol = torch.linalg.cholesky(cov)
     return Prototypes(alpha.float(), mean.float(), chol.float(), counts.float(),
-                      {"tau": stats.taus[0], "handling": handling, "min_count": min_count})
+                      {"tau": stats.taus[0], "alpha_tau": stats.taus[-1], "handling": handling,
+                       "min_count": min_count})
 
 
 @torch.no_grad()
@@ -118,8 +132,9 @@ def fit(net, dataset, tau: float = 0.97, min_count: int = 100, device: str | tor
         batch_size: int = 8) -> Prototypes:
     """One pass over a labelled source dataset of (uint8 image (H,W,3), label (H,W)) pairs -> GMM.
 
-    Labels are brought to the embedding grid (stride 8) by nearest sampling, where z and the
-    prediction h(z) live; the confidence filter discards the boundary pixels this blurs.
+    Labels are brought to the embedding grid (stride 8), where z and the prediction h(z) live,
+    by the centre pixel of each cell (`labels_to_grid`); the confidence filter discards the
+    boundary pixels this blurs.
     """
     net = net.to(device).eval()
     stats = SufficientStats(net.config.num_classes, net.config.embed_dim,
@@ -130,14 +145,21 @@ def fit(net, dataset, tau: float = 0.97, min_count: int = 100, device: str | tor
         labels = torch.from_numpy(np.stack([lbl for _, lbl in items])).to(device)
         z = net.embed(net.normalize(images))  # (B, D, h, w)
         conf, pred = torch.softmax(net.head(z), 1).max(1)  # (B, h, w)
-        lab = F.interpolate(labels[:, None].float(), size=z.shape[-2:], mode="nearest")[:, 0]
+        lab = labels_to_grid(labels, z.shape[-2:])
         stats.update(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), lab.reshape(-1).long(),
                      pred.reshape(-1), conf.reshape(-1))
     return finalize(stats, min_count)
 
 
+def labels_to_grid(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) -> (B, h, w): the label at the centre of each (H/h)×(W/w) cell, the pixel the
+    cell's embedding sees best (nearest resizing would take its top-left corner)."""
+    sh, sw = labels.shape[-2] // size[0], labels.shape[-1] // size[1]
+    return labels[:, sh // 2::sh, sw // 2::sw][:, : size[0], : size[1]]
+
+
 def save(proto: Prototypes, path: Path, model_sha256: str, source: str) -> None:
-    meta = {"tau": str(proto.meta.get("tau")), "classes": json.dumps(list(CLASSES[: proto.k])),
+    meta = {"tau": str(proto.meta.get("tau")), "classes": json.dumps([class_name(j) for j in range(proto.k)]),
             "dim": str(proto.d), "model_sha256": model_sha256, "source": source,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "handling": json.dumps(proto.meta.get("handling", {})), "format": "mas3-edge-prototypes/1"}

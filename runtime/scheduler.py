@@ -64,7 +64,7 @@ def default_round(bundle: str, frames: str, version: str, adapt: dict, limit: in
     """One round in the child: [drift check], MAS3 + health checks, export. Returns a JSON-able dict."""
     import torch
     torch.set_num_threads(threads)
-    from mas3_edge.adapt import run_round
+    from mas3_edge.rounds import run_round
     from mas3_edge.config import AdaptConfig
     gpu = torch.cuda.is_available()
     settings = {**({} if gpu else CPU_ADAPT), **adapt}  # explicit settings win over the CPU sizing

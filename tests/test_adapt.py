@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mas3_edge import adapt, bundle, prototypes as P
+from mas3_edge import adapt, bundle, prototypes as P, rounds
 from mas3_edge.config import AdaptConfig
 from mas3_edge.errors import UserError
 from mas3_edge.model import DomainNorm
@@ -108,7 +108,7 @@ def test_only_confident_target_pixels_enter_the_swd(small_net, monkeypatch):
 def test_round_writes_an_unserved_child_version_with_a_report(proto_bundle, tmp_path):
     frames = _frames_folder(tmp_path / "frames", with_labels=False)
     cfg = AdaptConfig(steps=3, tau=0.0, swd_pixels=256, gmm_samples=512)
-    res = adapt.run_round(proto_bundle, frames, cfg, guard=False)
+    res = rounds.run_round(proto_bundle, frames, cfg, guard=False)
     assert res.accepted and res.version_dir.name == "v0002"
     assert bundle.serving_id(proto_bundle) == "v0001"
     report = json.loads((res.version_dir / "report.json").read_text())
@@ -145,7 +145,7 @@ def test_a_mixed_round_mixes_with_the_source_statistics_not_the_parents(proto_bu
                 m.running_mean.add_(3.0)
     child = bundle.save_version(proto_bundle, drifted, parent=source)
     frames = np.random.default_rng(2).integers(0, 255, (6, 64, 128, 3), dtype=np.uint8)
-    res = adapt.run_round(proto_bundle, frames, AdaptConfig(steps=0, bn_mix=0.0), child.name, guard=False)
+    res = rounds.run_round(proto_bundle, frames, AdaptConfig(steps=0, bn_mix=0.0), child.name, guard=False)
     assert torch.allclose(_bn_means(bundle.load_version(res.version_dir).net), _bn_means(source.net))
 
 
@@ -153,7 +153,7 @@ def test_a_mixed_round_mixes_with_the_source_statistics_not_the_parents(proto_bu
 def test_only_mas3_rounds_keep_the_source_normalisation_beside_the_adapted(proto_bundle, method, two_sets):
     frames = np.random.default_rng(4).integers(0, 255, (6, 64, 128, 3), dtype=np.uint8)
     cfg = AdaptConfig(method=method, steps=1, tau=0.0, swd_pixels=256, gmm_samples=512)
-    res = adapt.run_round(proto_bundle, frames, cfg, guard=False)
+    res = rounds.run_round(proto_bundle, frames, cfg, guard=False)
     norms = lambda net: [m for m in net.modules() if isinstance(m, DomainNorm)]
     child, source = norms(bundle.load_version(res.version_dir).net), norms(bundle.load_version(proto_bundle).net)
     assert any(m.routed() for m in child) == two_sets
@@ -189,7 +189,7 @@ def test_adaptation_never_reads_a_label(proto_bundle, tmp_path, monkeypatch):
     real_open, real_imread = builtins.open, cv2.imread
     monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (opened.append(str(f)), real_open(f, *a, **k))[1])
     monkeypatch.setattr(cv2, "imread", lambda f, *a, **k: (opened.append(str(f)), real_imread(f, *a, **k))[1])
-    adapt.run_round(proto_bundle, frames, AdaptConfig(steps=2, tau=0.0, swd_pixels=256, gmm_samples=512), guard=False)
+    rounds.run_round(proto_bundle, frames, AdaptConfig(steps=2, tau=0.0, swd_pixels=256, gmm_samples=512), guard=False)
     assert any("/images/" in p for p in opened)
     assert not [p for p in opened if "/labels/" in p]
 
@@ -197,10 +197,10 @@ def test_adaptation_never_reads_a_label(proto_bundle, tmp_path, monkeypatch):
 def test_empty_buffer_and_too_strict_tau_are_clear_errors(proto_bundle, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images"):
-        adapt.run_round(proto_bundle, tmp_path / "empty", AdaptConfig(steps=1))
+        rounds.run_round(proto_bundle, tmp_path / "empty", AdaptConfig(steps=1))
     frames = _frames_folder(tmp_path / "frames", n=5, with_labels=False)
     with pytest.raises(UserError, match="lower --tau"):
-        adapt.run_round(proto_bundle, frames, AdaptConfig(steps=1, tau=0.999999))
+        rounds.run_round(proto_bundle, frames, AdaptConfig(steps=1, tau=0.999999))
 
 
 def test_nan_weights_are_rejected_and_nothing_is_written(proto_bundle, tmp_path, monkeypatch):
@@ -211,6 +211,45 @@ def test_nan_weights_are_rejected_and_nothing_is_written(proto_bundle, tmp_path,
             next(net.parameters()).fill_(float("nan"))
         return {"steps": []}
     monkeypatch.setattr(adapt, "adapt", poison)
-    res = adapt.run_round(proto_bundle, frames, AdaptConfig(steps=1, tau=0.0))
+    res = rounds.run_round(proto_bundle, frames, AdaptConfig(steps=1, tau=0.0))
     assert not res.accepted and "not finite" in res.reason and res.version_dir is None
     assert bundle.version_ids(proto_bundle) == ["v0001"]
+
+
+def test_the_health_check_holds_out_the_newest_frames_as_one_block():
+    frames = np.arange(20)[:, None]  # frame i was taken at time i
+    train, held, what = rounds.split_holdout(frames)
+    assert held.flatten().tolist() == [16, 17, 18, 19] and train.flatten().tolist() == list(range(16))
+    assert "last 4 of 20" in what
+
+
+def test_steps_short_of_confident_target_pixels_are_counted_and_warned(small_net, caplog):
+    proto = _fit_proto(small_net)
+    frames = np.random.default_rng(7).integers(0, 255, (4, 64, 128, 3), dtype=np.uint8)
+    cfg = AdaptConfig(method="mas3", target_conf=0.999999, steps=2, tau=0.0, swd_pixels=256, gmm_samples=512)
+    with caplog.at_level("WARNING"):
+        out = adapt.adapt(small_net, proto, frames, cfg)  # an untrained net is never that sure of a pixel
+    assert out["all_pixel_steps"] == 2 and "matched all pixels" in caplog.text
+
+
+def test_a_round_on_too_few_frames_says_that_nothing_was_held_out(proto_bundle, caplog):
+    frames = np.random.default_rng(8).integers(0, 255, (3, 64, 128, 3), dtype=np.uint8)
+    cfg = AdaptConfig(steps=1, tau=0.0, swd_pixels=256, gmm_samples=512, target_conf=0.999999)
+    with caplog.at_level("WARNING"):
+        res = rounds.run_round(proto_bundle, frames, cfg, guard=False)
+    assert res.report["holdout"] == "none" and res.report["frames"] == {"adapt": 3, "holdout": 3}
+    assert "none held out" in caplog.text
+    warnings = " ".join(res.report["warnings"])
+    assert "taken on the adaptation frames" in warnings and "matched all pixels instead" in warnings
+    assert json.loads((res.version_dir / "report.json").read_text())["holdout"] == "none"
+
+
+def test_every_method_fills_every_setting_it_leaves_open():
+    from dataclasses import fields
+    from mas3_edge.config import METHOD_DEFAULTS, METHOD_FIELDS
+    left_open = {f.name for f in fields(AdaptConfig) if f.default is None}
+    assert left_open == set(METHOD_FIELDS)
+    for method, row in METHOD_DEFAULTS.items():
+        cfg = AdaptConfig(method=method)
+        assert {k: getattr(cfg, k) for k in left_open} == row
+    assert AdaptConfig(method="tent", lr=5e-4, batch_stats=False).lr == 5e-4  # an explicit value wins

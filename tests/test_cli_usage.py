@@ -123,3 +123,12 @@ def test_every_imported_package_is_declared():
     for name in _imports(["tests", "tools"]):
         dist = _DIST.get(name, name).lower()
         assert dist in runtime | extras, f"tests/tools import {name} but no extra of pyproject.toml declares {dist}"
+
+
+def test_eval_subset_scores_only_its_classes(tmp_path, tiny_bundle):
+    synth.write_folder(tmp_path / "val", "synthetic", 2, seed=3, size=(64, 128))
+    doc = json.loads(mas3("eval", "--data", tmp_path / "val", "--bundle", tiny_bundle, "--subset", "synthia13",
+                          "--json").stdout)
+    assert len(doc["per_class_iou"]) <= 13 and doc["classes_scored"]
+    res = mas3("eval", "--data", tmp_path / "val", "--bundle", tiny_bundle, "--subset", "synthia7")
+    assert res.returncode == 1 and "--subset must be synthia16 or synthia13" in res.stderr

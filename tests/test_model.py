@@ -8,7 +8,7 @@ import torch
 
 from conftest import adapted_copy, domain, two_domains
 from mas3_edge import adapt
-from mas3_edge.model import Deployed, DomainNorm, SegNet, fold_batchnorm
+from mas3_edge.model import Deployed, DomainNorm, SegNet, _one_set, fold_batchnorm
 
 
 def _logits(net: SegNet, frames: np.ndarray) -> torch.Tensor:
@@ -84,3 +84,18 @@ def test_banks_of_different_sizes_save_and_load(small_net, tmp_path):
     loaded = SegNet(net.config)
     loaded.load_weights(net.state_dict())
     assert torch.equal(_logits(loaded.eval(), dark), _logits(net, dark))
+
+
+def test_a_layer_called_on_its_own_uses_the_working_set_not_an_earlier_batchs_route(small_net):
+    bright, dark = two_domains()
+    adapt.reestimate_bn(small_net, bright)
+    small_net.mark_source()
+    net = adapted_copy(small_net, dark)  # two sets: embed routes each frame
+    working = _one_set(net, -1).decoder  # the decoder with the working set and nothing else
+    c = net.encoder.out_channels
+    with torch.no_grad():
+        net.embed(net.normalize(torch.from_numpy(bright[:2])))  # a batch of 2, routed to the source set
+        for batch in (3, 2):  # another batch size, and the same one: neither sees that route
+            x = torch.randn(batch, c, 8, 16)
+            assert torch.allclose(net.decoder(x), working(x), atol=1e-5)
+    assert all(m.route is None for m in net.modules() if isinstance(m, DomainNorm))

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -124,3 +126,48 @@ def test_a_model_that_gets_no_pixel_right_is_refused():
     stats.update(torch.randn(50, 2), torch.zeros(50, dtype=torch.long), torch.ones(50, dtype=torch.long), torch.ones(50))
     with pytest.raises(UserError, match="is the model trained"):
         P.finalize(stats, min_count=10)
+
+
+def test_a_class_that_falls_back_to_a_lower_tau_is_not_weighted_up():
+    # class 0: 1000 correct pixels, 300 of them confident; class 1: 300 correct, 50 confident (falls back)
+    conf = torch.tensor([0.99] * 300 + [0.6] * 700 + [0.99] * 50 + [0.6] * 250)
+    label = torch.tensor([0] * 1000 + [1] * 300)
+    stats = P.SufficientStats(2, 2, (0.97, 0.0))
+    stats.update(torch.randn(1300, 2, generator=torch.Generator().manual_seed(0)), label, label.clone(), conf)
+    proto = P.finalize(stats, min_count=100)
+    assert "tau lowered" in proto.meta["handling"]["sidewalk"]
+    assert proto.counts.tolist() == [300, 300]  # what each component was fitted on
+    assert torch.allclose(proto.alpha, torch.tensor([1000 / 1300, 300 / 1300]))  # weights at one level
+
+
+def test_more_classes_than_cityscapes_fall_back_and_save(tmp_path):
+    k = 25
+    label = torch.arange(k).repeat_interleave(40)
+    conf = torch.where(label == 22, 0.6, 0.99)  # class 22 falls back, 23 and 24 are absent
+    label[label >= 23] = 0
+    stats = P.SufficientStats(k, 2, (0.97, 0.0))
+    stats.update(torch.randn(len(label), 2), label, label.clone(), conf)
+    proto = P.finalize(stats, min_count=10)
+    assert "tau lowered" in proto.meta["handling"]["22"] and "absent" in proto.meta["handling"]["24"]
+    P.save(proto, tmp_path / "p.safetensors", "abc", "test")
+    assert len(json.loads(P.load(tmp_path / "p.safetensors").meta["classes"])) == k
+
+
+def test_labels_reach_the_embedding_grid_from_each_cells_centre(small_net, monkeypatch):
+    cell = np.full((8, 8), 7, np.uint8)
+    cell[2:6, 2:6] = 3  # the centre of every 8×8 cell is class 3, its corners class 7
+    image = np.zeros((64, 128, 3), np.uint8)
+    seen = []
+    monkeypatch.setattr(P.SufficientStats, "update", lambda self, z, label, *a: seen.append(label))
+    monkeypatch.setattr(P, "finalize", lambda stats, min_count: stats)
+    P.fit(small_net, [(image, np.tile(cell, (8, 16)))])
+    assert seen[0].shape == (8 * 16,) and (seen[0] == 3).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prototypes_moved_to_the_gpu_sample_there_with_the_cpu_draws():
+    proto = _proto(k=4, d=3)
+    n = torch.tensor([5, 0, 7, 2])
+    z, y = proto.sample(n, torch.Generator().manual_seed(0))
+    zg, yg = proto.to("cuda").sample(n, torch.Generator().manual_seed(0))
+    assert zg.device.type == "cuda" and torch.equal(yg.cpu(), y) and torch.allclose(zg.cpu(), z, atol=1e-5)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mas3_edge import adapt, bundle, data, health, prototypes, synth, train
+from mas3_edge import bundle, data, health, prototypes, rounds, synth, train
 from mas3_edge.config import AdaptConfig, preset
 from mas3_edge.errors import UserError
 from mas3_edge.evaluate import evaluate
@@ -191,7 +191,7 @@ def method_row(s: Setup, cfg: AdaptConfig, targets: Sequence[str]) -> dict:
     row = {}
     for t in targets:
         t0 = time.perf_counter()
-        r = adapt.run_round(s.root, s.data[f"{t}-adapt"].x, cfg, s.src.id, guard=False, device=s.device)
+        r = rounds.run_round(s.root, s.data[f"{t}-adapt"].x, cfg, s.src.id, guard=False, device=s.device)
         ok, why = health.accept(r.report["health_before"], r.report["health_after"])
         row[t] = {"seconds": time.perf_counter() - t0, **_scores(s, bundle.load_version(r.version_dir).net, t),
                   "accepted": ok, "reason": why, "health_before": r.report["health_before"],

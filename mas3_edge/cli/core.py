@@ -102,7 +102,9 @@ def prototypes_cmd(
 
 
 def adapt_cmd(
-    buffer: Annotated[Path, typer.Option("--buffer", help="Folder of unlabeled target frames.")] = Path("frames"),
+    buffer: Annotated[Path, typer.Option(
+        "--buffer", help="Folder of unlabeled target frames, or a ROS bag (FOLDER, .bag, .mcap, .db3; "
+                         "?topic=/NAME picks the image topic).")] = Path("frames"),
     bundle: BundleOpt = None, version: VersionOpt = None,
     method: Annotated[str, typer.Option(help="mas3 (default), mas3-paper, bn, tent, pseudo or none.")] = "mas3",
     steps: int = 100, batch_size: int = 2,
@@ -136,13 +138,13 @@ def adapt_cmd(
     Exits 3 when the health check rejects the round (nothing is served then)."""
     set_verbose(verbose)
     bundle = _bundle(bundle)
-    from .. import adapt, bundle as bundles
+    from .. import bundle as bundles, rounds
     from ..config import AdaptConfig
     cfg = AdaptConfig(method=method, steps=steps, batch_size=batch_size, lr=lr, lam=lam, tau=tau,
                       n_projections=projections, swd_pixels=swd_pixels, params=params, bn=bn, bn_mix=bn_mix,
                       class_conditional=class_conditional, anchor=anchor, keep_source=keep_source, max_sets=max_sets,
                       batch_stats=batch_stats, target_conf=target_conf, seed=seed)
-    res = adapt.run_round(bundle, buffer, cfg, version=version, guard=guard, limit=limit)
+    res = rounds.run_round(bundle, buffer, cfg, version=version, guard=guard, limit=limit)
     hb, ha = res.report["health_before"], res.report["health_after"]
     if res.accepted and serve:
         bundles.set_serving(bundle, res.version_dir.name)
@@ -168,16 +170,22 @@ def eval_cmd(
     split: str = "val",
     json_out: Annotated[Optional[Path], typer.Option("--out", help="Write the figures as a JSON file here.")] = None,
     overlays: Annotated[Optional[Path], typer.Option(help="Write colour overlays (image | truth | prediction).")] = None,
+    subset: Annotated[Optional[str], typer.Option(
+        help="Score a class subset only: synthia16 or synthia13 (SYNTHIA's usual protocols).")] = None,
     as_json: JsonOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Evaluate a version: per-class IoU, mIoU and pixel accuracy."""
+    from ..labels import SUBSETS
+    if subset is not None and (subset not in SUBSETS or subset == "cityscapes19"):
+        raise UserError(f"--subset must be synthia16 or synthia13, got {subset!r}")
     set_verbose(verbose)
     bundle = _bundle(bundle)
     from .. import bundle as bundles, data as datasets
     from ..bundle import atomic_write_json
     from ..evaluate import evaluate
     ver = bundles.load_version(bundle, version)
-    res = evaluate(ver.net, datasets.open_dataset(data, kind=kind, split=split), overlays=overlays)
+    classes = len(SUBSETS[subset]) if subset else 19
+    res = evaluate(ver.net, datasets.open_dataset(data, kind=kind, split=split, classes=classes), overlays=overlays)
     figures = {"version": ver.id, "data": str(data), **res}
     if json_out:
         atomic_write_json(json_out, figures)

@@ -1,0 +1,95 @@
+"""One adaptation round on a bundle: hold out the newest frames, adapt on the rest (MAS3 or a
+baseline), compare the unsupervised health signals on the held-out frames before and after, and
+write the result as a new, unserved version. Never reads a label."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import adapt, bundle as bundles, health
+from .baselines import run_baseline
+from .config import AdaptConfig
+from .frames import load_frames
+from .prototypes import load as load_prototypes
+
+log = logging.getLogger(__name__)
+
+HOLDOUT_FRACTION = 0.2  # of the frames, the newest, held out for the health check
+MIN_FRAMES = 5  # fewer: nothing is held out, and the health check scores the adaptation frames
+
+
+@dataclass
+class RoundResult:
+    accepted: bool
+    reason: str
+    version_dir: Path | None
+    report: dict = field(repr=False)
+
+
+def split_holdout(frames: np.ndarray, fraction: float = HOLDOUT_FRACTION) -> tuple[np.ndarray, np.ndarray, str]:
+    """-> (frames to adapt on, held-out frames, what was held out). The held-out frames are one
+    contiguous block, the last `fraction` in time: a buffer is a video, and a frame taken from
+    between its neighbours is nearly a copy of them, so it would test nothing the round did not
+    see. Below MIN_FRAMES nothing is held out ("none"), and a warning says so."""
+    n = len(frames)
+    if n < MIN_FRAMES:
+        log.warning("only %d frames: none held out, the health check scores the adaptation frames "
+                    "themselves (give the round at least %d)", n, MIN_FRAMES)
+        return frames, frames, "none"
+    held = max(1, round(n * fraction))
+    return frames[:-held], frames[-held:], f"the last {held} of {n} frames in time (one contiguous block)"
+
+
+def run_round(bundle, frames, cfg: AdaptConfig, version: str | None = None, guard: bool = True,
+              limit: int | None = None, progress=None, device: str = "cpu") -> RoundResult:
+    """Adapt a bundle version on unlabeled frames (a folder or an array) and write the result.
+
+    The new version is written (not served) only when the unsupervised health signals on the
+    held-out frames did not get worse, or `guard` is off."""
+    base = bundles.load_version(bundle, version)
+    proto = load_prototypes(base.prototypes_path, base.meta)
+    if not isinstance(frames, np.ndarray):
+        frames = load_frames(frames, base.net.config.input_size, limit)
+    train, held, holdout = split_holdout(frames)
+    before = health.signals(base.net.to(device), proto, held)
+    net = bundles.load_version(bundle, base.id).net.to(device)  # a fresh copy to adapt
+    chosen, steps = _adapt(net, proto, train, cfg, progress)
+    finite = all(torch.isfinite(p).all() for p in net.state_dict().values() if p.is_floating_point())
+    after = health.signals(net, proto, held) if finite else {k: float("nan") for k in before}
+    ok, reason = health.accept(before, after) if finite else (False, "weights are not finite after adaptation")
+    report = {"parent": base.id, "config": cfg.to_dict(), "frames": {"adapt": len(train), "holdout": len(held)},
+              "holdout": holdout, "set": chosen, "health_before": before, "health_after": after,
+              "accepted": ok or not guard, "reason": reason, "warnings": _warnings(holdout, steps), **steps}
+    vdir = None
+    if ok or not guard:
+        vdir = bundles.save_version(bundle, net.cpu(), parent=base, serve=False,
+                                    info={"kind": "adapted", "method": cfg.method, "health": after,
+                                          "health_parent": before, "reason": reason},
+                                    files={"report.json": json.dumps(report, indent=2).encode()})
+    return RoundResult(ok or not guard, reason, vdir, report)
+
+
+def _adapt(net, proto, train: np.ndarray, cfg: AdaptConfig, progress) -> tuple[str, dict]:
+    """Adapt `net` in place with cfg.method -> (the normalisation set it adapted, the method's log)."""
+    chosen = adapt.select_set(net, train, cfg.max_sets) if cfg.keep_source else "one set"
+    if cfg.bn == "adapt" and cfg.bn_mix < 1:  # mix with the SOURCE statistics: round after round
+        adapt.source_stats_to_running(net)  # cannot walk away from the source
+    if cfg.method in ("mas3", "mas3-paper"):
+        return chosen, adapt.adapt(net, proto, train, cfg, progress)
+    return chosen, run_baseline(net, train, cfg)
+
+
+def _warnings(holdout: str, steps: dict) -> list[str]:
+    """What the report's reader must know about how far to trust the health check."""
+    out = []
+    if holdout == "none":
+        out.append("no frame held out: the health signals were taken on the adaptation frames")
+    if steps.get("all_pixel_steps"):
+        out.append(f"{steps['all_pixel_steps']} steps had fewer than {adapt.MIN_CLASS_PIXELS} confident "
+                   f"target pixels and matched all pixels instead")
+    return out
