@@ -1,8 +1,10 @@
 """Deploy bundles: versions on disk, each self-describing, switched by an atomic pointer.
 
     BUNDLE/SERVING                  text: the serving version id (replaced by atomic rename)
+    BUNDLE/SERVING.history          JSON lines: the last ids SERVING pointed at (the fallback when it is bad)
     BUNDLE/versions/v0001/          model.safetensors, model.json, prototypes.safetensors,
                                     model.onnx (export), report.json (adaptation), ...
+                                    INCOMPLETE: the adaptation round that wrote it has not finished it
 
 A version directory is built under a temporary name and renamed into place, so a reader never
 sees half a version. Nothing is loaded with pickle: weights are safetensors, metadata is JSON.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -30,6 +33,12 @@ from .model import SegNet
 
 FORMAT = "mas3-edge/1"
 MODEL_FILE, META_FILE, PROTO_FILE, ONNX_FILE = "model.safetensors", "model.json", "prototypes.safetensors", "model.onnx"
+# An adaptation round's child process writes its version before the export and the checks that decide
+# whether it is accepted; the version carries this file until its round finished (the scheduler removes it).
+INCOMPLETE_FILE = "INCOMPLETE"
+ROUND_ENV = "MAS3_EDGE_IN_ROUND"  # set in the round's child: save_version() then writes INCOMPLETE_FILE
+HISTORY_FILE, HISTORY_KEEP = "SERVING.history", 20
+_VERSION_ID = re.compile(r"v[A-Za-z0-9._-]{0,63}")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -42,6 +51,58 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+_digests: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 of a file, remembered while its size and mtime stay the same: the swapper, rollback and
+    `versions` all verify weights, and a 100 MB file should be hashed once, not at every look."""
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _digests:
+        _digests[key] = sha256_file(path)
+    return _digests[key]
+
+
+def weights_problem(vdir: Path, meta: dict) -> str | None:
+    """Why the version's weights cannot be trusted (missing, or not the bytes model.json hashed), or None."""
+    wpath = Path(vdir) / MODEL_FILE
+    try:
+        ok = weights_sha256(wpath) == meta.get("sha256")
+    except OSError:
+        return f"it has no weights ({wpath.name} missing or unreadable)"
+    return None if ok else f"{wpath.name} does not match the sha256 in {META_FILE}: the weights are corrupt"
+
+
+def incomplete_reason(vdir: Path) -> str | None:
+    """Why the round that wrote this version did not finish it, or None for a finished version."""
+    path = Path(vdir) / INCOMPLETE_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text()).get("reason") or "its adaptation round did not finish"
+    except (OSError, ValueError, AttributeError):
+        return "its adaptation round did not finish"
+
+
+def mark_incomplete(vdir: Path, reason: str | None) -> None:
+    """Record why a version's round did not finish (None: it finished, drop the mark)."""
+    path = Path(vdir) / INCOMPLETE_FILE
+    if reason is None:
+        path.unlink(missing_ok=True)
+    else:
+        atomic_write_json(path, {"reason": reason})
+
+
+def check_servable(vdir: Path) -> dict:
+    """model.json of a version that may be served; UserError naming the version and why otherwise."""
+    meta = read_meta(vdir)
+    why = incomplete_reason(vdir) or weights_problem(vdir, meta)
+    if why:
+        raise UserError(f"version {Path(vdir).name} cannot be served: {why}")
+    return meta
 
 
 @dataclass
@@ -69,9 +130,53 @@ def is_version_dir(path: Path) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
-def serving_id(root: Path) -> str | None:
+def read_serving(root: Path) -> str:
+    """The id in BUNDLE/SERVING; UserError when the file is missing or holds anything but an id."""
     pointer = Path(root) / "SERVING"
-    return pointer.read_text().strip() or None if pointer.is_file() else None
+    try:
+        with open(pointer, "rb") as f:
+            text = f.read(256).decode("ascii", "replace").strip()  # an id is short; a huge file is garbage anyway
+    except FileNotFoundError:
+        raise UserError(f"{pointer} is missing; point it with `mas3-edge rollback VERSION`") from None
+    except OSError as e:
+        raise UserError(f"{pointer} is unreadable ({e.strerror or e})") from None
+    if not _VERSION_ID.fullmatch(text):
+        raise UserError(f"{pointer} holds no version id ({text[:20]!r}); point it with `mas3-edge rollback VERSION`")
+    return text
+
+
+def serving_id(root: Path) -> str | None:
+    """The serving version id, or None when there is no pointer or it holds garbage (never raises)."""
+    try:
+        return read_serving(root)
+    except UserError:
+        return None
+
+
+def _history(root: Path) -> list[dict]:
+    try:
+        lines = (Path(root) / HISTORY_FILE).read_bytes().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and _VERSION_ID.fullmatch(str(entry.get("version"))):
+            out.append(entry)
+    return out
+
+
+def served_history(root: Path) -> list[str]:
+    """Ids SERVING pointed at, oldest first (unreadable lines are skipped)."""
+    return [e["version"] for e in _history(root)]
+
+
+def last_served(root: Path) -> str | None:
+    """The newest id in the history that is still a version directory."""
+    return next((v for v in reversed(served_history(root)) if is_version_dir(_versions_dir(root) / v)), None)
 
 
 def set_serving(root: Path, version: str) -> None:
@@ -79,6 +184,10 @@ def set_serving(root: Path, version: str) -> None:
     if not is_version_dir(_versions_dir(root) / version):
         raise UserError(f"no version {version!r} in bundle {root}; see `mas3-edge versions`")
     atomic_write(Path(root) / "SERVING", version + "\n")
+    # after the pointer: a crash in between loses one history line, never records a move that did not happen
+    entry = json.dumps({"version": version, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    keep = [json.dumps(e) for e in _history(root)][-(HISTORY_KEEP - 1):]
+    atomic_write(Path(root) / HISTORY_FILE, "\n".join([*keep, entry]) + "\n")
 
 
 def resolve(bundle: Path, version: str | None = None) -> Path:
@@ -88,7 +197,7 @@ def resolve(bundle: Path, version: str | None = None) -> Path:
         return bundle
     if not bundle.is_dir():
         raise UserError(f"bundle {bundle} does not exist; train one with `mas3-edge train` or name another")
-    version = version or serving_id(bundle)
+    version = version or serving_id(bundle) or last_served(bundle)
     if version is None:
         ids = version_ids(bundle)
         if not ids:
@@ -122,7 +231,7 @@ def load_version(bundle: Path, version: str | None = None, verify: bool = True) 
     wpath = vdir / MODEL_FILE
     if not wpath.is_file():
         raise UserError(f"version {meta['version']} has no weights ({wpath} missing)")
-    if verify and sha256_file(wpath) != meta.get("sha256"):
+    if verify and weights_sha256(wpath) != meta.get("sha256"):
         raise UserError(f"{wpath} does not match the hash in model.json: the weights are corrupt")
     net = SegNet(ModelConfig.from_dict(meta["architecture"]))
     try:
@@ -166,6 +275,8 @@ def save_version(root: Path, net: SegNet, *, parent: Version | None = None, info
             files[PROTO_FILE] = parent.prototypes_path
         for name, src in files.items():
             (tmp / name).write_bytes(src if isinstance(src, bytes) else Path(src).read_bytes())
+        if os.environ.get(ROUND_ENV):  # in place before the rename: a kill a moment later leaves it marked
+            (tmp / INCOMPLETE_FILE).write_text(json.dumps({"reason": "its adaptation round did not finish"}))
         vid = _claim(vdir_root, tmp, net, parent, digest, info or {})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -214,7 +325,7 @@ def user_bundle(bundle: Path | None) -> Path:
         return Path(bundle)
     home = Path(os.environ.get("MAS3_EDGE_HOME", Path.home() / ".local" / "share" / "mas3-edge"))
     dest = home / "bundle"
-    if not (dest / "SERVING").is_file():
+    if not (dest / "versions").is_dir():  # not SERVING: a lost pointer must not replace adapted versions
         if not (PACKAGED / "SERVING").is_file():
             raise UserError("no --bundle given and this install has no default bundle; "
                             "name one with --bundle or run tools/build_default_bundle.py")

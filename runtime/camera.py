@@ -1,22 +1,26 @@
 """Camera capture behind one small interface: connect / read_latest / disconnect.
 
     with Camera("video.avi", size=(128, 256), loop=True) as cam:
-        frame = cam.read_latest(timeout=1.0)   # Frame(id, capture_ns, image RGB uint8 (H, W, 3), label)
+        frame = cam.read_latest(timeout=1.0)   # Frame(id, capture_ns, image RGB uint8 (H, W, 3), label, ...)
 
 Sources: a device index ("0"), a video file, an RTSP/HTTP URL, a GStreamer pipeline (contains
-"!"), a folder of images, or "synthetic://DOMAIN[?seed=N&shift=F]" (mas3_edge.synth scenes, which
-carry labels so the runtime can report live mIoU).
+"!"), a folder of images, a ROS bag's image topic (runtime/bag.py: "drive_bag/?topic=/cam"), or
+"synthetic://DOMAIN[?seed=N&shift=F]" (mas3_edge.synth scenes, which carry labels so the runtime
+can report live mIoU).
 
 A background thread reads as fast as the source gives frames and keeps only the newest one: the
 serving loop never waits on I/O it does not need and never sees a stale frame (a frame replaced
 before it was read is counted in `stats.dropped`). A live source that stops delivering is closed
 and reopened with exponential backoff; a file ends or loops. Corrupt frames are skipped and
 counted; grey, 16-bit, BGRA and odd-sized frames are converted, centre-cropped to the model's
-aspect ratio and resized. The design follows lerobot's OpenCV camera.
+aspect ratio and resized; each frame says which box of the source it shows. `capture_ns` is
+taken when the source hands over the frame, before any decoding or resizing of ours, so latency
+figures downstream include that work. The design follows lerobot's OpenCV camera.
 """
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,15 +35,19 @@ from mas3_edge.errors import UserError
 log = logging.getLogger(__name__)
 
 SYNTHETIC = "synthetic://"
+CAMERA_ID_MAX = 32  # bytes of the wire header's camera_id field
 OK, BAD, FAIL, END = "ok", "bad", "fail", "end"  # a frame / undecodable data / no data / end of stream
 
 
 @dataclass
 class Frame:
     id: int  # capture sequence number, +1 per frame grabbed (across reconnects and loops)
-    capture_ns: int  # time.time_ns() when the frame came off the source
+    capture_ns: int  # time.time_ns() when the source handed the frame over (before decode and resize)
     image: np.ndarray  # RGB uint8 (H, W, 3) at the requested size
     label: np.ndarray | None = None  # uint8 (H, W) train ids, synthetic sources only
+    source_size: tuple[int, int] | None = None  # (H, W) as the source gave it; None: that of `image`
+    crop: tuple[int, int, int, int] | None = None  # x, y, w, h in source pixels that `image` shows; None: all
+    read_ns: int = 0  # local time.time_ns() of the read: the latency clock (capture_ns of a bag is its recorded stamp)
 
 
 @dataclass
@@ -75,20 +83,56 @@ def to_rgb(arr: np.ndarray, bgr: bool = True) -> np.ndarray:
     return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB) if bgr else arr
 
 
+def crop_box(shape: tuple[int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The centred box (x, y, w, h) of an image of `shape` (H, W) with the aspect ratio of `size` (H, W)."""
+    (ih, iw), (h, w) = shape[:2], size
+    if ih * w > iw * h:  # too tall
+        ch = max(1, round(iw * h / w))
+        return 0, (ih - ch) // 2, iw, ch
+    if ih * w < iw * h:  # too wide
+        cw = max(1, round(ih * w / h))
+        return (iw - cw) // 2, 0, cw, ih
+    return 0, 0, iw, ih
+
+
 def fit(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Centre-crop to the aspect ratio of `size` (H, W), then resize: shapes are not distorted."""
     h, w = size
-    ih, iw = image.shape[:2]
-    if (ih, iw) == (h, w):
+    if image.shape[:2] == (h, w):
         return image
-    if ih * w > iw * h:  # too tall
-        ch = max(1, round(iw * h / w))
-        image = image[(ih - ch) // 2:(ih - ch) // 2 + ch]
-    elif ih * w < iw * h:  # too wide
-        cw = max(1, round(ih * w / h))
-        image = image[:, (iw - cw) // 2:(iw - cw) // 2 + cw]
-    interp = cv2.INTER_AREA if image.shape[0] > h else cv2.INTER_LINEAR
+    x, y, cw, ch = crop_box(image.shape[:2], size)
+    image = image[y:y + ch, x:x + cw]
+    interp = cv2.INTER_AREA if ch > h else cv2.INTER_LINEAR
     return cv2.resize(np.ascontiguousarray(image), (w, h), interpolation=interp)
+
+
+def refit(frame: Frame, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
+    """`frame.image` fitted to another `size` (H, W), and the box of the source it then shows."""
+    ih, iw = frame.image.shape[:2]
+    if (ih, iw) == tuple(size):
+        return frame.image, frame.crop
+    bx, by, bw, bh = crop_box((ih, iw), size)
+    x, y, w, h = frame.crop or (0, 0, iw, ih)
+    sx, sy = w / iw, h / ih
+    return fit(frame.image, size), (x + round(bx * sx), y + round(by * sy), round(bw * sx), round(bh * sy))
+
+
+def default_camera_id(source: str) -> str:
+    """A short id for the stream header: cam0, a file or folder name, a URL's host and path (never its
+    credentials), gstreamer, synthetic-night."""
+    source = str(source).strip()
+    if source.isdigit():
+        sid = f"cam{source}"
+    elif source.startswith(SYNTHETIC):
+        sid = "synthetic-" + (urlparse(source).netloc or urlparse(source).path)
+    elif "!" in source:
+        sid = "gstreamer"
+    elif "://" in source:
+        url = urlparse(source)
+        sid = f"{url.hostname or ''}{url.path}"
+    else:
+        sid = Path(source).name
+    return re.sub(r"[^A-Za-z0-9._:/-]", "_", sid)[:CAMERA_ID_MAX] or "camera"
 
 
 # ---------------------------------------------------------------- readers (one per kind of source)
@@ -108,13 +152,16 @@ class _CvReader:
         self.fps = native if 1 <= native <= 240 else 30.0
 
     def read(self):
-        ok, arr = self.cap.read()
+        """(status, image, label, capture_ns); grab() then retrieve() so the time is the grab's, not the decode's."""
+        ok = self.cap.grab()
+        t = time.time_ns()
+        ok, arr = self.cap.retrieve() if ok else (False, None)
         if ok and arr is not None and arr.size:
-            return OK, arr, None
+            return OK, arr, None, t
         if self.live:
-            return FAIL, None, None
+            return FAIL, None, None, t
         count, pos = self.cap.get(cv2.CAP_PROP_FRAME_COUNT), self.cap.get(cv2.CAP_PROP_POS_FRAMES)
-        return (BAD if 0 < pos < count - 1 else END), None, None  # a hole mid-file is a corrupt frame
+        return (BAD if 0 < pos < count - 1 else END), None, None, t  # a hole mid-file is a corrupt frame
 
     def rewind(self) -> bool:
         return bool(self.cap.set(cv2.CAP_PROP_POS_FRAMES, 0))
@@ -130,14 +177,15 @@ class _FolderReader:
 
     def read(self):
         from mas3_edge.data import read_image
+        t = time.time_ns()  # a file is "grabbed" when we open it; its decoding counts as latency
         if self.i >= len(self.paths):
-            return END, None, None
+            return END, None, None, t
         path, self.i = self.paths[self.i], self.i + 1
         try:
-            return OK, read_image(path), None
+            return OK, read_image(path), None, t
         except UserError as e:
             log.warning("skipping %s", e)
-            return BAD, None, None
+            return BAD, None, None, t
 
     def rewind(self) -> bool:
         self.i = 0
@@ -163,7 +211,7 @@ class _SyntheticReader:
         from mas3_edge import synth
         img, label = synth.render(self.domain, synth.scene_seed(self.seed, self.i), self.size, self.shift)
         self.i += 1
-        return OK, img, label
+        return OK, img, label, time.time_ns()  # rendering stands in for the exposure
 
     def rewind(self) -> bool:
         return True
@@ -189,6 +237,10 @@ def open_reader(source: str, size: tuple[int, int], live: bool | None = None):
     if "://" in source:
         timeouts = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 5000, cv2.CAP_PROP_READ_TIMEOUT_MSEC, 5000]
         return _CvReader(source, cv2.CAP_FFMPEG, True if live is None else live, f"stream {source}", timeouts)
+    from mas3_edge.bags import is_bag
+    if is_bag(source):  # before the folder branch: a ROS 2 bag is a folder too
+        from .bag import BagReader
+        return BagReader(source)
     path = Path(source)
     if path.is_dir():
         return _FolderReader(path)
@@ -207,8 +259,12 @@ class Camera:
     """A source read on a background thread; `read_latest` hands out the newest unread frame."""
 
     def __init__(self, source: str, size: tuple[int, int], *, loop: bool = False, fps: float | None = None,
-                 live: bool | None = None, max_failures: int = 30, backoff: tuple[float, float] = (0.25, 8.0)):
+                 live: bool | None = None, max_failures: int = 30, backoff: tuple[float, float] = (0.25, 8.0),
+                 camera_id: str | None = None):
         self.source, self.size, self.loop = str(source), (int(size[0]), int(size[1])), loop
+        self.id = default_camera_id(self.source) if camera_id is None else camera_id
+        if not (self.id and self.id.isascii() and self.id.isprintable() and len(self.id) <= CAMERA_ID_MAX):
+            raise UserError(f"camera id {self.id!r} must be 1 to {CAMERA_ID_MAX} printable ASCII characters")
         self.fps_limit, self.live_override = fps, live
         self.max_failures, self.backoff = max_failures, backoff
         self.stats = CameraStats()
@@ -301,27 +357,30 @@ class Camera:
 
     def _grab_one(self) -> str:
         try:
-            status, arr, label = self._reader.read()
+            status, arr, label, t = self._reader.read()
         except Exception as e:  # a backend raising mid-stream is one more failed read, not a crash
             log.debug("read raised %s", e)
-            status, arr, label = FAIL, None, None
+            status, arr, label, t = FAIL, None, None, 0
         if status == OK:
             try:
-                image = fit(to_rgb(arr, self._reader.bgr), self.size)
+                rgb = to_rgb(arr, self._reader.bgr)
+                image = fit(rgb, self.size)
             except (ValueError, cv2.error):
                 status = BAD
             else:
-                self._publish(image, label)
+                read_ns = time.time_ns() if getattr(self._reader, "recorded", False) else t
+                self._publish(t, image, label, rgb.shape[:2], crop_box(rgb.shape[:2], self.size), read_ns)
         if status == BAD:
             self.stats.corrupt += 1
         elif status == FAIL:
             self.stats.read_errors += 1
         return status
 
-    def _publish(self, image: np.ndarray, label: np.ndarray | None) -> None:
+    def _publish(self, capture_ns: int, image: np.ndarray, label: np.ndarray | None, source_size: tuple[int, int],
+                 crop: tuple[int, int, int, int], read_ns: int) -> None:
         if label is not None and label.shape != image.shape[:2]:
             label = cv2.resize(label, image.shape[1::-1], interpolation=cv2.INTER_NEAREST)
-        frame = Frame(self._next_id, time.time_ns(), image, label)
+        frame = Frame(self._next_id, capture_ns, image, label, source_size, crop, read_ns)
         self._next_id += 1
         with self._cond:
             if self._fresh is not None:

@@ -8,8 +8,10 @@ Files are `00000042.png` (a sequence number, so name order is time order and
 `mas3_edge.frames.load_frames(limit=N)` takes the newest N). Each is written to a `.tmp` name,
 fsynced and renamed, so a crash never leaves a broken image; the sequence continues after a
 restart. Oldest frames are evicted first when the frame or byte cap is passed. A full disk (or
-free space under `min_free_mb`) stops buffering with one warning and is retried later; serving
-never depends on the buffer. Labels are never written: adaptation must not see any.
+free space under `min_free_mb`) stops buffering with one warning and is retried `retry_s` later;
+any other write failure (the folder was deleted, a permission changed) is retried after 1, 2, 4 ...
+s, recreating the folder. Serving never depends on the buffer. Labels are never written:
+adaptation must not see any.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from mas3_edge.errors import UserError
 log = logging.getLogger(__name__)
 
 SUFFIX = ".png"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -66,18 +69,34 @@ def _seq(name: str) -> int | None:
 
 
 def scan(root: Path) -> list[tuple[int, Path, int]]:
-    """(sequence, path, size) of the buffer's frames, oldest first; stray temporary files ignored."""
+    """(sequence, path, size) of the buffer's frames, oldest first: `NNNNNNNN.png` files that are not
+    empty (a stray temporary, an empty or foreign file is no frame)."""
     out = []
-    if Path(root).is_dir():
-        for p in Path(root).iterdir():
-            seq = _seq(p.name)
-            if seq is not None and p.is_file():
-                out.append((seq, p, p.stat().st_size))
+    try:
+        entries = list(os.scandir(root))
+    except OSError:  # no folder (yet, or any more)
+        return []
+    for e in entries:
+        seq = _seq(e.name)
+        try:
+            if seq is not None and e.is_file() and e.stat().st_size > 0:
+                out.append((seq, Path(e.path), e.stat().st_size))
+        except OSError:  # evicted while we looked
+            continue
     return sorted(out)
 
 
+def _is_png(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    except OSError:
+        return False
+
+
 def summarize(root: Path) -> BufferSummary:
-    items = scan(root)
+    """What `mas3-edge buffer` shows: the frames of `scan` that really are PNG images (8 bytes read each)."""
+    items = [it for it in scan(root) if _is_png(it[1])]
     mtimes = [p.stat().st_mtime for _, p, _ in (items[0], items[-1])] if items else [None, None]
     return BufferSummary(Path(root), len(items), sum(s for *_, s in items), items[0][1].name if items else None,
                          items[-1][1].name if items else None, mtimes[0], mtimes[1])
@@ -98,7 +117,7 @@ class FrameBuffer:
         self._next = items[-1][0] + 1 if items else 0
         self.offered = self.kept = self.written = self.evicted = self.failed = self.backlog_drops = 0
         self.enabled, self.warning = True, None
-        self._retry_at = 0.0
+        self._retry_at, self._backoff = 0.0, 0.0
         self._last_t, self._last_thumb = -1e18, None
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()
@@ -130,24 +149,43 @@ class FrameBuffer:
         return True
 
     def _enabled_now(self) -> bool:
-        if self.enabled:
-            return True
-        if time.monotonic() >= self._retry_at and self._free_mb() >= self.policy.min_free_mb:
-            log.warning("frame buffer %s: disk space is back; buffering again", self.root)
-            self.enabled, self.warning = True, None
+        if not self.enabled and time.monotonic() >= self._retry_at:
+            self._resume()
         return self.enabled
 
-    def _free_mb(self) -> float:
+    def _resume(self) -> None:
+        """Look again after a stop: recreate a deleted folder, re-read what is in it, check the space."""
         try:
-            return shutil.disk_usage(self.root).free / 2**20
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return self._stop(f"cannot create the folder: {e.strerror}")
+        if self._free_mb() < self.policy.min_free_mb:
+            return self._stop(f"less than {self.policy.min_free_mb:.0f} MB free on the disk", full=True)
+        items = scan(self.root)
+        with self._lock:  # the folder may have been emptied or replaced while we were stopped
+            self._index = deque((p, size) for _, p, size in items)
+            self.bytes = sum(size for _, size in self._index)
+            self._next = max(self._next, items[-1][0] + 1 if items else 0)
+        log.warning("frame buffer %s: buffering again", self.root)
+        self.enabled, self.warning, self._backoff = True, None, 0.0
+
+    def _free_mb(self) -> float:
+        path = self.root.absolute()
+        while not path.exists() and path != path.parent:  # a deleted folder: its disk is its parent's
+            path = path.parent
+        try:
+            return shutil.disk_usage(path).free / 2**20
         except OSError:
             return 0.0
 
-    def _stop(self, why: str) -> None:
+    def _stop(self, why: str, full: bool = False) -> None:
+        """Stop buffering (one warning) until a retry: a full disk after retry_s, anything else sooner and
+        then ever less often (1, 2, 4 ... s), so a folder deleted by a clean-up script is back in a second."""
         if self.enabled:
             log.warning("frame buffer %s: %s; buffering stops, serving goes on", self.root, why)
         self.enabled, self.warning = False, why
-        self._retry_at = time.monotonic() + self.policy.retry_s
+        self._backoff = self.policy.retry_s if full else min(max(2 * self._backoff, 1.0), self.policy.retry_s)
+        self._retry_at = time.monotonic() + self._backoff
 
     # ------------------------------------------------------------ writer thread
 
@@ -161,7 +199,7 @@ class FrameBuffer:
 
     def _write(self, image: np.ndarray) -> None:
         if self._free_mb() < self.policy.min_free_mb:
-            return self._stop(f"less than {self.policy.min_free_mb:.0f} MB free on the disk")
+            return self._stop(f"less than {self.policy.min_free_mb:.0f} MB free on the disk", full=True)
         ok, buf = cv2.imencode(SUFFIX, cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1])
         if not ok:
             self.failed += 1
@@ -175,7 +213,7 @@ class FrameBuffer:
             tmp.unlink(missing_ok=True)
             self.failed += 1
             full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-            return self._stop("the disk is full" if full else f"cannot write {path.name}: {e.strerror}")
+            return self._stop("the disk is full" if full else f"cannot write {path.name}: {e.strerror}", full=full)
         with self._lock:
             self._next += 1
             self._index.append((path, len(buf)))

@@ -10,7 +10,9 @@ as JSON (temp + rename); a child that dies without one is a crashed round.
 An accepted round has already written a new version and exported it (parity-checked) in the
 child; the parent then moves the SERVING pointer - unless someone else moved it meanwhile (a
 rollback, another `mas3-edge adapt`) - and the engine swapper picks the pointer change up like
-any other. A kill at any moment leaves either the old pointer or a complete new version.
+any other. Only the parent moves the pointer, and the child dies with it (runtime/children.py).
+A version the child wrote carries an INCOMPLETE mark until the parent saw its round accepted, so
+a kill at any moment leaves the old pointer and at most a version marked as unfinished.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -100,8 +103,15 @@ def _drift(bundle: str, frames: str, version: str, limit: int) -> float:
     return health.drift_score(ver.net, proto, load_frames(Path(frames), ver.net.config.input_size, min(limit, 32)))
 
 
-def _child(round_fn: Callable[..., dict], job: dict, result: str, nice: int) -> None:
+def _child(round_fn: Callable[..., dict], job: dict, result: str, nice: int, parent_pid: int) -> None:
     """Entry point of the round process: run, then write the outcome atomically."""
+    from mas3_edge.runtime.children import die_with_parent
+    die_with_parent(parent_pid)  # an orphaned round must not go on writing versions
+    # spawn hands the parent's sys.path over with "" made the working directory, where a stray onnx.py or
+    # export.py would shadow what the round imports later (this function and its module are loaded already)
+    sys.path[:] = [p for p in sys.path if p not in ("", os.getcwd())]
+    os.environ["MAS3_EDGE_IN_ROUND"] = "1"  # bundle.ROUND_ENV (not imported: it pulls in torch): versions
+    # written from here on carry INCOMPLETE until the parent has seen the round finish
     if nice and hasattr(os, "nice"):
         os.nice(nice)
     try:
@@ -187,7 +197,7 @@ class Scheduler:
         job = {"bundle": str(self.bundle), "frames": str(self.frames), "version": version, "adapt": dict(self.cfg.adapt),
                "limit": self.cfg.limit, "export": self.cfg.export, "threads": self.cfg.threads,
                "drift_threshold": self.cfg.drift_threshold if drift else None}
-        self._proc = self._ctx.Process(target=_child, args=(self.round_fn, job, str(result), self.cfg.nice),
+        self._proc = self._ctx.Process(target=_child, args=(self.round_fn, job, str(result), self.cfg.nice, os.getpid()),
                                        name=f"mas3-round-{n}")  # not daemonic: a round may use worker processes
         self._proc.start()
         self._job = {**job, "t0": now, "result": result, "n": n}
@@ -218,13 +228,14 @@ class Scheduler:
     def _finish(self, out: dict, now: float) -> dict:
         job, self._proc = self._job, None
         out = {**out, "parent": job["version"], "seconds": now - job["t0"], "round": job["n"]}
+        from mas3_edge import bundle as bundles
+        current = bundles.serving_id(self.bundle)
+        if out["outcome"] == "accepted" and current != job["version"]:  # a rollback or another process
+            out.update(outcome="superseded", reason=f"serving moved to {current} during the round")  # moved it
+        if out.get("version"):
+            self._settle(out)  # before the pointer moves: the swapper refuses an unfinished version
         if out["outcome"] == "accepted":
-            from mas3_edge import bundle as bundles
-            current = bundles.serving_id(self.bundle)
-            if current != job["version"]:  # a rollback or another process moved the pointer: respect it
-                out.update(outcome="superseded", reason=f"serving moved to {current} during the round")
-            else:
-                bundles.set_serving(self.bundle, out["version"])
+            bundles.set_serving(self.bundle, out["version"])
         self.counts[out["outcome"]] += 1
         if out["outcome"] in ("rejected", "crashed"):
             self._failures += 1
@@ -236,8 +247,16 @@ class Scheduler:
                     f" ({out['version']})" if out.get("version") else "", out.get("reason"))
         return out
 
+    def _settle(self, out: dict) -> None:
+        """Clear the INCOMPLETE mark of the round's version if the round finished it, else say why not."""
+        from mas3_edge import bundle as bundles
+        vdir = self.bundle / "versions" / str(out["version"])
+        if bundles.is_version_dir(vdir):
+            done = out["outcome"] in ("accepted", "superseded")
+            bundles.mark_incomplete(vdir, None if done else f"round {out['outcome']}: {out.get('reason')}")
+
     def close(self, timeout: float = 0.5) -> None:
-        """Stop a running round (its half-made version lives only under a temporary name)."""
+        """Stop a running round (a version it wrote keeps its INCOMPLETE mark)."""
         if self._proc is not None and self._proc.is_alive():
             self._proc.terminate()
             self._proc.join(timeout)

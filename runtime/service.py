@@ -6,12 +6,15 @@ One loop thread does only per-frame work: take the newest frame, swap engines if
 ready, infer, publish (never blocking), offer the frame to the buffer (queued to a writer
 thread), tick the scheduler. Everything slow - capture, disk writes, engine loading and export,
 adaptation - lives on other threads or in other processes. SIGINT/SIGTERM set a flag the loop
-checks at least every 0.1 s; shutdown closes every part with short timeouts (within 2 s in all).
+checks at least every 0.1 s; shutdown closes every part against one deadline (1 s), and a signal
+then ends the process at once: the interpreter's own teardown of torch alone takes 0.5 s on a
+desktop CPU (measured) and more on a small board, and a supervisor allows 2 s from SIGTERM to exit.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -26,7 +29,7 @@ from mas3_edge.errors import UserError
 from mas3_edge.labels import LABEL_SET_ID, NUM_CLASSES
 
 from . import wire
-from .camera import Camera, fit
+from .camera import Camera, refit
 from .frame_buffer import BufferPolicy, FrameBuffer
 from .publisher import DEFAULT_ADDRESS, Publisher
 from .scheduler import ScheduleConfig, Scheduler, default_round
@@ -45,7 +48,8 @@ class ServiceConfig:
     threads: int | None = None  # ONNX Runtime intra-op threads
     publish: str = DEFAULT_ADDRESS
     topic: str = wire.DEFAULT_TOPIC
-    allow_remote: bool = False
+    camera_id: str | None = None  # the stream header's camera id (None: derived from the source)
+    allow_remote: bool = False  # allows a non-loopback publish address and metrics host
     confidence: bool = False
     overlay: bool = True
     jpeg_quality: int = 80
@@ -57,6 +61,8 @@ class ServiceConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     status_every: float = 5.0
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    health_stale_s: float = 5.0  # /healthz answers 503 once no frame was published for this long
     events: Path | None = None  # JSON lines: status snapshots, rounds, swaps
     max_frames: int | None = None
     duration: float | None = None
@@ -66,12 +72,15 @@ class ServiceConfig:
             raise UserError("adaptation rounds need the frame buffer; drop --no-buffer or add --no-adapt")
         if not 1 <= self.jpeg_quality <= 100:
             raise UserError(f"JPEG quality must be in 1..100, got {self.jpeg_quality}")
+        if not self.health_stale_s > 0:
+            raise UserError(f"the health timeout must be positive, got {self.health_stale_s} s")
 
 
 class Service:
     def __init__(self, cfg: ServiceConfig, *, echo: Callable[[str], None] | None = None,
-                 round_fn: Callable[..., dict] = default_round):
-        self.cfg, self.round_fn = cfg, round_fn
+                 round_fn: Callable[..., dict] = default_round, exit_on_signal: bool = True):
+        self.cfg, self.round_fn, self.exit_on_signal = cfg, round_fn, exit_on_signal
+        self.signalled: int | None = None  # the signal that stopped the loop
         self.echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
         self.telemetry = Telemetry()
         self.camera = self.swapper = self.engine = self.publisher = self.buffer = None
@@ -80,22 +89,33 @@ class Service:
         self._stop = threading.Event()
         self._last_status = 0.0
 
-    def stop(self, *_args) -> None:
+    def stop(self, signum: int | None = None, _frame=None) -> None:
         """Ask the loop to finish (safe from a signal handler or another thread)."""
+        self.signalled = self.signalled or signum
         self._stop.set()
+        if self.swapper is not None:
+            self.swapper.stop()  # an export at startup would otherwise hold run() for minutes
 
     def run(self) -> dict:
-        """Serve until the source ends, a limit is reached, or stop()/SIGINT/SIGTERM; return a summary."""
+        """Serve until the source ends, a limit is reached, or stop()/SIGINT/SIGTERM; return a summary.
+
+        Run in the main thread, SIGINT/SIGTERM end the process (exit 0) once everything is closed and
+        flushed, unless exit_on_signal=False."""
         restore = self._install_signals()
         try:
             self._open()
             self._loop()
+        except UserError:
+            if not self.signalled:
+                raise  # stopped by a signal while starting (an engine export): a clean stop, not an error
         finally:
             self._close()
             for sig, handler in restore.items():
                 signal.signal(sig, handler)
         summary = self.snapshot()
         self._emit_line(f"stopped after {summary['frames']} frames: " + status_line(summary))
+        if self.signalled and self.exit_on_signal:
+            _exit_now(0)
         return summary
 
     def _install_signals(self) -> dict:
@@ -113,7 +133,7 @@ class Service:
         self.swapper = EngineSwapper(c.bundle, kind=c.engine, device=c.device)
         size = self._input_size()
         # the camera first: "no camera" must fail in a second, before any engine is loaded
-        self.camera = Camera(c.camera, size, loop=c.loop, fps=c.fps).connect()
+        self.camera = Camera(c.camera, size, loop=c.loop, fps=c.fps, camera_id=c.camera_id).connect()
         self.swapper.threads = self._threads()
         self.engine = self.swapper.start()
         self.publisher = Publisher(c.publish, c.topic, allow_remote=c.allow_remote)
@@ -122,11 +142,12 @@ class Service:
         if c.adapt and self.swapper.root is not None:
             self.scheduler = Scheduler(self.swapper.root, c.buffer, c.schedule, round_fn=self.round_fn)
         if c.metrics_port is not None:
-            self.metrics = MetricsServer(c.metrics_port, self.snapshot)
+            self.metrics = MetricsServer(c.metrics_port, self.snapshot, self.telemetry, host=c.metrics_host,
+                                         allow_remote=c.allow_remote, stale_after=c.health_stale_s)
         e = self.engine
         self._emit_line(f"serving {e.version} with {e.name} on {e.provider} | camera {c.camera} "
                         f"| publishing on {self.publisher.endpoint} topic {c.topic}"
-                        + (f" | metrics on http://127.0.0.1:{self.metrics.port}/metrics" if self.metrics else ""))
+                        + (f" | metrics on {self.metrics.url}/metrics" if self.metrics else ""))
         self._event("start", version=e.version, engine=e.name, provider=e.provider, endpoint=self.publisher.endpoint)
 
     def _threads(self) -> int:
@@ -155,12 +176,19 @@ class Service:
         raise UserError(f"bundle {self.cfg.bundle} has no readable version; see `mas3-edge versions`")
 
     def _close(self) -> None:
-        """Each part gets a short timeout; together well inside the 2 s a supervisor allows."""
-        for name, close in (("scheduler", lambda: self.scheduler.close(0.5)),
-                            ("camera", lambda: self.camera.disconnect(0.4)),
-                            ("buffer", lambda: self.buffer.close(0.3, discard_pending=True)),
+        """Each part waits at most its own timeout and all of them together at most 1 s (then 0.05 s each)."""
+        deadline = time.monotonic() + 1.0
+
+        def left(cap: float) -> float:
+            return max(0.05, min(cap, deadline - time.monotonic()))
+
+        if self.swapper is not None:
+            self.swapper.stop()  # now, not after the others: an export in progress is killed meanwhile
+        for name, close in (("scheduler", lambda: self.scheduler.close(left(0.5))),
+                            ("camera", lambda: self.camera.disconnect(left(0.4))),
+                            ("buffer", lambda: self.buffer.close(left(0.3), discard_pending=True)),
                             ("publisher", lambda: self.publisher.close()),
-                            ("metrics", lambda: self.metrics.close()), ("swapper", lambda: self.swapper.close(0.2))):
+                            ("metrics", lambda: self.metrics.close()), ("swapper", lambda: self.swapper.close(left(0.2)))):
             if getattr(self, name) is None:
                 continue
             try:
@@ -200,7 +228,7 @@ class Service:
 
     def _serve(self, frame) -> None:
         engine = self.engine
-        image = frame.image if frame.image.shape[:2] == tuple(engine.input_size) else fit(frame.image, engine.input_size)
+        image, crop = refit(frame, engine.input_size)  # a swap may change the input size
         t0 = time.perf_counter()
         try:
             classes, conf = engine.infer(image[None])
@@ -216,9 +244,10 @@ class Service:
         jpeg = wire.encode_overlay(image, cls, self.cfg.jpeg_quality) if self.cfg.overlay else None
         msg = wire.encode(self.cfg.topic, frame.id, frame.capture_ns, cls, version=engine.version, engine=engine.name,
                           label_set=LABEL_SET_ID, num_classes=NUM_CLASSES, infer_us=int(infer_ms * 1e3),
-                          confidence=conf[0] if self.cfg.confidence else None, overlay_jpeg=jpeg)
+                          confidence=conf[0] if self.cfg.confidence else None, overlay_jpeg=jpeg,
+                          camera_id=self.camera.id, source_size=frame.source_size, crop=crop)
         self.publisher.send(msg)
-        self.telemetry.record((time.time_ns() - frame.capture_ns) / 1e6, infer_ms)
+        self.telemetry.record((time.time_ns() - (frame.read_ns or frame.capture_ns)) / 1e6, infer_ms)
         if frame.label is not None and frame.label.shape == cls.shape:
             self.telemetry.record_labels(cls, frame.label, engine.version)
         if self.buffer is not None:
@@ -263,6 +292,17 @@ class Service:
         if self._events is not None:
             rec = {"event": kind, "time": time.time(), **fields}
             self._events.write(json.dumps(rec, default=_jsonable) + "\n")
+
+
+def _exit_now(code: int) -> None:
+    """End the process without the interpreter's teardown (everything of ours is closed by now)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe must not turn a clean stop into a traceback
+            pass
+    os._exit(code)
 
 
 def _jsonable(o):

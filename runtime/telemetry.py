@@ -1,8 +1,25 @@
-"""What the running service reports: rolling FPS and latency, live mIoU, the status line, and
-the same figures as Prometheus text on an optional loopback HTTP endpoint."""
+"""What the running service reports: rolling FPS and latency, live mIoU and the status line for
+people; Prometheus metrics and a health check on an optional HTTP endpoint for machines.
+
+    GET /metrics   prometheus_client's text format, base units (seconds, ratios):
+      mas3_latency_seconds        histogram  capture (grab) -> publish, per frame
+      mas3_inference_seconds      histogram  engine time per frame
+      mas3_frames_total, mas3_camera_dropped_frames_total, mas3_camera_corrupt_frames_total,
+      mas3_camera_reconnects_total, mas3_publish_dropped_messages_total, mas3_engine_swaps_total,
+      mas3_adaptation_rounds_total{outcome}                        counters
+      mas3_serving_info{version,engine,provider} 1, mas3_buffer_frames, mas3_live_miou_ratio,
+      mas3_last_frame_timestamp_seconds                           gauges
+      process_* and python_info (prometheus_client's process and platform collectors)
+    GET /healthz   200 while frames are published; 503 when none was for `stale_after` seconds
+                   (or none yet). Rates are PromQL's job: rate(mas3_frames_total[1m]) is the FPS.
+
+Each server has its own CollectorRegistry, so two services (or tests) in one process never clash
+in the global one.
+"""
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections import deque
@@ -10,11 +27,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 import numpy as np
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, PlatformCollector,
+                               ProcessCollector, generate_latest)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 from mas3_edge.errors import UserError
 from mas3_edge.labels import IGNORE, NUM_CLASSES
 
+from .publisher import is_loopback
+
 log = logging.getLogger(__name__)
+
+# from a 1 ms GPU engine to a multi-second stall of a small CPU
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def _miou(matrix: np.ndarray) -> float | None:
@@ -35,35 +60,54 @@ class Telemetry:
         self._conf = deque(maxlen=miou_window)  # per-frame confusion matrices
         self.by_version: dict[str, np.ndarray] = {}  # cumulative confusion per serving version
         self.miou_first: float | None = None  # over the first `miou_window` frames of the run
+        self.last_frame_time: float | None = None  # time.time() of the newest published frame
+        self._lock = threading.Lock()  # the metrics thread reads what the serving loop writes
+        # in no registry yet: each MetricsServer adds them to its own
+        self.latency = Histogram("mas3_latency_seconds", "Capture (grab) to publish latency per frame.",
+                                 buckets=_BUCKETS, registry=None)
+        self.inference = Histogram("mas3_inference_seconds", "Inference engine time per frame.",
+                                   buckets=_BUCKETS, registry=None)
 
     def record(self, latency_ms: float, infer_ms: float) -> None:
-        self.frames += 1
-        self._lat.append(latency_ms)
-        self._inf.append(infer_ms)
-        self._t.append(time.monotonic())
+        with self._lock:
+            self.frames += 1
+            self._lat.append(latency_ms)
+            self._inf.append(infer_ms)
+            self._t.append(time.monotonic())
+            self.last_frame_time = time.time()
+        self.latency.observe(latency_ms / 1e3)
+        self.inference.observe(infer_ms / 1e3)
+
+    def frame_age(self) -> float | None:
+        """Seconds since the newest frame was published; None before the first."""
+        with self._lock:
+            return time.monotonic() - self._t[-1] if self._t else None
 
     def record_labels(self, pred: np.ndarray, label: np.ndarray, version: str) -> None:
         valid = label != IGNORE
         k = NUM_CLASSES
         idx = label[valid].astype(np.int64) * k + np.minimum(pred[valid], k - 1)
         m = np.bincount(idx, minlength=k * k).reshape(k, k)
-        self._conf.append(m)
-        self.by_version[version] = self.by_version.get(version, 0) + m
-        self.labelled += 1
-        if self.labelled == self._conf.maxlen:
-            self.miou_first = _miou(sum(self._conf))
+        with self._lock:
+            self._conf.append(m)
+            self.by_version[version] = self.by_version.get(version, 0) + m
+            self.labelled += 1
+            if self.labelled == self._conf.maxlen:
+                self.miou_first = _miou(sum(self._conf))
 
     def snapshot(self) -> dict:
-        lat, inf = np.fromiter(self._lat, float), np.fromiter(self._inf, float)
-        span = self._t[-1] - self._t[0] if len(self._t) > 1 else 0.0
+        with self._lock:
+            lat, inf, t = np.fromiter(self._lat, float), np.fromiter(self._inf, float), list(self._t)
+            conf, by_version = list(self._conf), dict(self.by_version)
+        span = t[-1] - t[0] if len(t) > 1 else 0.0
         pct = lambda a, q: float(np.percentile(a, q)) if a.size else None  # noqa: E731
         return {
             "uptime_s": time.monotonic() - self.started, "frames": self.frames,
-            "fps": (len(self._t) - 1) / span if span > 0 else 0.0,
+            "fps": (len(t) - 1) / span if span > 0 else 0.0,
             "latency_p50_ms": pct(lat, 50), "latency_p99_ms": pct(lat, 99), "infer_p50_ms": pct(inf, 50),
-            "miou_window": _miou(sum(self._conf)) if self._conf else None, "miou_window_frames": len(self._conf),
-            "miou_first": self.miou_first,
-            "miou_by_version": {v: _miou(m) for v, m in self.by_version.items()},
+            "miou_window": _miou(sum(conf)) if conf else None, "miou_window_frames": len(conf),
+            "miou_first": self.miou_first, "last_frame_time": self.last_frame_time,
+            "miou_by_version": {v: _miou(m) for v, m in by_version.items()},
         }
 
 
@@ -91,46 +135,85 @@ def status_line(s: dict) -> str:
     return " | ".join(parts)
 
 
-def _metric(lines: list[str], name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-    lines += [f"# HELP mas3_{name} {help_}", f"# TYPE mas3_{name} {kind}"]
-    lines += [f"mas3_{name}{labels} {value:.6g}" for labels, value in samples if value is not None]
+class _SnapshotCollector:
+    """Counters and gauges read from the service's snapshot at scrape time: the parts keep the counts."""
+
+    _COUNTERS = (("frames", "frames", "Frames inferred and published."),
+                 ("camera_dropped_frames", "camera_dropped", "Camera frames replaced by a newer one before use."),
+                 ("camera_corrupt_frames", "camera_corrupt", "Corrupt camera frames skipped."),
+                 ("camera_reconnects", "camera_reconnects", "Camera reconnects."),
+                 ("publish_dropped_messages", "publish_dropped", "Messages the publisher could not queue."),
+                 ("engine_swaps", "swaps", "Engine hot swaps."))
+
+    def __init__(self, snapshot: Callable[[], dict]):
+        self.snapshot = snapshot
+
+    def collect(self):
+        s = self.snapshot()
+        for name, key, help_ in self._COUNTERS:
+            yield CounterMetricFamily(f"mas3_{name}", help_, value=s.get(key, 0))
+        rounds = CounterMetricFamily("mas3_adaptation_rounds", "Adaptation rounds by outcome.", labels=["outcome"])
+        for outcome, n in sorted(s.get("rounds", {}).items()):
+            rounds.add_metric([outcome], n)
+        yield rounds
+        yield InfoMetricFamily("mas3_serving", "The serving model version and engine.",
+                               value={k: str(s.get(k, "-")) for k in ("version", "engine", "provider")})
+        for name, value, help_ in (
+                ("buffer_frames", s.get("buffer_frames"), "Frames in the adaptation buffer."),
+                ("live_miou_ratio", None if s.get("miou_window") is None else s["miou_window"] / 100,
+                 "mIoU over recent labelled frames (synthetic sources), 0 to 1."),
+                ("last_frame_timestamp_seconds", s.get("last_frame_time"), "Unix time of the newest published frame.")):
+            if value is not None:
+                yield GaugeMetricFamily(f"mas3_{name}", help_, value=value)
 
 
-def prometheus(s: dict) -> str:
-    """The snapshot in the Prometheus text exposition format (version 0.0.4)."""
-    out: list[str] = []
-    _metric(out, "frames_total", "counter", "Frames served.", [("", s["frames"])])
-    _metric(out, "fps", "gauge", "Frames served per second (rolling).", [("", s["fps"])])
-    _metric(out, "latency_ms", "gauge", "Capture-to-publish latency (rolling).",
-            [('{quantile="0.5"}', s["latency_p50_ms"]), ('{quantile="0.99"}', s["latency_p99_ms"])])
-    _metric(out, "infer_ms", "gauge", "Engine time per frame, median.", [("", s["infer_p50_ms"])])
-    _metric(out, "camera_dropped_total", "counter", "Frames replaced before use.", [("", s["camera_dropped"])])
-    _metric(out, "camera_corrupt_total", "counter", "Corrupt frames skipped.", [("", s["camera_corrupt"])])
-    _metric(out, "camera_reconnects_total", "counter", "Camera reconnects.", [("", s["camera_reconnects"])])
-    _metric(out, "publish_dropped_total", "counter", "Messages not queued.", [("", s["publish_dropped"])])
-    _metric(out, "buffer_frames", "gauge", "Frames in the adaptation buffer.", [("", s.get("buffer_frames"))])
-    _metric(out, "rounds_total", "counter", "Adaptation rounds by outcome.",
-            [(f'{{outcome="{k}"}}', v) for k, v in sorted(s["rounds"].items())])
-    _metric(out, "swaps_total", "counter", "Engine hot swaps.", [("", s["swaps"])])
-    _metric(out, "serving_info", "gauge", "The serving version and engine.",
-            [(f'{{version="{s["version"]}",engine="{s["engine"]}"}}', 1)])
-    _metric(out, "live_miou", "gauge", "mIoU over recent labelled frames (synthetic sources).",
-            [("", s.get("miou_window"))])
-    return "\n".join(out) + "\n"
+def registry(telemetry: Telemetry, snapshot: Callable[[], dict]) -> CollectorRegistry:
+    """A registry of its own: the service's figures, its histograms, and the process and platform ones."""
+    reg = CollectorRegistry()
+    ProcessCollector(registry=reg)
+    PlatformCollector(registry=reg)
+    reg.register(telemetry.latency)
+    reg.register(telemetry.inference)
+    reg.register(_SnapshotCollector(snapshot))
+    return reg
+
+
+def check_host(host: str, allow_remote: bool = False) -> str:
+    """The address to bind the metrics server to; like the stream, loopback unless allowed."""
+    if not allow_remote and not is_loopback(host):
+        raise UserError(f"metrics host {host} is not loopback; pass --allow-remote to expose the metrics "
+                        "beyond this machine")
+    return {"localhost": "127.0.0.1", "*": "0.0.0.0"}.get(host, host.strip("[]"))
+
+
+class _Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
 
 
 class MetricsServer:
-    """GET /metrics on 127.0.0.1:PORT (port 0 picks one) from a daemon thread."""
+    """GET /metrics and /healthz on HOST:PORT (port 0 picks one) from a daemon thread."""
 
-    def __init__(self, port: int, snapshot: Callable[[], dict], host: str = "127.0.0.1"):
+    def __init__(self, port: int, snapshot: Callable[[], dict], telemetry: Telemetry, *, host: str = "127.0.0.1",
+                 allow_remote: bool = False, stale_after: float = 5.0):
+        reg = registry(telemetry, snapshot)
+
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server's naming)
-                if self.path.split("?")[0] not in ("/metrics", "/"):
+                path = self.path.split("?")[0]
+                if path in ("/metrics", "/"):
+                    self._reply(200, generate_latest(reg), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    age = telemetry.frame_age()
+                    ok = age is not None and age <= stale_after
+                    text = ("no frame published yet" if age is None else
+                            f"{'ok' if ok else 'stale'}: last frame published {age:.1f} s ago")
+                    self._reply(200 if ok else 503, (text + "\n").encode(), "text/plain; charset=utf-8")
+                else:
                     self.send_error(404)
-                    return
-                body = prometheus(snapshot()).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
+
+            def _reply(self, code: int, body: bytes, content_type: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -138,13 +221,16 @@ class MetricsServer:
             def log_message(self, *args):  # scrapes every few seconds must not flood the log
                 pass
 
+        bind = check_host(host, allow_remote)
         try:
-            self._server = ThreadingHTTPServer((host, port), Handler)
+            self._server = (_Server6 if ":" in bind else ThreadingHTTPServer)((bind, port), Handler)
         except OSError as e:
-            raise UserError(f"cannot serve metrics on {host}:{port}: {e.strerror}; pick another --metrics-port") from None
+            raise UserError(f"cannot serve metrics on {host}:{port}: {e.strerror}; pick another --metrics-port "
+                            "or --metrics-host") from None
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
+        self.url = f"http://{f'[{bind}]' if ':' in bind else bind}:{self.port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="metrics", daemon=True)
         self._thread.start()
 

@@ -1,7 +1,12 @@
 """Bundle versions as the runtime sees them: a table with health figures, and rollback.
 
 Rollback only moves the SERVING pointer (atomic rename); a running service follows the pointer,
-so rolling back while `mas3-edge run` serves needs no signal and no restart.
+so rolling back while `mas3-edge run` serves needs no signal and no restart. It refuses a version
+the service would refuse: weights that fail their sha256, or a round that never finished.
+
+The state column: ok, incomplete (its adaptation round was killed or rejected after writing it),
+corrupt (unreadable model.json, or weights that fail their hash). `*` marks the serving version;
+`!` a pointer at a version that cannot be served (the service serves the last good one instead).
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from pathlib import Path
 from mas3_edge import bundle as bundles
 from mas3_edge.errors import UserError
 
-COLUMNS = ["", "version", "parent", "created", "kind", "onnx", "SWD", "entropy", "prior KL", "note"]
+COLUMNS = ["", "version", "parent", "created", "kind", "state", "onnx", "SWD", "entropy", "prior KL", "note"]
 
 
 def _health(vdir: Path, meta: dict) -> dict:
@@ -48,20 +53,27 @@ def version_rows(root: Path) -> tuple[list[str], list[list[str]]]:
     serving, rows = bundles.serving_id(root), []
     for vid in bundles.version_ids(root):
         vdir = root / "versions" / vid
-        mark = "*" if vid == serving else ""
         try:
             meta = bundles.read_meta(vdir)
         except UserError:
-            rows.append([mark, vid, "-", "-", "corrupt", "-", "-", "-", "-", "unreadable model.json: skipped"])
+            rows.append(["!" if vid == serving else "", vid, "-", "-", "-", "corrupt", "-", "-", "-", "-",
+                         "unreadable model.json: skipped"])
             continue
-        info, h = meta.get("info") or {}, _health(vdir, meta)
-        kind = info.get("kind") or ("adapted" if meta.get("parent") else "source")
-        if info.get("method"):
-            kind += f" ({info['method']})"
-        rows.append([mark, vid, meta.get("parent") or "-", meta.get("created", "-"), kind, _onnx_state(vdir),
-                     _fmt(h.get("swd")), _fmt(h.get("entropy")), _fmt(h.get("prior_kl")),
-                     str(info.get("reason") or info.get("note") or "")[:60]])
+        rows.append(_row(vdir, meta, vid == serving))
     return COLUMNS, rows
+
+
+def _row(vdir: Path, meta: dict, serving: bool) -> list[str]:
+    info, h = meta.get("info") or {}, _health(vdir, meta)
+    kind = info.get("kind") or ("adapted" if meta.get("parent") else "source")
+    if info.get("method"):
+        kind += f" ({info['method']})"
+    incomplete, bad = bundles.incomplete_reason(vdir), bundles.weights_problem(vdir, meta)
+    state = "corrupt" if bad else "incomplete" if incomplete else "ok"
+    note = bad or incomplete or str(info.get("reason") or info.get("note") or "")  # a problem hides a success note
+    return ["*" if serving and state == "ok" else "!" if serving else "", vdir.name, meta.get("parent") or "-",
+            meta.get("created", "-"), kind, state, _onnx_state(vdir) if state == "ok" else "-",
+            _fmt(h.get("swd")), _fmt(h.get("entropy")), _fmt(h.get("prior_kl")), note[:60]]
 
 
 def rollback(root: Path, version: str | None = None) -> tuple[str | None, str]:
@@ -77,8 +89,6 @@ def rollback(root: Path, version: str | None = None) -> tuple[str | None, str]:
     vdir = root / "versions" / version
     if not bundles.is_version_dir(vdir):
         raise UserError(f"no version {version!r} in {root}; see `mas3-edge versions`")
-    bundles.read_meta(vdir)  # refuse a corrupt one here rather than in the service
-    if not (vdir / bundles.MODEL_FILE).is_file():
-        raise UserError(f"version {version} has no weights; it cannot be served")
+    bundles.check_servable(vdir)  # refuse here what the service would refuse, with the reason
     bundles.set_serving(root, version)
     return old, version

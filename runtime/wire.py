@@ -1,14 +1,18 @@
 """The segmentation stream's wire format: one ZeroMQ frame per message (docs/wire-format.md).
 
-    TOPIC (ASCII) 0x00 | HEADER (112 bytes, little-endian) | classes | [confidence] | [overlay JPEG]
+    TOPIC (ASCII) 0x00 | HEADER (160 bytes, little-endian) | classes | [confidence] | [overlay JPEG]
 
 One frame, not a multipart message, so a subscriber may use ZMQ_CONFLATE (which drops multipart
 messages) to keep only the newest. The topic comes first so SUB prefix filtering works; the NUL
 ends it so a parser finds the header without knowing the topic. The header is fixed-size and
-carries its own size, so a reader can skip fields added later.
+carries its own size, so a reader can skip fields added later. Version 2 appended the source
+frame's size, the crop box and the camera id to version 1's 112 bytes; `decode` reads both.
+Class names and colours are not in the message: the header names the label set, and
+docs/labels/<label_set>.json (written by `label_set_json()`) holds them.
 """
 from __future__ import annotations
 
+import json
 import struct
 import time
 from dataclasses import dataclass
@@ -16,13 +20,17 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"M3SG"
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 DEFAULT_TOPIC = "mas3/seg"
 FLAG_CONFIDENCE, FLAG_OVERLAY = 1, 2
 # magic, version, header size, frame id, capture ns, publish ns, latency us, infer us, width, height,
 # flags, num classes, reserved, model version, engine, label set, class/conf/overlay byte counts, reserved
-HEADER = struct.Struct("<4sHHQqqIIHHBBH16s16s16sIIII")
-assert HEADER.size == 112
+HEADER_V1 = struct.Struct("<4sHHQqqIIHHBBH16s16s16sIIII")
+# appended in version 2: source width, height, crop x, y, w, h (source pixels), camera id, reserved
+_V2_TAIL = struct.Struct("<HHHHHH32sI")
+HEADER = struct.Struct(HEADER_V1.format + _V2_TAIL.format[1:])
+assert (HEADER_V1.size, HEADER.size) == (112, 160)
+_HEADER_SIZES = {1: HEADER_V1.size, 2: HEADER.size}
 
 
 class WireError(ValueError):
@@ -46,6 +54,11 @@ class Message:
     classes: np.ndarray  # uint8 (H, W) train ids
     confidence: np.ndarray | None = None  # float32 (H, W) in [0, 1], quantised to 1/255
     overlay_jpeg: bytes | None = None
+    wire_version: int = WIRE_VERSION
+    camera_id: str = ""  # "" and zeros below: a version 1 message, which did not carry them
+    source_width: int = 0
+    source_height: int = 0
+    crop: tuple[int, int, int, int] = (0, 0, 0, 0)  # x, y, w, h in source pixels: what the maps cover
 
     @property
     def height(self) -> int:
@@ -54,6 +67,13 @@ class Message:
     @property
     def width(self) -> int:
         return int(self.classes.shape[1])
+
+    def to_source(self, u: float, v: float) -> tuple[float, float]:
+        """A point of the maps (u right, v down; pixel (i, j) spans [j, j+1) x [i, i+1)) in source pixels."""
+        x, y, w, h = self.crop
+        if not w or not h:
+            raise WireError(f"a version {self.wire_version} message has no crop box")
+        return x + u * w / self.width, y + v * h / self.height
 
     def age_ms(self, now_ns: int | None = None) -> float:
         """Capture-to-now in milliseconds (same host clock as the publisher)."""
@@ -75,11 +95,17 @@ def _text(s: str, n: int = 16) -> bytes:
 def encode(topic: str, frame_id: int, capture_ns: int, classes: np.ndarray, *, version: str = "",
            engine: str = "", label_set: str = "", num_classes: int = 0, infer_us: int = 0,
            confidence: np.ndarray | None = None, overlay_jpeg: bytes | None = None,
-           publish_ns: int | None = None) -> bytes:
-    """Pack one message. `classes` uint8 (H, W); `confidence` float (H, W) in [0, 1]."""
+           publish_ns: int | None = None, camera_id: str = "", source_size: tuple[int, int] | None = None,
+           crop: tuple[int, int, int, int] | None = None) -> bytes:
+    """Pack one message. `classes` uint8 (H, W); `confidence` float (H, W) in [0, 1]; `source_size` (H, W)
+    of the camera frame and `crop` (x, y, w, h) in its pixels (default: the maps are the whole frame)."""
     if classes.dtype != np.uint8 or classes.ndim != 2:
         raise WireError(f"classes must be uint8 (H, W), got {classes.dtype} {classes.shape}")
     h, w = classes.shape
+    sh, sw = source_size or (h, w)
+    cx, cy, cw, ch = crop or (0, 0, sw, sh)
+    if not (0 < sw <= 0xFFFF and 0 < sh <= 0xFFFF and cw > 0 and ch > 0 and 0 <= cx <= sw - cw and 0 <= cy <= sh - ch):
+        raise WireError(f"crop box {(cx, cy, cw, ch)} does not lie in a {sw}x{sh} source frame")
     conf = b""
     if confidence is not None:
         if confidence.shape != classes.shape:
@@ -91,7 +117,8 @@ def encode(topic: str, frame_id: int, capture_ns: int, classes: np.ndarray, *, v
     latency_us = max(0, min((publish_ns - capture_ns) // 1000, 0xFFFFFFFF))
     header = HEADER.pack(MAGIC, WIRE_VERSION, HEADER.size, frame_id, capture_ns, publish_ns, latency_us,
                          min(int(infer_us), 0xFFFFFFFF), w, h, flags, num_classes, 0, _text(version),
-                         _text(engine), _text(label_set), h * w, len(conf), len(jpeg), 0)
+                         _text(engine), _text(label_set), h * w, len(conf), len(jpeg), 0,
+                         sw, sh, cx, cy, cw, ch, _text(camera_id, 32), 0)
     return b"".join((topic.encode("ascii"), b"\0", header, np.ascontiguousarray(classes).tobytes(), conf, jpeg))
 
 
@@ -100,20 +127,25 @@ def _field(raw: bytes) -> str:
 
 
 def decode(buf: bytes | memoryview) -> Message:
-    """Parse one message; raises WireError for anything malformed."""
+    """Parse one message of wire version 1 or 2; raises WireError for anything malformed."""
     view = memoryview(buf)
     nul = bytes(view[:256]).find(b"\0")
     if nul < 0:
         raise WireError("no NUL after the topic in the first 256 bytes")
     start = nul + 1
-    if len(view) < start + HEADER.size:
+    if len(view) < start + HEADER_V1.size:
         raise WireError(f"message of {len(view)} bytes is shorter than its header")
     (magic, ver, hsize, fid, cap, pub, lat, inf, w, h, flags, k, _, version, engine, label_set,
-     n_cls, n_conf, n_jpg, _) = HEADER.unpack_from(view, start)
+     n_cls, n_conf, n_jpg, _) = HEADER_V1.unpack_from(view, start)
     if magic != MAGIC:
         raise WireError(f"bad magic {magic!r}, expected {MAGIC!r}")
-    if ver != WIRE_VERSION or hsize < HEADER.size:
-        raise WireError(f"unsupported wire version {ver} (header {hsize} bytes)")
+    need = _HEADER_SIZES.get(ver)
+    if need is None or hsize < need or len(view) < start + hsize:
+        raise WireError(f"unsupported wire version {ver} (header {hsize} bytes, message {len(view)})")
+    extra = {}
+    if ver >= 2:
+        sw, sh, cx, cy, cw, ch, camera_id, _ = _V2_TAIL.unpack_from(view, start + HEADER_V1.size)
+        extra = dict(source_width=sw, source_height=sh, crop=(cx, cy, cw, ch), camera_id=_field(camera_id))
     off = start + hsize
     if n_cls != w * h or (flags & FLAG_CONFIDENCE and n_conf != w * h) or len(view) != off + n_cls + n_conf + n_jpg:
         raise WireError(f"payload sizes do not add up for a {w}x{h} map ({len(view)} bytes)")
@@ -123,7 +155,19 @@ def decode(buf: bytes | memoryview) -> Message:
         conf = np.frombuffer(view, np.uint8, n_conf, off + n_cls).reshape(h, w).astype(np.float32) / 255.0
     jpeg = bytes(view[off + n_cls + n_conf:]) if flags & FLAG_OVERLAY else None
     return Message(bytes(view[:nul]).decode("ascii", "replace"), fid, cap, pub, lat, inf, _field(version),
-                   _field(engine), _field(label_set), k, classes, conf, jpeg)
+                   _field(engine), _field(label_set), k, classes, conf, jpeg, wire_version=ver, **extra)
+
+
+def label_set_json() -> str:
+    """docs/labels/cityscapes19.json, the readers' table of class names and RGB colours by train id. Rewrite it with
+        python -c "from mas3_edge.runtime import wire; print(wire.label_set_json(), end='')" \\
+            > docs/labels/cityscapes19.json
+    """
+    from mas3_edge import labels
+    rows = ",\n".join(f'    {{"id": {i}, "name": {json.dumps(name)}, "rgb": {list(rgb)}}}'
+                      for i, (name, rgb) in enumerate(zip(labels.CLASSES, labels.PALETTE)))
+    return (f'{{\n  "label_set": "{labels.LABEL_SET_ID}",\n  "num_classes": {labels.NUM_CLASSES},\n'
+            f'  "ignore_id": {labels.IGNORE},\n  "classes": [\n{rows}\n  ]\n}}\n')
 
 
 def encode_overlay(image_rgb: np.ndarray, classes: np.ndarray, quality: int = 80, alpha: float = 0.5) -> bytes:

@@ -72,6 +72,8 @@ def test_default_bundle_is_copied_once_to_a_writable_home(tmp_path, tiny_bundle,
     (first / "marker").write_text("kept")  # a second call reuses the copy (adapted versions live there)
     assert (bundle.user_bundle(None) / "marker").read_text() == "kept"
     assert bundle.user_bundle(tmp_path / "mine") == tmp_path / "mine"
+    (first / "SERVING").unlink()  # a lost pointer: the copy, with its adapted versions, stays
+    assert (bundle.user_bundle(None) / "marker").read_text() == "kept"
 
 
 def test_missing_default_bundle_is_a_clear_error(tmp_path, monkeypatch):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from mas3_edge.errors import UserError
-from mas3_edge.runtime.camera import Camera, fit, to_rgb
+from mas3_edge.runtime import camera as camera_mod
+from mas3_edge.runtime.camera import Camera, Frame, default_camera_id, fit, refit, to_rgb
 
 SIZE = (64, 128)
 
@@ -154,9 +155,13 @@ class _FlakyCapture:
     def isOpened(self):
         return True
 
-    def read(self):
-        step = self.script[self.i % len(self.script)]
+    def grab(self):
+        self.step = self.script[self.i % len(self.script)]
         self.i += 1
+        return self.step != "fail"
+
+    def retrieve(self):
+        step = self.step
         if step == "ok":
             return True, np.full((120, 240, 3), 100, np.uint8)
         if step == "empty":
@@ -185,3 +190,94 @@ def test_corrupt_frames_from_a_live_device_are_skipped_and_counted(monkeypatch):
             time.sleep(0.01)
     assert cam.stats.corrupt >= 6 and cam.stats.read_errors >= 2
     assert cam.stats.reconnects == 0  # isolated failures stay under the cap
+
+
+class _SlowDecodeCapture:
+    """A device whose grab() returns at once and whose retrieve() (the decode) takes 80 ms."""
+
+    grabs: list[int] = []
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def isOpened(self):
+        return True
+
+    def grab(self):
+        _SlowDecodeCapture.grabs.append(time.time_ns())
+        return True
+
+    def retrieve(self):
+        time.sleep(0.08)
+        return True, np.full((120, 240, 3), 100, np.uint8)
+
+    def read(self):
+        return self.grab() and self.retrieve()
+
+    def set(self, *a):
+        return True
+
+    def get(self, prop):
+        return 30.0 if prop == cv2.CAP_PROP_FPS else 0.0
+
+    def release(self):
+        pass
+
+
+def test_capture_time_is_the_grab_not_the_decode(monkeypatch):
+    monkeypatch.setattr(cv2, "VideoCapture", _SlowDecodeCapture)
+    _SlowDecodeCapture.grabs = []
+    with Camera("0", SIZE, fps=0) as cam:
+        f = cam.read_latest(timeout=5)
+    grab = max(t for t in _SlowDecodeCapture.grabs if t <= f.capture_ns)
+    assert f.capture_ns - grab < 20e6  # within 20 ms of the grab; after the decode it would be 80 ms later
+
+
+def _source(kind: str, tmp_path: Path) -> str:
+    if kind == "video":
+        return str(write_video(tmp_path / "v.avi", 3))
+    if kind == "folder":
+        (tmp_path / "imgs").mkdir()
+        cv2.imwrite(str(tmp_path / "imgs" / "0.png"), np.zeros((120, 160, 3), np.uint8))
+        return str(tmp_path / "imgs")
+    return "synthetic://night?seed=1"
+
+
+@pytest.mark.parametrize("kind", ["video", "folder", "synthetic"])
+def test_capture_time_comes_before_conversion_and_resize(kind, tmp_path, monkeypatch):
+    """Whatever the source, the stamp is taken before our own work on the frame (which counts as latency)."""
+    fitted: list[int] = []
+
+    def slow_fit(image, size):
+        fitted.append(time.time_ns())
+        time.sleep(0.03)
+        return fit(image, size)
+
+    monkeypatch.setattr(camera_mod, "fit", slow_fit)
+    with Camera(_source(kind, tmp_path), SIZE, fps=0) as cam:
+        f = cam.read_latest(timeout=5)
+    assert f.capture_ns <= fitted[f.id]  # one fit per frame, in order
+
+
+def test_frames_say_which_box_of_the_source_they_show(tmp_path):
+    video = write_video(tmp_path / "v.avi", 3, size=(240, 320))
+    with Camera(str(video), SIZE, fps=0) as cam:
+        f = cam.read_latest(timeout=5)
+    assert f.source_size == (240, 320) and f.crop == (0, 40, 320, 160)  # 4:3 cut to the model's 2:1
+    image, crop = refit(f, (64, 64))  # an engine with another input size: the crop of the crop
+    assert image.shape == (64, 64, 3) and crop == (80, 40, 160, 160)
+    assert refit(Frame(0, 0, f.image), SIZE)[1] is None  # the frame is all of its source
+
+
+def test_camera_id_is_derived_from_the_source_or_given(tmp_path):
+    assert default_camera_id("0") == "cam0"
+    assert default_camera_id("rtsp://admin:secret@10.0.0.2:554/stream1") == "10.0.0.2/stream1"  # no credentials
+    assert default_camera_id("synthetic://night?seed=3") == "synthetic-night"
+    assert default_camera_id(str(tmp_path / "drive 1.mp4")) == "drive_1.mp4"
+    assert default_camera_id("v4l2src ! videoconvert ! appsink") == "gstreamer"
+    assert len(default_camera_id("/x/" + "a" * 80)) == 32
+    assert Camera("synthetic://night", SIZE).id == "synthetic-night"
+    assert Camera("synthetic://night", SIZE, camera_id="front-left").id == "front-left"
+    for bad in ("", "a" * 33, "caméra", "tab\there"):
+        with pytest.raises(UserError, match="camera id"):
+            Camera("synthetic://night", SIZE, camera_id=bad)

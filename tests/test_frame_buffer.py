@@ -121,3 +121,41 @@ def test_bad_policy_and_folder_are_user_errors(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="cannot create"):
         FrameBuffer(tmp_path / "file" / "sub")
+
+
+def test_a_deleted_folder_is_recreated_and_buffering_resumes(tmp_path, caplog):
+    import shutil
+    import time
+    root = tmp_path / "frames"
+    buf = FrameBuffer(root, BufferPolicy(**KEEP_ALL))
+    for i in range(3):
+        buf.offer(frame(i), t=float(i))
+    deadline = time.monotonic() + 5
+    while buf.written < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    shutil.rmtree(root)  # a clean-up script, while `run` serves
+    with caplog.at_level(logging.WARNING):
+        buf.offer(frame(3), t=3.0)
+        while buf.enabled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not buf.enabled  # the failed write stopped buffering ...
+        t = 4.0
+        while buf.written < 5 and time.monotonic() < deadline + 5:  # ... and it retries within about a second
+            buf.offer(frame(int(t)), t=t)
+            t += 1
+            time.sleep(0.05)
+    buf.close()
+    assert buf.enabled and buf.written >= 5 and root.is_dir()
+    assert len(buf) == len(scan(root)) and buf.bytes == sum(size for *_, size in scan(root))
+    assert sum("buffering stops" in r.message for r in caplog.records) == 1
+
+
+def test_scan_and_summary_count_only_real_frames(tmp_path):
+    fill(FrameBuffer(tmp_path, BufferPolicy(**KEEP_ALL)), 2)
+    (tmp_path / "00000007.png").write_bytes(b"")  # zero bytes
+    (tmp_path / "00000008.png").write_text("not an image")
+    (tmp_path / "00000009.txt").write_text("notes")
+    (tmp_path / "00000010.png").mkdir()
+    assert [s for s, *_ in scan(tmp_path)] == [0, 1, 8]  # cheap: name and size
+    s = summarize(tmp_path)
+    assert (s.frames, s.first, s.last) == (2, "00000000.png", "00000001.png")

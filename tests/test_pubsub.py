@@ -21,15 +21,26 @@ def _msg(fid: int, h: int = 8, w: int = 16, **kw) -> bytes:
                        label_set="cityscapes19", num_classes=19, infer_us=1234, **kw)
 
 
+def _v1_msg(fid: int, h: int = 8, w: int = 16) -> bytes:
+    """A message as the version 1 publisher packed it (112-byte header, no source size, crop or camera id)."""
+    classes = (np.arange(h * w) % 19).astype(np.uint8).tobytes()
+    header = struct.pack("<4sHHQqqIIHHBBH16s16s16sIIII", b"M3SG", 1, 112, fid, 1000, 3000, 2, 1234, w, h, 0, 19, 0,
+                         b"v0001", b"torch", b"cityscapes19", h * w, 0, 0, 0)
+    return b"mas3/seg\0" + header + classes
+
+
 def test_wire_round_trip_with_all_payloads():
     img = np.random.default_rng(0).integers(0, 256, (8, 16, 3), np.uint8)
     classes = np.full((8, 16), 13, np.uint8)
     conf = np.linspace(0, 1, 128, dtype=np.float32).reshape(8, 16)
     buf = wire.encode("t", 7, 1000, classes, version="v0003", engine="torch", label_set="cityscapes19",
-                      num_classes=19, confidence=conf, overlay_jpeg=wire.encode_overlay(img, classes), publish_ns=3000)
+                      num_classes=19, confidence=conf, overlay_jpeg=wire.encode_overlay(img, classes), publish_ns=3000,
+                      camera_id="front-left", source_size=(480, 640), crop=(0, 80, 640, 320))
     m = wire.decode(buf)
     assert (m.topic, m.frame_id, m.capture_ns, m.publish_ns, m.latency_us) == ("t", 7, 1000, 3000, 2)
     assert (m.version, m.engine, m.label_set, m.num_classes, m.width, m.height) == ("v0003", "torch", "cityscapes19", 19, 16, 8)
+    assert (m.wire_version, m.camera_id, m.source_width, m.source_height, m.crop) == (2, "front-left", 640, 480,
+                                                                                      (0, 80, 640, 320))
     assert np.array_equal(m.classes, classes)
     assert np.abs(m.confidence - conf).max() <= 0.5 / 255 + 1e-6
     assert m.overlay_rgb().shape == (8, 16, 3)
@@ -41,7 +52,7 @@ def test_wire_layout_matches_the_document():
     assert buf[:9] == b"mas3/seg\0"
     h = 9
     assert buf[h:h + 4] == b"M3SG"
-    assert struct.unpack_from("<HH", buf, h + 4) == (1, 112)
+    assert struct.unpack_from("<HH", buf, h + 4) == (2, 160)
     assert struct.unpack_from("<Q", buf, h + 8)[0] == 42
     assert struct.unpack_from("<I", buf, h + 36)[0] == 1234
     assert struct.unpack_from("<HHBB", buf, h + 40) == (16, 8, 0, 19)
@@ -49,8 +60,42 @@ def test_wire_layout_matches_the_document():
     assert buf[h + 64:h + 80].rstrip(b"\0") == b"onnxruntime"
     assert buf[h + 80:h + 96].rstrip(b"\0") == b"cityscapes19"
     assert struct.unpack_from("<III", buf, h + 96) == (128, 0, 0)
-    assert buf[h + 112:] == (np.arange(128) % 19).astype(np.uint8).tobytes()
-    assert "112" in (Path(__file__).parents[1] / "docs" / "wire-format.md").read_text()
+    assert struct.unpack_from("<HHHHHH", buf, h + 112) == (16, 8, 0, 0, 16, 8)  # by default the map is the frame
+    assert buf[h + 124:h + 156] == b"\0" * 32
+    assert buf[h + 160:] == (np.arange(128) % 19).astype(np.uint8).tobytes()
+    assert "160" in (Path(__file__).parents[1] / "docs" / "wire-format.md").read_text()
+
+
+def test_version_1_messages_still_decode():
+    m = wire.decode(_v1_msg(5))
+    assert (m.wire_version, m.frame_id, m.capture_ns, m.publish_ns, m.infer_us) == (1, 5, 1000, 3000, 1234)
+    assert (m.version, m.engine, m.label_set, m.num_classes) == ("v0001", "torch", "cityscapes19", 19)
+    assert (m.width, m.height) == (16, 8) and np.array_equal(m.classes.ravel(), np.arange(128) % 19)
+    assert (m.camera_id, m.source_width, m.source_height, m.crop) == ("", 0, 0, (0, 0, 0, 0))
+    with pytest.raises(wire.WireError, match="no crop box"):
+        m.to_source(0, 0)
+
+
+def test_unknown_versions_and_short_headers_are_rejected():
+    v1 = _v1_msg(5)
+    for version, size in ((3, 160), (0, 112), (2, 112)):  # a future version; a version 2 that claims 112 bytes
+        bad = bytearray(v1)
+        struct.pack_into("<HH", bad, 9 + 4, version, size)
+        with pytest.raises(wire.WireError, match="unsupported wire version"):
+            wire.decode(bytes(bad))
+    with pytest.raises(wire.WireError):
+        wire.encode("t", 0, 0, np.zeros((8, 16), np.uint8), source_size=(100, 200), crop=(150, 0, 100, 100))
+
+
+def test_subscriber_reads_version_1_and_2_publishers(tmp_path):
+    addr = f"ipc://{tmp_path}/mixed.sock"
+    with Publisher(addr, hwm=1000) as pub, Subscriber(addr, latest_only=False) as sub:
+        _connected(pub, sub)
+        pub.send(_v1_msg(1))
+        pub.send(_msg(2, camera_id="cam0"))
+        got = [sub.recv(timeout=2) for _ in range(2)]
+    assert [(m.wire_version, m.frame_id, m.camera_id) for m in got] == [(1, 1, ""), (2, 2, "cam0")]
+    assert sub.malformed == 0 and sub.gaps == 0
 
 
 @pytest.mark.parametrize("bad", [b"", b"topic-without-nul", b"t\0" + b"XXXX" + bytes(200)])

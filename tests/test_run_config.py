@@ -10,7 +10,7 @@ SCRIPT = Path(sys.executable).parent / "mas3-edge"
 
 
 def run(*args, cwd=None):
-    return subprocess.run([str(SCRIPT), "run", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=60)
+    return subprocess.run([str(SCRIPT), "run", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=180)
 
 
 def test_config_sets_defaults_and_the_command_line_wins(tmp_path):
@@ -54,6 +54,7 @@ def test_missing_config_file(tmp_path):
 
 def test_the_service_runs_with_the_file(tmp_path, tiny_bundle):
     (tmp_path / "r.toml").write_text(f'camera = "synthetic://night"\nmax-frames = 3\nno-buffer = true\n'
-                                     f'bundle = "{tiny_bundle}"\npublish = "ipc://{tmp_path}/s"\nstatus-every = 100\n')
+                                     f'bundle = "{tiny_bundle}"\npublish = "ipc://{tmp_path}/s"\nstatus-every = 100\n'
+                                     'engine = "torch"\n')
     res = run("--config", tmp_path / "r.toml", cwd=tmp_path)
     assert res.returncode == 0 and "stopped after 3 frames" in res.stdout + res.stderr, res.stderr

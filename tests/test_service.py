@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from test_camera import write_video
 
 from mas3_edge import bundle
@@ -76,6 +77,8 @@ def test_video_to_subscriber_end_to_end(tmp_path, tiny_bundle):
     assert len(msgs) >= 15
     m = msgs[-1]
     assert (m.version, m.engine, m.width, m.height, m.label_set) == ("v0001", "torch", 128, 64, "cityscapes19")
+    assert (m.wire_version, m.camera_id, m.source_width, m.source_height, m.crop) == (2, "v.avi", 320, 240,
+                                                                                      (0, 40, 320, 160))
     assert m.classes.max() < 19 and m.overlay_rgb().shape == (64, 128, 3)
     assert 0 <= m.latency_us < 5e6 and m.publish_ns >= m.capture_ns
     assert all(b.frame_id > a.frame_id for a, b in zip(msgs, msgs[1:]))
@@ -107,10 +110,13 @@ def test_synthetic_source_reports_live_miou_and_metrics(tmp_path, tiny_bundle):
                  buffer_policy=BufferPolicy(min_free_mb=1e12))  # a "full" disk: buffering stops, serving not
     with Running(cfg) as run:
         run.collect(3, until=lambda m: len(m) >= 10)
-        port = run.svc.metrics.port
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    assert "mas3_frames_total" in text and 'mas3_serving_info{version="v0001",engine="torch"} 1' in text
-    assert "mas3_live_miou" in text
+        url = run.svc.metrics.url
+        text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+        health = urllib.request.urlopen(f"{url}/healthz", timeout=5).status
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    assert fams["mas3_frames"].samples[0].value >= 10 and fams["mas3_latency_seconds"].type == "histogram"
+    assert {"version": "v0001", "engine": "torch"}.items() <= fams["mas3_serving_info"].samples[0].labels.items()
+    assert "mas3_live_miou_ratio" in fams and health == 200
     status = [line for line in run.lines if "mIoU last" in line]
     assert status and "buffer 0 (stopped: disk)" in status[-1]
     assert run.summary["miou_window"] is not None and run.summary["frames"] >= 10
