@@ -4,6 +4,7 @@ Heavy modules (cv2, zmq, torch, onnxruntime) are imported inside the commands.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -91,14 +92,17 @@ def _toml(values: dict) -> str:
 def run_cmd(
     ctx: typer.Context,
     camera: Annotated[str, typer.Option(help="Device index (0), video file, rtsp/http URL, GStreamer pipeline, "
-                                             "image folder, or synthetic://DOMAIN (night, fog, rain, realistic).")],
+                                             "image folder, ROS bag (FOLDER, .bag, .mcap, .db3; ?topic=/NAME "
+                                             "picks the image topic), "
+                                             "or synthetic://DOMAIN (night, fog, rain, realistic).")],
     bundle: BundleOpt = None,
     engine: Annotated[str, typer.Option(help="auto, onnxruntime, tensorrt, torch, torch-fp16, torch-cudagraph.")] = "auto",
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda[:N]; default: a GPU if there is one.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU inference threads (default: half the cores while adapting, else all but one).")] = None,
     publish: Annotated[str, typer.Option(help="Where to publish: tcp://127.0.0.1:PORT or ipc://PATH.")] = "tcp://127.0.0.1:5555",
     topic: TopicOpt = "mas3/seg",
-    allow_remote: Annotated[bool, typer.Option(help="Allow a non-loopback publish address.")] = False,
+    allow_remote: Annotated[bool, typer.Option(help="Allow a non-loopback publish address or metrics host.")] = False,
+    camera_id: Annotated[Optional[str], typer.Option(help="Camera id in every message (default: derived from --camera).")] = None,
     confidence: Annotated[bool, typer.Option(help="Send the confidence map.")] = False,
     overlay: Annotated[bool, typer.Option(help="Send a JPEG colour overlay.")] = True,
     loop: Annotated[bool, typer.Option(help="Loop a video file or folder.")] = False,
@@ -117,7 +121,10 @@ def run_cmd(
     adapt_steps: Annotated[Optional[int], typer.Option(help="Steps per round (default: 30 on CPU, 100 on GPU).")] = None,
     method: Annotated[str, typer.Option(help="Adaptation method: mas3, bn, tent, ...")] = "mas3",
     status_every: Annotated[float, typer.Option(help="Seconds between status lines.")] = 5.0,
-    metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on 127.0.0.1:PORT.")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(
+        help="Serve Prometheus /metrics and /healthz on METRICS_HOST:PORT.")] = None,
+    metrics_host: Annotated[str, typer.Option(help="Host of the metrics endpoint (another than loopback needs --allow-remote).")] = "127.0.0.1",
+    health_timeout: Annotated[float, typer.Option(help="/healthz fails after this many seconds without a published frame.")] = 5.0,
     events: Annotated[Optional[Path], typer.Option(help="Append status, round and swap events here (JSON lines).")] = None,
     max_frames: Annotated[Optional[int], typer.Option(help="Stop after N frames.")] = None,
     duration: Annotated[Optional[float], typer.Option(help="Stop after S seconds.")] = None,
@@ -146,7 +153,8 @@ def run_cmd(
                         buffer_policy=BufferPolicy(max_frames=buffer_frames, max_mb=buffer_mb, every_n=buffer_every,
                                                    min_interval_s=buffer_interval),
                         adapt=adapt and not no_buffer, schedule=sched, status_every=status_every,
-                        metrics_port=metrics_port, events=events, max_frames=max_frames, duration=duration)
+                        metrics_port=metrics_port, metrics_host=metrics_host, health_stale_s=health_timeout,
+                        camera_id=camera_id, events=events, max_frames=max_frames, duration=duration)
     Service(cfg).run()
 
 
@@ -159,21 +167,29 @@ def subscribe_cmd(
     count: Annotated[Optional[int], typer.Option(help="Stop after N messages.")] = None,
     duration: Annotated[Optional[float], typer.Option(help="Stop after S seconds.")] = None,
     interval: Annotated[float, typer.Option(help="Seconds between printed lines.")] = 2.0,
+    record: Annotated[Optional[Path], typer.Option(
+        help="Record to this MCAP file as ROS 2 messages (Foxglove, ros2 bag play); implies --all.")] = None,
+    max_mb: Annotated[Optional[float], typer.Option(help="Stop recording when the file reaches this size (MB).")] = None,
 ) -> None:
-    """Listen to the segmentation stream: print rates and latency; save or show the overlays."""
+    """Listen to the segmentation stream: print rates and latency; save, show or record the overlays."""
     from mas3_edge.runtime.subscriber import Subscriber
     shown = _Shower() if show else None
     if save is not None:
         save.mkdir(parents=True, exist_ok=True)
     t0 = last = time.monotonic()
     n_last, msg = 0, None
-    with Subscriber(address, topic, latest_only=not every) as sub:
+    # the recorder opens its file after the Subscriber has checked the address: no stray file
+    with (Subscriber(address, topic, latest_only=not (every or record)) as sub,
+          _recording(record, max_mb) as (rec, stop)):
         try:
-            while (count is None or sub.received < count) and (duration is None or time.monotonic() - t0 < duration):
+            while not stop.is_set() and (count is None or sub.received < count) and (
+                    duration is None or time.monotonic() - t0 < duration):
                 m = sub.recv(timeout=0.5)
                 msg = m or msg
                 if m is not None and (save is not None or shown is not None):
                     _render(m, save, shown)
+                if m is not None and rec is not None and not rec.write(m):
+                    break  # --max-mb reached
                 now = time.monotonic()
                 if now - last >= interval:
                     typer.echo(_sub_line(sub, msg, (sub.received - n_last) / (now - last)))
@@ -183,8 +199,27 @@ def subscribe_cmd(
         finally:
             if shown is not None:
                 shown.close()
-        typer.echo(f"received {sub.received} messages, {sub.gaps} frame ids skipped, latency p50 "
-                   f"{sub.latency_ms(50):.1f} ms p99 {sub.latency_ms(99):.1f} ms")
+    if rec is not None:
+        from mas3_edge.runtime.record import summary_line
+        typer.echo(summary_line(rec, time.monotonic() - t0))
+    typer.echo(f"received {sub.received} messages, {sub.gaps} frame ids skipped, latency p50 "
+               f"{sub.latency_ms(50):.1f} ms p99 {sub.latency_ms(99):.1f} ms")
+
+
+@contextlib.contextmanager
+def _recording(path: Optional[Path], max_mb: Optional[float]):
+    """--record: (an MCAP recorder, closed on the way out, and the event Ctrl-C / SIGTERM then set
+    instead of raising, so neither lands inside a chunk being written); (None, an unset event) without."""
+    import threading
+    stop = threading.Event()
+    if path is None:
+        if max_mb is not None:
+            raise UserError("--max-mb bounds a recording; add --record FILE.mcap")
+        yield None, stop
+        return
+    from mas3_edge.runtime.record import McapRecorder, stop_on_signals
+    with McapRecorder(path, max_mb=max_mb) as rec, stop_on_signals(stop):
+        yield rec, stop
 
 
 def _sub_line(sub, msg, rate: float) -> str:
