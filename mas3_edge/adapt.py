@@ -14,6 +14,13 @@ unchanged, and one per domain adapted to. Each frame is normalised with the set 
 statistics are closest to, and a round adapts the set of its chunk's domain or starts a new one
 (`select_set`), so adapting to one domain costs neither the source nor the domains before it.
 
+What the default really optimises: with only the normalisation layers updated, the classifier h
+is frozen and the GMM samples carry no gradient, so Eq. 4's CE term cannot change any weight; it
+is computed only when h is trained (`--params all`). The default minimises λ·SWD alone, and since
+Adam divides each update by the gradient's own scale, λ changes nothing there: the learning rate
+alone sets the strength of the alignment. A round (rounds.py) also keeps the steps only when they
+beat re-estimated statistics alone on a signal neither optimised (`choose`).
+
 Algorithm 1 is the first half of this file (pseudo_dataset, swd_loss, mas3_step, adapt); the
 normalisation statistics follow. A round on a bundle (held-out frames, health check, a new
 version) is `rounds.run_round`.
@@ -39,6 +46,7 @@ from .torchutil import to_device
 log = logging.getLogger(__name__)
 
 MIN_CLASS_PIXELS = 16  # a predicted class needs this many target pixels to get its own SWD term
+SAME_DOMAIN = 4.0  # a chunk within this many times its own spread of an adapted set is of its domain
 
 
 def configure(net: SegNet, cfg: AdaptConfig) -> list[nn.Parameter]:
@@ -107,12 +115,15 @@ def mas3_step(net: SegNet, proto: Prototypes, images: torch.Tensor, cfg: AdaptCo
     zp, yp = pseudo_dataset(proto, net.head, hist, cfg.gmm_samples, cfg.tau, generator)
     if zp.shape[0] < MIN_CLASS_PIXELS:
         raise UserError(f"fewer than {MIN_CLASS_PIXELS} GMM samples pass tau={cfg.tau}; lower --tau")
-    ce = F.cross_entropy(net.head(zp[:, :, None, None]).flatten(1), yp)
     swd = swd_loss(zt, pred, zp, yp, cfg, generator)
-    loss = ce + cfg.lam * swd
+    loss = cfg.lam * swd
+    ce = None
+    if net.head.weight.requires_grad:  # the CE term reaches h alone (the samples carry no gradient)
+        ce = F.cross_entropy(net.head(zp[:, :, None, None]).flatten(1), yp)
+        loss = loss + ce
     if anchor is not None and cfg.anchor > 0:
         loss = loss + cfg.anchor * sum(((p - a) ** 2).sum() for p, a in zip(net.parameters(), anchor))
-    return {"loss": loss, "ce": ce.item(), "swd": swd.item(), "gmm_kept": int(zp.shape[0]),
+    return {"loss": loss, "ce": None if ce is None else ce.item(), "swd": swd.item(), "gmm_kept": int(zp.shape[0]),
             "all_pixels": all_pixels}
 
 
@@ -220,10 +231,12 @@ def source_stats_to_running(net: SegNet) -> None:
 @torch.no_grad()
 def select_set(net: SegNet, frames: np.ndarray, keep: int, batch_size: int = 8) -> str:
     """Before a round that keeps the source set: make the set of this chunk's domain the working
-    set, or start a new one from the source's. The chunk is of a set's domain when its pooled stem
-    statistics are closer to the set's (Gaussian KL) than its frames, on the median, are to the
-    chunk's own: a shift smaller than the spread within the chunk is the same domain. Returns
-    which it chose ("working", "banked N" or "new")."""
+    set, or start a new one from the source's. The chunk's pooled stem statistics are compared
+    (Gaussian KL) with every set's: it is of the nearest adapted set's domain unless the source set
+    is nearer still, or that set is farther than SAME_DOMAIN times the spread of the chunk's own
+    frames around their pool. (A spread of 1x split one looping camera across three sets: a
+    video's chunks differ by more than the frames within one chunk do.) Returns which it chose
+    ("working", "banked N" or "new")."""
     net.eval()
     stats = [net.stem_stats(net.stem(to_device(frames[i:i + batch_size], net)))
              for i in range(0, len(frames), batch_size)]
@@ -233,7 +246,8 @@ def select_set(net: SegNet, frames: np.ndarray, keep: int, batch_size: int = 8) 
     spread = gaussian_kl(m, v, mu, var).median()
     dist = net.set_distances(mu, var)[0]  # (S + 1,): source, banked adapted sets, the working set
     row = int(dist[1:].argmin()) + 1
-    if dist[row] > spread:
+    log.info("set distances %s, spread %.4f", [round(float(d), 4) for d in dist], float(spread))
+    if dist[row] >= dist[0] or dist[row] > SAME_DOMAIN * spread:
         row = None
     net.activate_set(row, keep)
     return "new" if row is None else "working" if row == len(dist) - 1 else f"banked {row}"

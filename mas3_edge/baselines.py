@@ -6,6 +6,8 @@
   statistics during the steps; the deployed model then takes statistics re-estimated on the
   frames, since the exported graph runs on single frames.
 - pseudo: self-training on the model's own confident predictions (confidence > 0.9).
+- cotta: CoTTA (Wang et al. 2022), mean teacher with augmentation-averaged pseudo-labels and
+  stochastic restore (cotta.py), all weights, at its published settings for segmentation.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 
 from .adapt import configure, finish, reestimate_bn, stepping
 from .config import AdaptConfig
+from .cotta import cotta_steps
 from .labels import IGNORE
 from .model import SegNet
 from .torchutil import to_device
@@ -38,15 +41,19 @@ def _pseudo_loss(net: SegNet, images: torch.Tensor) -> torch.Tensor:
 
 
 def run_baseline(net: SegNet, frames: np.ndarray, cfg: AdaptConfig) -> dict:
-    """Adapt `net` in place with cfg.method in (none, bn, tent, pseudo)."""
+    """Adapt `net` in place with cfg.method in (none, bn, tent, pseudo, cotta)."""
     if cfg.method == "none":
         return {"steps": []}
     source_stats = [b.clone() for b in net.buffers()]
-    if cfg.method in ("bn", "tent"):
+    if cfg.method in ("bn", "tent", "cotta"):
         reestimate_bn(net, frames, cfg.bn_mix)
     if cfg.method == "bn":
         finish(net, frames, None, cfg.bn_mix, cfg.keep_source)
         return {"steps": []}
+    if cfg.method == "cotta":
+        log = cotta_steps(net, frames, configure(net, cfg), cfg)
+        finish(net, frames, source_stats, cfg.bn_mix, cfg.keep_source)
+        return {"steps": log}
     opt = torch.optim.Adam(configure(net, cfg), lr=cfg.lr)  # tent: the norms' affine; pseudo: all weights
     gen = torch.Generator().manual_seed(cfg.seed)
     loss_fn = _tent_loss if cfg.method == "tent" else _pseudo_loss

@@ -79,6 +79,7 @@ _ROWS = {  # method:     lr    params  bn        bn_mix class_cond. keep_source 
     "mas3-paper":   (1e-4, "all",  "frozen", 1.0,   False,      False,      False,      0.0),
     "tent":         (1e-4, "norm", "adapt",  1.0,   False,      False,      True,       0.0),
     "pseudo":       (1e-4, "all",  "frozen", 1.0,   False,      False,      False,      0.0),
+    "cotta":        (7.5e-6, "all", "adapt", 1.0,   False,      False,      True,       0.0),  # published: 6e-5 / 8
     "bn":           (1e-4, "norm", "adapt",  1.0,   False,      False,      False,      0.0),
     "none":         (1e-4, "norm", "frozen", 1.0,   False,      False,      False,      0.0),
 }
@@ -91,7 +92,7 @@ class AdaptConfig:
     """One adaptation round. Paper defaults: lambda 0.5, L 100, Adam lr 1e-4, batch 2, tau 0.97.
     The fields that default to None are the method's choices (METHOD_DEFAULTS, above)."""
 
-    method: str = "mas3"  # mas3 | mas3-paper | bn | tent | pseudo | none
+    method: str = "mas3"  # mas3 | mas3-paper | bn | tent | pseudo | cotta | none
     steps: int = 100
     batch_size: int = 2
     lr: float | None = None  # Adam learning rate
@@ -109,6 +110,8 @@ class AdaptConfig:
     target_conf: float | None = None  # only target pixels predicted at least this confidently enter the SWD
     max_sets: int = 8  # adapted normalisation sets kept beside the source's (keep_source): one per domain
     anchor: float = 0.0  # L2 pull towards the starting weights (guards against forgetting)
+    choose: bool = True  # mas3: keep the SWD steps only if they beat statistics alone on held-out consistency
+    refine_mix: float = 0.5  # keep_source: weight of this chunk's statistics when refining a set seen before
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -131,6 +134,7 @@ class AdaptConfig:
         _check(0 <= self.bn_mix <= 1, f"bn mix must be in [0, 1], got {self.bn_mix}")
         _check(self.max_sets >= 1, f"max sets must be >= 1, got {self.max_sets}")
         _check(self.anchor >= 0, f"anchor must be >= 0, got {self.anchor}")
+        _check(0 < self.refine_mix <= 1, f"refine mix must be in (0, 1], got {self.refine_mix}")
         _check(0 <= self.target_conf < 1, f"target confidence must be in [0, 1), got {self.target_conf}")
         _check(not self.batch_stats or self.batch_size >= 2,
                f"{self.method} normalises each step's batch with its own statistics: --batch-size must be >= 2")

@@ -81,14 +81,24 @@ def test_every_row_can_be_named_in_the_comma_separated_methods_list():
 
 
 def test_floor_checks_pass_and_fail():
-    ok = bq.floor_checks(_results({"bn": [1, 1, 1], "tent": [2, 0, 1], "pseudo": [0, 0, 0], "mas3": [3, -0.5, 2]}))
-    assert [c["pass"] for c in ok] == [True, True]
-    low = bq.floor_checks(_results({"bn": [1, 1, 1], "mas3": [5, -0.6, 5]}))
-    assert [c["pass"] for c in low] == [False, True] and "b -0.60" in low[0]["detail"]
-    behind = bq.floor_checks(_results({"bn": [1, 1, 1], "tent": [2, 2, 2], "mas3": [2, 2, 1.9]}))
-    assert [c["pass"] for c in behind] == [True, False]
+    rows = {"bn": [1, 1, 1], "tent": [2, 0, 1], "mas3 (zero steps)": [2, 0, 1], "mas3": [3, 0.5, 2.5]}
+    ok = bq.floor_checks(_results(rows))
+    assert [c["pass"] for c in ok] == [True, True, True]
+    below = bq.floor_checks(_results({**rows, "mas3": [5, -0.6, 5]}))  # under source-only on b
+    assert [c["pass"] for c in below] == [False, True, False] and "b -0.60" in below[2]["detail"]
+    behind = bq.floor_checks(_results({**rows, "tent": [2.5, 1, 2], "mas3": [3, 1, 2]}))  # not 1 point above
+    assert [c["pass"] for c in behind] == [True, False, True] and "best tent" in behind[1]["detail"]
     assert "FAIL" in bq.format_checks(behind) and bq.floor_checks(_results({"bn": [1, 1, 1]})) == []
-    assert not bq.floor_checks(_results({"mas3": [1, 1, 1]}))[1]["pass"]  # no baseline run: not a pass
+    forgot = _results(rows)
+    forgot["mas3"]["a"]["source"] = 28.5  # the source domain lost 1.5 points
+    assert not bq.floor_checks(forgot)[-1]["pass"]
+
+
+def test_report_split_has_other_shift_families_than_tuning():
+    tuning, report = (set(bq.resolve_targets(bq.SPLITS[k])) for k in ("tuning", "report"))
+    assert not tuning & report and bq.CAMERA in report
+    families = lambda ts: {bq.parse_target(t)[1] for t in ts}  # noqa: E731
+    assert not (families(tuning) - {None}) & families(report)
 
 
 def test_table_marks_the_oracle_as_a_reference():

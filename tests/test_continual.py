@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mas3_edge import bundle, health
+from mas3_edge import gate, bundle, health
 
 _spec = importlib.util.spec_from_file_location("bench_continual",
                                                Path(__file__).parent.parent / "tools" / "bench_continual.py")
@@ -43,6 +43,7 @@ def test_a_tiny_stream_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(health, "signals", functools.partial(health.signals, max_pixels=2048))
     # force the accepted path too (the smoke model's rounds are all rejected), so versions switch
     monkeypatch.setattr(health, "accept", lambda before, after: (True, "accepted by the test"))
+    monkeypatch.setattr(gate, "gate_accept", lambda *args: (True, "accepted by the test"))
     left = []
     close = bq.Setup.close
     monkeypatch.setattr(bq.Setup, "close", lambda self: (left.append(bundle.version_ids(self.root)), close(self)))

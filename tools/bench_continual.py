@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mas3_edge import bundle, rounds
+from mas3_edge import bundle, health, rounds
 from mas3_edge.config import AdaptConfig
 from mas3_edge.errors import UserError
 from mas3_edge.evaluate import evaluate
@@ -36,7 +36,10 @@ from mas3_edge.evaluate import evaluate
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # as a script, or loaded by path from the tests
 import bench_quality as bq
 
-DOMAINS = ("realistic", "fog", "night", "rain")
+SPLITS = {"tuning": ("realistic", "fog", "night", "rain"),  # the stream every default was chosen on
+          # shift families no choice has seen (bench_quality.SPLITS["report"] less one)
+          "report": (bq.CAMERA, "realistic+snow@3", "realistic+frost@3", "realistic+contrast@4")}
+DOMAINS = SPLITS["tuning"]
 STREAM_SEED = 100  # chunk k renders scenes of seed 100 + k: disjoint from the Setup's splits (seeds 1–4)
 DEFAULTS = {"small": dict(chunk=40, steps=50), "full": dict(chunk=100, steps=100), "smoke": dict(chunk=2, steps=1)}
 RESET = {"mas3 (reset every round)": "mas3"}  # row -> the row it runs, from the source version every round
@@ -48,12 +51,17 @@ MAX_ROUND_GAP, MAX_SOURCE_DROP = 1.0, 2.0  # floors (a) and (c), in mIoU points
 Stream = list[tuple[int, str, bq.Pairs]]  # (round, domain, labelled chunk) in stream order
 
 
-def make_stream(rounds: int, chunk: int, workers: int) -> Stream:
-    """Every chunk rendered up front (all rows see the same frames); chunk k uses scene seed STREAM_SEED + k."""
-    order = [(r, d) for r in range(1, rounds + 1) for d in DOMAINS]
+def make_stream(rounds: int, chunk: int, workers: int, domains: tuple[str, ...] = DOMAINS) -> Stream:
+    """Every chunk rendered up front (all rows see the same frames); chunk k uses scene seed STREAM_SEED + k;
+    a shifted target (camera, corruption) is its base domain's scenes with the shift applied."""
+    order = [(r, d) for r in range(1, rounds + 1) for d in domains]
+    stream = []
     with Pool(workers) as pool:
-        return [(r, d, bq.Pairs(pool.map(bq._render, [(d, STREAM_SEED + k, i, 0.0) for i in range(chunk)])))
-                for k, (r, d) in enumerate(order)]
+        for k, (r, d) in enumerate(order):
+            base = bq.parse_target(d)[0]
+            pairs = bq.Pairs(pool.map(bq._render, [(base, STREAM_SEED + k, i, 0.0) for i in range(chunk)]))
+            stream.append((r, d, bq.shift_pairs(d, pairs, STREAM_SEED + k, pool) if base != d else pairs))
+    return stream
 
 
 def _switch(s: bq.Setup, old: str, new: str) -> str:
@@ -63,17 +71,31 @@ def _switch(s: bq.Setup, old: str, new: str) -> str:
     return new
 
 
-def _adapt(s: bq.Setup, name: str, images: np.ndarray, current: str, steps: int,
-           device: str) -> tuple[str, bool | None, str]:
-    """One round on a chunk's images (never its labels) -> (current version, accepted, reason)."""
+def _adapt(s: bq.Setup, name: str, images: np.ndarray, current: str, steps: int, device: str,
+           domain: str) -> tuple[str, bool | None, str, dict]:
+    """One round on a chunk's images (never its labels) -> (current version, accepted, reason, audit).
+    The candidate is always written and scored (the audit: its effect on the chunk's domain and on
+    the source, and what the health signals alone and health + gate decided); it becomes the
+    current model only when health + gate accept it, as in the runtime."""
     if ROWS[name]["method"] == "none":
-        return current, None, "source-only: no adaptation"
+        return current, None, "source-only: no adaptation", {}
     try:
-        r = rounds.run_round(s.root, images, AdaptConfig(steps=steps, **ROWS[name]), current, guard=True,
+        r = rounds.run_round(s.root, images, AdaptConfig(**{"steps": steps, **ROWS[name]}), current, guard=False,
                              device=device)
     except UserError as e:  # the runtime's scheduler counts this a failed round and keeps the model
-        return current, False, f"failed: {e}"
-    return (_switch(s, current, r.version_dir.name), True, r.reason) if r.accepted else (current, False, r.reason)
+        return current, False, f"failed: {e}", {}
+    rep = r.report
+    ok, why = rounds._judge(rep["health_before"], rep["health_after"], rep["gate_before"]["consistency"],
+                            rep["gate_after"])
+    old, new = (bundle.load_version(s.root, v).net.to(device) for v in (current, r.version_dir.name))
+    audit = {"target_gain": s.score(new, f"{domain}-val") - s.score(old, f"{domain}-val"),
+             "source_change": s.score(new, "source-val") - s.score(old, "source-val"),
+             "by_health": health.accept(rep["health_before"], rep["health_after"])[0], "by_gate": ok,
+             "gate_after": rep["gate_after"], "set": rep["set"], "choice": (rep.get("choice") or {}).get("kept")}
+    if ok:
+        return _switch(s, current, r.version_dir.name), True, why, audit
+    shutil.rmtree(r.version_dir)
+    return current, False, why, audit
 
 
 def _round_scores(s: bq.Setup, r: int, version: str) -> dict:
@@ -91,7 +113,8 @@ def run_row(s: bq.Setup, name: str, stream: Stream, steps: int, device: str, log
             current = _switch(s, current, s.src.id)
         net = bundle.load_version(s.root, current).net.to(device)
         chunk = {"round": r, "domain": d, "version": current, "miou": evaluate(net, pairs)["miou"]}
-        current, chunk["accepted"], chunk["reason"] = _adapt(s, name, pairs.x, current, steps, device)
+        current, chunk["accepted"], chunk["reason"], chunk["audit"] = _adapt(s, name, pairs.x, current, steps,
+                                                                             device, d)
         chunks.append(chunk)
         if d == DOMAINS[-1]:
             rounds.append(_round_scores(s, r, current))
@@ -125,10 +148,25 @@ def summarize(row: dict, base: dict, source_model: float) -> dict:
                       "last_round_gap": row["rounds"][-1]["gap"],
                       "worst_round_gap": min(rd["gap"] for rd in row["rounds"]),
                       "source_after": row["rounds"][-1]["source"], "source_model": source_model,
-                      "accepted": outcomes.count(True), "rejected": outcomes.count(False)}
+                      "accepted": outcomes.count(True), "rejected": outcomes.count(False), **gate_audit(row["chunks"])}
     # source-only is summarized first (against itself), so its rounds carry their means by now
     row["floors"] = floors(miou, [rd["miou"] for rd in base["rounds"]], row["summary"]["source_after"], source_model)
     return row
+
+
+def gate_audit(chunks: list[dict]) -> dict:
+    """How the health signals alone and health + gate judged the rounds whose effect is known:
+    good (the chunk's domain gained > 0.5 mIoU on its held-out split), source-damaging (the source
+    domain lost > 1 point)."""
+    audits = [c["audit"] for c in chunks if c.get("audit")]
+    good = [a for a in audits if a["target_gain"] > 0.5]
+    damaging = [a for a in audits if a["source_change"] < -1.0]
+    return {"good_rounds": len(good), "source_damaging_rounds": len(damaging),
+            "good_rejected_by_health": sum(not a["by_health"] for a in good),
+            "good_rejected_by_gate": sum(not a["by_gate"] for a in good),
+            "damaging_rejected_by_health": sum(not a["by_health"] for a in damaging),
+            "damaging_rejected_by_gate": sum(not a["by_gate"] for a in damaging),
+            "new_sets": sum(a["set"] == "new" for a in audits)}
 
 
 def table(report: dict) -> str:
@@ -185,6 +223,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--chunk", type=int, default=None, help="frames per chunk (default: by preset, small 40)")
     ap.add_argument("--steps", type=int, default=None, help="adaptation steps per round (default: by preset, small 50)")
     ap.add_argument("--methods", default=",".join(ROWS), help="comma list of rows; source-only always runs")
+    ap.add_argument("--split", choices=sorted(SPLITS), default="tuning", help="the stream's domains (SPLITS)")
+    ap.add_argument("--source-bundle", type=Path, help="start from this bundle (as bench_quality --source-bundle)")
     ap.add_argument("--out", type=Path, default=Path("bench_continual.json"))
     ap.add_argument("--plot", type=Path, default=None, help="PNG of the stream (default: --out with .png)")
     args = ap.parse_args(argv)
@@ -199,15 +239,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    global DOMAINS  # every function of the stream reads the split's domains from here
     args, t0 = _parse(argv), time.perf_counter()
+    DOMAINS = SPLITS[args.split]
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:.0f} s] {msg}", file=sys.stderr, flush=True)
 
-    s = bq.Setup(args.preset, args.device, log=log, targets=DOMAINS)  # the -val splits of the stream's domains
+    s = bq.Setup(args.preset, args.device, log=log, targets=DOMAINS,  # the -val splits of the stream's domains
+                 source=args.source_bundle)
     try:
-        stream = make_stream(args.rounds, args.chunk, s.p["workers"])
-        report = {"preset": args.preset, "device": bq._device_name(args.device), "rounds": args.rounds,
+        stream = make_stream(args.rounds, args.chunk, s.p["workers"], DOMAINS)
+        report = {"preset": args.preset, "split": args.split, "device": bq._device_name(args.device), "rounds": args.rounds,
                   "chunk": args.chunk, "adapt_steps": args.steps, "domains": list(DOMAINS), "stream_seed": STREAM_SEED,
                   "source_model": {k: s.score(s.src.net, k) for k in ["source-val", *(f"{d}-val" for d in DOMAINS)]},
                   "results": {}}

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mas3_edge import bundle, data, health, prototypes, rounds, synth, train
+from mas3_edge import bundle, data, gate, health, prototypes, rounds, shifts, synth, train
 from mas3_edge.config import AdaptConfig, preset
 from mas3_edge.errors import UserError
 from mas3_edge.evaluate import evaluate
@@ -41,9 +41,16 @@ from mas3_edge.model import SegNet
 
 TARGETS = {"realistic": 0.0, "night": 0.0, "fog": 0.0, "rain": 0.0, "label-shift": 0.7}
 CORRUPTION_TARGETS = tuple(f"realistic+{c}@{s}" for s in (3, 5) for c in data.CORRUPTIONS)
+CAMERA = "realistic+camera"  # the realistic scenes through another camera (shifts.camera_change)
 GROUPS = {"synthetic": tuple(TARGETS), "corruptions": CORRUPTION_TARGETS, "all": (*TARGETS, *CORRUPTION_TARGETS)}
+# Every choice of the default is made on the tuning targets; the headline figures come from the
+# report targets, of shift families no choice has seen: a camera change (field of view, pitch,
+# lens distortion, resolution), weather the generator does not paint (snow, frost), a digital
+# contrast loss and a coarser sensor (pixelate). Written down before the report set was first run.
+SPLITS = {"tuning": "synthetic,realistic+gaussian_noise@5,realistic+motion_blur@3",
+          "report": f"{CAMERA},realistic+snow@3,realistic+frost@3,realistic+contrast@4,realistic+pixelate@5"}
 PRESETS = {"small": dict(n_train=600, n_adapt=200, n_val=60, train_steps=1000, workers=2, oracle_steps=100,
-                         targets="synthetic,realistic+gaussian_noise@5,realistic+motion_blur@3"),
+                         targets=SPLITS["tuning"]),
            "full": dict(n_train=600, n_adapt=300, n_val=100, train_steps=2000, workers=15, oracle_steps=500,
                         targets="all"),
            # tests: plumbing only. 15 source steps: after 5 the model is wrong on every pixel, and
@@ -56,16 +63,19 @@ PRESETS = {"small": dict(n_train=600, n_adapt=200, n_val=60, train_steps=1000, w
 METHODS = {
     "bn": dict(method="bn"), "tent": dict(method="tent"), "tent (lr 1e-3)": dict(method="tent", lr=1e-3),
     "pseudo": dict(method="pseudo"),
+    "cotta": dict(method="cotta"), "cotta (lr 1e-4)": dict(method="cotta", lr=1e-4),
     "mas3-paper": dict(method="mas3-paper"),
     "mas3 (all params)": dict(method="mas3", params="all"),
     "mas3 (pooled SWD)": dict(method="mas3", class_conditional=False),
     "mas3 (one set)": dict(method="mas3", keep_source=False),
     "bn (two sets)": dict(method="bn", keep_source=True),
     "mas3 (gentle steps)": dict(method="mas3", batch_stats=False, target_conf=0.0, lr=1e-4),
+    "mas3 (zero steps)": dict(method="mas3", steps=0),  # the normalisation bank alone: what the steps must beat
+    "mas3 (steps always)": dict(method="mas3", choose=False),  # the steps without the per-round choice
     "mas3": dict(method="mas3"),
 }
-BASELINES = ("bn", "tent", "tent (lr 1e-3)", "pseudo")  # the shipped mas3 must beat each one's mean gain
-FLOOR = -0.5  # ... and never lose more than this (mIoU points) to source-only on any target
+# the shipped mas3 must beat each one's mean gain
+BASELINES = ("bn", "tent", "tent (lr 1e-3)", "pseudo", "cotta", "cotta (lr 1e-4)")
 ORACLE = "the source model fine-tuned on the target's labelled adapt split; a ceiling, not a method"
 
 
@@ -81,9 +91,12 @@ class Pairs:
 
 
 def parse_target(name: str) -> tuple[str, str | None, int]:
-    """"fog" -> ("fog", None, 0); "realistic+fog@3" -> ("realistic", "fog", 3)."""
+    """"fog" -> ("fog", None, 0); "realistic+fog@3" -> ("realistic", "fog", 3);
+    "realistic+camera" -> ("realistic", "camera", 0)."""
     if name in TARGETS:
         return name, None, 0
+    if name == CAMERA:
+        return "realistic", "camera", 0
     base, _, rest = name.partition("+")
     corruption, _, severity = rest.partition("@")
     if base not in TARGETS or corruption not in data.CORRUPTIONS or severity not in tuple("12345"):
@@ -112,6 +125,20 @@ def _corrupt(args):
     return data.corrupt_images(image[None], corruption, severity, seed=seed)[0]
 
 
+def _camera(pair):
+    return shifts.camera_change(*pair)
+
+
+def shift_pairs(target: str, src: Pairs, seed: int, pool) -> Pairs:
+    """The base target's labelled pairs with the target's shift applied: a camera change (image
+    and label warped alike) or an image corruption (labels unchanged)."""
+    _, corruption, severity = parse_target(target)
+    if corruption == "camera":
+        return Pairs(pool.map(_camera, list(zip(src.x, src.y)), chunksize=8))
+    jobs = [(x, corruption, severity, synth.scene_seed(seed, i)) for i, x in enumerate(src.x)]
+    return Pairs(list(zip(pool.map(_corrupt, jobs, chunksize=8), src.y)))
+
+
 def make_data(p: dict, targets: Sequence[str] | None = None) -> dict[str, Pairs]:
     """Labelled splits: source train/val and {target}-adapt / {target}-val of each target (default:
     the synthetic ones); a corruption target is its base target's images corrupted, same labels."""
@@ -124,12 +151,10 @@ def make_data(p: dict, targets: Sequence[str] | None = None) -> dict[str, Pairs]
     with Pool(p["workers"]) as pool:
         out = {k: Pairs(pool.map(_render, [(d, s, i, sh) for i in range(n)], chunksize=8))
                for k, (d, s, n, sh) in splits.items()}
-        for base, corruption, severity in (t for t in parsed if t[1]):
+        for t in (t for t in targets or () if parse_target(t)[1]):
             for part in ("adapt", "val"):
-                src, seed = out[f"{base}-{part}"], splits[f"{base}-{part}"][1]
-                jobs = [(x, corruption, severity, synth.scene_seed(seed, i)) for i, x in enumerate(src.x)]
-                images = pool.map(_corrupt, jobs, chunksize=8)
-                out[f"{base}+{corruption}@{severity}-{part}"] = Pairs(list(zip(images, src.y)))
+                base = parse_target(t)[0]
+                out[f"{t}-{part}"] = shift_pairs(t, out[f"{base}-{part}"], splits[f"{base}-{part}"][1], pool)
     return out
 
 
@@ -138,19 +163,25 @@ class Setup:
     source model and its prototypes."""
 
     def __init__(self, preset_name: str = "small", device: str = "cpu", log=lambda msg: None,
-                 targets: Sequence[str] | None = None):
+                 targets: Sequence[str] | None = None, source: Path | None = None):
         t0, self.p, self.device = time.perf_counter(), PRESETS[preset_name], device
         self.data = make_data(self.p, targets)
         self.root = Path(tempfile.mkdtemp(prefix="mas3-quality-"))
         try:
-            train.train(self.data["source-train"], preset("tiny"), train.TrainConfig(steps=self.p["train_steps"]),
-                        self.root, self.root / "ckpt", device=device)
-            self.src = bundle.load_version(self.root)
-            self.proto = prototypes.fit(self.src.net, self.data["source-train"], device=device)
+            if source is not None:  # a bundle trained by the same recipe (the packaged one): no training here
+                shutil.copytree(bundle.resolve(source), self.root / "versions" / "v0001")
+                (self.root / "SERVING").write_text("v0001\n")
+                self.src = bundle.load_version(self.root)
+            else:
+                train.train(self.data["source-train"], preset("tiny"), train.TrainConfig(steps=self.p["train_steps"]),
+                            self.root, self.root / "ckpt", device=device)
+                self.src = bundle.load_version(self.root)
+                proto = prototypes.fit(self.src.net, self.data["source-train"], device=device)
+                prototypes.save(proto, self.src.prototypes_path, self.src.meta["source_sha256"], "synth:synthetic")
+            self.proto = prototypes.load(self.src.prototypes_path, self.src.meta)
         except BaseException:  # a failed or interrupted setup leaves no temporary bundle behind
             self.close()
             raise
-        prototypes.save(self.proto, self.src.prototypes_path, self.src.meta["source_sha256"], "synth:synthetic")
         log(f"source model and prototypes ready ({time.perf_counter() - t0:.0f} s)")
 
     def score(self, net, split: str) -> float:
@@ -192,10 +223,13 @@ def method_row(s: Setup, cfg: AdaptConfig, targets: Sequence[str]) -> dict:
     for t in targets:
         t0 = time.perf_counter()
         r = rounds.run_round(s.root, s.data[f"{t}-adapt"].x, cfg, s.src.id, guard=False, device=s.device)
-        ok, why = health.accept(r.report["health_before"], r.report["health_after"])
+        rep = r.report
+        health_ok, _ = health.accept(rep["health_before"], rep["health_after"])
+        ok, why = rounds._judge(rep["health_before"], rep["health_after"], rep["gate_before"]["consistency"],
+                                rep["gate_after"])
         row[t] = {"seconds": time.perf_counter() - t0, **_scores(s, bundle.load_version(r.version_dir).net, t),
-                  "accepted": ok, "reason": why, "health_before": r.report["health_before"],
-                  "health_after": r.report["health_after"]}
+                  "accepted": ok, "accepted_by_health": health_ok, "reason": why,
+                  **{k: rep.get(k) for k in ("health_before", "health_after", "gate_before", "gate_after", "choice")}}
         shutil.rmtree(r.version_dir)
     return row
 
@@ -206,11 +240,15 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=100, help="adaptation steps per round")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma list of rows (names as in METHODS)")
+    ap.add_argument("--split", choices=sorted(SPLITS), help="the tuning or the report targets (see SPLITS); "
+                    "overrides the preset's targets")
     ap.add_argument("--targets", help="comma list of targets (realistic, realistic+fog@3, ...) and groups: synthetic "
                     "(5), corruptions (30: 15 x severity 3, 5 on realistic), all; default: the preset's (small: "
                     "synthetic,realistic+gaussian_noise@5,realistic+motion_blur@3; full: all)")
     ap.add_argument("--oracle-steps", type=int, help="fine-tuning steps of the oracle row, 0 leaves it out; "
                     "default: the preset's (small 100, full 500)")
+    ap.add_argument("--source-bundle", type=Path, help="start from this bundle's serving version (trained by "
+                    "the same recipe, e.g. mas3_edge/default_bundle) instead of training the source model")
     ap.add_argument("--out", type=Path, default=Path("bench_quality.json"))
     ap.add_argument("--plot-dir", type=Path, help="write quality_miou.png and quality_gain.png here")
     args = ap.parse_args(argv)
@@ -218,7 +256,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     if unknown := [m for m in args.methods if m not in METHODS]:
         ap.error(f"unknown rows {unknown}; choose from {list(METHODS)}")
     try:
-        args.targets = resolve_targets(args.targets or PRESETS[args.preset]["targets"])
+        args.targets = resolve_targets(args.targets or (SPLITS[args.split] if args.split else None)
+                                       or PRESETS[args.preset]["targets"])
     except UserError as e:
         ap.error(str(e))
     args.oracle_steps = PRESETS[args.preset]["oracle_steps"] if args.oracle_steps is None else args.oracle_steps
@@ -227,8 +266,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args, t0 = _args(argv), time.perf_counter()
-    s = Setup(args.preset, args.device, log=lambda msg: print(msg, file=sys.stderr), targets=args.targets)
-    report = {"preset": args.preset, "device": _device_name(args.device), "adapt_steps": args.steps,
+    s = Setup(args.preset, args.device, log=lambda msg: print(msg, file=sys.stderr), targets=args.targets,
+              source=args.source_bundle)
+    report = {"preset": args.preset, "split": args.split, "device": _device_name(args.device), "adapt_steps": args.steps,
               "targets": args.targets, "oracle": {"steps": args.oracle_steps, "how": ORACLE},
               "results": {"source-only": {t: _scores(s, s.src.net, t) for t in args.targets}}}
     _write(args.out, report, t0, "source-only")
@@ -237,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
             report["results"]["oracle"] = oracle_row(s, args.targets, args.oracle_steps)
             _write(args.out, report, t0, "oracle")
         for name in args.methods:
-            report["results"][name] = method_row(s, AdaptConfig(steps=args.steps, **METHODS[name]), args.targets)
+            report["results"][name] = method_row(s, AdaptConfig(**{"steps": args.steps, **METHODS[name]}), args.targets)
             _write(args.out, report, t0, name)  # after every row: a stopped run keeps its rows
     finally:
         s.close()
@@ -260,20 +300,40 @@ def gains(results: dict, row: str) -> dict[str, float]:
     return {t: r["target"] - base[t]["target"] for t, r in results[row].items()}
 
 
+def _mean(values) -> float:
+    return float(np.mean(list(values)))
+
+
 def floor_checks(results: dict, row: str = "mas3") -> list[dict]:
-    """Issue 3's floors for the shipped row: never more than 0.5 mIoU below source-only on any
-    target, and a mean gain above every baseline's (BASELINES). Empty without the row."""
+    """The floors for the shipped row (report these on the report split): (1) at least the gain of
+    its zero-step ablation on average, and on every target within 0.5; (2) a mean gain 1 point
+    above the best baseline's (BASELINES); (3) never below source-only on any target, the source
+    domain within 1 point. A floor whose rows were not run is left out."""
     if row not in results:
         return []
-    g = gains(results, row)
-    worst, mean = min(g, key=g.get), float(np.mean(list(g.values())))
-    base = {b: float(np.mean(list(gains(results, b).values()))) for b in BASELINES if b in results}
-    return [{"check": f"{row} never more than {-FLOOR} mIoU below source-only on any target",
-             "pass": bool(g[worst] >= FLOOR), "detail": f"worst: {worst} {g[worst]:+.2f}"},
-            {"check": f"{row}'s mean gain beats every baseline's ({', '.join(BASELINES)})",
-             "pass": bool(base) and all(mean > v for v in base.values()),
-             "detail": f"{row} {mean:+.2f} vs "
-                       + (", ".join(f"{b} {v:+.2f}" for b, v in base.items()) or "no baseline rows run")}]
+    g, base = gains(results, row), results["source-only"]
+    checks = []
+    if "mas3 (zero steps)" in results:
+        z = gains(results, "mas3 (zero steps)")
+        worst = min(g, key=lambda t: g[t] - z[t])
+        checks.append({"check": f"{row} gains at least its zero-step ablation on average, and within 0.5 on every target",
+                       "pass": _mean(g.values()) >= _mean(z.values()) and g[worst] - z[worst] >= -0.5,
+                       "detail": f"mean {_mean(g.values()):+.2f} vs {_mean(z.values()):+.2f}; "
+                                 f"worst {worst} {g[worst] - z[worst]:+.2f}"})
+    others = {b: _mean(gains(results, b).values()) for b in BASELINES if b in results}
+    if others:
+        best = max(others, key=others.get)
+        checks.append({"check": f"{row}'s mean gain is 1 point above the best baseline's",
+                       "pass": _mean(g.values()) >= others[best] + 1.0,
+                       "detail": f"{row} {_mean(g.values()):+.2f} vs best {best} {others[best]:+.2f} ("
+                                 + ", ".join(f"{b} {v:+.2f}" for b, v in others.items()) + ")"})
+    worst = min(g, key=g.get)
+    drop = {t: results[row][t]["source"] - base[t]["source"] for t in g}
+    lost = min(drop, key=drop.get)
+    checks.append({"check": f"{row} never below source-only on any target, the source domain within 1 point",
+                   "pass": g[worst] >= 0 and drop[lost] >= -1.0,
+                   "detail": f"worst target {worst} {g[worst]:+.2f}; source {lost} {drop[lost]:+.2f}"})
+    return checks
 
 
 def format_checks(checks: list[dict]) -> str:

@@ -106,10 +106,10 @@ def adapt_cmd(
         "--buffer", help="Folder of unlabeled target frames, or a ROS bag (FOLDER, .bag, .mcap, .db3; "
                          "?topic=/NAME picks the image topic).")] = Path("frames"),
     bundle: BundleOpt = None, version: VersionOpt = None,
-    method: Annotated[str, typer.Option(help="mas3 (default), mas3-paper, bn, tent, pseudo or none.")] = "mas3",
+    method: Annotated[str, typer.Option(help="mas3 (default), mas3-paper, bn, tent, pseudo, cotta or none.")] = "mas3",
     steps: int = 100, batch_size: int = 2,
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (default: the method's).")] = None,
-    lam: Annotated[float, typer.Option("--lambda", help="Weight of the SWD term (Eq. 4).")] = 0.5,
+    lam: Annotated[float, typer.Option("--lambda", help="Weight of the SWD term (Eq. 4). With Adam it has no effect unless --params all also trains h through the CE term (Adam undoes a constant scale).")] = 0.5,
     tau: float = 0.97, projections: int = 100,
     swd_pixels: Annotated[int, typer.Option(help="Target embeddings subsampled per step.")] = 65536,
     params: Annotated[Optional[str], typer.Option(help="Updated parameters: all, encdec or norm.")] = None,
@@ -128,6 +128,11 @@ def adapt_cmd(
         "--keep-source/--one-set", help="Keep the source's BN set and one per adapted domain, chosen per frame (default: the method's).")] = None,
     max_sets: Annotated[int, typer.Option(
         help="With --keep-source: adapted normalisation sets kept, one per domain (least recently used dropped).")] = 8,
+    choose: Annotated[bool, typer.Option(
+        "--choose/--always-step", help="mas3: keep the SWD steps only when they beat re-estimated statistics "
+        "alone on held-out augmentation consistency.")] = True,
+    refine_mix: Annotated[float, typer.Option(
+        help="With --keep-source: weight of this chunk's statistics when refining a set seen before.")] = 0.5,
     limit: Annotated[Optional[int], typer.Option(help="Use only the newest N frames.")] = None,
     guard: Annotated[bool, typer.Option(help="Reject a round that worsens the health signals.")] = True,
     serve: Annotated[bool, typer.Option(help="Serve the new version when accepted.")] = True,
@@ -143,7 +148,8 @@ def adapt_cmd(
     cfg = AdaptConfig(method=method, steps=steps, batch_size=batch_size, lr=lr, lam=lam, tau=tau,
                       n_projections=projections, swd_pixels=swd_pixels, params=params, bn=bn, bn_mix=bn_mix,
                       class_conditional=class_conditional, anchor=anchor, keep_source=keep_source, max_sets=max_sets,
-                      batch_stats=batch_stats, target_conf=target_conf, seed=seed)
+                      batch_stats=batch_stats, target_conf=target_conf, choose=choose, refine_mix=refine_mix,
+                      seed=seed)
     res = rounds.run_round(bundle, buffer, cfg, version=version, guard=guard, limit=limit)
     hb, ha = res.report["health_before"], res.report["health_after"]
     if res.accepted and serve:

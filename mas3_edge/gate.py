@@ -1,0 +1,100 @@
+"""Gate signals that no adaptation method optimises, so a round cannot pass by gaming them.
+
+The health signals (health.py: SWD to the prototypes, entropy, class-prior KL) are what MAS3 and
+Tent minimise: a round that drifts a whole class into another can improve every one of them. The
+signals here are checked beside them, all "higher is better", all in [0, 1]:
+
+- consistency: how often the prediction of a held-out frame survives a flip, a rescale and a
+  colour change (augmentation agreement). Adaptation never sees these augmentations.
+- retained: agreement of the new model with the model it replaces on the pixels that model was
+  most sure of. A round may fix uncertain pixels; relabelling the confident ones wholesale (the
+  grass of a plaza turning into building) is drift, not adaptation.
+- source: agreement of the new model's source path (its source normalisation set, or its only
+  set) with the lineage's source model, on the same frames. Computable on the device with no
+  source data; 1.0 when the round left the source path alone (the bank), lower when a round's
+  weight changes reach the source domain too (all-weight self-training, one-set baselines).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model import SegNet, _one_set
+from .torchutil import to_device
+
+GATE = ("consistency", "retained", "source")
+
+
+def _logits(net: SegNet, images: torch.Tensor) -> torch.Tensor:
+    return net(net.normalize(images))  # (B, K, H, W)
+
+
+def _jitter(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast and gamma on uint8 frames (B, H, W, 3), one draw per frame."""
+    x = images.float() / 255
+    b, c, g = (torch.empty(len(x), 1, 1, 1).uniform_(lo, hi, generator=gen).to(x.device)
+               for lo, hi in ((0.8, 1.2), (0.8, 1.2), (0.8, 1.25)))
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = ((x - mean) * c + mean) * b
+    return (x.clamp(0, 1) ** g * 255).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def consistency(net: SegNet, frames: np.ndarray, batch_size: int = 8, seed: int = 0) -> float:
+    """Mean pixel agreement of the plain prediction with those under flip, 0.75x scale and jitter."""
+    gen, agree, n = torch.Generator().manual_seed(seed), 0.0, 0
+    for i in range(0, len(frames), batch_size):
+        images = to_device(frames[i:i + batch_size], net)
+        x = net.normalize(images)
+        pred = net(x).argmax(1)  # (B, H, W)
+        h, w = x.shape[2:]
+        small = F.interpolate(x, size=(max(8, round(h * 0.75 / 8) * 8), max(8, round(w * 0.75 / 8) * 8)),
+                              mode="bilinear", align_corners=False)
+        views = (net(x.flip(3)).flip(3),
+                 F.interpolate(net(small), size=(h, w), mode="bilinear", align_corners=False),
+                 _logits(net, _jitter(images, gen)))
+        agree += sum(float((v.argmax(1) == pred).float().mean()) for v in views) / len(views) * len(images)
+        n += len(images)
+    return agree / max(n, 1)
+
+
+@torch.no_grad()
+def agreement(reference: SegNet, net: SegNet, frames: np.ndarray, top: float = 1.0, batch_size: int = 8) -> float:
+    """Pixel agreement of `net` with `reference`, on the `top` fraction of pixels `reference` is
+    most confident about (1.0: all pixels)."""
+    agree, n = 0.0, 0
+    for i in range(0, len(frames), batch_size):
+        images = to_device(frames[i:i + batch_size], net)
+        conf, ref = torch.softmax(_logits(reference, images), 1).max(1)
+        same = (_logits(net, images).argmax(1) == ref).flatten()
+        keep = conf.flatten() >= torch.quantile(conf.flatten().float()[:1_000_000], 1 - top) if top < 1 else None
+        same = same if keep is None else same[keep]
+        agree, n = agree + float(same.float().sum()), n + same.numel()
+    return agree / max(n, 1)
+
+
+def source_path(net: SegNet) -> SegNet:
+    """The network as it segments the source domain: its source normalisation set alone."""
+    return _one_set(net, 0).eval()
+
+
+def gate_signals(serving: SegNet, new: SegNet, source: SegNet, frames: np.ndarray) -> dict:
+    """The three gate signals of `new` (its consistency alone; the others against `serving` and
+    the lineage's `source`), on held-out frames."""
+    return {"consistency": consistency(new, frames),
+            "retained": agreement(serving, new, frames, top=0.5),
+            "source": agreement(source_path(source), source_path(new), frames)}
+
+
+def gate_accept(before_consistency: float, after: dict, *, tolerance: float = 0.01, retained: float = 0.6,
+                source: float = 0.97) -> tuple[bool, str]:
+    """Reject a round that made predictions less stable, relabelled most confident pixels, or moved
+    the source path."""
+    if after["consistency"] < before_consistency - tolerance:
+        return False, f"augmentation consistency fell: {before_consistency:.3f} -> {after['consistency']:.3f}"
+    if after["retained"] < retained:
+        return False, f"only {after['retained']:.0%} of the confident pixels kept their label (floor {retained:.0%})"
+    if after["source"] < source:
+        return False, f"the source path changed: {after['source']:.1%} pixel agreement (floor {source:.0%})"
+    return True, "gate signals held"

@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""One camera, looped: do the rounds keep to one normalisation set, and does the gate keep the
+rounds that help and reject the ones that hurt?
+
+A generated, labelled street video (a camera panning along wide `realistic` scenes and back,
+so consecutive frames are near-copies, as in real footage) is looped through the runtime's rounds
+as `mas3-edge run` schedules them: every `--every` buffered frames (one frame in `--stride`
+buffered), a round on the newest `--every` buffered frames, starting from the serving version.
+Each round's candidate is scored with the labels (never shown to the round) on a fixed set of the
+video's frames, so each round is known to be good (gain > 0.5 mIoU), harmful (< -0.5) or neutral;
+and the decisions of the health signals alone and of health + gate are both recorded. Serving
+follows health + gate, as the runtime does.
+
+    python tools/looped_video.py --out docs/looped_video.json
+    python tools/looped_video.py --method tent --rounds 6 --out looped_tent.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from mas3_edge import bundle, health, rounds, synth  # noqa: E402
+from mas3_edge.config import AdaptConfig  # noqa: E402
+from mas3_edge.evaluate import evaluate  # noqa: E402
+
+SCENES = (11, 12, 13)
+
+
+def pan(seed: int, size: tuple[int, int], step: int, width_factor: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """A camera panning along one wide scene and back: frames (N, H, W, 3), labels (N, H, W)."""
+    h, w = size
+    img, lbl = synth.render("realistic", seed, (h, w * width_factor))
+    xs = list(range(0, w * (width_factor - 1) + 1, step))
+    xs = xs + xs[::-1][1:-1]
+    return np.stack([img[:, x:x + w] for x in xs]), np.stack([lbl[:, x:x + w] for x in xs])
+
+
+def video(size: tuple[int, int], step: int) -> tuple[np.ndarray, np.ndarray]:
+    parts = [pan(s, size, step) for s in SCENES]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def write_video(path: Path, frames: np.ndarray, fps: float = 15.0) -> None:
+    import cv2
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (frames.shape[2], frames.shape[1]))
+    for f in frames:
+        vw.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    vw.release()
+
+
+class Labelled:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def run(args) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="mas3-looped-"))
+    try:
+        root = work / "bundle"
+        shutil.copytree(bundle.PACKAGED, root)
+        net = bundle.load_version(root).net
+        frames, labels = video(tuple(net.config.input_size), args.pan_step)
+        if args.video:
+            write_video(args.video, frames)
+        score_set = Labelled(frames[::10], labels[::10])
+        miou = lambda n: evaluate(n, score_set)["miou"]  # noqa: E731
+        stream = np.concatenate([frames] * (1 + args.rounds * args.every * args.stride // len(frames)))
+        buffered = stream[::args.stride]
+        cfg = AdaptConfig(method=args.method, steps=args.steps)
+        out = {"frames_per_loop": len(frames), "method": args.method, "source_miou": miou(net), "rounds": []}
+        for k in range(args.rounds):
+            chunk = buffered[k * args.every:(k + 1) * args.every]
+            serving = bundle.load_version(root)
+            t0 = time.perf_counter()
+            r = rounds.run_round(root, chunk, cfg, serving.id, guard=False)
+            rep, cand = r.report, bundle.load_version(r.version_dir).net
+            before, after = miou(serving.net), miou(cand)
+            health_ok, _ = health.accept(rep["health_before"], rep["health_after"])
+            row = {"round": k + 1, "set": rep["set"], "choice": (rep.get("choice") or {}).get("kept"),
+                   "miou_before": before, "miou_after": after, "gain": after - before,
+                   "kind": "good" if after - before > 0.5 else "harmful" if after - before < -0.5 else "neutral",
+                   "accepted_by_health": health_ok,
+                   "gate_after": rep["gate_after"], "gate_before": rep["gate_before"],
+                   "seconds": time.perf_counter() - t0}
+            ok, why = rounds._judge(rep["health_before"], rep["health_after"], rep["gate_before"]["consistency"],
+                                    rep["gate_after"])
+            row["accepted"], row["reason"] = ok, why
+            if ok:
+                bundle.set_serving(root, r.version_dir.name)
+            out["rounds"].append(row)
+            print(f"round {k + 1}: set {row['set']}, {row['kind']} ({before:.1f} -> {after:.1f}), "
+                  f"health {'accept' if health_ok else 'reject'}, gate+health {'accept' if ok else 'reject'}: {why}",
+                  file=sys.stderr)
+        out["summary"] = summary(out["rounds"])
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def summary(rows: list[dict]) -> dict:
+    def count(kind, key):
+        return sum(1 for r in rows if r["kind"] == kind and not r[key])
+    return {"new_sets": sum(1 for r in rows if r["set"] == "new"),
+            "good": sum(r["kind"] == "good" for r in rows), "harmful": sum(r["kind"] == "harmful" for r in rows),
+            "harmful_rejected_by_health": count("harmful", "accepted_by_health"),
+            "harmful_rejected_by_gate": count("harmful", "accepted"),
+            "good_rejected_by_health": count("good", "accepted_by_health"),
+            "good_rejected_by_gate": count("good", "accepted")}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--method", default="mas3")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--every", type=int, default=60, help="buffered frames per round (and round size)")
+    ap.add_argument("--stride", type=int, default=5, help="one video frame in N is buffered")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--pan-step", type=int, default=4, help="pixels the camera pans per frame")
+    ap.add_argument("--video", type=Path, help="also write the video (MJPG) here")
+    ap.add_argument("--out", type=Path, default=Path("looped_video.json"))
+    args = ap.parse_args(argv)
+    res = run(args)
+    args.out.write_text(json.dumps(res, indent=1))
+    print(json.dumps(res["summary"]))
+
+
+if __name__ == "__main__":
+    main()
