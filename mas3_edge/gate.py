@@ -5,7 +5,8 @@ Tent minimise: a round that drifts a whole class into another can improve every 
 signals here are checked beside them, all "higher is better", all in [0, 1]:
 
 - consistency: how often the prediction of a held-out frame survives a flip, a rescale and a
-  colour change (augmentation agreement). Adaptation never sees these augmentations.
+  colour change (augmentation agreement). Adaptation never sees these augmentations. Reported,
+  and used to choose between a round's candidates, but not a gate (see gate_accept).
 - retained: agreement of the new model with the model it replaces on the pixels that model was
   most sure of. A round may fix uncertain pixels; relabelling the confident ones wholesale (the
   grass of a plaza turning into building) is drift, not adaptation.
@@ -24,6 +25,11 @@ from .model import SegNet, _one_set
 from .torchutil import to_device
 
 GATE = ("consistency", "retained", "source")
+# Chosen on the tuning targets (bench_quality --split tuning): the lowest `retained` of a good
+# round there was 0.48, so 0.3 only catches wholesale relabelling; every round that kept the source
+# set scored 1.0 on `source`, every one-set baseline round (each lost 3-27 source points) below 0.8.
+RETAINED, SOURCE = 0.3, 0.97
+CONSISTENCY_FRAMES = 24
 
 
 def _logits(net: SegNet, images: torch.Tensor) -> torch.Tensor:
@@ -42,7 +48,9 @@ def _jitter(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 @torch.no_grad()
 def consistency(net: SegNet, frames: np.ndarray, batch_size: int = 8, seed: int = 0) -> float:
-    """Mean pixel agreement of the plain prediction with those under flip, 0.75x scale and jitter."""
+    """Mean pixel agreement of the plain prediction with those under flip, 0.75x scale and jitter,
+    on at most CONSISTENCY_FRAMES of `frames`, evenly spaced (four passes per frame)."""
+    frames = frames[np.linspace(0, len(frames) - 1, min(len(frames), CONSISTENCY_FRAMES)).astype(int)]
     gen, agree, n = torch.Generator().manual_seed(seed), 0.0, 0
     for i in range(0, len(frames), batch_size):
         images = to_device(frames[i:i + batch_size], net)
@@ -87,12 +95,11 @@ def gate_signals(serving: SegNet, new: SegNet, source: SegNet, frames: np.ndarra
             "source": agreement(source_path(source), source_path(new), frames)}
 
 
-def gate_accept(before_consistency: float, after: dict, *, tolerance: float = 0.01, retained: float = 0.6,
-                source: float = 0.97) -> tuple[bool, str]:
-    """Reject a round that made predictions less stable, relabelled most confident pixels, or moved
-    the source path."""
-    if after["consistency"] < before_consistency - tolerance:
-        return False, f"augmentation consistency fell: {before_consistency:.3f} -> {after['consistency']:.3f}"
+def gate_accept(after: dict, *, retained: float = RETAINED, source: float = SOURCE) -> tuple[bool, str]:
+    """Reject a round that relabelled most of the serving model's confident pixels (wholesale
+    drift) or moved the source path. Consistency is reported, not gated: on the tuning targets
+    every good round of the shipped method lowered it as often as not (the source model is
+    consistently wrong under a strong shift), and self-training's collapse raised it."""
     if after["retained"] < retained:
         return False, f"only {after['retained']:.0%} of the confident pixels kept their label (floor {retained:.0%})"
     if after["source"] < source:

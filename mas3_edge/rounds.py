@@ -72,7 +72,7 @@ def run_round(bundle, frames, cfg: AdaptConfig, version: str | None = None, guar
     finite = all(torch.isfinite(p).all() for p in net.state_dict().values() if p.is_floating_point())
     after = health.signals(net, proto, held) if finite else {k: float("nan") for k in before}
     gate_after = gate.gate_signals(serving, net, _source(bundle, base).to(device), held) if finite else {}
-    ok, reason = _judge(before, after, consistency_before, gate_after) if finite else (
+    ok, reason = judge(before, after, gate_after) if finite else (
         False, "weights are not finite after adaptation")
     report = {"parent": base.id, "config": cfg.to_dict(), "frames": {"adapt": len(train), "holdout": len(held)},
               "holdout": holdout, "set": chosen, "health_before": before, "health_after": after,
@@ -87,11 +87,11 @@ def run_round(bundle, frames, cfg: AdaptConfig, version: str | None = None, guar
     return RoundResult(ok or not guard, reason, vdir, report)
 
 
-def _judge(before: dict, after: dict, consistency_before: float, gate_after: dict) -> tuple[bool, str]:
+def judge(before: dict, after: dict, gate_after: dict) -> tuple[bool, str]:
     ok, reason = health.accept(before, after)
     if not ok:
         return ok, reason
-    return gate.gate_accept(consistency_before, gate_after)
+    return gate.gate_accept(gate_after)
 
 
 def _source(bundle, base: bundles.Version):

@@ -85,8 +85,7 @@ def _adapt(s: bq.Setup, name: str, images: np.ndarray, current: str, steps: int,
     except UserError as e:  # the runtime's scheduler counts this a failed round and keeps the model
         return current, False, f"failed: {e}", {}
     rep = r.report
-    ok, why = rounds._judge(rep["health_before"], rep["health_after"], rep["gate_before"]["consistency"],
-                            rep["gate_after"])
+    ok, why = rounds.judge(rep["health_before"], rep["health_after"], rep["gate_after"])
     old, new = (bundle.load_version(s.root, v).net.to(device) for v in (current, r.version_dir.name))
     audit = {"target_gain": s.score(new, f"{domain}-val") - s.score(old, f"{domain}-val"),
              "source_change": s.score(new, "source-val") - s.score(old, "source-val"),

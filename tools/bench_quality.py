@@ -225,8 +225,7 @@ def method_row(s: Setup, cfg: AdaptConfig, targets: Sequence[str]) -> dict:
         r = rounds.run_round(s.root, s.data[f"{t}-adapt"].x, cfg, s.src.id, guard=False, device=s.device)
         rep = r.report
         health_ok, _ = health.accept(rep["health_before"], rep["health_after"])
-        ok, why = rounds._judge(rep["health_before"], rep["health_after"], rep["gate_before"]["consistency"],
-                                rep["gate_after"])
+        ok, why = rounds.judge(rep["health_before"], rep["health_after"], rep["gate_after"])
         row[t] = {"seconds": time.perf_counter() - t0, **_scores(s, bundle.load_version(r.version_dir).net, t),
                   "accepted": ok, "accepted_by_health": health_ok, "reason": why,
                   **{k: rep.get(k) for k in ("health_before", "health_after", "gate_before", "gate_after", "choice")}}

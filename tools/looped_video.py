@@ -97,8 +97,7 @@ def run(args) -> dict:
                    "accepted_by_health": health_ok,
                    "gate_after": rep["gate_after"], "gate_before": rep["gate_before"],
                    "seconds": time.perf_counter() - t0}
-            ok, why = rounds._judge(rep["health_before"], rep["health_after"], rep["gate_before"]["consistency"],
-                                    rep["gate_after"])
+            ok, why = rounds.judge(rep["health_before"], rep["health_after"], rep["gate_after"])
             row["accepted"], row["reason"] = ok, why
             if ok:
                 bundle.set_serving(root, r.version_dir.name)
