@@ -17,6 +17,10 @@ Graph passes (export/passes.py: onnxslim, classes-last, uint8-via-float) are kep
 parity check passes on their result; the first candidate that passes ships, the raw torch export
 is the last resort, and export.json names the one that shipped.
 
+An adapted model (several normalisation sets) blends its sets per frame inside model.onnx; with
+`per_set` (by default where a GPU is present) the export also writes sets/: a router and one
+graph per set with that set folded, each checked (export/sets.py), listed in export.json.
+
 Parity (see export/parity.py): ONNX Runtime CPU fp32 against PyTorch fp32 on random and
 real-looking images: max |logit diff| <= 1e-3 (logits read from a throw-away copy of the graph
 that exposes the softmax input as an extra output), class agreement >= 99.9%, and max
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import shutil
 import tempfile
 import time
 import warnings
@@ -65,16 +70,21 @@ class OnnxExport:
 
 
 def export_onnx(bundle: Path, version: str | None = None, *, opset: int = OPSET, simplify: bool = True,
-                with_embedding: bool = False, force: bool = False) -> OnnxExport:
+                with_embedding: bool = False, force: bool = False, per_set: bool | None = None) -> OnnxExport:
     """Export a version (bundle root + id, or a version directory) to model.onnx with a parity check.
 
-    An up-to-date export (same weights, same settings, file unchanged) is reused unless `force`.
+    `per_set`: also write the per-set layout of a model with several normalisation sets (sets/:
+    a router and one folded graph per set, export/sets.py) for the GPU engines; None writes it
+    when torch sees a CUDA GPU (ONNX Runtime on a CPU runs the blended model.onnx as fast).
+    An up-to-date export (same weights, same settings, files unchanged) is reused unless `force`.
     """
+    from . import sets as xsets
     if opset < 17:
         raise UserError(f"opset must be 17 or newer (TensorRT 10 and ONNX Runtime both take 17), got {opset}")
     vdir = resolve(bundle, version)
     ver = load_version(vdir)  # UserError for missing or corrupt weights
-    settings = {"opset": opset, "simplify": simplify, "with_embedding": with_embedding}
+    per_set = (torch.cuda.is_available() if per_set is None else per_set) and xsets.set_count(ver.net) > 1
+    settings = {"opset": opset, "simplify": simplify, "with_embedding": with_embedding, "per_set": per_set}
     current = read_export(vdir)
     if not force and _is_current(vdir, current, ver.meta["sha256"], settings):
         log.info("%s is up to date with %s; reusing it", vdir / ONNX_FILE, ver.id)
@@ -86,12 +96,30 @@ def export_onnx(bundle: Path, version: str | None = None, *, opset: int = OPSET,
     model, graph, check = _first_passing(passes.candidates(raw, tuple(ver.net.config.input_size), simplify), images, ref, source)
     helper.set_model_props(model, {"mas3_edge.version": ver.id, "mas3_edge.weights_sha256": ver.meta["sha256"],
                                    "mas3_edge.input": "uint8 NHWC RGB, normalisation inside"})
+    files, sets_report = (xsets.export_sets(ver.net, graph, images, source, opset, simplify, with_embedding)
+                          if per_set else ({}, None))
     data = model.SerializeToString()
     report = _report(ver.meta, data, model, settings, graph, check)
+    if sets_report:
+        report["sets"] = sets_report
+    for name, blob in files.items():  # before export.json, which is what makes them count
+        atomic_write(vdir / xsets.SETS_DIR / name, blob)
     atomic_write(vdir / ONNX_FILE, data)
     atomic_write_json(vdir / EXPORT_FILE, report)
-    log.info("exported %s (%s, %.1f MB)", vdir / ONNX_FILE, graph, len(data) / 1e6)
+    _drop_unlisted(vdir / xsets.SETS_DIR, set(files))
+    log.info("exported %s (%s, %.1f MB%s)", vdir / ONNX_FILE, graph, len(data) / 1e6,
+             f"; {sets_report['count']} per-set graphs and a router in {xsets.SETS_DIR}/" if sets_report else "")
     return OnnxExport(vdir / ONNX_FILE, report)
+
+
+def _drop_unlisted(folder: Path, keep: set[str]) -> None:
+    """Remove graphs of an earlier export that export.json no longer lists."""
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def read_export(vdir: Path) -> dict | None:
@@ -126,10 +154,20 @@ def check_onnx(vdir: Path) -> tuple[Path, dict]:
 
 
 def _is_current(vdir: Path, report: dict | None, weights_sha: str, settings: dict) -> bool:
-    if report is None or report.get("weights_sha256") != weights_sha or report.get("settings") != settings:
+    if report is None or report.get("weights_sha256") != weights_sha:
+        return False
+    if {"per_set": False, **(report.get("settings") or {})} != settings:  # exports before per-set graphs: none
         return False
     path = vdir / ONNX_FILE
-    return path.is_file() and sha256_file(path) == report["onnx"]["sha256"]
+    if not (path.is_file() and sha256_file(path) == report["onnx"]["sha256"]):
+        return False
+    if report.get("sets"):
+        from .sets import check_sets
+        try:
+            check_sets(vdir, report)
+        except UserError:
+            return False
+    return True
 
 
 def _torch_export(net: SegNet, with_embedding: bool, opset: int, path: Path) -> onnx.ModelProto:

@@ -3,6 +3,11 @@
     VERSION/engines/trt-fp16-<key>.plan   the serialized engine
     VERSION/engines/trt-fp16-<key>.json   what it was built from (the key's fields), its sha256, parity
 
+One plan per graph: model.onnx, or for an adapted model exported with its per-set layout
+(export/sets.py) the router and each set's graph (`graph=` "sets/router.onnx", "sets/set-1.onnx"),
+each keyed by its own file's sha256. The router's check is its choice of set against SegNet.route;
+a set's, its outputs against PyTorch with that set forced.
+
 The key hashes everything an engine depends on: the ONNX sha256, the TensorRT version, the GPU
 (name + compute capability), the precision, the input size and the batch profiles. A changed
 model, GPU or TensorRT therefore looks up another key and rebuilds; an unchanged one loads the
@@ -146,13 +151,14 @@ class EngineCache:
                 out.append({**info, "path": str(side.with_suffix(".plan"))})
         return out
 
-    def prune(self, spec: EngineSpec) -> list[Path]:
-        """Delete plans that can never load again here: other ONNX, or other TensorRT version.
-        Plans for other GPUs stay (a bundle may be shared between devices)."""
-        removed = []
+    def prune(self, spec: EngineSpec, graphs: set[str] | None = None) -> list[Path]:
+        """Delete plans that can never load again here: built from an ONNX file the version no longer
+        has (`graphs`: the sha256 of each of its graphs; default the spec's alone), or by another
+        TensorRT version. Plans for other GPUs stay (a bundle may be shared between devices)."""
+        removed, graphs = [], graphs or {spec.onnx_sha256}
         for info in self.entries():
             old = info["spec"]
-            if old["onnx_sha256"] != spec.onnx_sha256 or old["trt_version"] != spec.trt_version:
+            if old["onnx_sha256"] not in graphs or old["trt_version"] != spec.trt_version:
                 plan = Path(info["path"])
                 plan.unlink(missing_ok=True)
                 plan.with_suffix(".json").unlink(missing_ok=True)
@@ -173,36 +179,54 @@ def _read_json(path: Path) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
+def graph_file(vdir: Path, graph: str | None = None) -> tuple[Path, str, set[str]]:
+    """(path, sha256) of one verified graph of a version: model.onnx (graph None) or a file of its
+    per-set layout ("sets/router.onnx", "sets/set-1.onnx"), and the sha256 of all its graphs."""
+    from .sets import check_sets
+    path, report = check_onnx(vdir)
+    sets = report.get("sets") or {}
+    entries = {e["file"]: e["sha256"] for e in [sets.get("router"), *sets.get("graphs", [])] if e}
+    shas = {report["onnx"]["sha256"], *entries.values()}
+    if graph is None:
+        return path, report["onnx"]["sha256"], shas
+    if graph not in entries:
+        raise UserError(f"version {report['version']} has no graph {graph} (export.json lists {sorted(entries) or 'none'})")
+    check_sets(vdir, report)
+    return Path(vdir) / graph, entries[graph], shas
+
+
 def engine_spec(vdir: Path, precision: str = "fp16", batch_sizes: tuple[int, ...] = (1, 8),
-                device: str | None = None) -> EngineSpec:
-    """The spec of the engine this machine would use for a version (needs a verified model.onnx)."""
-    _, report = check_onnx(vdir)
-    return EngineSpec(onnx_sha256=report["onnx"]["sha256"], trt_version=trt_version(), gpu=gpu_name(device),
+                device: str | None = None, graph: str | None = None) -> EngineSpec:
+    """The spec of the engine this machine would use for a version's graph (needs a verified export)."""
+    _, sha, _ = graph_file(vdir, graph)
+    return EngineSpec(onnx_sha256=sha, trt_version=trt_version(), gpu=gpu_name(device),
                       precision=precision, input_size=tuple(read_meta(vdir)["input_size"]),
                       batch_sizes=tuple(batch_sizes))
 
 
 def ensure_engine(vdir: Path, precision: str = "fp16", batch_sizes: tuple[int, ...] = (1, 8),
-                  device: str | None = None, *, rebuild: bool = False, verify: bool = True) -> tuple[Path, dict]:
+                  device: str | None = None, *, rebuild: bool = False, verify: bool = True,
+                  graph: str | None = None) -> tuple[Path, dict]:
     """The cached engine for this version on this GPU, built (and parity-checked) if needed.
 
+    `graph`: model.onnx (None) or one file of the version's per-set layout (`graph_file`).
     Returns the plan path and its sidecar. Raises UserError without TensorRT, without a verified
-    model.onnx, or when a build fails or fails its parity check (the cache is left as it was).
+    export, or when a build fails or fails its parity check (the cache is left as it was).
     """
     vdir = Path(vdir)
-    spec = engine_spec(vdir, precision, batch_sizes, device)
+    spec = engine_spec(vdir, precision, batch_sizes, device, graph)
     cache = EngineCache(vdir)
     hit = None if rebuild else cache.lookup(spec)
     if hit is None:
-        onnx_path, _ = check_onnx(vdir)
-        log.warning("building a TensorRT %s engine for %s on %s (this takes minutes on small devices)",
-                    precision, read_meta(vdir)["version"], spec.gpu)
+        onnx_path, _, shas = graph_file(vdir, graph)
+        log.warning("building a TensorRT %s engine of %s for %s on %s (this takes minutes on small devices)",
+                    precision, graph or onnx_path.name, read_meta(vdir)["version"], spec.gpu)
         t0 = time.perf_counter()
         plan = build_engine(onnx_path, spec)
         log.info("TensorRT build took %.0f s", time.perf_counter() - t0)
-        check = verify_engine(plan, vdir, spec, device) if verify else None
+        check = verify_engine(plan, vdir, spec, device, graph=graph) if verify else None
         hit = cache.store(spec, plan, check)
-        for old in cache.prune(spec):
+        for old in cache.prune(spec, shas):
             log.info("removed stale engine %s", old.name)
     return hit, _read_json(hit.with_suffix(".json")) or {}
 
@@ -234,13 +258,27 @@ def build_engine(onnx_path: Path, spec: EngineSpec, workspace_gib: float = 4.0) 
     return bytes(plan)
 
 
-def verify_engine(plan: bytes, vdir: Path, spec: EngineSpec, device: str | None = None) -> dict:
-    """Parity of a built engine against PyTorch; UserError if it misses the floors."""
+def verify_engine(plan: bytes, vdir: Path, spec: EngineSpec, device: str | None = None,
+                  graph: str | None = None) -> dict:
+    """Parity of a built engine against PyTorch (a set's graph: with that set forced; the router:
+    the same set as SegNet.route per image); UserError if it misses the floors."""
     import torch
+    from mas3_edge.model import _one_set
+    from .sets import ROUTE, check_router
     ver = load_version(vdir)
     images, source = parity.check_images(spec.input_size)
-    ref = parity.torch_reference(ver.net, images)
     runner = TrtRunner(plan, torch.device(device or "cuda"))
+    if graph is not None and graph.endswith("router.onnx"):
+        with torch.cuda.stream(runner.stream):
+            routes = [runner(torch.from_numpy(images[i:i + 1]).to(runner.device))[ROUTE].cpu().numpy()
+                      for i in range(len(images))]
+        check = check_router(ver.net, np.concatenate(routes), images)
+        if check["disagree"]:
+            raise UserError(f"the TensorRT router chose another set than PyTorch on {check['disagree']} "
+                            f"of {check['images']} check images; no engine was cached")
+        return check
+    net = ver.net if graph is None else _one_set(ver.net, int(Path(graph).stem.split("-")[1]))
+    ref = parity.torch_reference(net, images)
     got: dict[str, list] = {name: [] for name in OUTPUTS}
     with torch.cuda.stream(runner.stream):
         for i in range(len(images)):  # batch 1, the latency path
@@ -270,7 +308,7 @@ class TrtRunner:
     so no cross-stream synchronisation is needed. Not thread-safe: callers hold a lock.
     """
 
-    def __init__(self, plan: bytes, device):
+    def __init__(self, plan: bytes, device, stream=None):
         import torch
         trt = require_tensorrt()
         self._trt, self.device = trt, torch.device(device)
@@ -281,7 +319,7 @@ class TrtRunner:
             if self.engine is None:
                 raise UserError("TensorRT could not load the engine (built by another TensorRT version, "
                                 "for another GPU, or corrupt); rebuild it with `mas3-edge export --engine tensorrt`")
-            self.stream = torch.cuda.Stream(self.device)
+            self.stream = stream if stream is not None else torch.cuda.Stream(self.device)
             self._check_io()
             self.contexts, self.ranges = [], []
             for p in range(self.engine.num_optimization_profiles):
@@ -296,7 +334,9 @@ class TrtRunner:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         mode = self._trt.TensorIOMode.INPUT
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
-        if [n for n in names if self.engine.get_tensor_mode(n) == mode] != [INPUT] or not set(OUTPUTS) <= set(self.outputs):
+        from .sets import ROUTE
+        segments = set(OUTPUTS) <= set(self.outputs) or self.outputs == [ROUTE]  # a segmentation graph or the router
+        if [n for n in names if self.engine.get_tensor_mode(n) == mode] != [INPUT] or not segments:
             raise UserError(f"the TensorRT engine has tensors {names}, not a mas3-edge segmentation engine")
 
     @property

@@ -6,10 +6,18 @@
 
 Kinds: `tensorrt` (a cached engine from export/tensorrt.py, built on first use), `onnxruntime`
 (TensorRT / CUDA / CPU execution providers, whichever actually loads), `torch` (eager fp32),
-`torch-fp16` (eager, fp16 autocast, CUDA) and `torch-cudagraph` (fp16 autocast replayed as
-CUDA graphs, one per batch size). `auto` tries them fastest first and logs which one it took:
-on a GPU tensorrt, onnxruntime (GPU providers only), torch-cudagraph, torch-fp16, torch; on a
-CPU onnxruntime (3-4x PyTorch eager at 512x1024 on 2 cores, tools/bench_inference.py), then torch.
+`torch-fp16` (eager, fp16 autocast, CUDA), `torch-cudagraph` (fp16 autocast replayed as
+CUDA graphs, one per batch size) and `torch-compile` (torch.compile with Inductor, kernels cached
+in the version's engines/ folder: runtime/compiled.py). `auto` tries them fastest first and logs
+which one it took: on a GPU tensorrt, onnxruntime (GPU providers only), torch-cudagraph,
+torch-fp16, torch; on a CPU onnxruntime (3-4x PyTorch eager at 512x1024 on a 2-core AMD EPYC,
+about even on a 2-core Intel Xeon: tools/bench_inference.py, tools/bench_sets.py), then torch. `auto` never picks torch-compile (its first load compiles
+for a minute or more): ask for it.
+
+An adapted model (several normalisation sets): the PyTorch engines fold each set into its own
+copy of the network (model.PerSetFolded); ONNX Runtime on a CPU runs the blended model.onnx, as
+fast as a one-set graph there; ONNX Runtime on a GPU and TensorRT run the per-set graphs and the
+router of export/sets.py where the export wrote them (`per_set`), the blended graph otherwise.
 
 Engines that read model.onnx only accept the file export verified against this version's
 weights (export.onnx.check_onnx). Loading keeps no global state and does its slow work (engine
@@ -31,7 +39,7 @@ from mas3_edge.errors import UserError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("tensorrt", "onnxruntime", "torch", "torch-fp16", "torch-cudagraph")
+KINDS = ("tensorrt", "onnxruntime", "torch", "torch-fp16", "torch-cudagraph", "torch-compile")
 _ALIASES = {"trt": "tensorrt", "ort": "onnxruntime", "onnx": "onnxruntime", "pytorch": "torch", "torch-fp32": "torch"}
 _TORCH_MODES = {"torch": "eager", "torch-fp16": "fp16", "torch-cudagraph": "cudagraph"}
 
@@ -69,19 +77,21 @@ class Engine:
 
 def load_engine(version_dir: Path, kind: str = "auto", device: str | None = None, *,
                 precision: str = "fp16", batch_sizes: tuple[int, ...] = (1, 8),
-                threads: int | None = None) -> Engine:
+                threads: int | None = None, per_set: bool | None = None) -> Engine:
     """Load a version (a version directory, or a bundle root: its serving version) as an engine.
 
     `device`: None picks "cuda" when torch sees a GPU, else "cpu". `precision` applies to GPU
     engines that can lower it (TensorRT, ONNX Runtime's TensorRT provider). `batch_sizes` are
     the sizes to prepare for (TensorRT profiles, CUDA graphs); others still work, slower.
     `threads`: ONNX Runtime intra-op threads (default: its own, the physical cores).
+    `per_set`: ONNX Runtime / TensorRT on an adapted model's per-set graphs (True), its blended
+    model.onnx (False), or None: per-set graphs on a GPU where the export wrote them.
     """
     from mas3_edge.bundle import resolve
     vdir = resolve(Path(version_dir))
     dev = _resolve_device(device)
     kind = _ALIASES.get(kind, kind)
-    opts = {"precision": precision, "batch_sizes": tuple(batch_sizes), "threads": threads}
+    opts = {"precision": precision, "batch_sizes": tuple(batch_sizes), "threads": threads, "per_set": per_set}
     if kind != "auto":
         if kind not in KINDS:
             raise UserError(f"unknown engine kind {kind!r}; choose auto or one of {', '.join(KINDS)}")
@@ -129,10 +139,14 @@ def _build(kind: str, vdir: Path, dev: str, opts: dict) -> Engine:
     if kind == "tensorrt":
         if dev == "cpu":
             raise UserError("the tensorrt engine needs a CUDA device, not cpu")
-        return TensorRTEngine(vdir, dev, opts["precision"], opts["batch_sizes"])
+        from .trt_engine import TensorRTEngine
+        return TensorRTEngine(vdir, dev, opts["precision"], opts["batch_sizes"], opts.get("per_set"))
     if kind == "onnxruntime":
         return OrtEngine(vdir, dev, opts["precision"], opts["batch_sizes"], opts["threads"],
-                         gpu_only=opts.get("gpu_only", False))
+                         gpu_only=opts.get("gpu_only", False), per_set=opts.get("per_set"))
+    if kind == "torch-compile":
+        from .compiled import load_compiled
+        return load_compiled(vdir, dev, opts["precision"], opts["batch_sizes"])
     from mas3_edge.bundle import load_version
     ver = load_version(vdir)
     return TorchEngine(ver.net, ver.id, dev, _TORCH_MODES[kind], opts["batch_sizes"])
@@ -281,42 +295,76 @@ class OrtEngine(Engine):
     name = "onnxruntime"
 
     def __init__(self, vdir: Path, device: str = "cpu", precision: str = "fp16",
-                 batch_sizes: tuple[int, ...] = (1, 8), threads: int | None = None, gpu_only: bool = False):
+                 batch_sizes: tuple[int, ...] = (1, 8), threads: int | None = None, gpu_only: bool = False,
+                 per_set: bool | None = None):
         import onnxruntime as ort
         from mas3_edge.export.onnx import check_onnx
+        from mas3_edge.export.sets import check_sets
         path, report = check_onnx(vdir)
         self.version, self.input_size = report["version"], tuple(report["onnx"]["input"]["shape"][1:3])
-        wanted = self._providers(ort, Path(vdir), device, precision, tuple(batch_sizes), report)
-        self._sess = _ort_session(ort, path, wanted, threads)
-        self.provider = self._sess.get_providers()[0]
-        if self.provider != wanted[0][0]:
-            log.warning("onnxruntime asked for %s but runs on %s (GPU libraries missing?)", wanted[0][0], self.provider)
+        # an adapted model's per-set graphs where export wrote them and a GPU runs them; on a CPU the
+        # blended model.onnx is as fast (tools/bench_sets.py) and one session instead of S + 1
+        per_set = bool(report.get("sets")) and device != "cpu" if per_set is None else per_set
+        router, graphs = check_sets(vdir, report) if per_set else (None, [])
+        opts = lambda p: self._providers(ort, Path(vdir), device, precision, tuple(batch_sizes), _sha(report, p))  # noqa: E731
+        first = opts(router if per_set else path)
+        self._sess = _ort_session(ort, path, first, threads) if not per_set else None
+        self._router = _ort_session(ort, router, first, threads) if per_set else None
+        self._sets = [_ort_session(ort, g, opts(g), threads) for g in graphs]
+        wanted = first[0][0]
+        self.provider = (self._sess or self._sets[0]).get_providers()[0]
+        if self.provider != wanted:
+            log.warning("onnxruntime asked for %s but runs on %s (GPU libraries missing?)", wanted, self.provider)
         if gpu_only and self.provider not in _GPU_PROVIDERS:
             raise UserError(f"onnxruntime has no usable GPU provider here (it would run on {self.provider})")
-        trt_fp16 = self.provider == "TensorrtExecutionProvider" and precision == "fp16"
+        self.provider += f", {len(graphs)} per-set graphs and a router" if per_set else ""
+        trt_fp16 = self.provider.startswith("TensorrtExecutionProvider") and precision == "fp16"
         self.precision = "fp16" if trt_fp16 else "fp32"
-        for b in (batch_sizes if self.provider in _GPU_PROVIDERS else (1,)):  # TensorRT EP builds at first run
+        for b in (batch_sizes if not self.provider.startswith("CPU") else (1,)):  # TensorRT EP builds at first run
+            for sess in self._sets or [self._sess]:  # every set's graph, not only the one zeros route to
+                sess.run(["classes", "confidence"], {"images": np.zeros((b, *self.input_size, 3), np.uint8)})
             self._infer(np.zeros((b, *self.input_size, 3), np.uint8))
 
     @staticmethod
     def _providers(ort, vdir: Path, device: str, precision: str, batch_sizes: tuple[int, ...],
-                   report: dict) -> list[tuple[str, dict]]:
+                   onnx_sha: str) -> list[tuple[str, dict]]:
         available = ort.get_available_providers()
         out: list[tuple[str, dict]] = []
         if device != "cpu":
             idx = int(device.split(":")[1]) if ":" in device else 0
             if "TensorrtExecutionProvider" in available:
-                out.append(("TensorrtExecutionProvider", _ort_trt_options(vdir, idx, precision, batch_sizes, report)))
+                out.append(("TensorrtExecutionProvider", _ort_trt_options(vdir, idx, precision, batch_sizes, onnx_sha)))
             if "CUDAExecutionProvider" in available:
                 out.append(("CUDAExecutionProvider", {"device_id": idx}))
         return out + [("CPUExecutionProvider", {})]
 
     def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        classes, conf = self._sess.run(["classes", "confidence"], {"images": frames})
+        if self._router is None:
+            classes, conf = self._sess.run(["classes", "confidence"], {"images": frames})
+            return classes, conf
+        from mas3_edge.export.sets import split_by_set
+        route = self._router.run(["route"], {"images": frames})[0]
+        parts = split_by_set(route)
+        if len(parts) == 1:
+            classes, conf = self._sets[parts[0][0]].run(["classes", "confidence"], {"images": frames})
+            return classes, conf
+        classes = np.empty(frames.shape[:3], np.uint8)  # a mixed batch: each set's frames through its graph
+        conf = np.empty(frames.shape[:3], np.float32)
+        for s, idx in parts:
+            classes[idx], conf[idx] = self._sets[s].run(["classes", "confidence"], {"images": frames[idx]})
         return classes, conf
 
     def close(self) -> None:
-        self._sess = None
+        self._sess, self._router, self._sets = None, None, []
+
+
+def _sha(report: dict, path: Path) -> str:
+    """The sha256 export.json records for one of a version's graphs (keys the TensorRT provider cache)."""
+    sets = report.get("sets") or {}
+    for entry in [sets.get("router"), *sets.get("graphs", [])]:
+        if entry and Path(path).as_posix().endswith(entry["file"]):
+            return entry["sha256"]
+    return report["onnx"]["sha256"]
 
 
 def _ort_session(ort, path: Path, wanted: list[tuple[str, dict]], threads: int | None):
@@ -337,7 +385,7 @@ def _ort_session(ort, path: Path, wanted: list[tuple[str, dict]], threads: int |
     raise UserError(f"onnxruntime cannot load {path}: {error}")
 
 
-def _ort_trt_options(vdir: Path, idx: int, precision: str, batch_sizes: tuple[int, ...], report: dict) -> dict:
+def _ort_trt_options(vdir: Path, idx: int, precision: str, batch_sizes: tuple[int, ...], onnx_sha: str) -> dict:
     """TensorRT provider options: fp16, profile shapes, and an engine cache keyed like ours."""
     from mas3_edge.export.tensorrt import EngineCache, EngineSpec
     try:
@@ -346,8 +394,9 @@ def _ort_trt_options(vdir: Path, idx: int, precision: str, batch_sizes: tuple[in
     except ImportError:  # the provider links TensorRT itself; key on the ORT build instead
         import onnxruntime
         trt_version = f"via onnxruntime {onnxruntime.__version__}"
-    h, w = report["onnx"]["input"]["shape"][1:3]
-    spec = EngineSpec(report["onnx"]["sha256"], trt_version, _gpu_label(idx), precision, (h, w), batch_sizes)
+    from mas3_edge.bundle import read_meta
+    h, w = read_meta(vdir)["input_size"]
+    spec = EngineSpec(onnx_sha, trt_version, _gpu_label(idx), precision, (h, w), batch_sizes)
     cache = EngineCache(vdir).ort_cache_dir(spec)
     cache.mkdir(parents=True, exist_ok=True)
     shape = lambda b: f"images:{b}x{h}x{w}x3"  # noqa: E731
@@ -363,41 +412,3 @@ def _gpu_label(idx: int) -> str:
         from mas3_edge.export.tensorrt import gpu_name
         return gpu_name(f"cuda:{idx}")
     return f"cuda:{idx}"
-
-
-# ---------------------------------------------------------------- TensorRT
-
-class TensorRTEngine(Engine):
-    """A TensorRT engine from the version's cache (built and parity-checked on first use)."""
-
-    name = "tensorrt"
-
-    def __init__(self, vdir: Path, device: str = "cuda:0", precision: str = "fp16",
-                 batch_sizes: tuple[int, ...] = (1, 8)):
-        import torch
-        from mas3_edge.export.tensorrt import TrtRunner, ensure_engine, require_tensorrt
-        from mas3_edge.bundle import read_meta
-        trt = require_tensorrt()
-        self.device, self._torch, self._lock = torch.device(device), torch, threading.Lock()
-        meta = read_meta(vdir)
-        self.version, self.input_size, self.precision = meta["version"], tuple(meta["input_size"]), precision
-        path, info = ensure_engine(vdir, precision, batch_sizes, str(self.device))
-        try:
-            self._runner = TrtRunner(path.read_bytes(), self.device)
-        except UserError as e:  # the cache said fine but TensorRT refuses it: rebuild once
-            log.warning("cached engine %s did not load (%s); rebuilding", path.name, e)
-            path, info = ensure_engine(vdir, precision, batch_sizes, str(self.device), rebuild=True)
-            self._runner = TrtRunner(path.read_bytes(), self.device)
-        self.provider = f"TensorRT {trt.__version__} on {info.get('spec', {}).get('gpu', device)}"
-        self.path = path
-        for b in batch_sizes:  # first executions allocate; keep that off the serving path
-            self._infer(np.zeros((b, *self.input_size, 3), np.uint8))
-
-    def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        torch = self._torch
-        with self._lock, torch.cuda.device(self.device), torch.cuda.stream(self._runner.stream):
-            outs = self._runner(_to_device(frames, self.device))
-            return _to_host(outs["classes"], outs["confidence"])
-
-    def close(self) -> None:
-        self._runner = None

@@ -179,7 +179,7 @@ def fake_trt(monkeypatch):
         state["builds"] += 1
         return f"plan {spec.gpu} {spec.trt_version} {spec.precision}".encode()
 
-    def verify(plan, vdir, spec, device=None):
+    def verify(plan, vdir, spec, device=None, graph=None):
         if not state["verify_ok"]:
             raise UserError("the TensorRT fp16 engine failed its parity check")
         return {"class_agreement": 1.0, "max_conf_diff": 0.0, "precision": spec.precision}

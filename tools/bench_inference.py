@@ -10,7 +10,9 @@ in host memory (normalisation, uploads and downloads included): what the serving
 weights are untrained unless --bundle is given (speed does not depend on them); for each
 resolution the network is saved as a temporary bundle version and exported with the usual parity
 check, so the engines load exactly as the runtime loads them. Engines are timed in interleaved
-rounds, so a noisy neighbour slows all of them alike. Prints a markdown table; --out writes JSON.
+rounds, so a noisy neighbour slows all of them alike. Each row also carries the network's FLOPs
+and activation bytes per image and the achieved TFLOP/s, and with a peak (--peak-tflops, default
+on CUDA the H200's fp16 dense 989) the fraction of it. Prints a markdown table; --out writes JSON.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 log = logging.getLogger("bench")
 CPU_ENGINES = ["torch", "onnxruntime"]
-GPU_ENGINES = ["torch", "torch-fp16", "torch-cudagraph", "onnxruntime", "tensorrt"]
+H200_FP16_TFLOPS = 989.0  # dense fp16/bf16 tensor-core peak of an H200 SXM
+GPU_ENGINES = ["torch", "torch-fp16", "torch-cudagraph", "torch-compile", "onnxruntime", "tensorrt"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=None, help="minimum timed seconds per engine and round")
     p.add_argument("--no-parity", action="store_true", help="skip the TensorRT build's parity check "
                    "(untrained weights can have near-tied classes that fp16 flips)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak of the device, for the achieved fraction "
+                   f"(default on CUDA {H200_FP16_TFLOPS:g}: H200 fp16 dense; none on CPU)")
     p.add_argument("--quick", action="store_true", help="a CI-sized run: small sizes, few iterations")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     a = p.parse_args(argv)
@@ -100,6 +105,32 @@ def make_version(root: Path, args: argparse.Namespace, size: tuple[int, int]) ->
     return vdir
 
 
+def model_cost(vdir: Path) -> dict:
+    """FLOPs (torch.utils.flop_counter: 2 per multiply-add) and activation bytes (every tensor an op
+    writes, views excluded, fp32; half that under fp16) of one image through the served network."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    from torch.utils.flop_counter import FlopCounterMode
+    from mas3_edge.bundle import load_version
+    from mas3_edge.model import Deployed, fold_batchnorm
+
+    class Written(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not getattr(func, "is_view", False):
+                self.total += sum(t.numel() * t.element_size() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+            return out
+    net = load_version(vdir).net.eval()
+    model = Deployed(fold_batchnorm(net)).eval()  # what an engine runs (one set, folded)
+    x = torch.zeros((1, *net.config.input_size, 3), dtype=torch.uint8)
+    with torch.inference_mode(), FlopCounterMode(display=False) as flops, Written() as written:
+        model(x)
+    return {"gflop_per_image": flops.get_total_flops() / 1e9, "activation_mb_per_image": written.total / 1e6}
+
+
 def load(kind: str, vdir: Path, args: argparse.Namespace, device: str):
     from mas3_edge.runtime.engines import load_engine
     if kind == "tensorrt" and args.no_parity:
@@ -122,7 +153,7 @@ def time_calls(engine, frames: np.ndarray, seconds: float, min_calls: int) -> li
 
 def bench_size(vdir: Path, size: tuple[int, int], args: argparse.Namespace, device: str, engines: list[str]) -> list[dict]:
     """All engines x batches at one resolution, timed in interleaved rounds."""
-    loaded, rows = {}, []
+    loaded, rows, cost = {}, [], model_cost(vdir)
     for kind in engines:
         try:
             loaded[kind] = load(kind, vdir, args, device)
@@ -138,7 +169,7 @@ def bench_size(vdir: Path, size: tuple[int, int], args: argparse.Namespace, devi
         for _ in range(args.rounds):
             for kind, engine in loaded.items():
                 lat[kind] += time_calls(engine, frames, args.seconds, 2 if args.quick else 3)
-        rows += [row(loaded[k], size, batch, v) for k, v in lat.items()]
+        rows += [{**row(loaded[k], size, batch, v), **cost} for k, v in lat.items()]
         log.info("%dx%d batch %d done", *size, batch)
     for engine in loaded.values():
         engine.close()
@@ -151,6 +182,15 @@ def row(engine, size: tuple[int, int], batch: int, lat: list[float]) -> dict:
             "size": f"{size[0]}x{size[1]}", "batch": batch, "calls": len(lat),
             "fps": batch * len(lat) / float(np.sum(lat)), "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
+
+
+def add_achieved(rows: list[dict], peak_tflops: float | None) -> None:
+    """Achieved TFLOP/s (the model's FLOPs x images/s) and, given a peak, the fraction of it."""
+    for r in rows:
+        if "fps" in r:
+            r["tflops"] = r["gflop_per_image"] * r["fps"] / 1e3
+            if peak_tflops:
+                r["peak_tflops"], r["pct_of_peak"] = peak_tflops, 100 * r["tflops"] / peak_tflops
 
 
 def add_speedups(rows: list[dict]) -> None:
@@ -166,15 +206,21 @@ def markdown(rows: list[dict], hw: dict, args: argparse.Namespace) -> str:
     lines = [f"Inference, preset {args.preset}{' (--bundle weights)' if args.bundle else ' (untrained weights)'}: "
              f"{hw['cpu']} ({hw['cpu_count']} cores){gpu}; torch {hw['torch']}, onnxruntime {hw['onnxruntime']}"
              f"{', TensorRT ' + hw['tensorrt'] if hw.get('tensorrt') else ''}. Times include uint8 frame in -> maps out.",
-             "", "| engine | provider | precision | size | batch | FPS | p50 ms | p99 ms | vs torch eager |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+             "", "| engine | provider | precision | size | batch | FPS | p50 ms | p99 ms | vs torch eager | "
+             "GFLOP/img | act. MB/img | TFLOP/s | % of peak |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['engine']} | unavailable: {r['error']} | | {r['size']} | | | | | |")
+            lines.append(f"| {r['engine']} | unavailable: {r['error']} | | {r['size']} | | | | | | | | | |")
             continue
         vs = f"{r['vs_torch']:.2f}x" if "vs_torch" in r else ""
+        pct = f"{r['pct_of_peak']:.2f} %" if "pct_of_peak" in r else "-"
         lines.append(f"| {r['engine']} | {r['provider']} | {r['precision']} | {r['size']} | {r['batch']} | "
-                     f"{r['fps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {vs} |")
+                     f"{r['fps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {vs} | {r['gflop_per_image']:.2f} | "
+                     f"{r['activation_mb_per_image']:.0f} | {r['tflops']:.3f} | {pct} |")
+    peak = next((r["peak_tflops"] for r in rows if "peak_tflops" in r), None)
+    lines.append(f"\nFLOPs: torch.utils.flop_counter (2 per multiply-add) of the served network, one image; activations: "
+                 f"bytes every op writes, fp32 (half under fp16)." + (f" Peak: {peak:g} TFLOP/s." if peak else ""))
     return "\n".join(lines)
 
 
@@ -192,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         for size in args.sizes:
             rows += bench_size(make_version(Path(tmp), args, size), size, args, device, engines)
     add_speedups(rows)
+    add_achieved(rows, args.peak_tflops if args.peak_tflops is not None else (H200_FP16_TFLOPS if device != "cpu" else None))
     result = {"hardware": hw, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "results": rows}
     print(markdown(rows, hw, args))

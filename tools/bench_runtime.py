@@ -5,6 +5,7 @@ subscriber in another process.
     python tools/bench_runtime.py                          # untrained tiny model, ~4 minutes
     python tools/bench_runtime.py --bundle bundle --out bench_runtime.json
     python tools/bench_runtime.py --quick                  # CI-sized: shorter phases, 2000 messages
+    python tools/bench_runtime.py --preset edge --size 256x512 --fps 5 --phases throughput,latency,round --quick
 
 Phases (each a fresh `run` process, adaptation off so the numbers are the serving path's):
   throughput  camera unpaced: frames per second the whole path sustains
@@ -14,6 +15,10 @@ Phases (each a fresh `run` process, adaptation off so the numbers are the servin
               gap may exceed one frame time beyond the period (late = gap > 2 periods)
   stalled     unpaced, --messages frames, one subscriber that connects and never reads:
               the publisher's RSS must stay flat
+  round       (only with --phases ...,round) paced, buffering every frame and adapting: one
+              round of --adapt-steps steps on --round-frames frames in its child process; the
+              RSS of the service and of each child (read from /proc, no psutil), sampled every
+              0.25 s, and the latency while the round runs
 Prints a markdown table with the hardware; --out writes everything as JSON.
 """
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +44,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, help="bundle to serve (copied; default: an untrained tiny model)")
     p.add_argument("--engine", default="auto")
+    p.add_argument("--preset", default="tiny", help="model of the untrained bundle (tiny, edge, ...; default tiny)")
+    p.add_argument("--size", default=None, help="its input size HxW (default: the preset's)")
+    p.add_argument("--video-size", default="256x512", help="frame size of the generated camera video (default 256x512)")
+    p.add_argument("--phases", default="throughput,latency,swaps,stalled",
+                   help="comma list of throughput, latency, swaps, stalled, round (default: all but round)")
+    p.add_argument("--adapt-steps", type=int, default=5, help="steps of the round phase's round (default 5)")
+    p.add_argument("--round-frames", type=int, default=20, help="frames buffered before, and adapted on by, that round")
+    p.add_argument("--round-timeout", type=float, default=600.0, help="give up on the round phase after this many seconds")
     p.add_argument("--fps", type=float, default=15.0, help="camera rate of the paced phases")
     p.add_argument("--seconds", type=float, default=20.0, help="length of the throughput and latency phases")
     p.add_argument("--messages", type=int, default=10000, help="messages of the stalled-subscriber phase")
@@ -49,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.quick:
         a.seconds, a.messages = min(a.seconds, 8.0), min(a.messages, 2000)
+    a.size = tuple(int(v) for v in a.size.lower().split("x")) if a.size else None
+    a.video_size = tuple(int(v) for v in a.video_size.lower().split("x"))
+    a.phases = a.phases.split(",")
     return a
 
 
@@ -99,8 +116,11 @@ def make_video(path: Path, n: int = 150, size: tuple[int, int] = (256, 512)) -> 
     return path
 
 
-def make_bundle(work: Path, source: Path | None) -> tuple[Path, list[str]]:
+def make_bundle(work: Path, source: Path | None, preset_name: str = "tiny",
+                size: tuple[int, int] | None = None) -> tuple[Path, list[str]]:
     """A bundle with four exported versions (the served one + three to swap to)."""
+    from dataclasses import replace
+
     import torch
 
     from mas3_edge.export.onnx import export_onnx
@@ -114,8 +134,12 @@ def make_bundle(work: Path, source: Path | None) -> tuple[Path, list[str]]:
         bundle.save_version(root, net, files={"prototypes.safetensors": ver.prototypes_path} if ver.prototypes_path.is_file() else None)
     else:
         torch.manual_seed(0)
-        net = SegNet(preset("tiny")).eval()
+        cfg = preset(preset_name)
+        net = SegNet(replace(cfg, input_size=size) if size else cfg).eval()
+        with torch.no_grad():  # confident predictions, so a round's GMM samples pass tau and the round runs its steps
+            net.head.weight.mul_(300), net.head.bias.mul_(300)
         bundle.save_version(root, net, info={"note": "untrained (speed does not depend on weights)"})
+        self_prototypes(bundle.load_version(root, "v0001"))
     ids = ["v0001"]
     for k in range(3):
         with torch.no_grad():
@@ -127,14 +151,31 @@ def make_bundle(work: Path, source: Path | None) -> tuple[Path, list[str]]:
     return root, ids
 
 
+def self_prototypes(ver, n: int = 8) -> None:
+    """Prototypes for an untrained model, so a MAS3 round can run (its cost, not its result, is
+    measured): fitted on synthetic frames labelled with the model's own predictions."""
+    import torch
+
+    from mas3_edge import prototypes, synth
+    from mas3_edge.model import Deployed
+    size = tuple(ver.net.config.input_size)
+    images = np.stack([synth.render("synthetic", synth.scene_seed(3, i), size)[0] for i in range(n)])
+    with torch.no_grad():
+        labels = Deployed(ver.net.eval())(torch.from_numpy(images))[0].numpy()
+    proto = prototypes.fit(ver.net, list(zip(images, labels)), min_count=10)
+    prototypes.save(proto, ver.prototypes_path, ver.meta["source_sha256"], "self-labelled synthetic frames (benchmark)")
+
+
 # ---------------------------------------------------------------- phases
 
-def serve(work: Path, bundle: Path, video: Path, name: str, engine: str, extra: list[str]) -> tuple[subprocess.Popen, str, Path]:
+def serve(work: Path, bundle: Path, video: Path, name: str, engine: str, extra: list[str],
+          adapt: bool = False) -> tuple[subprocess.Popen, str, Path]:
     addr = f"ipc://{work}/{name}.sock"
     events = work / f"{name}.events.jsonl"
     log = open(work / f"{name}.log", "w")
+    quiet = [] if adapt else ["--no-buffer", "--no-adapt"]
     proc = run_cmd("run", "--camera", str(video), "--loop", "--bundle", str(bundle), "--engine", engine,
-                   "--publish", addr, "--no-buffer", "--no-adapt", "--status-every", "2", "--events", str(events),
+                   "--publish", addr, *quiet, "--status-every", "2", "--events", str(events),
                    *extra, stdout=log, stderr=subprocess.STDOUT)
     return proc, addr, events
 
@@ -201,6 +242,63 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def descendants(pid: int) -> dict[int, str]:
+    """Every live descendant of `pid` (from /proc/*/stat) and what it is: round, export, or other."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    out, frontier = {}, {pid}
+    while frontier:
+        frontier = {c for c, p in parent.items() if p in frontier and c not in out}
+        for c in frontier:
+            try:
+                cmd = Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            out[c] = ("export" if "export_onnx" in cmd else "round" if "spawn_main" in cmd
+                      else "tracker" if "resource_tracker" in cmd else "other")
+    return out
+
+
+def phase_round(work, bundle, video, engine, fps, steps, frames, timeout) -> dict:
+    """Serve while buffering and adapting until one round has ended; RSS of the service and its children."""
+    record = work / "round.json"
+    sub = py(__file__, "--_listen", f"ipc://{work}/round.sock", "--_record", str(record))
+    extra = ["--fps", str(fps), "--duration", str(timeout), "--buffer", str(work / "frames"), "--buffer-every", "1",
+             "--buffer-interval", "0", "--round-every-frames", str(frames), "--round-frames", str(frames),
+             "--adapt-steps", str(steps)]
+    proc, _addr, events = serve(work, bundle, video, "round", engine, extra, adapt=True)
+    service, child, started, ended = [], {}, None, None
+    while proc.poll() is None:
+        try:
+            service.append(rss_mb(proc.pid))
+            for pid, kind in descendants(proc.pid).items():
+                rss = rss_mb(pid)
+                if rss == rss:  # NaN: a zombie, no memory left to count
+                    child.setdefault(kind, []).append(rss)
+                started = started or (time.monotonic() if kind == "round" else None)
+        except OSError:
+            pass
+        if ended is None and events.exists() and '"event": "round"' in events.read_text():
+            ended = time.monotonic()
+        if ended is not None and time.monotonic() - ended > 3:  # a few frames with the new version, then stop
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+        time.sleep(0.25)
+    sub.wait(timeout=60)
+    rows = json.loads(record.read_text())
+    rounds = [json.loads(line) for line in events.read_text().splitlines() if '"event": "round"' in line]
+    stream = summarize_stream(rows, fps, stop_event(events), [])
+    before = service[: max(1, len(service) // 10)]
+    return {**stream, "service_rss_mb_start": float(np.median(before)), "service_rss_mb_max": float(max(service)),
+            "child_rss_mb_max": {k: float(max(v)) for k, v in child.items()},
+            "round": {k: rounds[0].get(k) for k in ("outcome", "version", "seconds", "reason")} if rounds else None}
+
+
 def phase_stalled(work, bundle, video, engine, messages) -> dict:
     addr = f"ipc://{work}/stall.sock"
     staller = py(__file__, "--_stall", addr)
@@ -238,20 +336,37 @@ def hardware() -> dict:
 
 
 def markdown(res: dict) -> str:
-    t, lat, sw, st = res["throughput"], res["latency"], res["hot_swaps"], res["stalled"]
-    hw = res["hardware"]
-    eng = t["service"].get("engine"), t["service"].get("provider")
-    rows = [
-        ("throughput (camera unpaced)", f"{t['fps']:.1f} fps", f"engine {eng[0]} on {eng[1]}, infer p50 {t['service'].get('infer_p50_ms') or 0:.1f} ms"),
-        (f"latency, camera at {res['fps']:.0f} fps", f"p50 {lat['latency_p50_ms']:.1f} ms, p99 {lat['latency_p99_ms']:.1f} ms",
-         f"capture to subscriber; {lat['dropped']} dropped, {lat['late']} late of {lat['messages']}"),
-        (f"3 hot swaps at {res['fps']:.0f} fps", f"{sw['dropped']} dropped, {sw['late']} late",
-         (f"{sw['swaps_seen']}/{sw['swaps_requested']} swaps seen by the subscriber; {sw['dropped_at_swaps']} dropped "
-          f"at the swaps; gaps at swaps {', '.join(f'{g:.0f}' for g in sw['gap_at_swaps_ms'])} ms "
-          f"(period {1000 / res['fps']:.0f} ms)")),
-        (f"stalled subscriber, {st['messages']} messages", f"RSS {st['rss_mb_warm']:.0f} -> {st['rss_mb_end']:.0f} MB",
-         f"growth {st['growth_mb']:+.1f} MB over {st['seconds']:.0f} s, max {st['rss_mb_max']:.0f} MB"),
-    ]
+    hw, rows, fps = res["hardware"], [], res["fps"]
+    if "throughput" in res:
+        t = res["throughput"]
+        eng = t["service"].get("engine"), t["service"].get("provider")
+        rows.append(("throughput (camera unpaced)", f"{t['fps']:.1f} fps",
+                     f"engine {eng[0]} on {eng[1]}, infer p50 {t['service'].get('infer_p50_ms') or 0:.1f} ms"))
+    if "latency" in res:
+        lat = res["latency"]
+        rows.append((f"latency, camera at {fps:g} fps", f"p50 {lat['latency_p50_ms']:.1f} ms, p99 {lat['latency_p99_ms']:.1f} ms",
+                     f"capture to subscriber; {lat['dropped']} dropped, {lat['late']} late of {lat['messages']}"))
+    if "hot_swaps" in res:
+        sw = res["hot_swaps"]
+        rows.append((f"3 hot swaps at {fps:g} fps", f"{sw['dropped']} dropped, {sw['late']} late",
+                     (f"{sw['swaps_seen']}/{sw['swaps_requested']} swaps seen by the subscriber; {sw['dropped_at_swaps']} dropped "
+                      f"at the swaps; gaps at swaps {', '.join(f'{g:.0f}' for g in sw['gap_at_swaps_ms'])} ms "
+                      f"(period {1000 / fps:.0f} ms)")))
+    if "stalled" in res:
+        st = res["stalled"]
+        rows.append((f"stalled subscriber, {st['messages']} messages", f"RSS {st['rss_mb_warm']:.0f} -> {st['rss_mb_end']:.0f} MB",
+                     f"growth {st['growth_mb']:+.1f} MB over {st['seconds']:.0f} s, max {st['rss_mb_max']:.0f} MB"))
+    if "round" in res:
+        r = res["round"]
+        rnd, kids = r["round"] or {}, r["child_rss_mb_max"]
+        rows.append(("RSS of the service, one round", f"{r['service_rss_mb_start']:.0f} MB at start, max {r['service_rss_mb_max']:.0f} MB",
+                     "the serving process (engine, camera, buffer, publisher)"))
+        rows.append(("RSS of the round's child", f"max {kids['round']:.0f} MB" if "round" in kids else "no round child seen",
+                     f"round {rnd.get('outcome', 'did not end')} after {rnd.get('seconds') or 0:.0f} s"
+                     + (f"; its export child max {kids['export']:.0f} MB" if "export" in kids else "")
+                     + (f"; multiprocessing's resource tracker {kids['tracker']:.0f} MB" if "tracker" in kids else "")))
+        rows.append((f"latency while adapting, camera at {fps:g} fps", f"p50 {r['latency_p50_ms']:.1f} ms, p99 {r['latency_p99_ms']:.1f} ms",
+                     f"{r['messages']} messages, {r['fps']:.1f} fps; {r['dropped']} dropped"))
     lines = ["| measurement | result | notes |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines.append(f"\nHardware: {hw['cpu']}, {hw['cores']} cores, {hw['memory_gib']} GiB, GPU {hw['gpu'] or 'none'}; "
                  f"Python {hw['python']}, torch {hw['torch']}, onnxruntime {hw['onnxruntime']}; "
@@ -269,16 +384,23 @@ def main(argv: list[str] | None = None) -> dict | None:
     try:
         res = {"hardware": hardware(), "fps": a.fps, "args": {k: str(v) for k, v in vars(a).items() if not k.startswith("_")}}
         print(f"setting up in {work} ...", file=sys.stderr)
-        bundle, ids = make_bundle(work, a.bundle)
-        video = make_video(work / "camera.avi")
-        print("throughput ...", file=sys.stderr)
-        res["throughput"] = phase_stream(work, bundle, video, "throughput", a.engine, a.seconds, 0)
-        print("latency ...", file=sys.stderr)
-        res["latency"] = phase_stream(work, bundle, video, "latency", a.engine, a.seconds, a.fps)
-        print("hot swaps ...", file=sys.stderr)
-        res["hot_swaps"] = phase_stream(work, bundle, video, "swaps", a.engine, max(a.seconds, 16.0), a.fps, swaps=ids[1:])
-        print(f"stalled subscriber, {a.messages} messages ...", file=sys.stderr)
-        res["stalled"] = phase_stalled(work, bundle, video, a.engine, a.messages)
+        bundle, ids = make_bundle(work, a.bundle, a.preset, a.size)
+        video = make_video(work / "camera.avi", size=a.video_size)
+        if "throughput" in a.phases:
+            print("throughput ...", file=sys.stderr)
+            res["throughput"] = phase_stream(work, bundle, video, "throughput", a.engine, a.seconds, 0)
+        if "latency" in a.phases:
+            print("latency ...", file=sys.stderr)
+            res["latency"] = phase_stream(work, bundle, video, "latency", a.engine, a.seconds, a.fps)
+        if "swaps" in a.phases:
+            print("hot swaps ...", file=sys.stderr)
+            res["hot_swaps"] = phase_stream(work, bundle, video, "swaps", a.engine, max(a.seconds, 16.0), a.fps, swaps=ids[1:])
+        if "stalled" in a.phases:
+            print(f"stalled subscriber, {a.messages} messages ...", file=sys.stderr)
+            res["stalled"] = phase_stalled(work, bundle, video, a.engine, a.messages)
+        if "round" in a.phases:
+            print(f"one adaptation round ({a.adapt_steps} steps on {a.round_frames} frames) ...", file=sys.stderr)
+            res["round"] = phase_round(work, bundle, video, a.engine, a.fps, a.adapt_steps, a.round_frames, a.round_timeout)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(markdown(res))

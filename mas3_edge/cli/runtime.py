@@ -96,7 +96,7 @@ def run_cmd(
                                              "picks the image topic), "
                                              "or synthetic://DOMAIN (night, fog, rain, realistic).")],
     bundle: BundleOpt = None,
-    engine: Annotated[str, typer.Option(help="auto, onnxruntime, tensorrt, torch, torch-fp16, torch-cudagraph.")] = "auto",
+    engine: Annotated[str, typer.Option(help="auto, onnxruntime, tensorrt, torch, torch-fp16, torch-cudagraph, torch-compile.")] = "auto",
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda[:N]; default: a GPU if there is one.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU inference threads (default: half the cores while adapting, else all but one).")] = None,
     publish: Annotated[str, typer.Option(help="Where to publish: tcp://127.0.0.1:PORT or ipc://PATH.")] = "tcp://127.0.0.1:5555",
