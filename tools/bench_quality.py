@@ -250,6 +250,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                     "the same recipe, e.g. mas3_edge/default_bundle) instead of training the source model")
     ap.add_argument("--out", type=Path, default=Path("bench_quality.json"))
     ap.add_argument("--plot-dir", type=Path, help="write quality_miou.png and quality_gain.png here")
+    ap.add_argument("--rejudge", action="store_true", help="read --out, judge every recorded round again with "
+                    "today's health check and gate (rounds.judge), print the table and floors; no adaptation")
     args = ap.parse_args(argv)
     args.methods = args.methods.split(",")
     if unknown := [m for m in args.methods if m not in METHODS]:
@@ -263,8 +265,24 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def rejudge(path: Path) -> dict:
+    """The report at `path` with every round's acceptance decided again from its recorded signals."""
+    report = json.loads(path.read_text())
+    for name, row in report["results"].items():
+        for cell in row.values():
+            if cell.get("gate_after"):
+                cell["accepted"], cell["reason"] = rounds.judge(cell["health_before"], cell["health_after"],
+                                                                cell["gate_after"])
+    report["floor_checks"] = floor_checks(report["results"])
+    path.write_text(json.dumps(report, indent=1))
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     args, t0 = _args(argv), time.perf_counter()
+    if args.rejudge:
+        report = rejudge(args.out)
+        return print(table(report["results"]) + "\n\n" + format_checks(report["floor_checks"]))
     s = Setup(args.preset, args.device, log=lambda msg: print(msg, file=sys.stderr), targets=args.targets,
               source=args.source_bundle)
     report = {"preset": args.preset, "split": args.split, "device": _device_name(args.device), "adapt_steps": args.steps,
@@ -356,7 +374,7 @@ def table(results: dict, targets: Sequence[str] | None = None) -> str:
         mean_cell = f"({mean:+.2f})" if name == "oracle" else f"{mean:+.2f}"
         label = "oracle (reference)" if name == "oracle" else name
         rows.append(f"| {label} | " + " | ".join(cells) + f" | {mean_cell} |")
-    notes = "\n\n(r): the unsupervised health check would have rejected the round."
+    notes = "\n\n(r): the health check and gate (rounds.judge) would have rejected the round."
     if "oracle" in results:
         notes += f"\noracle: {ORACLE}."
     return "\n".join(rows) + notes
