@@ -144,7 +144,20 @@ def test_vanished_device_is_reopened_with_backoff(tmp_path):
         cam.disconnect()
 
 
-class _FlakyCapture:
+class _DeviceCapture:
+    """What a cv2.VideoCapture of a live device at 30 fps answers besides reading."""
+
+    def set(self, *a):
+        return True
+
+    def get(self, prop):
+        return 30.0 if prop == cv2.CAP_PROP_FPS else 0.0
+
+    def release(self):
+        pass
+
+
+class _FlakyCapture(_DeviceCapture):
     """Stands in for cv2.VideoCapture (lerobot-style): good frames, garbage, and failed reads."""
 
     script = ["ok", "empty", "int32", "ok", "fail", "ok", "weird", "ok"]
@@ -172,15 +185,6 @@ class _FlakyCapture:
             return True, np.zeros((120, 240, 5), np.uint8)
         return False, None
 
-    def set(self, *a):
-        return True
-
-    def get(self, prop):
-        return 30.0 if prop == cv2.CAP_PROP_FPS else 0.0
-
-    def release(self):
-        pass
-
 
 def test_corrupt_frames_from_a_live_device_are_skipped_and_counted(monkeypatch):
     monkeypatch.setattr(cv2, "VideoCapture", _FlakyCapture)
@@ -192,7 +196,7 @@ def test_corrupt_frames_from_a_live_device_are_skipped_and_counted(monkeypatch):
     assert cam.stats.reconnects == 0  # isolated failures stay under the cap
 
 
-class _SlowDecodeCapture:
+class _SlowDecodeCapture(_DeviceCapture):
     """A device whose grab() returns at once and whose retrieve() (the decode) takes 80 ms."""
 
     grabs: list[int] = []
@@ -213,15 +217,6 @@ class _SlowDecodeCapture:
 
     def read(self):
         return self.grab() and self.retrieve()
-
-    def set(self, *a):
-        return True
-
-    def get(self, prop):
-        return 30.0 if prop == cv2.CAP_PROP_FPS else 0.0
-
-    def release(self):
-        pass
 
 
 def test_capture_time_is_the_grab_not_the_decode(monkeypatch):
