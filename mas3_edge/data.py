@@ -23,7 +23,13 @@ CORRUPTIONS = (  # the 15 ImageNet-C / Cityscapes-C corruptions (Hendrycks & Die
     "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
     "jpeg_compression",
 )
-KINDS = ("folder", "cityscapes", "gta5", "synthia")
+# ACDC and Dark Zurich are adverse-condition targets with Cityscapes label ids; "acdc" takes all four
+# conditions and "acdc-fog" one of them; "dark-zurich" is night (its labelled split), "dark-zurich-day"
+# or "dark-zurich-twilight" the unlabelled references of its train split.
+ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
+DARK_ZURICH_TIMES = ("night", "twilight", "day")
+KINDS = ("folder", "cityscapes", "gta5", "synthia", "acdc", *(f"acdc-{c}" for c in ACDC_CONDITIONS),
+         "dark-zurich", *(f"dark-zurich-{t}" for t in DARK_ZURICH_TIMES))
 
 
 def _lut(pairs: dict[int, int], size: int = 256) -> np.ndarray:
@@ -238,6 +244,50 @@ def _flat(root: Path, img_dir: str, lbl_dir: str, what: str, labels: bool):
     return imgs, [_need(root / lbl_dir, f"{what} labels") / f"{p.stem}.png" for p in imgs]
 
 
+def _anon(img_dirs: Sequence[Path], gt_dirs: Sequence[Path] | None, what: str):
+    """ACDC / Dark Zurich: {img_dir}/{sequence}/*_rgb_anon.png with labels, when asked for, at
+    {gt_dir}/{sequence}/*_gt_labelIds.png (Cityscapes label ids)."""
+    imgs: list[Path] = []
+    lbls: list[Path] = []
+    for i, d in enumerate(img_dirs):
+        found = sorted(_need(d, what).glob("*/*_rgb_anon.png"))
+        imgs += found
+        if gt_dirs is not None:
+            gt = _need(gt_dirs[i], f"{what} labels")
+            lbls += [gt / p.parent.name / p.name.replace("_rgb_anon.png", "_gt_labelIds.png")
+                     for p in found]
+    return imgs, None if gt_dirs is None else lbls
+
+
+def _acdc(root: Path, kind: str, split: str, labels: bool):
+    cond = kind.removeprefix("acdc").removeprefix("-")
+    conds = [cond] if cond else list(ACDC_CONDITIONS)
+    images = [_need(root / "rgb_anon" / c / split, "ACDC") for c in conds]
+    if labels and split == "test":  # ACDC withholds its test labels
+        raise UserError(f"{root / 'gt'}: ACDC has no labels for the test split (train and val "
+                        "only); open it without labels")
+    return _anon(images, [root / "gt" / c / split for c in conds] if labels else None, "ACDC")
+
+
+def _dark_zurich(root: Path, kind: str, split: str, labels: bool):
+    time = kind.removeprefix("dark-zurich").removeprefix("-") or "night"
+    images, gt = _need(root / "rgb_anon" / split / time, "Dark Zurich"), root / "gt" / split / time
+    if labels and not gt.is_dir():  # only val/night is labelled; train is the unlabelled target
+        raise UserError(f"{gt}: no Dark Zurich labels here (only the val split's night images are "
+                        f"labelled); open split {split!r} without labels")
+    return _anon([images], [gt] if labels else None, "Dark Zurich")
+
+
+def _check_kind(kind: str) -> None:
+    for prefix, names, what in (("acdc-", ACDC_CONDITIONS, "ACDC condition"),
+                                ("dark-zurich-", DARK_ZURICH_TIMES, "Dark Zurich time of day")):
+        if kind.startswith(prefix) and kind not in KINDS:
+            raise UserError(f"unknown {what} {kind.removeprefix(prefix)!r} in kind {kind!r}; "
+                            f"choose one of {', '.join(names)}")
+    if kind not in KINDS:
+        raise UserError(f"unknown dataset kind {kind!r}; choose one of {', '.join(KINDS)}")
+
+
 def open_dataset(root: str | Path, kind: str = "folder", split: str = "train",
                  size: tuple[int, int] | None = None, classes: int = NUM_CLASSES,
                  labels: bool = True) -> PairDataset:
@@ -246,14 +296,20 @@ def open_dataset(root: str | Path, kind: str = "folder", split: str = "train",
     folder: images/ + labels/ (train ids). cityscapes: leftImg8bit/{split}/{city}/ + gtFine
     labelIds. gta5: images/ + labels/ (Cityscapes label ids). synthia (RAND-CITYSCAPES): RGB/ +
     GT/LABELS/ (16-bit, class in the first channel). GTA5 and SYNTHIA use every image: their
-    official splits are file lists, not folders, so `split` applies to Cityscapes only."""
+    official splits are file lists, not folders, so `split` applies to the other kinds only.
+    acdc[-CONDITION]: rgb_anon/{condition}/{split}/{sequence}/*_rgb_anon.png + gt/... labelIds.
+    dark-zurich[-TIME]: rgb_anon/{split}/{time}/{sequence}/ + gt/val/night/ labelIds (its only
+    labels: open the train split with labels=False)."""
     root = Path(root)
-    if kind not in KINDS:
-        raise UserError(f"unknown dataset kind {kind!r}; choose one of {', '.join(KINDS)}")
+    _check_kind(kind)
     if kind == "folder":
         return FolderDataset(root, size, labels, classes)
     if kind == "cityscapes":
         (imgs, lbls), fn = _cityscapes(root, split, labels), _cityscapes_label
+    elif kind.startswith("acdc"):
+        (imgs, lbls), fn = _acdc(root, kind, split, labels), _cityscapes_label
+    elif kind.startswith("dark-zurich"):
+        (imgs, lbls), fn = _dark_zurich(root, kind, split, labels), _cityscapes_label
     elif kind == "gta5":  # GTA5 labels use the Cityscapes label ids
         (imgs, lbls), fn = _flat(root, "images", "labels", "GTA5", labels), _cityscapes_label
     else:

@@ -1,6 +1,7 @@
 """Image IO, the dataset layouts and their label mappings, corruptions and the data CLI."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import cv2
@@ -121,6 +122,102 @@ def test_synthia_layout_mapping_and_subsets(tmp_path):
         data.open_dataset(root, "synthia", classes=7)
     with pytest.raises(UserError, match="kind"):
         data.open_dataset(root, "kitti")
+
+
+# Cityscapes label ids and the train ids they map to (road sidewalk car bicycle / unlabeled person
+# bus rail track); both targets below store these labelIds.
+_CS_IDS = np.array([[7, 8, 26, 33], [0, 24, 28, 10]], np.uint8)
+_CS_TRAIN = [[0, 1, 13, 18], [255, 11, 15, 255]]
+
+
+def _anon_pair(img_dir: Path, gt_dir: Path | None, seq: str, frame: str, value: int = 0) -> None:
+    """One frame of the ACDC / Dark Zurich layout: {seq}/{frame}_rgb_anon.png (+ _gt_labelIds)."""
+    _png(img_dir / seq / f"{frame}_rgb_anon.png", np.full((2, 4, 3), value, np.uint8))
+    if gt_dir is not None:
+        _png(gt_dir / seq / f"{frame}_gt_labelIds.png", _CS_IDS)
+        _png(gt_dir / seq / f"{frame}_gt_labelTrainIds.png", np.zeros((2, 4), np.uint8))  # unused
+
+
+def _acdc(root: Path) -> Path:
+    for k, cond in enumerate(data.ACDC_CONDITIONS):
+        for split in ("train", "val"):
+            _anon_pair(root / "rgb_anon" / cond / split, root / "gt" / cond / split,
+                       f"GOPR047{k}", f"GOPR047{k}_frame_00000{k}", value=10 * k)
+        _anon_pair(root / "rgb_anon" / cond / "test", None, f"GOPR049{k}", f"GOPR049{k}_frame_000001")
+        _anon_pair(root / "rgb_anon" / cond / "train_ref", None, f"GOPR047{k}_ref",
+                   f"GOPR047{k}_frame_00000{k}_ref")  # the clear-weather references: not a target
+    return root
+
+
+def test_acdc_layout_conditions_and_mapping(tmp_path):
+    root = _acdc(tmp_path / "acdc")
+    both = data.open_dataset(root, "acdc", split="val")
+    assert len(both) == 4 and [img[0, 0, 0] for img, _ in both] == [0, 10, 20, 30]
+    assert all(lbl.tolist() == _CS_TRAIN for _, lbl in both)
+    night = data.open_dataset(root, "acdc-night", split="train")
+    assert len(night) == 1 and night[0][0][0, 0, 0] == 10
+    assert "/night/train/" in night.labels[0].as_posix()
+    test = data.open_dataset(root, "acdc-fog", split="test", labels=False)
+    assert len(test) == 1 and test[0].shape == (2, 4, 3)
+
+
+def test_acdc_bad_inputs_are_one_clear_line(tmp_path):
+    root = _acdc(tmp_path / "acdc")
+    with pytest.raises(UserError, match="ACDC condition 'sand'.*fog, night, rain, snow"):
+        data.open_dataset(root, "acdc-sand", split="val")
+    with pytest.raises(UserError, match="no labels for the test split"):
+        data.open_dataset(root, "acdc", split="test")
+    with pytest.raises(UserError, match=r"rgb_anon/fog/val: missing.*ACDC"):
+        data.open_dataset(tmp_path / "nowhere", "acdc-fog", split="val")
+    (root / "gt/rain/val/GOPR0472/GOPR0472_frame_000002_gt_labelIds.png").unlink()
+    with pytest.raises(UserError, match=r"GOPR0472_frame_000002_gt_labelIds\.png: label missing"):
+        data.open_dataset(root, "acdc", split="val")
+    assert len(data.open_dataset(root, "acdc-rain", split="val", labels=False)) == 1
+    shutil.rmtree(root / "rgb_anon/snow")  # "acdc" means all four conditions
+    with pytest.raises(UserError, match=r"rgb_anon/snow/val: missing"):
+        data.open_dataset(root, "acdc", split="val", labels=False)
+
+
+def _dark_zurich(root: Path) -> Path:
+    for k, time in enumerate(data.DARK_ZURICH_TIMES):
+        _anon_pair(root / "rgb_anon/train" / time, None, f"GOPR035{k}", f"GOPR035{k}_frame_000001",
+                   value=10 * k)
+    _anon_pair(root / "rgb_anon/val/night", root / "gt/val/night", "GOPR0356", "GOPR0356_frame_000321")
+    _anon_pair(root / "rgb_anon/val/night", root / "gt/val/night", "GOPR0356", "GOPR0356_frame_000322")
+    _anon_pair(root / "rgb_anon/val_ref/day", None, "GOPR0356_ref", "GOPR0356_frame_000321_ref")
+    return root
+
+
+def test_dark_zurich_layout_times_and_mapping(tmp_path):
+    root = _dark_zurich(tmp_path / "dz")
+    val = data.open_dataset(root, "dark-zurich", split="val")
+    assert len(val) == 2 and all(lbl.tolist() == _CS_TRAIN for _, lbl in val)
+    night = data.open_dataset(root, "dark-zurich", split="train", labels=False, size=(4, 8))
+    assert len(night) == 1 and night[0].shape == (4, 8, 3) and night[0][0, 0, 0] == 0
+    assert data.open_dataset(root, "dark-zurich-twilight", split="train", labels=False)[0][0, 0, 0] == 10
+    assert data.open_dataset(root, "dark-zurich-day", split="train", labels=False)[0][0, 0, 0] == 20
+
+
+def test_dark_zurich_bad_inputs_are_one_clear_line(tmp_path):
+    root = _dark_zurich(tmp_path / "dz")
+    with pytest.raises(UserError, match=r"gt/train/night: no Dark Zurich labels.*without labels"):
+        data.open_dataset(root, "dark-zurich", split="train")
+    with pytest.raises(UserError, match=r"gt/val_ref/day: no Dark Zurich labels"):
+        data.open_dataset(root, "dark-zurich-day", split="val_ref")
+    assert len(data.open_dataset(root, "dark-zurich-day", split="val_ref", labels=False)) == 1
+    with pytest.raises(UserError, match="time of day 'dusk'.*night, twilight, day"):
+        data.open_dataset(root, "dark-zurich-dusk", split="train", labels=False)
+    with pytest.raises(UserError, match=r"rgb_anon/test/night: missing.*Dark Zurich"):
+        data.open_dataset(root, "dark-zurich", split="test")  # images are checked first
+    (root / "gt/val/night/GOPR0356/GOPR0356_frame_000322_gt_labelIds.png").unlink()
+    with pytest.raises(UserError, match=r"000322_gt_labelIds\.png: label missing \(1 of 2"):
+        data.open_dataset(root, "dark-zurich", split="val")
+
+
+def test_cli_kind_help_names_the_new_kinds():
+    from mas3_edge.cli.core import DataKind
+    help_text = DataKind.__metadata__[0].help
+    assert "acdc" in help_text and "dark-zurich" in help_text
 
 
 def test_corrupt_folder(tmp_path):

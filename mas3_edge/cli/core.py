@@ -14,7 +14,7 @@ NewBundleOpt = Annotated[Path, typer.Option("--bundle", "-b", help="Bundle direc
 VersionOpt = Annotated[Optional[str], typer.Option("--version", help="Version id; default: the serving one.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for scripts), not a table.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")]
-DataKind = Annotated[str, typer.Option("--kind", help="Dataset layout: folder, cityscapes, gta5 or synthia.")]
+DataKind = Annotated[str, typer.Option("--kind", help="Dataset layout: folder, cityscapes, gta5, synthia, acdc[-fog|-night|-rain|-snow] or dark-zurich[-twilight|-day].")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")]
 
 
