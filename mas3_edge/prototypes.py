@@ -4,6 +4,13 @@ Fitted in ONE streaming pass of float64 sufficient statistics (count, Σz, Σzz�
 at several confidence thresholds at once so that a class with too few confident pixels falls back
 to a lower τ without a second pass over the source data. This file is all that the device keeps
 of the source domain.
+
+The covariance is stored in one of three structures, chosen by the embedding width D so that the
+file stays small for imported models (D = 256 … 2048) while sampling stays exact for what is kept:
+  full     chol [K, D, D]            lower Cholesky factor of Σ_j (D ≤ 64)
+  lowrank  factor [K, D, r], diag [K, D]   Σ_j ≈ U Uᵀ + diag(d): the top-r eigenvectors of Σ_j,
+                                     d the remaining variance, so the marginal variances are exact
+  diag     diag [K, D]               the variances alone (D > 1024)
 """
 from __future__ import annotations
 
@@ -22,6 +29,18 @@ from .errors import UserError
 from .labels import CLASSES, IGNORE
 
 FALLBACK_TAUS = (0.9, 0.7, 0.5, 0.0)  # tried in order for a class short of confident pixels
+COVARIANCES = ("auto", "full", "lowrank", "diag")
+FULL_MAX_D, LOWRANK_MAX_D, LOWRANK_RANK = 64, 1024, 32  # auto: full ≤ 64 < lowrank ≤ 1024 < diag
+
+
+def choose_covariance(d: int, covariance: str = "auto") -> tuple[str, int]:
+    """(structure, rank) for width d; `covariance` forces one of full / lowrank / diag."""
+    if covariance not in COVARIANCES:
+        raise UserError(f"unknown covariance structure {covariance!r}; use one of {', '.join(COVARIANCES)}")
+    if covariance == "auto":
+        covariance = "full" if d <= FULL_MAX_D else "lowrank" if d <= LOWRANK_MAX_D else "diag"
+    rank = min(LOWRANK_RANK, d - 1) if covariance == "lowrank" else 0
+    return ("diag", 0) if covariance == "lowrank" and rank < 1 else (covariance, rank)
 
 
 class SufficientStats:
@@ -48,13 +67,16 @@ class SufficientStats:
 
 @dataclass
 class Prototypes:
-    """GMM parameters: alpha (K,), mean (K, D), chol (K, D, D) lower Cholesky factors, counts (K,)."""
+    """GMM parameters: alpha (K,), mean (K, D), counts (K,) and Σ_j in one structure (module doc):
+    chol (K, D, D) lower Cholesky factors, or factor (K, D, r) plus diag (K, D), or diag (K, D)."""
 
     alpha: torch.Tensor
     mean: torch.Tensor
-    chol: torch.Tensor
+    chol: torch.Tensor | None
     counts: torch.Tensor
     meta: dict = field(default_factory=dict)
+    factor: torch.Tensor | None = None
+    diag: torch.Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -65,8 +87,20 @@ class Prototypes:
         return self.mean.shape[1]
 
     @property
+    def structure(self) -> str:
+        return "full" if self.chol is not None else "lowrank" if self.factor is not None else "diag"
+
+    @property
+    def rank(self) -> int:
+        return self.factor.shape[2] if self.factor is not None else 0
+
+    @property
     def covariance(self) -> torch.Tensor:
-        return self.chol @ self.chol.transpose(1, 2)
+        """Dense Σ (K, D, D) in any structure (large for wide D: for checks and small tools)."""
+        if self.chol is not None:
+            return self.chol @ self.chol.transpose(1, 2)
+        dense = torch.diag_embed(self.diag)
+        return dense + self.factor @ self.factor.transpose(1, 2) if self.factor is not None else dense
 
     def sample(self, per_class: torch.Tensor, generator: torch.Generator | None = None):
         """Draw per_class[j] samples of component j -> z (N, D), y (N,) on the prototypes' device.
@@ -75,14 +109,27 @@ class Prototypes:
         per_class = per_class.long().cpu().clone()
         per_class[(self.alpha <= 0).cpu()] = 0
         y = torch.repeat_interleave(torch.arange(self.k), per_class)
-        eps = torch.randn(y.shape[0], self.d, 1, generator=generator)
-        y, eps = y.to(self.mean.device), eps.to(self.mean.device)
-        z = self.mean[y] + (self.chol[y] @ eps).squeeze(-1)
+        dev = self.mean.device
+        eps = torch.randn(y.shape[0], self.d, generator=generator).to(dev)  # (N, D)
+        eps_u = torch.randn(y.shape[0], self.rank, generator=generator).to(dev)  # (N, r), empty unless low rank
+        y = y.to(dev)
+        if self.chol is None:
+            z = self.mean[y] + self.diag[y].sqrt() * eps  # z = μ + sqrt(d) ⊙ ε2 (+ U ε1 below)
+        else:
+            z = self.mean[y]  # indexing copies
+        start = 0
+        for j, n in enumerate(per_class.tolist()):  # per class: no (N, D, D) or (N, D, r) gather
+            if n and self.chol is not None:
+                z[start:start + n] += eps[start:start + n] @ self.chol[j].T
+            elif n and self.factor is not None:
+                z[start:start + n] += eps_u[start:start + n] @ self.factor[j].T
+            start += n
         return z, y
 
     def to(self, device) -> "Prototypes":
-        return Prototypes(self.alpha.to(device), self.mean.to(device), self.chol.to(device),
-                          self.counts.to(device), self.meta)
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Prototypes(self.alpha.to(device), self.mean.to(device), move(self.chol),
+                          self.counts.to(device), self.meta, move(self.factor), move(self.diag))
 
 
 def class_name(j: int) -> str:
@@ -90,14 +137,16 @@ def class_name(j: int) -> str:
     return CLASSES[j] if j < len(CLASSES) else str(j)
 
 
-def finalize(stats: SufficientStats, min_count: int, shrink: float = 1e-3) -> Prototypes:
+def finalize(stats: SufficientStats, min_count: int, shrink: float = 1e-3, covariance: str = "auto") -> Prototypes:
     """Eq. 3 from the sufficient statistics, with a per-class fallback to a lower τ and a shrunk Σ.
 
     μ_j and Σ_j come from the highest τ with at least `min_count` pixels of class j. α_j is
     counted at ONE level for every class, the lowest τ kept (all correctly predicted pixels when it
     is 0): counts taken at different levels are not comparable, and a class that fell back to a
-    lower τ would be weighted up against the classes that did not."""
+    lower τ would be weighted up against the classes that did not. `covariance` picks how Σ_j
+    is stored (`choose_covariance`)."""
     _, k, d = stats.sum.shape
+    kind, rank = choose_covariance(d, covariance)
     mean = torch.zeros(k, d, dtype=torch.float64)
     cov = torch.eye(d, dtype=torch.float64).repeat(k, 1, 1)
     counts = torch.zeros(k, dtype=torch.float64)
@@ -121,21 +170,37 @@ def finalize(stats: SufficientStats, min_count: int, shrink: float = 1e-3) -> Pr
                         "and is this the data it was trained on?")
     weight = stats.count[-1].cpu() * (counts > 0)  # one level for all; absent classes stay at 0
     alpha = weight / weight.sum()
-    chol = torch.linalg.cholesky(cov)
-    return Prototypes(alpha.float(), mean.float(), chol.float(), counts.float(),
-                      {"tau": stats.taus[0], "alpha_tau": stats.taus[-1], "handling": handling,
-                       "min_count": min_count})
+    meta = {"tau": stats.taus[0], "alpha_tau": stats.taus[-1], "handling": handling, "min_count": min_count}
+    sigma = structure(cov, kind, rank)
+    return Prototypes(alpha.float(), mean.float(), sigma.get("chol"), counts.float(), meta,
+                      sigma.get("factor"), sigma.get("diag"))
+
+
+def structure(cov: torch.Tensor, kind: str, rank: int = 0) -> dict[str, torch.Tensor]:
+    """Dense float64 Σ (K, D, D) -> the float32 tensors of one structure: chol, or factor + diag,
+    or diag. Low rank keeps the top-r eigenpairs (U = V_r sqrt(λ_r)) and gives the diagonal the
+    variance they leave, d = diag(Σ) - rowsum(U²) > 0, so every marginal variance is kept."""
+    if kind == "full":
+        return {"chol": torch.linalg.cholesky(cov).float()}
+    var = cov.diagonal(dim1=1, dim2=2)  # (K, D)
+    if kind == "diag":
+        return {"diag": var.float()}
+    lam, vec = torch.linalg.eigh(cov)  # ascending
+    u = vec[..., -rank:] * lam[:, -rank:].clamp(min=0).sqrt().unsqueeze(1)  # (K, D, r)
+    rest = (var - (u * u).sum(-1)).clamp(min=1e-6 * var.mean(1, keepdim=True))
+    return {"factor": u.float().contiguous(), "diag": rest.float()}
 
 
 @torch.no_grad()
 def fit(net, dataset, tau: float = 0.97, min_count: int = 100, device: str | torch.device = "cpu",
-        batch_size: int = 8) -> Prototypes:
+        batch_size: int = 8, covariance: str = "auto") -> Prototypes:
     """One pass over a labelled source dataset of (uint8 image (H,W,3), label (H,W)) pairs -> GMM.
 
     Labels are brought to the embedding grid (stride 8), where z and the prediction h(z) live,
     by the centre pixel of each cell (`labels_to_grid`); the confidence filter discards the
-    boundary pixels this blurs.
+    boundary pixels this blurs. `covariance` (auto | full | lowrank | diag) picks how Σ_j is stored.
     """
+    choose_covariance(net.config.embed_dim, covariance)  # a bad choice fails before the pass
     net = net.to(device).eval()
     stats = SufficientStats(net.config.num_classes, net.config.embed_dim,
                             (tau,) + tuple(t for t in FALLBACK_TAUS if t < tau), device)
@@ -148,7 +213,7 @@ def fit(net, dataset, tau: float = 0.97, min_count: int = 100, device: str | tor
         lab = labels_to_grid(labels, z.shape[-2:])
         stats.update(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), lab.reshape(-1).long(),
                      pred.reshape(-1), conf.reshape(-1))
-    return finalize(stats, min_count)
+    return finalize(stats, min_count, covariance=covariance)
 
 
 def labels_to_grid(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -158,42 +223,60 @@ def labels_to_grid(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return labels[:, sh // 2::sh, sw // 2::sw][:, : size[0], : size[1]]
 
 
+TENSORS = {"full": ("chol",), "lowrank": ("factor", "diag"), "diag": ("diag",)}
+
+
 def save(proto: Prototypes, path: Path, model_sha256: str, source: str) -> None:
     meta = {"tau": str(proto.meta.get("tau")), "classes": json.dumps([class_name(j) for j in range(proto.k)]),
             "dim": str(proto.d), "model_sha256": model_sha256, "source": source,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "handling": json.dumps(proto.meta.get("handling", {})), "format": "mas3-edge-prototypes/1"}
-    tensors = {"alpha": proto.alpha, "mean": proto.mean, "chol": proto.chol, "counts": proto.counts}
+            "handling": json.dumps(proto.meta.get("handling", {})), "format": "mas3-edge-prototypes/1",
+            "covariance": proto.structure, "rank": str(proto.rank)}
+    tensors = {"alpha": proto.alpha, "mean": proto.mean, "counts": proto.counts}
+    tensors |= {name: getattr(proto, name) for name in TENSORS[proto.structure]}
     atomic_write(Path(path), safetensors.torch.save({k: v.contiguous().cpu() for k, v in tensors.items()}, meta))
 
 
 def load(path: Path, model_meta: dict | None = None) -> Prototypes:
-    """Load and validate; with `model_meta` (model.json) check that the file belongs to that model."""
+    """Load and validate; with `model_meta` (model.json) check that the file belongs to that model.
+    A file without a `covariance` entry (written before it existed) is a full one."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prototype file {path} is missing; fit one with `mas3-edge prototypes`")
     try:
         with safetensors.safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-            t = {k: f.get_tensor(k) for k in ("alpha", "mean", "chol", "counts")}
+            kind = meta.get("covariance", "full")
+            names = ("alpha", "mean", "counts") + TENSORS.get(kind, ())
+            t = {k: f.get_tensor(k).float() for k in names if k in f.keys()}
     except Exception as e:
         raise UserError(f"prototype file {path} is unreadable ({str(e).splitlines()[0]})") from None
-    proto = Prototypes(t["alpha"].float(), t["mean"].float(), t["chol"].float(), t["counts"].float(), meta)
+    if kind not in TENSORS:
+        raise UserError(f"prototype file {path} has an unknown covariance structure {kind!r}; refit it")
+    if missing := [k for k in names if k not in t]:
+        raise UserError(f"prototype file {path} ({kind} covariance) lacks {', '.join(missing)}; refit it")
+    proto = Prototypes(t["alpha"], t["mean"], t.get("chol"), t["counts"], meta, t.get("factor"), t.get("diag"))
     _validate(proto, path, model_meta)
     return proto
 
 
 def _validate(p: Prototypes, path: Path, model_meta: dict | None) -> None:
     k, d = p.mean.shape
-    if p.alpha.shape != (k,) or p.counts.shape != (k,) or p.chol.shape != (k, d, d):
+    shapes = {"chol": (k, d, d), "factor": (k, d, p.rank), "diag": (k, d)}
+    if (p.alpha.shape != (k,) or p.counts.shape != (k,) or p.rank >= max(d, 2)
+            or any(getattr(p, n) is not None and getattr(p, n).shape != s for n, s in shapes.items())):
         raise UserError(f"prototype file {path} has inconsistent shapes")
-    if not all(torch.isfinite(x).all() for x in (p.alpha, p.mean, p.chol)):
+    if p.structure == "lowrank" and p.meta.get("rank", str(p.rank)) != str(p.rank):
+        raise UserError(f"prototype file {path} says rank {p.meta['rank']} but stores rank {p.rank}; refit it")
+    if not all(torch.isfinite(x).all() for x in (p.alpha, p.mean, p.chol, p.factor, p.diag) if x is not None):
         raise UserError(f"prototype file {path} contains NaN or infinite values")
     used = p.alpha > 0
     if not used.any():
         raise UserError(f"prototype file {path} has no component with positive weight; refit it")
-    if (p.chol[used].diagonal(dim1=1, dim2=2) <= 0).any():
+    if p.chol is not None and (p.chol[used].diagonal(dim1=1, dim2=2) <= 0).any():
         raise UserError(f"prototype file {path} has a covariance that is not positive definite")
+    if p.diag is not None and (p.diag[used] <= 0).any():
+        raise UserError(f"prototype file {path} has a variance that is not positive ({p.structure} covariance); refit it")
     if model_meta is not None:
         arch = model_meta["architecture"]
         if (k, d) != (arch["num_classes"], arch["embed_dim"]):

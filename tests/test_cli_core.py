@@ -59,6 +59,7 @@ def _cli(*args):
      "--batch-size must be"),
     (["eval", "--data", "{root}/frames", "--bundle", "{root}/bundle"], "label missing"),
     (["train", "--data", "{root}/src", "--bundle", "{root}/b2", "--preset", "huge"], "unknown model preset"),
+    (["prototypes", "--data", "{root}/src", "--bundle", "{root}/bundle", "--covariance", "dense"], "covariance"),
 ])
 def test_bad_input_is_one_line_and_nonzero(workflow, args, message):
     versions = bundle.version_ids(workflow / "bundle")

@@ -159,7 +159,7 @@ def test_labels_reach_the_embedding_grid_from_each_cells_centre(small_net, monke
     image = np.zeros((64, 128, 3), np.uint8)
     seen = []
     monkeypatch.setattr(P.SufficientStats, "update", lambda self, z, label, *a: seen.append(label))
-    monkeypatch.setattr(P, "finalize", lambda stats, min_count: stats)
+    monkeypatch.setattr(P, "finalize", lambda stats, min_count, **kw: stats)
     P.fit(small_net, [(image, np.tile(cell, (8, 16)))])
     assert seen[0].shape == (8 * 16,) and (seen[0] == 3).all()
 
@@ -171,3 +171,83 @@ def test_prototypes_moved_to_the_gpu_sample_there_with_the_cpu_draws():
     z, y = proto.sample(n, torch.Generator().manual_seed(0))
     zg, yg = proto.to("cuda").sample(n, torch.Generator().manual_seed(0))
     assert zg.device.type == "cuda" and torch.equal(yg.cpu(), y) and torch.allclose(zg.cpu(), z, atol=1e-5)
+
+
+def _correlated_stats(k=19, d=256, n=400, seed=0):
+    """One streaming pass over K correlated Gaussians in D dimensions (a random mixing per class)."""
+    g = torch.Generator().manual_seed(seed)
+    stats = P.SufficientStats(k, d, (0.0,))
+    for j in range(k):
+        mix = torch.randn(d, d, generator=g, dtype=torch.float64) / d ** 0.5
+        z = torch.randn(n, d, generator=g, dtype=torch.float64) @ mix.T + torch.randn(d, generator=g, dtype=torch.float64)
+        y = torch.full((n,), j)
+        stats.update(z, y, y, torch.ones(n))
+    return stats
+
+
+def test_covariance_structure_is_chosen_by_width_or_forced():
+    assert P.choose_covariance(19) == ("full", 0) and P.choose_covariance(64) == ("full", 0)
+    assert P.choose_covariance(256) == ("lowrank", 32) and P.choose_covariance(1024) == ("lowrank", 32)
+    assert P.choose_covariance(2048) == ("diag", 0)
+    assert P.choose_covariance(2048, "full") == ("full", 0) and P.choose_covariance(19, "diag") == ("diag", 0)
+    with pytest.raises(UserError, match="unknown covariance structure 'dense'"):
+        P.choose_covariance(19, "dense")
+
+
+def test_wide_embedding_file_is_under_a_megabyte_in_the_auto_choice(tmp_path):
+    proto = P.finalize(_correlated_stats(), min_count=10)
+    path = tmp_path / "p.safetensors"
+    P.save(proto, path, "abc", "synthetic")
+    assert proto.structure == "lowrank" and proto.factor.shape == (19, 256, 32)
+    assert path.stat().st_size <= 1024 * 1024
+    back = P.load(path, _meta(19, 256))
+    assert back.meta["covariance"] == "lowrank" and back.meta["rank"] == "32" and back.structure == "lowrank"
+
+
+@pytest.mark.parametrize("covariance", ["full", "lowrank", "diag"])
+def test_each_covariance_structure_round_trips_through_the_file(tmp_path, covariance):
+    stats = _correlated_stats(k=3, d=80, n=300)
+    proto = P.finalize(stats, min_count=10, covariance=covariance)
+    full = P.finalize(stats, min_count=10, covariance="full")
+    path = tmp_path / f"{covariance}.safetensors"
+    P.save(proto, path, "abc", "synthetic")
+    back = P.load(path, _meta(3, 80))
+    assert back.structure == covariance == back.meta["covariance"]
+    for name in ("mean", "alpha", "chol", "factor", "diag"):
+        a, b = getattr(proto, name), getattr(back, name)
+        assert (a is None and b is None) or torch.equal(a, b)
+    # every structure keeps the fitted marginal variances
+    assert torch.allclose(back.covariance.diagonal(dim1=1, dim2=2), full.covariance.diagonal(dim1=1, dim2=2), rtol=1e-4)
+
+
+def test_low_rank_samples_reproduce_the_fitted_covariance():
+    proto = P.finalize(_correlated_stats(k=2, d=80, n=600), min_count=10, covariance="lowrank")
+    zs, ys = proto.sample(torch.tensor([40000, 40000]), torch.Generator().manual_seed(0))
+    for j in range(2):
+        s = zs[ys == j].double()
+        assert torch.allclose(s.mean(0), proto.mean[j].double(), atol=0.03)
+        cov = proto.covariance[j].double()
+        assert (torch.cov(s.T) - cov).abs().max() < 0.05 * cov.diagonal().max()
+
+
+def test_corrupt_low_rank_files_are_one_clear_error(tmp_path):
+    proto = P.finalize(_correlated_stats(k=3, d=80, n=300), min_count=10, covariance="lowrank")
+    cases = {"negative": ("diag", -1.0, "variance that is not positive"), "nan": ("factor", float("nan"), "NaN")}
+    for name, (tensor, value, message) in cases.items():
+        bad = P.Prototypes(proto.alpha, proto.mean, None, proto.counts, {}, proto.factor.clone(), proto.diag.clone())
+        getattr(bad, tensor)[1, 5] = value
+        P.save(bad, tmp_path / f"{name}.safetensors", "abc", "s")
+        with pytest.raises(UserError, match=message):
+            P.load(tmp_path / f"{name}.safetensors")
+    import safetensors.torch
+    t = {"alpha": proto.alpha, "mean": proto.mean, "counts": proto.counts, "factor": proto.factor}
+    safetensors.torch.save_file(t, str(tmp_path / "nodiag.safetensors"), {"covariance": "lowrank", "rank": "32"})
+    with pytest.raises(UserError, match="lacks diag"):
+        P.load(tmp_path / "nodiag.safetensors")
+
+
+def test_packaged_default_bundle_still_loads_as_full_covariance():
+    from mas3_edge import bundle
+    ver = bundle.load_version(bundle.PACKAGED)
+    proto = P.load(ver.prototypes_path, ver.meta)
+    assert proto.structure == "full" and proto.chol.shape == (19, 19, 19) and proto.factor is None

@@ -86,6 +86,8 @@ def prototypes_cmd(
     tau: Annotated[float, typer.Option(help="Confidence threshold of the support sets (Eq. 3).")] = 0.97,
     min_count: Annotated[int, typer.Option(help="Pixels a class needs before τ is lowered for it.")] = 100,
     device: DeviceOpt = "auto",
+    covariance: Annotated[str, typer.Option(help="How Σ is stored: auto (full for D ≤ 64, lowrank to "
+                                                 "1024, diag beyond), full, lowrank or diag.")] = "auto",
 ) -> None:
     """Fit the class-prototype GMM in one pass over the source data and store it in the version."""
     bundle = _bundle(bundle)
@@ -93,10 +95,11 @@ def prototypes_cmd(
     from ..labels import CLASSES
     ver = bundles.load_version(bundle, version)
     ds = datasets.open_dataset(data, kind=kind, split="train", size=ver.net.config.input_size)
-    proto = prototypes.fit(ver.net, ds, tau=tau, min_count=min_count, device=_device(device))
+    proto = prototypes.fit(ver.net, ds, tau=tau, min_count=min_count, device=_device(device),
+                           covariance=covariance)
     prototypes.save(proto, ver.prototypes_path, ver.meta["source_sha256"], str(data))
     handling = proto.meta["handling"]
-    table(f"prototypes of {ver.id} (τ = {tau})", ["class", "pixels", "α", "note"],
+    table(f"prototypes of {ver.id} (τ = {tau}, {proto.structure} covariance)", ["class", "pixels", "α", "note"],
           [[c, int(proto.counts[j]), float(proto.alpha[j]), handling.get(c, "")] for j, c in enumerate(CLASSES)])
     typer.echo(f"wrote {ver.prototypes_path} ({ver.prototypes_path.stat().st_size / 1024:.1f} KB)")
 
