@@ -82,9 +82,11 @@ def run(args) -> dict:
         stream = np.concatenate([frames] * (1 + args.rounds * args.every * args.stride // len(frames)))
         buffered = stream[::args.stride]
         cfg = AdaptConfig(method=args.method, steps=args.steps)
-        out = {"frames_per_loop": len(frames), "method": args.method, "source_miou": miou(net), "rounds": []}
+        out = {"frames_per_loop": len(frames), "method": args.method, "span": args.span, "source_miou": miou(net), "rounds": []}
         for k in range(args.rounds):
-            chunk = buffered[k * args.every:(k + 1) * args.every]
+            end = (k + 1) * args.every
+            window = buffered[max(0, end - max(args.span, args.every)):end]  # the newest `span` buffered frames
+            chunk = window[np.linspace(0, len(window) - 1, min(args.every, len(window))).astype(int)]
             serving = bundle.load_version(root)
             t0 = time.perf_counter()
             r = rounds.run_round(root, chunk, cfg, serving.id, guard=False)
@@ -129,6 +131,8 @@ def main(argv=None) -> None:
     ap.add_argument("--every", type=int, default=60, help="buffered frames per round (and round size)")
     ap.add_argument("--stride", type=int, default=5, help="one video frame in N is buffered")
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--span", type=int, default=0, help="a round samples its frames evenly from the newest SPAN "
+                    "buffered frames (default: the newest --every, as the runtime does)")
     ap.add_argument("--pan-step", type=int, default=4, help="pixels the camera pans per frame")
     ap.add_argument("--video", type=Path, help="also write the video (MJPG) here")
     ap.add_argument("--out", type=Path, default=Path("looped_video.json"))
