@@ -239,9 +239,14 @@ def main(argv: list[str] | None = None) -> dict:
             rows += bench_size(make_version(Path(tmp), args, size), size, args, device, engines)
     add_speedups(rows)
     add_achieved(rows, args.peak_tflops if args.peak_tflops is not None else (H200_FP16_TFLOPS if device != "cpu" else None))
+    return report(rows, hw, args, markdown)
+
+
+def report(rows: list[dict], hw: dict, args: argparse.Namespace, to_markdown) -> dict:
+    """Print the table and write the JSON (--out): the end of this tool and of bench_sets."""
     result = {"hardware": hw, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "results": rows}
-    print(markdown(rows, hw, args))
+    print(to_markdown(rows, hw, args))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_inference import hardware  # noqa: E402
+from bench_inference import hardware, report  # noqa: E402
 
 log = logging.getLogger("bench_sets")
 FLOOR = 1.1
@@ -225,12 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         for size in args.sizes:
             rows += bench_size(make_versions(args.keep or Path(tmp), args, size), size, args)
     add_ratios(rows)
-    result = {"hardware": hw, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "results": rows}
-    print(markdown(rows, hw, args))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return report(rows, hw, args, markdown)
 
 
 if __name__ == "__main__":
