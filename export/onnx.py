@@ -46,7 +46,7 @@ from onnx import helper
 from mas3_edge.bundle import (ONNX_FILE, atomic_write, atomic_write_json, load_version, read_meta, resolve,
                               sha256_bytes, sha256_file)
 from mas3_edge.errors import UserError
-from mas3_edge.model import Deployed, SegNet
+from mas3_edge.model import Deployed, SegModel
 
 from . import parity, passes
 
@@ -170,7 +170,7 @@ def _is_current(vdir: Path, report: dict | None, weights_sha: str, settings: dic
     return True
 
 
-def _torch_export(net: SegNet, with_embedding: bool, opset: int, path: Path) -> onnx.ModelProto:
+def _torch_export(net: SegModel, with_embedding: bool, opset: int, path: Path) -> onnx.ModelProto:
     """Trace Deployed(net) with the TorchScript exporter (the dynamo one needs onnxscript)."""
     h, w = net.config.input_size
     model = Deployed(net, with_embedding).eval()
@@ -178,7 +178,7 @@ def _torch_export(net: SegNet, with_embedding: bool, opset: int, path: Path) -> 
     kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     dummy = torch.zeros((2, h, w, 3), dtype=torch.uint8)  # batch 2: a batch of 1 can hide a baked-in size
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer warnings about the shape checks in SegNet
+        warnings.simplefilter("ignore")  # tracer warnings about the shape checks in SegModel.embed
         torch.onnx.export(model, (dummy,), str(path), input_names=[INPUT], output_names=names,
                           dynamic_axes={n: {0: "batch"} for n in [INPUT, *names]}, opset_version=opset,
                           do_constant_folding=True, **kwargs)
@@ -187,7 +187,7 @@ def _torch_export(net: SegNet, with_embedding: bool, opset: int, path: Path) -> 
     return model
 
 
-def _declare_io(model: onnx.ModelProto, net: SegNet) -> None:
+def _declare_io(model: onnx.ModelProto, net: SegModel) -> None:
     """Give every input/output its static shape (batch stays symbolic) so consumers need no inference."""
     h, w = net.config.input_size
     shapes = {INPUT: ("batch", h, w, 3), "classes": ("batch", h, w), "confidence": ("batch", h, w),

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mas3_edge.model import Deployed, SegNet
+from mas3_edge.model import Deployed, SegModel
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def check_images(size: tuple[int, int], n_random: int = 2, n_frames: int = 4,
 
 
 @torch.no_grad()
-def torch_reference(net: SegNet, images: np.ndarray, batch: int = 2) -> dict[str, np.ndarray]:
+def torch_reference(net: SegModel, images: np.ndarray, batch: int = 2) -> dict[str, np.ndarray]:
     """PyTorch fp32 CPU outputs: classes (N,H,W) uint8, confidence (N,H,W), logits (N,K,H,W).
 
     One pass of Deployed per batch; the logits are its head output caught by a hook and upsampled
@@ -113,7 +113,7 @@ def torch_reference(net: SegNet, images: np.ndarray, batch: int = 2) -> dict[str
         for i in range(0, len(images), batch):
             x = torch.from_numpy(images[i:i + batch])
             classes, conf = deployed(x)
-            logits = F.interpolate(low.pop(), size=x.shape[1:3], mode="bilinear", align_corners=False)
+            logits = net.upsample(low.pop(), x.shape[1:3])
             for k, v in zip(out, (classes, conf, logits)):
                 out[k].append(v.numpy())
     finally:

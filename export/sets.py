@@ -9,7 +9,7 @@ the speed of the folded one) can serve the per-set layout instead:
 
     VERSION/sets/router.onnx    images uint8 (B, H, W, 3) -> route int32 (B,): each frame's set
                                 (normalise, the stem conv, its channel statistics, nearest set by
-                                Gaussian KL: SegNet.route, the choice model.onnx makes inside)
+                                Gaussian KL: SegModel.route, the choice model.onnx makes inside)
     VERSION/sets/set-<s>.onnx   images -> classes, confidence: set s folded into the convs (the
                                 graph of a one-set model, with set s's statistics)
 
@@ -17,7 +17,7 @@ The engine runs the router, then each frame through its set's graph (a mixed bat
 set and put back in order). The router costs about 3-4 % of a frame on a CPU (it repeats the stem
 conv). Each graph is checked like model.onnx: every set graph against PyTorch with that set forced
 (logits, confidence, classes on all check images, so every set is exercised whatever the images
-route to), and the router's choice against SegNet.route on the check images. The files and their
+route to), and the router's choice against SegModel.route on the check images. The files and their
 figures are listed under "sets" in export.json; `check_sets` refuses a file that is not the one
 checked.
 """
@@ -35,7 +35,7 @@ from torch import nn
 
 from mas3_edge.bundle import sha256_bytes, sha256_file
 from mas3_edge.errors import UserError
-from mas3_edge.model import DomainNorm, SegNet, _one_set
+from mas3_edge.model import DomainNorm, SegModel, _one_set
 
 from . import parity, passes
 
@@ -46,11 +46,11 @@ ROUTER_FILE = "router.onnx"
 ROUTE = "route"
 
 
-def set_count(net: SegNet) -> int:
+def set_count(net: SegModel) -> int:
     """Normalisation sets a model routes between (1: a one-set model, nothing to split)."""
     if not any(isinstance(m, DomainNorm) and m.routed() for m in net.modules()):
         return 1
-    return len(net.encoder.layers[0][1].sets())
+    return net.set_count()
 
 
 def set_file(s: int) -> str:
@@ -58,9 +58,9 @@ def set_file(s: int) -> str:
 
 
 class Router(nn.Module):
-    """uint8 (B, H, W, 3) -> int32 (B,): the set SegNet.embed routes each frame to."""
+    """uint8 (B, H, W, 3) -> int32 (B,): the set SegModel.embed routes each frame to."""
 
-    def __init__(self, net: SegNet):
+    def __init__(self, net: SegModel):
         super().__init__()
         self.net = net
 
@@ -68,7 +68,7 @@ class Router(nn.Module):
         return self.net.route(self.net.stem(images)).to(torch.int32)
 
 
-def export_sets(net: SegNet, label: str, images: np.ndarray, source: str, opset: int, simplify: bool,
+def export_sets(net: SegModel, label: str, images: np.ndarray, source: str, opset: int, simplify: bool,
                 with_embedding: bool) -> tuple[dict[str, bytes], dict]:
     """The per-set layout of `net`, checked: ({file name under sets/: bytes}, export.json "sets").
 
@@ -101,8 +101,8 @@ def export_sets(net: SegNet, label: str, images: np.ndarray, source: str, opset:
     return files, report
 
 
-def export_router(net: SegNet, images: np.ndarray, opset: int, path: Path) -> tuple[bytes, dict]:
-    """router.onnx, checked against SegNet.route on `images`; UserError if a frame is routed otherwise."""
+def export_router(net: SegModel, images: np.ndarray, opset: int, path: Path) -> tuple[bytes, dict]:
+    """router.onnx, checked against SegModel.route on `images`; UserError if a frame is routed otherwise."""
     import inspect
     h, w = net.config.input_size
     kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
@@ -128,8 +128,8 @@ def export_router(net: SegNet, images: np.ndarray, opset: int, path: Path) -> tu
     return data, check
 
 
-def check_router(net: SegNet, got: np.ndarray, images: np.ndarray) -> dict:
-    """Agreement of an exported router's routes `got` (N,) with SegNet.route on `images`; a near tie
+def check_router(net: SegModel, got: np.ndarray, images: np.ndarray) -> dict:
+    """Agreement of an exported router's routes `got` (N,) with SegModel.route on `images`; a near tie
     (the two nearest sets within 1e-5 relative in PyTorch) may go either way and is not counted."""
     got = np.asarray(got).astype(np.int64).reshape(-1)
     with torch.no_grad():

@@ -5,7 +5,7 @@
 
 One plan per graph: model.onnx, or for an adapted model exported with its per-set layout
 (export/sets.py) the router and each set's graph (`graph=` "sets/router.onnx", "sets/set-1.onnx"),
-each keyed by its own file's sha256. The router's check is its choice of set against SegNet.route;
+each keyed by its own file's sha256. The router's check is its choice of set against SegModel.route;
 a set's, its outputs against PyTorch with that set forced.
 
 The key hashes everything an engine depends on: the ONNX sha256, the TensorRT version, the GPU
@@ -261,7 +261,7 @@ def build_engine(onnx_path: Path, spec: EngineSpec, workspace_gib: float = 4.0) 
 def verify_engine(plan: bytes, vdir: Path, spec: EngineSpec, device: str | None = None,
                   graph: str | None = None) -> dict:
     """Parity of a built engine against PyTorch (a set's graph: with that set forced; the router:
-    the same set as SegNet.route per image); UserError if it misses the floors."""
+    the same set as SegModel.route per image); UserError if it misses the floors."""
     import torch
     from mas3_edge.model import _one_set
     from .sets import ROUTE, check_router

@@ -38,7 +38,7 @@ from torch import nn
 
 from .config import AdaptConfig
 from .errors import UserError
-from .model import DomainNorm, SegNet, gaussian_kl
+from .model import DomainNorm, SegModel, gaussian_kl
 from .prototypes import Prototypes
 from .swd import sliced_wasserstein
 from .torchutil import to_device
@@ -49,7 +49,7 @@ MIN_CLASS_PIXELS = 16  # a predicted class needs this many target pixels to get 
 SAME_DOMAIN = 4.0  # a chunk within this many times its own spread of an adapted set is of its domain
 
 
-def configure(net: SegNet, cfg: AdaptConfig) -> list[nn.Parameter]:
+def configure(net: SegModel, cfg: AdaptConfig) -> list[nn.Parameter]:
     """Train mode off (BN statistics are not updated by gradient steps); choose the updated params."""
     net.eval()
     for p in net.parameters():
@@ -95,7 +95,7 @@ def swd_loss(zt: torch.Tensor, pred: torch.Tensor, zp: torch.Tensor, yp: torch.T
     return (torch.stack(terms) * w).sum() / w.sum()
 
 
-def mas3_step(net: SegNet, proto: Prototypes, images: torch.Tensor, cfg: AdaptConfig,
+def mas3_step(net: SegModel, proto: Prototypes, images: torch.Tensor, cfg: AdaptConfig,
               generator: torch.Generator, anchor: list[torch.Tensor] | None = None) -> dict:
     """One term of Eq. 4 on a batch of uint8 frames; returns the loss and its parts."""
     z = net.embed(net.normalize(images))  # (B, D, h, w)
@@ -127,7 +127,7 @@ def mas3_step(net: SegNet, proto: Prototypes, images: torch.Tensor, cfg: AdaptCo
             "all_pixels": all_pixels}
 
 
-def adapt(net: SegNet, proto: Prototypes, frames: np.ndarray, cfg: AdaptConfig, progress=None) -> dict:
+def adapt(net: SegModel, proto: Prototypes, frames: np.ndarray, cfg: AdaptConfig, progress=None) -> dict:
     """Run one adaptation round in place on uint8 frames (N, H, W, 3), on the net's device."""
     if len(frames) == 0:
         raise UserError("no frames to adapt on")
@@ -162,7 +162,7 @@ def adapt(net: SegNet, proto: Prototypes, frames: np.ndarray, cfg: AdaptConfig, 
     return {"steps": steps, "seconds": time.perf_counter() - t0, "all_pixel_steps": all_pixels}
 
 
-def finish(net: SegNet, frames: np.ndarray, source_stats: list[torch.Tensor] | None, mix: float,
+def finish(net: SegModel, frames: np.ndarray, source_stats: list[torch.Tensor] | None, mix: float,
            keep_source: bool = True) -> None:
     """End a round: with `source_stats`, re-estimate BN statistics from the round's starting ones
     (the weights moved, so the statistics follow them); without `keep_source` the adapted set also
@@ -182,7 +182,7 @@ def finish(net: SegNet, frames: np.ndarray, source_stats: list[torch.Tensor] | N
 # --- normalisation statistics: re-estimated on the target, batch statistics in the steps, the bank of sets
 
 @torch.no_grad()
-def reestimate_bn(net: SegNet, frames: np.ndarray, mix: float = 1.0, batch_size: int = 8) -> None:
+def reestimate_bn(net: SegModel, frames: np.ndarray, mix: float = 1.0, batch_size: int = 8) -> None:
     """AdaBN: batch-norm statistics := the moments of the mixture (1 - mix) · current + mix · `frames`."""
     bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
     saved = [(m.momentum, m.training, m.running_mean.clone(), m.running_var.clone()) for m in bns]
@@ -202,7 +202,7 @@ def reestimate_bn(net: SegNet, frames: np.ndarray, mix: float = 1.0, batch_size:
 
 
 @contextmanager
-def stepping(net: SegNet, batch_stats: bool):
+def stepping(net: SegModel, batch_stats: bool):
     """The mode of a round's gradient steps (mas3 and the baselines): no per-frame routing (the
     steps adapt the target's set); with `batch_stats`, each batch normalised with its own
     statistics, and the running statistics the steps drift put back afterwards."""
@@ -221,7 +221,7 @@ def stepping(net: SegNet, batch_stats: bool):
 
 
 @torch.no_grad()
-def source_stats_to_running(net: SegNet) -> None:
+def source_stats_to_running(net: SegModel) -> None:
     """Start from the source model's statistics (kept in every DomainNorm along the lineage)."""
     for m in net.modules():
         if isinstance(m, DomainNorm):
@@ -229,7 +229,7 @@ def source_stats_to_running(net: SegNet) -> None:
 
 
 @torch.no_grad()
-def select_set(net: SegNet, frames: np.ndarray, keep: int, batch_size: int = 8) -> str:
+def select_set(net: SegModel, frames: np.ndarray, keep: int, batch_size: int = 8) -> str:
     """Before a round that keeps the source set: make the set of this chunk's domain the working
     set, or start a new one from the source's. The chunk's pooled stem statistics are compared
     (Gaussian KL) with every set's: it is of the nearest adapted set's domain unless the source set

@@ -19,18 +19,18 @@ from .adapt import configure, finish, reestimate_bn, stepping
 from .config import AdaptConfig
 from .cotta import cotta_steps
 from .labels import IGNORE
-from .model import SegNet
+from .model import SegModel
 from .torchutil import to_device
 
 PSEUDO_THRESHOLD = 0.9
 
 
-def _tent_loss(net: SegNet, images: torch.Tensor) -> torch.Tensor:
+def _tent_loss(net: SegModel, images: torch.Tensor) -> torch.Tensor:
     p = torch.softmax(net(net.normalize(images)), 1)
     return -(p * p.clamp(min=1e-12).log()).sum(1).mean()
 
 
-def _pseudo_loss(net: SegNet, images: torch.Tensor) -> torch.Tensor:
+def _pseudo_loss(net: SegModel, images: torch.Tensor) -> torch.Tensor:
     logits = net(net.normalize(images))
     with torch.no_grad():
         conf, target = torch.softmax(logits, 1).max(1)
@@ -40,7 +40,7 @@ def _pseudo_loss(net: SegNet, images: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, target, ignore_index=IGNORE)
 
 
-def run_baseline(net: SegNet, frames: np.ndarray, cfg: AdaptConfig) -> dict:
+def run_baseline(net: SegModel, frames: np.ndarray, cfg: AdaptConfig) -> dict:
     """Adapt `net` in place with cfg.method in (none, bn, tent, pseudo, cotta)."""
     if cfg.method == "none":
         return {"steps": []}

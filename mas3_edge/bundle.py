@@ -25,11 +25,12 @@ from pathlib import Path
 
 import safetensors.torch
 
+from .arch import build
 from .config import ModelConfig
 from .fsutil import atomic_write, atomic_write_json, make_readable_dir
 from .errors import UserError
-from .labels import CLASSES, PALETTE
-from .model import SegNet
+from .labels import CITYSCAPES, LabelSet
+from .model import SegModel
 
 FORMAT = "mas3-edge/1"
 MODEL_FILE, META_FILE, PROTO_FILE, ONNX_FILE = "model.safetensors", "model.json", "prototypes.safetensors", "model.onnx"
@@ -111,7 +112,7 @@ class Version:
 
     path: Path
     meta: dict
-    net: SegNet
+    net: SegModel
 
     @property
     def id(self) -> str:
@@ -224,6 +225,13 @@ def read_meta(vdir: Path) -> dict:
     return meta
 
 
+def version_labels(meta: dict) -> LabelSet:
+    """The label set a version's model.json names (Cityscapes-19 for versions written before label sets)."""
+    if "labels" in meta:
+        return LabelSet.from_dict(meta["labels"], f"model.json of version {meta.get('version')}")
+    return CITYSCAPES
+
+
 def load_version(bundle: Path, version: str | None = None, verify: bool = True) -> Version:
     """Load weights and metadata; the weights' sha256 must match model.json."""
     vdir = resolve(bundle, version)
@@ -233,7 +241,7 @@ def load_version(bundle: Path, version: str | None = None, verify: bool = True) 
         raise UserError(f"version {meta['version']} has no weights ({wpath} missing)")
     if verify and weights_sha256(wpath) != meta.get("sha256"):
         raise UserError(f"{wpath} does not match the hash in model.json: the weights are corrupt")
-    net = SegNet(ModelConfig.from_dict(meta["architecture"]))
+    net = build(ModelConfig.from_dict(meta["architecture"]), version_labels(meta))
     try:
         state = safetensors.torch.load_file(str(wpath))
         net.load_weights(state)
@@ -253,7 +261,7 @@ def list_versions(root: Path) -> list[dict]:
     return out
 
 
-def save_version(root: Path, net: SegNet, *, parent: Version | None = None, info: dict | None = None,
+def save_version(root: Path, net: SegModel, *, parent: Version | None = None, info: dict | None = None,
                  files: dict[str, Path | bytes] | None = None, serve: bool = True) -> Path:
     """Write a new version (weights, model.json, extra files) and, by default, serve it.
 
@@ -286,14 +294,15 @@ def save_version(root: Path, net: SegNet, *, parent: Version | None = None, info
     return vdir_root / vid
 
 
-def _claim(vdir_root: Path, tmp: Path, net: SegNet, parent: Version | None, digest: str, info: dict) -> str:
+def _claim(vdir_root: Path, tmp: Path, net: SegModel, parent: Version | None, digest: str, info: dict) -> str:
     """Pick the next free id and rename the finished directory onto it (retry if another process won)."""
     for _ in range(100):
         ids = [int(p[1:]) for p in version_ids(vdir_root.parent) if p[1:].isdigit()]
         vid = f"v{max(ids, default=0) + 1:04d}"
         meta = {
             "format": FORMAT, "version": vid, "parent": parent.id if parent else None,
-            "architecture": net.config.to_dict(), "classes": list(CLASSES), "palette": [list(c) for c in PALETTE],
+            "architecture": net.config.to_dict(), "labels": net.labels.to_dict(),
+            "classes": list(net.labels.names), "palette": [list(c) for c in net.labels.palette],
             "input_size": list(net.config.input_size),
             "normalization": {"mean": list(net.config.mean), "std": list(net.config.std), "input": "uint8 RGB NHWC"},
             "sha256": digest, "source_sha256": parent.meta["source_sha256"] if parent else digest,

@@ -17,6 +17,7 @@ class ModelConfig:
     """Everything needed to rebuild the network (stored in model.json)."""
 
     preset: str = "tiny"
+    arch: str = "builtin"  # builtin (SegNet, the fields below) | torchvision:NAME | smp:ARCH:ENCODER | python:MOD:FACTORY
     num_classes: int = NUM_CLASSES
     embed_dim: int = NUM_CLASSES  # D = K as in the paper
     width_mult: float = 0.5
@@ -26,6 +27,7 @@ class ModelConfig:
     input_size: tuple[int, int] = (128, 256)  # (H, W) the runtime resizes frames to
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # RGB, on 0..1 pixel values
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    multiple: int = 8  # input sides must be multiples of this (the network's output stride)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_size", tuple(int(s) for s in self.input_size))
@@ -38,8 +40,9 @@ class ModelConfig:
         _check(1 <= self.expansion <= 8, f"expansion must be in [1, 8], got {self.expansion}")
         _check(0.1 <= self.width_mult <= 4, f"width_mult must be in [0.1, 4], got {self.width_mult}")
         h, w = self.input_size
-        _check(h % 8 == 0 and w % 8 == 0 and h >= 32 and w >= 32,
-               f"input size must be multiples of 8 and >= 32, got {h}x{w}")
+        k = self.multiple
+        _check(k >= 1 and h % k == 0 and w % k == 0 and h >= 32 and w >= 32,
+               f"input size must be multiples of {k} and >= 32, got {h}x{w}")
         _check(all(s > 0 for s in self.std), "std must be positive")
 
     def to_dict(self) -> dict:

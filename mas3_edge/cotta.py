@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import SegNet
+from .model import SegModel
 from .torchutil import to_device
 
 SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
@@ -35,7 +35,7 @@ class CoTTASettings:
 
 
 @torch.no_grad()
-def teacher_labels(teacher: SegNet, images: torch.Tensor, s: CoTTASettings) -> torch.Tensor:
+def teacher_labels(teacher: SegModel, images: torch.Tensor, s: CoTTASettings) -> torch.Tensor:
     """(B, H, W) pseudo-labels: the teacher's argmax, or its augmentation average where unsure."""
     x = teacher.normalize(images)  # (B, 3, H, W)
     probs = torch.softmax(teacher(x), 1)  # (B, K, H, W)
@@ -45,7 +45,8 @@ def teacher_labels(teacher: SegNet, images: torch.Tensor, s: CoTTASettings) -> t
         avg = torch.zeros_like(probs)
         for scale in s.scales:
             for flip in (False, True):
-                size = [max(8, round(n * scale / 8) * 8) for n in x.shape[2:]]  # the net needs multiples of 8
+                k = teacher.config.multiple  # the net needs multiples of k
+                size = [max(k, round(n * scale / k) * k) for n in x.shape[2:]]
                 xa = F.interpolate(x, size=size, mode="bilinear", align_corners=False) if scale != 1 else x
                 xa = xa.flip(3) if flip else xa
                 pa = torch.softmax(teacher(xa), 1)
@@ -56,20 +57,20 @@ def teacher_labels(teacher: SegNet, images: torch.Tensor, s: CoTTASettings) -> t
 
 
 @torch.no_grad()
-def ema_(teacher: SegNet, student: SegNet, mt: float) -> None:
+def ema_(teacher: SegModel, student: SegModel, mt: float) -> None:
     for t, p in zip(teacher.parameters(), student.parameters()):
         t.mul_(mt).add_(p, alpha=1 - mt)
 
 
 @torch.no_grad()
-def restore_(student: SegNet, source: list[torch.Tensor], rst: float, gen: torch.Generator) -> None:
+def restore_(student: SegModel, source: list[torch.Tensor], rst: float, gen: torch.Generator) -> None:
     for p, p0 in zip(student.parameters(), source):
         if p.requires_grad:
             mask = torch.rand(p.shape, generator=gen) < rst
             p.copy_(torch.where(mask.to(p.device), p0, p))
 
 
-def cotta_steps(net: SegNet, frames: np.ndarray, params: list[torch.nn.Parameter], cfg,
+def cotta_steps(net: SegModel, frames: np.ndarray, params: list[torch.nn.Parameter], cfg,
                 settings: CoTTASettings = CoTTASettings()) -> list[dict]:
     """Run CoTTA on `net` in place, updating `params`; at the end the net holds the teacher's
     weights. The stochastic restore returns weights to the round's starting ones (in the runtime,

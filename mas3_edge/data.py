@@ -1,13 +1,16 @@
-"""Image IO, datasets in the 19-class Cityscapes train-id space, and common corruptions.
+"""Image IO, datasets in a label set's class ids (Cityscapes-19 by default), and common corruptions.
 
 Every dataset yields the same item: an RGB uint8 image (H, W, 3) and, when labels are wanted, a
-uint8 label map (H, W) of train ids 0..18 with 255 = ignore. The datasets are plain map-style
-datasets (len + getitem), which torch's DataLoader accepts; torch is not imported here so that
-the data commands stay fast.
+uint8 label map (H, W) of class ids 0..K-1 with the label set's ignore id (Cityscapes: train ids
+0..18, 255 = ignore). The public dataset kinds (cityscapes, gta5, synthia, acdc, dark-zurich) map
+to Cityscapes-19; a `folder` dataset holds the ids of whatever label set it is opened with. The
+datasets are plain map-style datasets (len + getitem), which torch's DataLoader accepts; torch is
+not imported here so that the data commands stay fast.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -15,7 +18,7 @@ import numpy as np
 
 from .errors import UserError
 from .fsutil import atomic_write
-from .labels import IGNORE, NUM_CLASSES, SUBSETS as LABEL_SUBSETS
+from .labels import CITYSCAPES, IGNORE, LABEL_SET_ID, NUM_CLASSES, SUBSETS as LABEL_SUBSETS, LabelSet
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 CORRUPTIONS = (  # the 15 ImageNet-C / Cityscapes-C corruptions (Hendrycks & Dietterich 2019)
@@ -32,8 +35,8 @@ KINDS = ("folder", "cityscapes", "gta5", "synthia", "acdc", *(f"acdc-{c}" for c 
          "dark-zurich", *(f"dark-zurich-{t}" for t in DARK_ZURICH_TIMES))
 
 
-def _lut(pairs: dict[int, int], size: int = 256) -> np.ndarray:
-    lut = np.full(size, IGNORE, np.uint8)
+def _lut(pairs: dict[int, int], size: int = 256, fill: int = IGNORE) -> np.ndarray:
+    lut = np.full(size, fill, np.uint8)
     for k, v in pairs.items():
         lut[k] = v
     return lut
@@ -46,8 +49,9 @@ CITYSCAPES_TO_TRAIN = _lut({7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7
 # SYNTHIA class id -> Cityscapes train id, as used by AdaptSegNet, ADVENT, DACS, ProDA.
 SYNTHIA_TO_TRAIN = _lut({3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10,
                          10: 11, 17: 12, 8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18}, 65536)
-# labels.SUBSETS by size (19, 16, 13). Labels keep their 19-class train ids; classes outside the
-# subset become ignore, and the dataset's `classes` tell evaluate() which classes to score.
+# labels.SUBSETS by size (19, 16, 13), subsets of Cityscapes-19 only. Labels keep their 19-class train
+# ids; classes outside the subset become ignore, and the dataset's `classes` tell evaluate() which
+# classes to score.
 SUBSETS = {len(c): c for c in LABEL_SUBSETS.values()}
 
 
@@ -95,18 +99,19 @@ def _read_ids(path: str | Path, channel: int = 0) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def read_label(path: str | Path, strict: bool = True) -> np.ndarray:
-    """Train-id label map uint8 (H, W). Ids other than 0..18 and 255 raise a UserError,
-    or become 255 with strict=False."""
+def read_label(path: str | Path, strict: bool = True, num_classes: int = NUM_CLASSES,
+               ignore: int = IGNORE) -> np.ndarray:
+    """Class-id label map uint8 (H, W) of a K-class label set (default Cityscapes-19, 255 = ignore).
+    Ids other than 0..K-1 and `ignore` raise a UserError, or become `ignore` with strict=False."""
     ids = _read_ids(path)
-    bad = (ids >= NUM_CLASSES) & (ids != IGNORE)
+    bad = (ids >= num_classes) & (ids != ignore)
     if bad.any():
         if strict:
             vals = np.unique(ids[bad])
             shown = ", ".join(str(v) for v in vals[:10]) + (" ..." if len(vals) > 10 else "")
-            raise UserError(f"{path}: label ids {shown} are not train ids 0..{NUM_CLASSES - 1} "
-                            f"or {IGNORE}; convert the labels (or read with strict=False)")
-        ids = np.where(bad, IGNORE, ids)
+            raise UserError(f"{path}: label ids {shown} are not class ids 0..{num_classes - 1} "
+                            f"or {ignore} (ignore); convert the labels (or read with strict=False)")
+        ids = np.where(bad, ignore, ids)
     return ids.astype(np.uint8)
 
 
@@ -151,21 +156,37 @@ def track(items, total: int, desc: str):
 
 
 # ---- datasets --------------------------------------------------------------------------------
+def _scored(classes: int | None, label_set: LabelSet) -> tuple[int, ...] | None:
+    """The class ids a subset benchmark scores (SUBSETS: Cityscapes-19 only); None: every class."""
+    if classes is None or classes == label_set.num_classes:
+        return None
+    if label_set.id != LABEL_SET_ID:
+        raise UserError(f"class subsets ({', '.join(map(str, sorted(SUBSETS)))}) are Cityscapes-19 benchmarks; "
+                        f"label set {label_set.id!r} has {label_set.num_classes} classes, score them all")
+    if classes not in SUBSETS:
+        raise UserError(f"classes must be one of {sorted(SUBSETS)}, got {classes}")
+    return SUBSETS[classes]
+
+
 class PairDataset:
     """(image, label) pairs read from disk, resized to size (H, W) when given.
 
-    label_fn reads a label file into train ids; labels=False yields the image alone."""
+    label_fn reads a label file into class ids of `label_set` (default: read_label, which checks them);
+    labels=False yields the image alone. `classes` (16 or 13, Cityscapes-19 only) keeps a SYNTHIA
+    subset and makes the rest ignore."""
 
     def __init__(self, images: Sequence[Path], labels: Sequence[Path] | None,
-                 label_fn: Callable[[Path], np.ndarray] = read_label,
-                 size: tuple[int, int] | None = None, classes: int = NUM_CLASSES):
-        if classes not in SUBSETS:
-            raise UserError(f"classes must be one of {sorted(SUBSETS)}, got {classes}")
-        self.images, self.labels, self.label_fn = list(images), labels, label_fn
+                 label_fn: Callable[[Path], np.ndarray] | None = None,
+                 size: tuple[int, int] | None = None, classes: int | None = None,
+                 label_set: LabelSet = CITYSCAPES):
+        # the class ids a subset benchmark scores (mIoU over these only); None: every class
+        self.classes = _scored(classes, label_set)
+        # a partial of a module-level function still pickles for DataLoader workers
+        label_fn = label_fn or partial(read_label, num_classes=label_set.num_classes, ignore=label_set.ignore)
+        self.images, self.labels, self.label_fn, self.label_set = list(images), labels, label_fn, label_set
         self.size = None if size is None else (int(size[0]), int(size[1]))
-        self.keep = _lut({c: c for c in SUBSETS[classes]})
-        # the train ids a subset benchmark scores (mIoU over these only); None: every class
-        self.classes = SUBSETS[classes] if classes != NUM_CLASSES else None
+        kept = range(label_set.num_classes) if self.classes is None else self.classes
+        self.keep = _lut({c: c for c in kept}, fill=label_set.ignore)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -188,15 +209,15 @@ class PairDataset:
 
 
 class FolderDataset(PairDataset):
-    """The generic format: images/NAME.* and labels/NAME.png (train ids). A folder of images
-    alone, or images/ without labels/, is a valid unlabeled dataset (labels=False)."""
+    """The generic format: images/NAME.* and labels/NAME.png (class ids of `label_set`, checked).
+    A folder of images alone, or images/ without labels/, is a valid unlabeled dataset (labels=False)."""
 
     def __init__(self, root: str | Path, size: tuple[int, int] | None = None,
-                 labels: bool = True, classes: int = NUM_CLASSES):
+                 labels: bool = True, classes: int | None = None, label_set: LabelSet = CITYSCAPES):
         images = list_images(root)
         label_files = [Path(root) / "labels" / f"{p.stem}.png" for p in images] if labels else None
         _all_there(label_files, "add labels/NAME.png or open the folder with labels=False")
-        super().__init__(images, label_files, read_label, size, classes)
+        super().__init__(images, label_files, None, size, classes, label_set)
 
 
 def _all_there(label_files: list[Path] | None, hint: str) -> None:
@@ -289,9 +310,9 @@ def _check_kind(kind: str) -> None:
 
 
 def open_dataset(root: str | Path, kind: str = "folder", split: str = "train",
-                 size: tuple[int, int] | None = None, classes: int = NUM_CLASSES,
-                 labels: bool = True) -> PairDataset:
-    """A dataset in train ids from a folder laid out like `kind`.
+                 size: tuple[int, int] | None = None, classes: int | None = None,
+                 labels: bool = True, label_set: LabelSet = CITYSCAPES) -> PairDataset:
+    """A dataset in the class ids of `label_set` from a folder laid out like `kind`.
 
     folder: images/ + labels/ (train ids). cityscapes: leftImg8bit/{split}/{city}/ + gtFine
     labelIds. gta5: images/ + labels/ (Cityscapes label ids). synthia (RAND-CITYSCAPES): RGB/ +
@@ -299,11 +320,14 @@ def open_dataset(root: str | Path, kind: str = "folder", split: str = "train",
     official splits are file lists, not folders, so `split` applies to the other kinds only.
     acdc[-CONDITION]: rgb_anon/{condition}/{split}/{sequence}/*_rgb_anon.png + gt/... labelIds.
     dark-zurich[-TIME]: rgb_anon/{split}/{time}/{sequence}/ + gt/val/night/ labelIds (its only
-    labels: open the train split with labels=False)."""
+    labels: open the train split with labels=False). Every kind but folder has Cityscapes-19 labels."""
     root = Path(root)
     _check_kind(kind)
     if kind == "folder":
-        return FolderDataset(root, size, labels, classes)
+        return FolderDataset(root, size, labels, classes, label_set)
+    if labels and label_set.id != LABEL_SET_ID:
+        raise UserError(f"--kind {kind} has Cityscapes-19 labels but the label set is {label_set.id!r} "
+                        f"({label_set.num_classes} classes); use --kind folder with labels in its ids")
     if kind == "cityscapes":
         (imgs, lbls), fn = _cityscapes(root, split, labels), _cityscapes_label
     elif kind.startswith("acdc"):
@@ -317,7 +341,7 @@ def open_dataset(root: str | Path, kind: str = "folder", split: str = "train",
     if not imgs:
         raise UserError(f"{root}: no {kind} images found (split {split!r})")
     _all_there(lbls, f"is the {kind} download complete?")
-    return PairDataset(imgs, lbls, fn, size, classes)
+    return PairDataset(imgs, lbls, fn, size, classes, label_set)
 
 
 # ---- corruptions -----------------------------------------------------------------------------

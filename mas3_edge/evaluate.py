@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .data import write_png
+from .errors import UserError
 from .frames import resize
 from .labels import colorize, overlay
 from .metrics import Confusion
@@ -45,15 +46,26 @@ def _chunks(iterable, n: int):
         yield batch
 
 
+def _check_label_set(dataset, labels) -> None:
+    """Scoring a model against labels of another label set would compare unrelated class ids."""
+    theirs = getattr(dataset, "label_set", None)
+    if theirs is not None and (theirs.id, theirs.num_classes) != (labels.id, labels.num_classes):
+        raise UserError(f"the data was opened for label set {theirs.id!r} ({theirs.num_classes} classes) but "
+                        f"the model predicts {labels.id!r} ({labels.num_classes} classes); open it with the "
+                        "model's label set")
+
+
 def evaluate(net: SegNet, dataset, batch_size: int = 8, overlays: Path | None = None,
              max_overlays: int = 16, classes: Sequence[int] | None = None) -> dict:
     """mIoU etc. of `net` over a dataset of (image, label) pairs; optional PNG overlays
-    (image | ground truth | prediction). `classes`: the train ids scored (labels.SUBSETS, e.g.
-    SYNTHIA's 16); None: the dataset's own `classes` where it has them (open_dataset(classes=16)),
-    else all."""
+    (image | ground truth | prediction) in the colours of the model's label set. `classes`: the
+    class ids scored (labels.SUBSETS, e.g. SYNTHIA's 16); None: the dataset's own `classes` where
+    it has them (open_dataset(classes=16)), else all of the model's label set."""
     classes = getattr(dataset, "classes", None) if classes is None else classes
+    labels = net.labels
+    _check_label_set(dataset, labels)
     net.eval()
-    conf = Confusion(net.config.num_classes)
+    conf = Confusion(labels)
     written = 0
     for batch in _chunks(_pairs(dataset, net.config.input_size), batch_size):
         preds = predict(net, np.stack([img for img, _ in batch]))
@@ -61,6 +73,7 @@ def evaluate(net: SegNet, dataset, batch_size: int = 8, overlays: Path | None = 
             conf.update(pred, lbl)
             if overlays is not None and written < max_overlays:
                 write_png(Path(overlays) / f"{written:04d}.png",
-                          np.concatenate([img, colorize(lbl), overlay(img, pred)], axis=1))
+                          np.concatenate([img, colorize(lbl, labels.palette),
+                                          overlay(img, pred, palette=labels.palette)], axis=1))
                 written += 1
     return {**conf.summary(classes=classes), "images": len(dataset)}

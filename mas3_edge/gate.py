@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import SegNet, _one_set
+from .model import SegModel, _one_set
 from .torchutil import to_device
 
 GATE = ("consistency", "retained", "source")
@@ -32,7 +32,7 @@ RETAINED, SOURCE = 0.3, 0.97
 CONSISTENCY_FRAMES = 24
 
 
-def _logits(net: SegNet, images: torch.Tensor) -> torch.Tensor:
+def _logits(net: SegModel, images: torch.Tensor) -> torch.Tensor:
     return net(net.normalize(images))  # (B, K, H, W)
 
 
@@ -47,7 +47,7 @@ def _jitter(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def consistency(net: SegNet, frames: np.ndarray, batch_size: int = 8, seed: int = 0) -> float:
+def consistency(net: SegModel, frames: np.ndarray, batch_size: int = 8, seed: int = 0) -> float:
     """Mean pixel agreement of the plain prediction with those under flip, 0.75x scale and jitter,
     on at most CONSISTENCY_FRAMES of `frames`, evenly spaced (four passes per frame)."""
     frames = frames[np.linspace(0, len(frames) - 1, min(len(frames), CONSISTENCY_FRAMES)).astype(int)]
@@ -57,7 +57,8 @@ def consistency(net: SegNet, frames: np.ndarray, batch_size: int = 8, seed: int 
         x = net.normalize(images)
         pred = net(x).argmax(1)  # (B, H, W)
         h, w = x.shape[2:]
-        small = F.interpolate(x, size=(max(8, round(h * 0.75 / 8) * 8), max(8, round(w * 0.75 / 8) * 8)),
+        k = net.config.multiple  # the network takes multiples of k
+        small = F.interpolate(x, size=(max(k, round(h * 0.75 / k) * k), max(k, round(w * 0.75 / k) * k)),
                               mode="bilinear", align_corners=False)
         views = (net(x.flip(3)).flip(3),
                  F.interpolate(net(small), size=(h, w), mode="bilinear", align_corners=False),
@@ -68,7 +69,7 @@ def consistency(net: SegNet, frames: np.ndarray, batch_size: int = 8, seed: int 
 
 
 @torch.no_grad()
-def agreement(reference: SegNet, net: SegNet, frames: np.ndarray, top: float = 1.0, batch_size: int = 8) -> float:
+def agreement(reference: SegModel, net: SegModel, frames: np.ndarray, top: float = 1.0, batch_size: int = 8) -> float:
     """Pixel agreement of `net` with `reference`, on the `top` fraction of pixels `reference` is
     most confident about (1.0: all pixels)."""
     agree, n = 0.0, 0
@@ -82,12 +83,12 @@ def agreement(reference: SegNet, net: SegNet, frames: np.ndarray, top: float = 1
     return agree / max(n, 1)
 
 
-def source_path(net: SegNet) -> SegNet:
+def source_path(net: SegModel) -> SegModel:
     """The network as it segments the source domain: its source normalisation set alone."""
     return _one_set(net, 0).eval()
 
 
-def gate_signals(serving: SegNet, new: SegNet, source: SegNet, frames: np.ndarray) -> dict:
+def gate_signals(serving: SegModel, new: SegModel, source: SegModel, frames: np.ndarray) -> dict:
     """The three gate signals of `new` (its consistency alone; the others against `serving` and
     the lineage's `source`), on held-out frames."""
     return {"consistency": consistency(new, frames),

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from .model import SegNet
+from .model import SegModel
 from .prototypes import Prototypes
 from .swd import random_directions, sliced_wasserstein
 from .torchutil import to_device
@@ -20,7 +20,7 @@ SIGNALS = ("swd", "swd_class", "entropy", "prior_kl")
 
 
 @torch.no_grad()
-def embed_frames(net: SegNet, frames: np.ndarray, batch_size: int = 8):
+def embed_frames(net: SegModel, frames: np.ndarray, batch_size: int = 8):
     """-> embeddings (N*h*w, D), predicted class (N*h*w,), probabilities (N*h*w, K)."""
     zs, ps = [], []
     for i in range(0, len(frames), batch_size):
@@ -32,7 +32,7 @@ def embed_frames(net: SegNet, frames: np.ndarray, batch_size: int = 8):
 
 
 @torch.no_grad()
-def signals(net: SegNet, proto: Prototypes, frames: np.ndarray, max_pixels: int = 32768, seed: int = 0) -> dict:
+def signals(net: SegModel, proto: Prototypes, frames: np.ndarray, max_pixels: int = 32768, seed: int = 0) -> dict:
     """Health of `net` on `frames`; fixed seeds so that two models are compared on equal terms."""
     gen = torch.Generator().manual_seed(seed)
     z, pred, p = (t.cpu() for t in embed_frames(net, frames))
@@ -52,7 +52,7 @@ def signals(net: SegNet, proto: Prototypes, frames: np.ndarray, max_pixels: int 
     return {"swd": swd, "swd_class": swd_class, "entropy": entropy, "prior_kl": prior_kl}
 
 
-def drift_score(net: SegNet, proto: Prototypes, frames: list[np.ndarray] | np.ndarray) -> float:
+def drift_score(net: SegModel, proto: Prototypes, frames: list[np.ndarray] | np.ndarray) -> float:
     """The drift trigger: pooled SWD between the live embeddings and the GMM."""
     return signals(net, proto, np.stack(list(frames)))["swd"]
 

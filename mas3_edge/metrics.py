@@ -9,17 +9,25 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .labels import CLASSES, IGNORE
+from .errors import UserError
+from .labels import CITYSCAPES, LabelSet
 
 
 class Confusion:
-    def __init__(self, num_classes: int = len(CLASSES)):
-        self.k = num_classes
-        self.matrix = np.zeros((num_classes, num_classes), np.int64)  # rows: truth, cols: prediction
+    """Confusion matrix over the K classes of a label set; its ignore id is not counted."""
+
+    def __init__(self, labels: LabelSet = CITYSCAPES):
+        self.labels, self.k, self.ignore = labels, labels.num_classes, labels.ignore
+        self.matrix = np.zeros((self.k, self.k), np.int64)  # rows: truth, cols: prediction
 
     def update(self, pred: np.ndarray, label: np.ndarray) -> None:
-        valid = label != IGNORE
+        valid = label != self.ignore
         t, p = label[valid].astype(np.int64), pred[valid].astype(np.int64)
+        # an id past K would land in another cell of the flattened matrix, or fail the reshape
+        if t.size and max(t.max(), p.max()) >= self.k:
+            raise UserError(f"label or prediction id {max(t.max(), p.max())} is not a class of label set "
+                            f"{self.labels.id!r} (ids 0..{self.k - 1}, {self.ignore} = ignore); "
+                            "are the labels in this model's label set?")
         self.matrix += np.bincount(t * self.k + p, minlength=self.k * self.k).reshape(self.k, self.k)
 
     def iou(self, classes: Sequence[int] | None = None) -> np.ndarray:
@@ -41,9 +49,10 @@ class Confusion:
         total = self.matrix.sum()
         return float(np.diag(self.matrix).sum() / total * 100) if total else 0.0
 
-    def summary(self, names=CLASSES, classes: Sequence[int] | None = None) -> dict:
-        """mIoU and per-class IoU over `classes` (None: all); the classes left out are absent."""
-        iou, scored = self.iou(classes), range(self.k) if classes is None else classes
-        name = lambda j: names[j] if j < len(names) else str(j)  # noqa: E731
-        return {"miou": self.miou(classes), "pixel_accuracy": self.pixel_accuracy(), "classes_scored": len(scored),
-                "per_class_iou": {name(j): (None if np.isnan(iou[j]) else float(iou[j] * 100)) for j in scored}}
+    def summary(self, classes: Sequence[int] | None = None) -> dict:
+        """mIoU and per-class IoU, by the label set's class names, over `classes` (None: all); the
+        classes left out are absent."""
+        iou, scored, names = self.iou(classes), range(self.k) if classes is None else classes, self.labels.names
+        return {"label_set": self.labels.id, "miou": self.miou(classes), "pixel_accuracy": self.pixel_accuracy(),
+                "classes_scored": len(scored),
+                "per_class_iou": {names[j]: (None if np.isnan(iou[j]) else float(iou[j] * 100)) for j in scored}}

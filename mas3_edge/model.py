@@ -15,77 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .bank import DomainNorm, RouteState, _Stem, gaussian_kl, install_bank  # noqa: F401 (re-exported)
 from .errors import UserError
+from .labels import CITYSCAPES, LabelSet
 
 
 def _ch(c: float, mult: float) -> int:
     return max(8, int(round(c * mult / 8)) * 8)
-
-
-class DomainNorm(nn.BatchNorm2d):
-    """Batch norm with a bank of sets beside its own. Its own set (running_mean/var, weight, bias)
-    is the working set, the one training steps update; `bank` (S, 4, C) holds the mean, var, weight
-    and bias of the source model (row 0) and of domains adapted before (rows 1..). In eval each
-    frame is normalised with the set SegNet routed it to (`route`: (B,) index into the bank's rows,
-    then S for the working set), so adapting to a new domain costs neither the source nor the
-    domains before it. Training (and route None) uses the working set. `route` is set by
-    SegNet.embed for the length of one forward pass only (`SegNet.using_route`): a layer called on its
-    own sees None, never the route of an earlier batch."""
-
-    def __init__(self, channels: int):
-        super().__init__(channels)
-        zeros, ones = torch.zeros(channels), torch.ones(channels)
-        self.register_buffer("bank", torch.stack([zeros, ones, ones, zeros])[None])
-        self.route: torch.Tensor | None = None
-
-    def working(self) -> torch.Tensor:
-        return torch.stack([self.running_mean, self.running_var, self.weight, self.bias])  # (4, C)
-
-    def sets(self) -> torch.Tensor:
-        """(S + 1, 4, C): the bank's rows, then the working set."""
-        return torch.cat([self.bank, self.working()[None]])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or self.route is None:
-            return super().forward(x)
-        mean, var, weight, bias = self.sets().unbind(1)  # each (S + 1, C)
-        scale = weight * torch.rsqrt(var + self.eps)
-        shift = bias - mean * scale
-        return torch.addcmul(shift[self.route][:, :, None, None], x, scale[self.route][:, :, None, None])
-
-    @torch.no_grad()
-    def activate(self, row: int | None, bank_working: bool, keep: int) -> None:
-        """Make bank row `row` (None: a fresh copy of the source row) the working set. The old
-        working set is banked when `bank_working`; past `keep` adapted sets (working included)
-        the least recently used is dropped."""
-        if row == len(self.bank):  # the working set already
-            return
-        rows = list(self.bank) + ([self.working()] if bank_working else [])
-        new = (rows[0] if row is None else rows.pop(row)).clone()
-        rows = rows[:1] + rows[1:][max(0, len(rows) - keep):]
-        self.bank = torch.stack(rows)
-        self.set_working(new)
-
-    @torch.no_grad()
-    def set_working(self, row: torch.Tensor) -> None:
-        """Copy a (4, C) set into the working set."""
-        for field, value in zip((self.running_mean, self.running_var, self.weight, self.bias), row):
-            field.copy_(value)
-
-    @torch.no_grad()
-    def mark_source(self) -> None:
-        """One set: the working set becomes the source row, and the bank holds nothing else."""
-        self.bank = self.working()[None].clone()
-
-    def routed(self) -> bool:
-        """Whether any banked set differs from the working set; otherwise it folds like plain batch norm."""
-        return not all(torch.equal(row, self.working()) for row in self.bank)
-
-
-def gaussian_kl(m: torch.Tensor, v: torch.Tensor, mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """KL(N(m, v) || N(mu, var)) per channel, summed: (B, C) against (S, C) -> (B, S)."""
-    m, v = m[:, None], v[:, None]
-    return 0.5 * (v / var + (m - mu) ** 2 / var - 1 + torch.log(var / v)).sum(-1)
 
 
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1, groups: int = 1,
@@ -154,18 +90,30 @@ class Decoder(nn.Module):
         return self.embed(self.project(torch.cat(feats, dim=1)))
 
 
-class SegNet(nn.Module):
-    """f = h ∘ ψ ∘ φ. `forward` returns logits at input size; `embed` returns z at stride 8."""
+class SegModel(nn.Module):
+    """The contract every network meets (README "Adapt your own model"): uint8 frames are normalised
+    with the model's mean and std; `features` maps the normalised batch (B, 3, H, W) to the embedding
+    z (B, D, h, w) (φ and ψ, with batch-norm layers); `head`, a 1×1 Conv2d D -> K, is the linear
+    classifier h; logits are h(z) resized to the input. Subclasses build their layers, then call
+    `finish()`, which installs the bank of normalisation sets on the batch-norm layers."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, labels: LabelSet = CITYSCAPES):
         super().__init__()
-        self.config = config
-        self.encoder = Encoder(config.width_mult, config.depth, config.expansion)
-        self.decoder = Decoder(self.encoder.out_channels, config.aspp_channels, config.embed_dim)
-        self.head = nn.Conv2d(config.embed_dim, config.num_classes, 1)
+        if labels.num_classes != config.num_classes:
+            raise UserError(f"label set {labels.id!r} has {labels.num_classes} classes but the model has "
+                            f"{config.num_classes} outputs")
+        self.config, self.labels = config, labels
         self.routing = True  # per-frame choice of normalisation statistics in eval (off while adapting)
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        if not isinstance(getattr(self, "head", None), nn.Conv2d) or self.head.kernel_size != (1, 1):
+            raise UserError(f"{self.config.arch}: the classifier h must be a 1x1 Conv2d")
+        install_bank(self, self.config.arch)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) RGB -> normalised float (B, 3, H, W)."""
@@ -175,67 +123,82 @@ class SegNet(nn.Module):
         return (x - self.mean) / self.std
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised -> z (B, D, H/8, W/8)."""
-        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % 8 or x.shape[3] % 8:
-            raise UserError(f"expected input (B, 3, H, W) with H and W multiples of 8, got {tuple(x.shape)}")
-        stem, rest = self.encoder.layers[0], self.encoder.layers[1:]
-        h = stem[0](x)  # the stem conv, run once: its output also routes the frame
-        route = self.route(h) if self.routing and not self.training else None
-        with self.using_route(route):
-            return self.decoder(rest(stem[1:](h)))
+        """(B, 3, H, W) normalised -> z (B, D, h, w), each frame normalised with its routed set in eval."""
+        k = self.config.multiple
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % k or x.shape[3] % k:
+            raise UserError(f"expected input (B, 3, H, W) with H and W multiples of {k}, got {tuple(x.shape)}")
+        with self.using_route(self.routing and not self.training):
+            return self.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised -> logits (B, K, H, W)."""
+        return self.upsample(self.head(self.embed(x)), x.shape[-2:])  # (B, K, h, w) -> (B, K, H, W)
+
+    def upsample(self, logits: torch.Tensor, size) -> torch.Tensor:
+        """Logits at z's resolution -> at the input's (bilinear, as the network was trained)."""
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+    def norms(self) -> list[DomainNorm]:
+        return [m for m in self.modules() if isinstance(m, DomainNorm)]
+
+    def first_norm(self) -> DomainNorm | None:
+        """The router: the first norm layer, or None once it was folded into its conv."""
+        return next((m for m in self.norms() if m.lead), None)
 
     @contextmanager
-    def using_route(self, route: torch.Tensor | None):
-        """Every DomainNorm normalises with `route` (B,) inside the block, and with the working set
-        after it: the route belongs to one batch, so it must not outlive that batch's forward pass."""
-        norms = [m for m in self.modules() if isinstance(m, DomainNorm)]
-        for m in norms:
-            m.route = route
+    def using_route(self, active: bool, capture: bool = False):
+        """The first norm layer routes each frame inside the block (`active`); after it every norm
+        uses its working set again: a route belongs to one batch and must not outlive its pass."""
+        lead = self.first_norm()
+        state = lead.state if lead is not None else RouteState()
+        state.active, state.capture, state.route = active, capture, None
         try:
             yield
         finally:
-            for m in norms:
-                m.route = None
+            state.active, state.capture, state.route = False, False, None
 
     def stem(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, H, W, 3) -> the stem conv's output h, whose statistics route each frame."""
-        return self.encoder.layers[0][0](self.normalize(images))
+        """uint8 (B, H, W, 3) -> the input h of the first norm layer, whose statistics route each frame
+        (the network runs only up to that layer)."""
+        try:
+            with self.using_route(False, capture=True):
+                self.features(self.normalize(images))
+        except _Stem as stop:
+            return stop.h
+        raise UserError(f"{self.config.arch}: the input never reached its first batch-norm layer")
 
     @torch.no_grad()
     def stem_stats(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-frame channel mean and variance (B, C) of the stem conv's output h (B, C, H/2, W/2)."""
-        m = h.mean((2, 3))
-        return m, ((h - m[:, :, None, None]) ** 2).mean((2, 3)) + self.encoder.layers[0][1].eps
+        """Per-frame channel mean and variance (B, C) of the first norm layer's input h."""
+        return self.first_norm().input_stats(h)
 
     @torch.no_grad()
     def route(self, h: torch.Tensor) -> torch.Tensor | None:
-        """Per frame, the set (index into the stem DomainNorm's `sets()`) whose statistics are
-        closest (Gaussian KL) to the stem conv's output `h`: (B,). None (the working set everywhere)
-        when the stem was folded for inference: it had one set."""
-        if not isinstance(self.encoder.layers[0][1], DomainNorm):
-            return None
-        return self.set_distances(*self.stem_stats(h)).argmin(1)
+        """Per frame, the set (index into the first norm's `sets()`) nearest the statistics of `h`:
+        (B,). None (the working set everywhere) when the first norm was folded: it had one set."""
+        lead = self.first_norm()
+        return None if lead is None else lead.choose(h)
 
     def set_distances(self, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Gaussian KL of channel statistics (B, C) to each set of the stem DomainNorm: (B, S + 1)."""
-        bn = self.encoder.layers[0][1]
-        sets = bn.sets()
-        return gaussian_kl(m, v, sets[:, 0], sets[:, 1] + bn.eps)
+        """Gaussian KL of channel statistics (B, C) to each set of the first norm layer: (B, S + 1)."""
+        return self.first_norm().distances(m, v)
+
+    def set_count(self) -> int:
+        return len(self.first_norm().sets())
 
     @torch.no_grad()
     def activate_set(self, row: int | None, keep: int) -> None:
         """Make one set the working set in every DomainNorm (`DomainNorm.activate`); the working set
         is banked only if it was adapted (differs from the source row somewhere), the same in every layer."""
-        norms = [m for m in self.modules() if isinstance(m, DomainNorm)]
+        norms = self.norms()
         adapted = any(not torch.equal(m.bank[0], m.working()) for m in norms)
         for m in norms:
             m.activate(row, adapted, keep)
 
     def mark_source(self) -> None:
-        """Make the current statistics the source set (a freshly trained model)."""
-        for m in self.modules():
-            if isinstance(m, DomainNorm):
-                m.mark_source()
+        """Make the current statistics the source set (a freshly trained or imported model)."""
+        for m in self.norms():
+            m.mark_source()
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """load_state_dict, sizing each bank as the file's, and accepting files written before the
@@ -244,17 +207,27 @@ class SegNet(nn.Module):
         for name, m in self.named_modules():
             if isinstance(m, DomainNorm):
                 key = f"{name}.bank"
-                if key not in state:
+                if key not in state and f"{name}.running_mean" in state:
                     working = [state[f"{name}.{k}"] for k in ("running_mean", "running_var", "weight", "bias")]
                     source = [state.pop(f"{name}.source_{k}", w) for k, w in zip(("mean", "var", "weight", "bias"), working)]
                     state[key] = torch.stack(source)[None]
-                m.bank = torch.empty_like(state[key])
+                if key in state:
+                    m.bank = torch.empty_like(state[key])
         self.load_state_dict(state)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised -> logits (B, K, H, W)."""
-        logits = self.head(self.embed(x))  # (B, K, H/8, W/8)
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+class SegNet(SegModel):
+    """The built-in network (presets tiny and edge): φ encoder, ψ light ASPP, z at stride 8."""
+
+    def __init__(self, config: ModelConfig, labels: LabelSet = CITYSCAPES):
+        super().__init__(config, labels)
+        self.encoder = Encoder(config.width_mult, config.depth, config.expansion)
+        self.decoder = Decoder(self.encoder.out_channels, config.aspp_channels, config.embed_dim)
+        self.head = nn.Conv2d(config.embed_dim, config.num_classes, 1)
+        self.finish()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
 
 
 class Deployed(nn.Module):
@@ -264,14 +237,14 @@ class Deployed(nn.Module):
     With `with_embedding` the stride-8 embedding (B, D, H/8, W/8) is returned too (drift monitoring).
     """
 
-    def __init__(self, net: SegNet, with_embedding: bool = False):
+    def __init__(self, net: SegModel, with_embedding: bool = False):
         super().__init__()
         self.net = net
         self.with_embedding = with_embedding
 
     def forward(self, images: torch.Tensor):
         z = self.net.embed(self.net.normalize(images))
-        logits = F.interpolate(self.net.head(z), size=images.shape[1:3], mode="bilinear", align_corners=False)
+        logits = self.net.upsample(self.net.head(z), images.shape[1:3])
         conf, classes = torch.softmax(logits, dim=1).max(dim=1)
         outputs = (classes.to(torch.uint8), conf)
         return outputs + (z,) if self.with_embedding else outputs
@@ -284,11 +257,11 @@ class PerSetFolded(nn.Module):
     Deployed(net)'s up to float rounding. Worth it where the per-frame blend is not fused: PyTorch
     eager runs a routed model several times slower than a folded one."""
 
-    def __init__(self, net: SegNet):
+    def __init__(self, net: SegModel):
         super().__init__()
         self.net = net.eval()
         self.copies = nn.ModuleList(Deployed(fold_batchnorm(_one_set(net, s))).eval()
-                                    for s in range(len(net.encoder.layers[0][1].sets())))
+                                    for s in range(net.set_count()))
 
     @torch.no_grad()
     def route(self, images: torch.Tensor) -> torch.Tensor:
@@ -311,7 +284,7 @@ class PerSetFolded(nn.Module):
 
 
 @torch.no_grad()
-def _one_set(net: SegNet, s: int) -> SegNet:
+def _one_set(net: SegModel, s: int) -> SegModel:
     """A copy of `net` whose every DomainNorm holds set `s` of its sets() and nothing else."""
     net = copy.deepcopy(net)
     for m in net.modules():
@@ -337,6 +310,6 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
                 bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
                 conv.weight.mul_(scale.view(-1, 1, 1, 1))
                 conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
-                seq[i + 1] = nn.Identity()
+                seq[i + 1] = getattr(bn, "post", None) or nn.Identity()  # a BatchNormAct2d keeps its activation
     return module
 

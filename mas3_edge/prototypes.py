@@ -24,9 +24,10 @@ import safetensors.torch
 import torch
 from tqdm import tqdm
 
-from .bundle import atomic_write
+from . import dist
+from .bundle import atomic_write, version_labels
 from .errors import UserError
-from .labels import CLASSES, IGNORE
+from .labels import CITYSCAPES, IGNORE, LABEL_SET_ID, LabelSet
 
 FALLBACK_TAUS = (0.9, 0.7, 0.5, 0.0)  # tried in order for a class short of confident pixels
 COVARIANCES = ("auto", "full", "lowrank", "diag")
@@ -63,6 +64,11 @@ class SufficientStats:
                 self.count[t, j] += zj.shape[0]
                 self.sum[t, j] += zj.sum(0)
                 self.outer[t, j] += zj.T @ zj
+
+    def all_reduce_(self) -> None:
+        """Sum the statistics over torchrun's ranks (nothing in one process): every field is a sum
+        over pixels, so the ranks' partial statistics add up to those of one pass over all the data."""
+        dist.all_reduce_([self.count, self.sum, self.outer])
 
 
 @dataclass
@@ -132,12 +138,13 @@ class Prototypes:
                           self.counts.to(device), self.meta, move(self.factor), move(self.diag))
 
 
-def class_name(j: int) -> str:
-    """The Cityscapes name of class j, or its number past the 19 Cityscapes classes."""
-    return CLASSES[j] if j < len(CLASSES) else str(j)
+def class_name(j: int, labels: LabelSet = CITYSCAPES) -> str:
+    """The label set's name of class j, or its number past the set's classes."""
+    return labels.names[j] if j < labels.num_classes else str(j)
 
 
-def finalize(stats: SufficientStats, min_count: int, shrink: float = 1e-3, covariance: str = "auto") -> Prototypes:
+def finalize(stats: SufficientStats, min_count: int, shrink: float = 1e-3, covariance: str = "auto",
+             labels: LabelSet = CITYSCAPES) -> Prototypes:
     """Eq. 3 from the sufficient statistics, with a per-class fallback to a lower τ and a shrunk Σ.
 
     μ_j and Σ_j come from the highest τ with at least `min_count` pixels of class j. α_j is
@@ -154,7 +161,7 @@ def finalize(stats: SufficientStats, min_count: int, shrink: float = 1e-3, covar
     for j in range(k):
         level = next((t for t in range(len(stats.taus)) if stats.count[t, j] >= min_count), None)
         if level is None:
-            handling[class_name(j)] = "absent: no usable pixels, weight 0"
+            handling[class_name(j, labels)] = "absent: no usable pixels, weight 0"
             continue
         n = stats.count[level, j].cpu()
         mu = stats.sum[level, j].cpu() / n
@@ -164,7 +171,7 @@ def finalize(stats: SufficientStats, min_count: int, shrink: float = 1e-3, covar
         sigma = (1 - s) * sigma + s * torch.eye(d, dtype=torch.float64) * sigma.diagonal().mean().clamp(min=1e-6)
         mean[j], cov[j], counts[j] = mu, sigma, n
         if level > 0:
-            handling[class_name(j)] = f"tau lowered to {stats.taus[level]} ({int(n)} pixels)"
+            handling[class_name(j, labels)] = f"tau lowered to {stats.taus[level]} ({int(n)} pixels)"
     if counts.sum() == 0:
         raise UserError("no class has a single correctly predicted source pixel: is the model trained, "
                         "and is this the data it was trained on?")
@@ -199,21 +206,33 @@ def fit(net, dataset, tau: float = 0.97, min_count: int = 100, device: str | tor
     Labels are brought to the embedding grid (stride 8), where z and the prediction h(z) live,
     by the centre pixel of each cell (`labels_to_grid`); the confidence filter discards the
     boundary pixels this blurs. `covariance` (auto | full | lowrank | diag) picks how Σ_j is stored.
+
+    Under torchrun each rank embeds its share of the batches (the very batches one process makes,
+    so every pixel's z and prediction are the same) and the statistics are summed over the ranks
+    before Eq. 3: every rank returns what one process would, up to float64 summation order.
     """
     choose_covariance(net.config.embed_dim, covariance)  # a bad choice fails before the pass
-    net = net.to(device).eval()
-    stats = SufficientStats(net.config.num_classes, net.config.embed_dim,
-                            (tau,) + tuple(t for t in FALLBACK_TAUS if t < tau), device)
-    for i in tqdm(range(0, len(dataset), batch_size), desc="prototypes", leave=False):
-        items = [dataset[j] for j in range(i, min(i + batch_size, len(dataset)))]
-        images = torch.from_numpy(np.stack([img for img, _ in items])).to(device)
-        labels = torch.from_numpy(np.stack([lbl for _, lbl in items])).to(device)
-        z = net.embed(net.normalize(images))  # (B, D, h, w)
-        conf, pred = torch.softmax(net.head(z), 1).max(1)  # (B, h, w)
-        lab = labels_to_grid(labels, z.shape[-2:])
-        stats.update(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), lab.reshape(-1).long(),
-                     pred.reshape(-1), conf.reshape(-1))
-    return finalize(stats, min_count, covariance=covariance)
+    with dist.session(device) as ctx:
+        net = net.to(ctx.device).eval()
+        stats = SufficientStats(net.config.num_classes, net.config.embed_dim,
+                                (tau,) + tuple(t for t in FALLBACK_TAUS if t < tau), ctx.device)
+        starts = range(0, len(dataset), batch_size)
+        for b in tqdm(dist.shard(len(starts), ctx), desc="prototypes", leave=False, disable=ctx.rank != 0):
+            stop = min(starts[b] + batch_size, len(dataset))
+            _update(stats, net, [dataset[j] for j in range(starts[b], stop)], ctx.device)
+        stats.all_reduce_()
+    return finalize(stats, min_count, covariance=covariance, labels=net.labels)
+
+
+def _update(stats: SufficientStats, net, items: list, device: str | torch.device) -> None:
+    """Add one batch of (image, label) pairs to the statistics."""
+    images = torch.from_numpy(np.stack([img for img, _ in items])).to(device)
+    labels = torch.from_numpy(np.stack([lbl for _, lbl in items])).to(device)
+    z = net.embed(net.normalize(images))  # (B, D, h, w)
+    conf, pred = torch.softmax(net.head(z), 1).max(1)  # (B, h, w)
+    lab = labels_to_grid(labels, z.shape[-2:])
+    stats.update(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), lab.reshape(-1).long(),
+                 pred.reshape(-1), conf.reshape(-1))
 
 
 def labels_to_grid(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -226,9 +245,17 @@ def labels_to_grid(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 TENSORS = {"full": ("chol",), "lowrank": ("factor", "diag"), "diag": ("diag",)}
 
 
-def save(proto: Prototypes, path: Path, model_sha256: str, source: str) -> None:
-    meta = {"tau": str(proto.meta.get("tau")), "classes": json.dumps([class_name(j) for j in range(proto.k)]),
-            "dim": str(proto.d), "model_sha256": model_sha256, "source": source,
+def save(proto: Prototypes, path: Path, model_sha256: str, source: str, labels: LabelSet | None = None) -> None:
+    """Write the file with the label set the prototypes were fitted for (id, K, names): `labels`, the
+    model's; None: Cityscapes-19 when K is 19, else an unnamed set of K classes (ids as names)."""
+    if labels is None:
+        labels = CITYSCAPES if proto.k == CITYSCAPES.num_classes else None
+    elif proto.k != labels.num_classes:
+        raise UserError(f"prototypes have K={proto.k} but label set {labels.id!r} has {labels.num_classes} classes")
+    names = labels.names if labels else tuple(str(j) for j in range(proto.k))
+    meta = {"tau": str(proto.meta.get("tau")), "classes": json.dumps(list(names)),
+            "label_set": labels.id if labels else "", "num_classes": str(proto.k), "dim": str(proto.d),
+            "model_sha256": model_sha256, "source": source,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "handling": json.dumps(proto.meta.get("handling", {})), "format": "mas3-edge-prototypes/1",
             "covariance": proto.structure, "rank": str(proto.rank)}
@@ -260,6 +287,27 @@ def load(path: Path, model_meta: dict | None = None) -> Prototypes:
     return proto
 
 
+def _fitted_label_set(p: Prototypes, path: Path) -> tuple[str, int]:
+    """(label-set id, K) the file was fitted for; "" for an unnamed set. Files from before label sets
+    record neither: those of 19 classes were Cityscapes-19, the only set there was."""
+    k = p.meta.get("num_classes", str(p.k))
+    if k != str(p.k):
+        raise UserError(f"prototype file {path} says {k} classes but stores {p.k}; refit it")
+    return p.meta.get("label_set", LABEL_SET_ID if p.k == CITYSCAPES.num_classes else ""), p.k
+
+
+def _check_label_set(fitted: tuple[str, int], path: Path, model_meta: dict) -> None:
+    """Prototypes of another label set would sample components under the wrong class ids."""
+    labels = version_labels(model_meta)  # Cityscapes-19 for a version from before label sets
+    if "labels" not in model_meta and model_meta["architecture"]["num_classes"] != labels.num_classes:
+        return  # a model of K classes from before label sets names none: the K check in _validate is all
+    set_id, k = fitted
+    if k != labels.num_classes or (set_id and set_id != labels.id):
+        raise UserError(f"prototype file {path} was fitted for label set {set_id or '(unnamed)'!r} ({k} classes) "
+                        f"but the model's label set is {labels.id!r} ({labels.num_classes} classes); "
+                        "refit with `mas3-edge prototypes`")
+
+
 def _validate(p: Prototypes, path: Path, model_meta: dict | None) -> None:
     k, d = p.mean.shape
     shapes = {"chol": (k, d, d), "factor": (k, d, p.rank), "diag": (k, d)}
@@ -277,7 +325,9 @@ def _validate(p: Prototypes, path: Path, model_meta: dict | None) -> None:
         raise UserError(f"prototype file {path} has a covariance that is not positive definite")
     if p.diag is not None and (p.diag[used] <= 0).any():
         raise UserError(f"prototype file {path} has a variance that is not positive ({p.structure} covariance); refit it")
+    fitted = _fitted_label_set(p, path)
     if model_meta is not None:
+        _check_label_set(fitted, path, model_meta)
         arch = model_meta["architecture"]
         if (k, d) != (arch["num_classes"], arch["embed_dim"]):
             raise UserError(f"prototype file {path} has K={k}, D={d} but the model has "

@@ -14,13 +14,17 @@ import numpy as np
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from . import dist
 from .bundle import atomic_write, atomic_write_json, save_version
 from .config import ModelConfig
 from .errors import UserError
-from .labels import IGNORE
-from .model import SegNet
+from .arch import build
+from .labels import CITYSCAPES, LabelSet
+from .model import SegModel
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ def _batch(dataset, idx, size, rng, scale) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.stack([p[0] for p in pairs])), torch.from_numpy(np.stack([p[1] for p in pairs]))
 
 
-def _save_ckpt(ckpt: Path, net: SegNet, opt: torch.optim.Optimizer, step: int) -> None:
+def _save_ckpt(ckpt: Path, net: SegModel, opt: torch.optim.Optimizer, step: int) -> None:
     tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
     for i, st in opt.state_dict()["state"].items():
         tensors.update({f"adam.{i}.{k}": torch.as_tensor(v) for k, v in st.items()})
@@ -66,7 +70,7 @@ def _save_ckpt(ckpt: Path, net: SegNet, opt: torch.optim.Optimizer, step: int) -
     atomic_write_json(ckpt / "last.json", {"step": step, "architecture": net.config.to_dict()})
 
 
-def _load_ckpt(ckpt: Path, net: SegNet, opt: torch.optim.Optimizer) -> int:
+def _load_ckpt(ckpt: Path, net: SegModel, opt: torch.optim.Optimizer) -> int:
     try:
         info = json.loads((ckpt / "last.json").read_text())
         t = safetensors.torch.load_file(str(ckpt / "last.safetensors"))
@@ -85,34 +89,91 @@ def _load_ckpt(ckpt: Path, net: SegNet, opt: torch.optim.Optimizer) -> int:
 
 
 def train(dataset, model_cfg: ModelConfig, cfg: TrainConfig, bundle: Path, ckpt: Path,
-          resume: bool = False, device: str = "cpu", source_name: str = "synthetic") -> Path:
-    """Train on (image, label) pairs and write the first bundle version; returns its directory."""
+          resume: bool = False, device: str = "cpu", source_name: str = "synthetic",
+          labels: LabelSet = CITYSCAPES) -> Path | None:
+    """Train on (image, label) pairs and write the first bundle version; returns its directory.
+
+    Under torchrun each rank trains a DDP replica on its shard of the data, `batch_size` images a
+    step (the global batch is world × batch_size); rank 0 alone logs, checkpoints and writes the
+    version, and the other ranks return None."""
     if len(dataset) == 0:
         raise UserError("the training set is empty")
+    with dist.session(device) as ctx:
+        return _train(dataset, model_cfg, cfg, bundle, ckpt, resume, ctx.device, source_name, ctx, labels)
+
+
+def _train(dataset, model_cfg: ModelConfig, cfg: TrainConfig, bundle: Path, ckpt: Path, resume: bool,
+           device: str, source_name: str, ctx: dist.Context, label_set: LabelSet) -> Path | None:
     torch.manual_seed(cfg.seed)
-    net = SegNet(model_cfg).to(device)
+    net = build(model_cfg, label_set).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = _load_ckpt(ckpt, net, opt) if resume and (ckpt / "last.json").exists() else 0
+    model = _replicate(net, ctx)  # after the resume: DDP starts every rank from rank 0's weights
     losses = []
-    bar = tqdm(range(start, cfg.steps), desc="train", initial=start, total=cfg.steps, leave=False)
+    bar = tqdm(range(start, cfg.steps), desc="train", initial=start, total=cfg.steps, leave=False,
+               disable=ctx.rank != 0)
     for step in bar:
-        rng = np.random.default_rng([cfg.seed, step])  # per-step seed: a resumed run sees the same batches
-        images, labels = _batch(dataset, rng.integers(0, len(dataset), cfg.batch_size),
+        # per-step seed: a resumed run sees the same batches (under torchrun each rank its own crops)
+        rng = np.random.default_rng([cfg.seed, step] + ([ctx.rank] if ctx.world > 1 else []))
+        images, labels = _batch(dataset, _indices(len(dataset), step, cfg, ctx, rng),
                                 model_cfg.input_size, rng, cfg.scale)
         for g in opt.param_groups:  # poly decay
             g["lr"] = cfg.lr * (1 - step / cfg.steps) ** 0.9
         net.train()
-        logits = net(net.normalize(images.to(device)))
-        loss = F.cross_entropy(logits, labels.long().to(device), ignore_index=IGNORE)
-        if not torch.isfinite(loss):
-            raise UserError(f"training loss became {loss.item()} at step {step}; lower --lr")
+        logits = model(net.normalize(images.to(device)))
+        loss = F.cross_entropy(logits, labels.long().to(device), ignore_index=label_set.ignore)
+        seen = _mean_over_ranks(loss.detach(), ctx)
+        if not torch.isfinite(seen):
+            raise UserError(f"training loss became {seen.item()} at step {step}; lower --lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(seen.item())
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        if (step + 1) % cfg.ckpt_every == 0:
+        if (step + 1) % cfg.ckpt_every == 0 and ctx.rank == 0:
             _save_ckpt(ckpt, net, opt, step + 1)
     info = {"kind": "source", "source": source_name, "train": {**asdict(cfg), "final_loss": float(np.mean(losses[-50:])) if losses else None}}
+    if ctx.world > 1:
+        info["train"]["workers"] = ctx.world  # the global batch was workers × batch_size
     net.mark_source()  # the trained statistics are the source set that adaptation keeps
-    return save_version(bundle, net.cpu().eval(), info=info)
+    return save_version(bundle, net.cpu().eval(), info=info) if ctx.rank == 0 else None
+
+
+def _replicate(net: SegModel, ctx: dist.Context) -> torch.nn.Module:
+    """What a training step calls: DDP across torchrun's ranks, the network itself in one process.
+    Plain DDP, not SyncBatchNorm: converting would swap our DomainNorm layers (BatchNorm2d with a
+    bank of normalisation sets) for plain ones and drop the bank. So each rank normalises by its own
+    batch, and DDP's default broadcast_buffers copies rank 0's buffers (running statistics, bank)
+    to the others before every forward: the running statistics rank 0 saves are its own estimate
+    (from its shard), not an average over the ranks."""
+    if ctx.world == 1:
+        return net
+    return DistributedDataParallel(net, device_ids=[ctx.local_rank] if ctx.device.startswith("cuda") else None)
+
+
+def _indices(n: int, step: int, cfg: TrainConfig, ctx: dist.Context, rng: np.random.Generator) -> np.ndarray:
+    """The dataset indices of this step's batch. One process: drawn with replacement from the step's
+    rng, as always. Under torchrun: the next `batch_size` places of this rank's run through
+    DistributedSampler epochs (disjoint shards, reshuffled by set_epoch each epoch), located from the
+    step alone so that a resumed run sees the same batches."""
+    if ctx.world == 1:
+        return rng.integers(0, n, cfg.batch_size)
+    sampler = DistributedSampler(range(n), num_replicas=ctx.world, rank=ctx.rank, seed=cfg.seed)
+    per_epoch, first, last = len(sampler), step * cfg.batch_size, (step + 1) * cfg.batch_size
+    out: list[int] = []
+    for epoch in range(first // per_epoch, (last - 1) // per_epoch + 1):
+        sampler.set_epoch(epoch)
+        lo = epoch * per_epoch
+        out += list(sampler)[max(first, lo) - lo: min(last, lo + per_epoch) - lo]
+    return np.array(out)
+
+
+def _mean_over_ranks(loss: torch.Tensor, ctx: dist.Context) -> torch.Tensor:
+    """The loss averaged over ranks (itself in one process): one number for rank 0 to log, and a
+    NaN on any rank reaches all of them, so all stop together instead of leaving the others
+    waiting in DDP's gradient all-reduce."""
+    if ctx.world == 1:
+        return loss
+    total = loss.clone()
+    dist.all_reduce_([total])
+    return total / ctx.world

@@ -31,7 +31,7 @@ _SUMMARY_SLACK = 16 * 1024  # the closing summary: schemas, channels, statistics
 
 class McapRecorder:
     def __init__(self, path: str | Path, *, max_mb: float | None = None, chunk_kb: int = 256,
-                 frame_id: str | None = None):
+                 frame_id: str | None = None, book=None):
         try:
             from mcap.writer import CompressionType, Writer
             self._store = ros.typestore()
@@ -49,7 +49,7 @@ class McapRecorder:
         self._writer = Writer(self._file, chunk_size=chunk_kb * 1024, compression=CompressionType.ZSTD)
         self._writer.start(profile="ros2", library="mas3-edge")
         self._file.flush()  # a valid (empty) MCAP from the start, even if we are killed before a chunk
-        self._conv = ros.Converter(frame_id)
+        self._conv = ros.Converter(frame_id, book)  # book: the label sets /mas3/info names (subscriber.LabelBook)
         self._channels: dict[str, int] = {}
         self.max_bytes = None if max_mb is None else int(max_mb * 2**20)
         self.messages, self.frames, self.chunks, self.full = 0, 0, 0, False

@@ -3,11 +3,13 @@ and the rclpy bridge (tools/ros2_bridge.py).
 
 One stream message (runtime.wire.Message) becomes, all on `header.stamp` = its capture_ns:
 
-    /mas3/classes     sensor_msgs/msg/Image mono8           train ids (255 = ignore)
+    /mas3/classes     sensor_msgs/msg/Image mono8           class ids (and the label set's ignore id)
     /mas3/overlay     sensor_msgs/msg/CompressedImage jpeg  the colour overlay, when sent
     /mas3/confidence  sensor_msgs/msg/Image mono8           confidence * 255, when sent
-    /mas3/info        std_msgs/msg/String                   JSON: model version, engine, label set
-                                                            (first message and on every change)
+    /mas3/info        std_msgs/msg/String                   JSON: model version, engine, label set with
+                                                            its names and colours when the reader knows
+                                                            it, else a note saying it does not (first
+                                                            message and on every change)
 
 `RosMessage.fields` holds the message's fields without its header, so each consumer builds its own
 kind of object: rosbags dataclasses serialized to CDR (`to_cdr`), or rclpy messages in the bridge.
@@ -35,15 +37,21 @@ class RosMessage:
     frame_id: str = ""  # header.frame_id; "" for messages without a header (String)
 
 
-def info_json(msg) -> str:
-    """What a consumer needs to read the class map: version, engine, label set (with names and colours
-    when it is the one this build knows)."""
-    from mas3_edge import labels
+def info_json(msg, book=None) -> str:
+    """What a consumer needs to read the class map: version, engine, label set, with its names, colours
+    and ignore id when `book` (a subscriber.LabelBook; default: Cityscapes-19 only) knows it, else a
+    `labels_note` that says it does not."""
+    if book is None:
+        from .subscriber import LabelBook
+        book = LabelBook()
     info = {"model_version": msg.version, "engine": msg.engine, "label_set": msg.label_set,
             "num_classes": msg.num_classes, "camera_id": getattr(msg, "camera_id", ""),
             "wire_version": getattr(msg, "wire_version", None)}
-    if msg.label_set == labels.LABEL_SET_ID:
-        info |= {"classes": list(labels.CLASSES), "palette": [list(c) for c in labels.PALETTE], "ignore": 255}
+    found = book.find(msg.label_set, msg.num_classes)
+    if found is not None:
+        info |= {"classes": list(found.names), "palette": [list(c) for c in found.palette], "ignore": found.ignore}
+    else:
+        info["labels_note"] = book.unknown_note(msg.label_set, msg.num_classes)
     return json.dumps(info)
 
 
@@ -59,15 +67,17 @@ def image(topic: str, stamp_ns: int, frame_id: str, array: np.ndarray, encoding:
 class Converter:
     """Stream messages -> ROS 2 messages; remembers what /mas3/info last said, to repeat it only on change."""
 
-    def __init__(self, frame_id: str | None = None):
+    def __init__(self, frame_id: str | None = None, book=None):
+        from .subscriber import LabelBook
         self.frame_id = frame_id  # None: the message's camera id, else "camera"
+        self.book = book or LabelBook()  # the label sets whose names and colours /mas3/info carries
         self._info: str | None = None
 
     def convert(self, msg) -> list[RosMessage]:
         stamp = int(msg.capture_ns)
         frame = self.frame_id or getattr(msg, "camera_id", "") or "camera"
         out = []
-        info = info_json(msg)
+        info = info_json(msg, self.book)
         if info != self._info:
             self._info = info
             out.append(RosMessage(TOPICS["info"], STRING, stamp, {"data": info}))

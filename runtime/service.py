@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 from mas3_edge.errors import UserError
-from mas3_edge.labels import LABEL_SET_ID, NUM_CLASSES
+from mas3_edge.labels import LABEL_SET_ID, LabelSet
 
 from . import wire
 from .camera import Camera, refit
@@ -84,6 +84,7 @@ class Service:
         self.echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
         self.telemetry = Telemetry()
         self.camera = self.swapper = self.engine = self.publisher = self.buffer = None
+        self._labels: dict[str, LabelSet] = {}  # version id -> its label set, read once from model.json
         self.scheduler = self.metrics = self._events = None
         self.infer_errors = self._drops_before = 0
         self._stop = threading.Event()
@@ -136,6 +137,7 @@ class Service:
         self.camera = Camera(c.camera, size, loop=c.loop, fps=c.fps, camera_id=c.camera_id).connect()
         self.swapper.threads = self._threads()
         self.engine = self.swapper.start()
+        self.labels_of(self.engine.version)  # model.json is read here and at a swap, not per frame
         self.publisher = Publisher(c.publish, c.topic, allow_remote=c.allow_remote)
         if c.buffer is not None:
             self.buffer = FrameBuffer(c.buffer, c.buffer_policy)
@@ -161,6 +163,17 @@ class Service:
         if not torch.cuda.is_available() or self.cfg.device == "cpu":
             torch.set_num_threads(n)
         return n
+
+    def labels_of(self, version: str) -> LabelSet:
+        """The label set of a served version (its model.json): what each message's ids mean."""
+        if version not in self._labels:
+            from mas3_edge import bundle as bundles
+            labels = bundles.version_labels(bundles.read_meta(self.swapper.vdir(version)))
+            if len(labels.id) > wire.LABEL_SET_BYTES:  # the header would cut it: readers could not look it up
+                raise UserError(f"label set id {labels.id!r} of {version} is longer than the {wire.LABEL_SET_BYTES} "
+                                "characters the stream header holds; shorten it in the labels file")
+            self._labels[version] = labels
+        return self._labels[version]
 
     def _input_size(self) -> tuple[int, int]:
         """The size the camera resizes to: that of the first version the swapper would try."""
@@ -214,6 +227,7 @@ class Service:
             new = self.swapper.poll()
             if new is not None:  # between two frames: nothing is in flight on the old engine
                 old_version = self.engine.version
+                self.labels_of(new.version)
                 self.engine = self.swapper.swap(self.engine, new)
                 self._emit_line(f"swapped {old_version} -> {new.version} ({new.name}) between frames "
                                 f"{self.telemetry.frames} and {self.telemetry.frames + 1}")
@@ -240,16 +254,18 @@ class Service:
             return
         infer_ms = (time.perf_counter() - t0) * 1e3
         self.infer_errors = 0
-        cls = classes[0]
-        jpeg = wire.encode_overlay(image, cls, self.cfg.jpeg_quality) if self.cfg.overlay else None
+        cls, labels = classes[0], self.labels_of(engine.version)
+        jpeg = (wire.encode_overlay(image, cls, self.cfg.jpeg_quality, palette=labels.palette)
+                if self.cfg.overlay else None)
         msg = wire.encode(self.cfg.topic, frame.id, frame.capture_ns, cls, version=engine.version, engine=engine.name,
-                          label_set=LABEL_SET_ID, num_classes=NUM_CLASSES, infer_us=int(infer_ms * 1e3),
+                          label_set=labels.id, num_classes=labels.num_classes, infer_us=int(infer_ms * 1e3),
                           confidence=conf[0] if self.cfg.confidence else None, overlay_jpeg=jpeg,
                           camera_id=self.camera.id, source_size=frame.source_size, crop=crop)
         self.publisher.send(msg)
         self.telemetry.record((time.time_ns() - (frame.read_ns or frame.capture_ns)) / 1e6, infer_ms)
-        if frame.label is not None and frame.label.shape == cls.shape:
-            self.telemetry.record_labels(cls, frame.label, engine.version)
+        # frames come with labels from synthetic sources only, and those are Cityscapes-19 train ids
+        if frame.label is not None and frame.label.shape == cls.shape and labels.id == LABEL_SET_ID:
+            self.telemetry.record_labels(cls, frame.label, engine.version, labels.num_classes, labels.ignore)
         if self.buffer is not None:
             self.buffer.offer(frame.image)
 

@@ -7,19 +7,70 @@
 Latest-only suits a controller that wants the freshest map and nothing stale; every-message
 suits a logger. Gaps (frame ids skipped between two received messages) are counted in both, so
 drops anywhere upstream - capture, publish, transport - are visible to the consumer.
+
+A message names its label set and K, not the names and colours: a `LabelBook` knows Cityscapes-19
+and the label sets of labels files (`mas3-edge subscribe --labels FILE`), and draws any other in
+generated colours.
 """
 from __future__ import annotations
 
+import colorsys
+import logging
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import zmq
 
 from mas3_edge.errors import UserError
+from mas3_edge.labels import CITYSCAPES, LabelSet, colorize
 
 from .publisher import DEFAULT_ADDRESS
 from .wire import DEFAULT_TOPIC, Message, WireError, decode
+
+log = logging.getLogger(__name__)
+
+
+def distinct_palette(k: int) -> tuple[tuple[int, int, int], ...]:
+    """k colours for a label set without its own: hues a golden-ratio step apart (no two alike, however
+    many), brightness alternating so that neighbouring ids differ even where hues come close."""
+    return tuple(tuple(round(c * 255) for c in colorsys.hsv_to_rgb(j * 0.618033988749895 % 1.0, 0.85,
+                                                                     1.0 if j % 2 == 0 else 0.65))
+                 for j in range(k))
+
+
+class LabelBook:
+    """The label sets a reader knows by id: Cityscapes-19 built in, plus `extra` (from labels files).
+    A message is matched on its label-set id and its number of classes."""
+
+    def __init__(self, extra: Sequence[LabelSet] = (), warn: Callable[[str], None] | None = None):
+        self.known = {CITYSCAPES.id: CITYSCAPES, **{s.id: s for s in extra}}
+        self._warn = warn or log.warning
+        self._warned: set[tuple[str, int]] = set()
+
+    def find(self, label_set: str, num_classes: int) -> LabelSet | None:
+        found = self.known.get(label_set)
+        return found if found is not None and found.num_classes == num_classes else None
+
+    def unknown_note(self, label_set: str, num_classes: int) -> str:
+        return (f"label set {label_set!r} ({num_classes} classes) is not known to this reader; "
+                "pass its labels file (--labels FILE, the format of docs/labels/cityscapes19.json) for names "
+                "and colours")
+
+    def palette(self, msg: Message) -> tuple[tuple[int, int, int], ...]:
+        """The colours of the message's label set; generated ones (and one warning per set) if unknown."""
+        found = self.find(msg.label_set, msg.num_classes)
+        if found is not None:
+            return found.palette
+        if (msg.label_set, msg.num_classes) not in self._warned:
+            self._warned.add((msg.label_set, msg.num_classes))
+            self._warn(self.unknown_note(msg.label_set, msg.num_classes) + "; drawing it in generated colours")
+        return distinct_palette(max(msg.num_classes, 1))
+
+    def colorize(self, msg: Message) -> np.ndarray:
+        """The class map in its label set's colours, (H, W, 3) RGB uint8; ignore is black."""
+        return colorize(msg.classes, self.palette(msg))
 
 
 class Subscriber:

@@ -83,12 +83,16 @@ class Telemetry:
         with self._lock:
             return time.monotonic() - self._t[-1] if self._t else None
 
-    def record_labels(self, pred: np.ndarray, label: np.ndarray, version: str) -> None:
-        valid = label != IGNORE
-        k = NUM_CLASSES
+    def record_labels(self, pred: np.ndarray, label: np.ndarray, version: str, num_classes: int = NUM_CLASSES,
+                      ignore: int = IGNORE) -> None:
+        """Count one labelled frame into K x K confusion matrices (K: the serving label set's classes)."""
+        k = num_classes
+        valid = (label != ignore) & (label < k)  # an id outside the label set cannot be scored
         idx = label[valid].astype(np.int64) * k + np.minimum(pred[valid], k - 1)
         m = np.bincount(idx, minlength=k * k).reshape(k, k)
         with self._lock:
+            if self._conf and self._conf[-1].shape != m.shape:
+                self._conf.clear()  # a swap to another label set: the window's frames do not add up
             self._conf.append(m)
             self.by_version[version] = self.by_version.get(version, 0) + m
             self.labelled += 1

@@ -7,22 +7,25 @@ messages) to keep only the newest. The topic comes first so SUB prefix filtering
 ends it so a parser finds the header without knowing the topic. The header is fixed-size and
 carries its own size, so a reader can skip fields added later. Version 2 appended the source
 frame's size, the crop box and the camera id to version 1's 112 bytes; `decode` reads both.
-Class names and colours are not in the message: the header names the label set, and
-docs/labels/<label_set>.json (written by `label_set_json()`) holds them.
+Class names and colours are not in the message: the header names the label set and its number of
+classes; the serving version's model.json ("labels") and a labels file in the format of
+docs/labels/cityscapes19.json (written by `label_set_json()`) hold them.
 """
 from __future__ import annotations
 
-import json
 import struct
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from mas3_edge.labels import CITYSCAPES, PALETTE, LabelSet
+
 MAGIC = b"M3SG"
 WIRE_VERSION = 2
 DEFAULT_TOPIC = "mas3/seg"
 FLAG_CONFIDENCE, FLAG_OVERLAY = 1, 2
+LABEL_SET_BYTES = 16  # the header's label_set field: a longer id cannot be sent
 # magic, version, header size, frame id, capture ns, publish ns, latency us, infer us, width, height,
 # flags, num classes, reserved, model version, engine, label set, class/conf/overlay byte counts, reserved
 HEADER_V1 = struct.Struct("<4sHHQqqIIHHBBH16s16s16sIIII")
@@ -101,6 +104,8 @@ def encode(topic: str, frame_id: int, capture_ns: int, classes: np.ndarray, *, v
     of the camera frame and `crop` (x, y, w, h) in its pixels (default: the maps are the whole frame)."""
     if classes.dtype != np.uint8 or classes.ndim != 2:
         raise WireError(f"classes must be uint8 (H, W), got {classes.dtype} {classes.shape}")
+    if len(label_set) > LABEL_SET_BYTES or not label_set.isascii():  # cut short, no reader could look it up
+        raise WireError(f"label set id {label_set!r} is not ASCII of at most {LABEL_SET_BYTES} characters")
     h, w = classes.shape
     sh, sw = source_size or (h, w)
     cx, cy, cw, ch = crop or (0, 0, sw, sh)
@@ -158,24 +163,23 @@ def decode(buf: bytes | memoryview) -> Message:
                    _field(engine), _field(label_set), k, classes, conf, jpeg, wire_version=ver, **extra)
 
 
-def label_set_json() -> str:
-    """docs/labels/cityscapes19.json, the readers' table of class names and RGB colours by train id. Rewrite it with
+def label_set_json(labels: LabelSet = CITYSCAPES) -> str:
+    """A labels file, the readers' table of class names and RGB colours by class id (default
+    docs/labels/cityscapes19.json). Rewrite that one with
         python -c "from mas3_edge.runtime import wire; print(wire.label_set_json(), end='')" \\
             > docs/labels/cityscapes19.json
     """
-    from mas3_edge import labels
-    rows = ",\n".join(f'    {{"id": {i}, "name": {json.dumps(name)}, "rgb": {list(rgb)}}}'
-                      for i, (name, rgb) in enumerate(zip(labels.CLASSES, labels.PALETTE)))
-    return (f'{{\n  "label_set": "{labels.LABEL_SET_ID}",\n  "num_classes": {labels.NUM_CLASSES},\n'
-            f'  "ignore_id": {labels.IGNORE},\n  "classes": [\n{rows}\n  ]\n}}\n')
+    return labels.to_json()
 
 
-def encode_overlay(image_rgb: np.ndarray, classes: np.ndarray, quality: int = 80, alpha: float = 0.5) -> bytes:
-    """A JPEG of the class colours blended over the frame (standard JPEG: decoders return RGB)."""
+def encode_overlay(image_rgb: np.ndarray, classes: np.ndarray, quality: int = 80, alpha: float = 0.5,
+                   palette=PALETTE) -> bytes:
+    """A JPEG of the class colours (`palette`, the label set's) blended over the frame (standard
+    JPEG: decoders return RGB)."""
     import cv2
 
     from mas3_edge.labels import overlay
-    blended = overlay(image_rgb, classes, alpha)
+    blended = overlay(image_rgb, classes, alpha, palette)
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(blended, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise WireError("JPEG encoding of the overlay failed")

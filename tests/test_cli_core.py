@@ -58,7 +58,7 @@ def _cli(*args):
     (["adapt", "--buffer", "{root}/frames", "--bundle", "{root}/bundle", "--batch-stats", "--batch-size", "1"],
      "--batch-size must be"),
     (["eval", "--data", "{root}/frames", "--bundle", "{root}/bundle"], "label missing"),
-    (["train", "--data", "{root}/src", "--bundle", "{root}/b2", "--preset", "huge"], "unknown model preset"),
+    (["train", "--data", "{root}/src", "--bundle", "{root}/b2", "--arch", "huge"], "unknown --arch 'huge'"),
     (["prototypes", "--data", "{root}/src", "--bundle", "{root}/bundle", "--covariance", "dense"], "covariance"),
 ])
 def test_bad_input_is_one_line_and_nonzero(workflow, args, message):

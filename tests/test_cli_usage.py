@@ -86,7 +86,8 @@ def test_eval_refuses_labels_of_another_size(tmp_path, tiny_bundle):
 
 # import name -> distribution name, where they differ
 _DIST = {"cv2": "opencv-python", "zmq": "pyzmq", "yaml": "pyyaml", "prometheus_client": "prometheus-client",
-         "imagecorruptions": "imagecorruptions-imaug", "ot": "POT", "safetensors": "safetensors"}
+         "imagecorruptions": "imagecorruptions-imaug", "ot": "POT", "safetensors": "safetensors",
+         "segmentation_models_pytorch": "segmentation-models-pytorch"}
 _OWN = {"mas3_edge", "runtime", "export", "tools", "conftest"}
 
 

@@ -25,8 +25,8 @@ import torch
 from mas3_edge import adapt, bundle, health, prototypes
 from mas3_edge.config import AdaptConfig
 from mas3_edge.errors import UserError
-from mas3_edge.labels import CLASSES, PALETTE
-from mas3_edge.model import SegNet
+from mas3_edge.labels import CITYSCAPES, LabelSet
+from mas3_edge.model import SegModel
 from mas3_edge.prototypes import Prototypes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_quality lives beside this file
@@ -61,7 +61,7 @@ def separation(proto: Prototypes) -> dict:
     return {"bhattacharyya_mean": float(db.mean()), "bhattacharyya_min": float(db.min()), "fisher": fisher}
 
 
-def adapted(s: bench_quality.Setup, proto: Prototypes, cfg: AdaptConfig) -> SegNet:
+def adapted(s: bench_quality.Setup, proto: Prototypes, cfg: AdaptConfig) -> SegModel:
     """A fresh copy of the source net after one round on the target's unlabeled frames."""
     net = bundle.load_version(s.root, s.src.id).net.to(s.device)
     adapt.adapt(net, proto, s.data[f"{TARGET}-adapt"].x, cfg)
@@ -149,9 +149,9 @@ def project(fit_on: torch.Tensor) -> tuple[str, Callable[[torch.Tensor], np.ndar
         return "pca", lambda z: ((z.double() - centre) @ basis).numpy()
 
 
-def plot_embedding(points: dict, path: Path) -> str:
-    """One panel per entry of `points` on shared axes, coloured by class; the projection is fitted on
-    the GMM samples. Returns the projection's name."""
+def plot_embedding(points: dict, path: Path, labels: LabelSet = CITYSCAPES) -> str:
+    """One panel per entry of `points` on shared axes, coloured by class in the model's label set; the
+    projection is fitted on the GMM samples. Returns the projection's name."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -159,13 +159,13 @@ def plot_embedding(points: dict, path: Path) -> str:
 
     name, fn = project(points["GMM samples"][0])
     xy = {k: fn(z) for k, (z, _) in points.items()}
-    colours = np.asarray(PALETTE, float) / 255
+    colours = np.asarray(labels.palette, float) / 255
     fig, axes = plt.subplots(1, len(points), figsize=(4.5 * len(points), 4.2), sharex=True, sharey=True)
     for ax, (k, (_, y)) in zip(axes, points.items()):
         ax.scatter(xy[k][:, 0], xy[k][:, 1], c=colours[y.numpy()], s=2, linewidths=0)
         ax.set_title(k)
     present = sorted(set().union(*(y.unique().tolist() for _, y in points.values())))
-    handles = [Line2D([], [], ls="", marker="o", color=colours[c], label=CLASSES[c]) for c in present]
+    handles = [Line2D([], [], ls="", marker="o", color=colours[c], label=labels.names[c]) for c in present]
     fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
     fig.suptitle(f"embedding space ({name.upper()} fitted on the GMM samples)")
     fig.tight_layout(rect=(0, 0, 0.88, 1))
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
             if part == "embedding":
                 points, error = embedding_points(s, args.steps)
                 png = args.plot_dir / "embedding.png"
-                res["embedding"] = {"png": str(png), "projection": plot_embedding(points, png),
+                res["embedding"] = {"png": str(png), "projection": plot_embedding(points, png, s.src.net.labels),
                                     "points": {k: len(y) for k, (_, y) in points.items()}, "error": error}
             else:
                 res[part] = (tau_rows if part == "tau" else lam_rows)(s, args.steps)

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import UserError
-from . import bench, core, data, export, runtime
+from . import bench, core, data, export, models, runtime
 
 EXIT_USER, EXIT_USAGE, EXIT_REJECTED, EXIT_INTERRUPTED = 1, 2, 3, 130
 # typer >= 0.29 bundles its own click and no longer installs `click`; reach the base class through typer.
@@ -43,6 +43,7 @@ def _root(show_version: Annotated[Optional[bool], typer.Option(
 
 core.register(app)
 export.register(app)
+models.register(app)
 runtime.register(app)
 app.add_typer(data.app, name="data")
 app.add_typer(bench.app, name="bench")

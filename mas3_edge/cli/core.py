@@ -66,17 +66,28 @@ def train_cmd(
     data: Annotated[Path, typer.Option("--data", help="Labelled source data (images/ + labels/).")],
     bundle: NewBundleOpt = Path("bundle"),
     kind: DataKind = "folder",
-    preset: Annotated[str, typer.Option(help="Model preset: tiny or edge.")] = "tiny",
+    arch: Annotated[str, typer.Option("--arch", help="tiny | edge (built in), torchvision:NAME, smp:ARCH:ENCODER "
+                                                     "or python:package.module:factory.")] = "tiny",
+    labels: Annotated[Optional[Path], typer.Option(
+        "--labels", help="Labels file (docs/labels/cityscapes19.json format); default: Cityscapes-19.")] = None,
+    input_size: Annotated[Optional[str], typer.Option(
+        "--input-size", help="HxW the model is trained and served at (default: the architecture's).")] = None,
+    preset: Annotated[Optional[str], typer.Option(hidden=True, help="Old spelling of --arch tiny|edge.")] = None,
     steps: int = 1500, batch_size: int = 8, lr: float = 2e-3, seed: int = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Train the source model (Eq. 1) and write the bundle's first version."""
-    from .. import config, data as datasets, train
-    mcfg = config.preset(preset)
-    ds = datasets.open_dataset(data, kind=kind, split="train")
+    from .. import arch as archs, data as datasets, labels as label_sets, train
+    from .models import parse_size
+    label_set = label_sets.load_labels(labels)
+    mcfg = archs.model_config(preset or arch, label_set, parse_size(input_size))
+    ds = datasets.open_dataset(data, kind=kind, split="train", label_set=label_set)
     vdir = train.train(ds, mcfg, train.TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed),
-                       bundle, bundle / "checkpoint", resume=resume, device=_device(device), source_name=str(data))
+                       bundle, bundle / "checkpoint", resume=resume, device=_device(device), source_name=str(data),
+                       labels=label_set)
+    if vdir is None:  # a torchrun rank other than 0: rank 0 wrote the version and reports it
+        return
     typer.echo(f"wrote {vdir} (serving); next: mas3-edge prototypes --bundle {bundle} --data {data}")
 
 
@@ -92,15 +103,19 @@ def prototypes_cmd(
     """Fit the class-prototype GMM in one pass over the source data and store it in the version."""
     bundle = _bundle(bundle)
     from .. import bundle as bundles, data as datasets, prototypes
-    from ..labels import CLASSES
     ver = bundles.load_version(bundle, version)
-    ds = datasets.open_dataset(data, kind=kind, split="train", size=ver.net.config.input_size)
+    labels = ver.net.labels
+    ds = datasets.open_dataset(data, kind=kind, split="train", size=ver.net.config.input_size, label_set=labels)
     proto = prototypes.fit(ver.net, ds, tau=tau, min_count=min_count, device=_device(device),
                            covariance=covariance)
-    prototypes.save(proto, ver.prototypes_path, ver.meta["source_sha256"], str(data))
+    from ..dist import is_main
+    if not is_main():  # torchrun: every rank fitted the same GMM; rank 0 alone writes and reports it
+        return
+    prototypes.save(proto, ver.prototypes_path, ver.meta["source_sha256"], str(data), labels)
     handling = proto.meta["handling"]
-    table(f"prototypes of {ver.id} (τ = {tau}, {proto.structure} covariance)", ["class", "pixels", "α", "note"],
-          [[c, int(proto.counts[j]), float(proto.alpha[j]), handling.get(c, "")] for j, c in enumerate(CLASSES)])
+    table(f"prototypes of {ver.id} (τ = {tau}, {proto.structure} covariance, label set {labels.id})",
+          ["class", "pixels", "α", "note"],
+          [[c, int(proto.counts[j]), float(proto.alpha[j]), handling.get(c, "")] for j, c in enumerate(labels.names)])
     typer.echo(f"wrote {ver.prototypes_path} ({ver.prototypes_path.stat().st_size / 1024:.1f} KB)")
 
 
@@ -183,9 +198,9 @@ def eval_cmd(
         help="Score a class subset only: synthia16 or synthia13 (SYNTHIA's usual protocols).")] = None,
     as_json: JsonOpt = False, verbose: VerboseOpt = False,
 ) -> None:
-    """Evaluate a version: per-class IoU, mIoU and pixel accuracy."""
-    from ..labels import SUBSETS
-    if subset is not None and (subset not in SUBSETS or subset == "cityscapes19"):
+    """Evaluate a version: per-class IoU, mIoU and pixel accuracy, by the names of its label set."""
+    from ..labels import LABEL_SET_ID, SUBSETS
+    if subset is not None and (subset not in SUBSETS or subset == LABEL_SET_ID):
         raise UserError(f"--subset must be synthia16 or synthia13, got {subset!r}")
     set_verbose(verbose)
     bundle = _bundle(bundle)
@@ -193,15 +208,20 @@ def eval_cmd(
     from ..bundle import atomic_write_json
     from ..evaluate import evaluate
     ver = bundles.load_version(bundle, version)
-    classes = len(SUBSETS[subset]) if subset else 19
-    res = evaluate(ver.net, datasets.open_dataset(data, kind=kind, split=split, classes=classes), overlays=overlays)
+    labels = ver.net.labels
+    if subset is not None and labels.id != LABEL_SET_ID:
+        raise UserError(f"--subset {subset} scores Cityscapes-19 classes but {ver.id} predicts label set "
+                        f"{labels.id!r} ({labels.num_classes} classes); drop --subset")
+    classes = len(SUBSETS[subset]) if subset else None
+    ds = datasets.open_dataset(data, kind=kind, split=split, classes=classes, label_set=labels)
+    res = evaluate(ver.net, ds, overlays=overlays)
     figures = {"version": ver.id, "data": str(data), **res}
     if json_out:
         atomic_write_json(json_out, figures)
     if as_json:
         return print_json(figures)
     rows = [[c, v if v is not None else "-"] for c, v in res["per_class_iou"].items()]
-    table(f"{ver.id} on {data} ({res['images']} images)", ["class", "IoU"],
+    table(f"{ver.id} on {data} ({res['images']} images, label set {labels.id})", ["class", "IoU"],
           rows + [["mIoU", res["miou"]], ["pixel accuracy", res["pixel_accuracy"]]])
 
 

@@ -170,9 +170,15 @@ def subscribe_cmd(
     record: Annotated[Optional[Path], typer.Option(
         help="Record to this MCAP file as ROS 2 messages (Foxglove, ros2 bag play); implies --all.")] = None,
     max_mb: Annotated[Optional[float], typer.Option(help="Stop recording when the file reaches this size (MB).")] = None,
+    labels: Annotated[Optional[Path], typer.Option(
+        "--labels", help="Labels file (docs/labels format) naming and colouring a non-Cityscapes stream's classes; "
+                         "cityscapes19 is built in, other label sets are drawn in generated colours.")] = None,
 ) -> None:
     """Listen to the segmentation stream: print rates and latency; save, show or record the overlays."""
-    from mas3_edge.runtime.subscriber import Subscriber
+    from mas3_edge.labels import load_labels
+    from mas3_edge.runtime.subscriber import LabelBook, Subscriber
+    book = LabelBook([load_labels(labels)] if labels else (),
+                     warn=lambda line: typer.echo(f"warning: {line}", err=True))
     shown = _Shower() if show else None
     if save is not None:
         save.mkdir(parents=True, exist_ok=True)
@@ -180,14 +186,14 @@ def subscribe_cmd(
     n_last, msg = 0, None
     # the recorder opens its file after the Subscriber has checked the address: no stray file
     with (Subscriber(address, topic, latest_only=not (every or record)) as sub,
-          _recording(record, max_mb) as (rec, stop)):
+          _recording(record, max_mb, book) as (rec, stop)):
         try:
             while not stop.is_set() and (count is None or sub.received < count) and (
                     duration is None or time.monotonic() - t0 < duration):
                 m = sub.recv(timeout=0.5)
                 msg = m or msg
                 if m is not None and (save is not None or shown is not None):
-                    _render(m, save, shown)
+                    _render(m, save, shown, book)
                 if m is not None and rec is not None and not rec.write(m):
                     break  # --max-mb reached
                 now = time.monotonic()
@@ -207,7 +213,7 @@ def subscribe_cmd(
 
 
 @contextlib.contextmanager
-def _recording(path: Optional[Path], max_mb: Optional[float]):
+def _recording(path: Optional[Path], max_mb: Optional[float], book=None):
     """--record: (an MCAP recorder, closed on the way out, and the event Ctrl-C / SIGTERM then set
     instead of raising, so neither lands inside a chunk being written); (None, an unset event) without."""
     import threading
@@ -218,7 +224,7 @@ def _recording(path: Optional[Path], max_mb: Optional[float]):
         yield None, stop
         return
     from mas3_edge.runtime.record import McapRecorder, stop_on_signals
-    with McapRecorder(path, max_mb=max_mb) as rec, stop_on_signals(stop):
+    with McapRecorder(path, max_mb=max_mb, book=book) as rec, stop_on_signals(stop):
         yield rec, stop
 
 
@@ -229,11 +235,11 @@ def _sub_line(sub, msg, rate: float) -> str:
             f"gaps {sub.gaps} | frame {msg.frame_id} {msg.version} {msg.engine} {msg.width}x{msg.height}")
 
 
-def _render(msg, save: Path | None, shower) -> None:
+def _render(msg, save: Path | None, shower, book) -> None:
+    """The message's overlay (drawn by the publisher), else its class map in `book`'s colours."""
     from mas3_edge.data import write_png
-    from mas3_edge.labels import colorize
     img = msg.overlay_rgb()
-    img = colorize(msg.classes) if img is None else img
+    img = book.colorize(msg) if img is None else img
     if save is not None:
         write_png(save / f"{msg.frame_id:08d}.png", img)
     if shower is not None:
