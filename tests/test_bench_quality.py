@@ -130,3 +130,18 @@ def test_cli_bench_quality_passes_help_through_and_says_when_tools_are_missing(m
     monkeypatch.setattr(bench, "tool_path", lambda name: Path("/nowhere/tools") / f"{name}.py")
     res = runner.invoke(app, ["bench", "quality"])
     assert isinstance(res.exception, UserError) and "source checkout" in str(res.exception)
+
+
+def test_archs_run_side_by_side_on_the_same_data(tmp_path, capsys):
+    pytest.importorskip("torchvision")
+    out = tmp_path / "q.json"
+    bq.main(["--preset", "smoke", "--device", "cpu", "--steps", "1", "--methods", "bn", "--targets", "realistic",
+             "--oracle-steps", "0", "--arch", "tiny,python:own_net:small", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["archs"] == ["tiny", "python:own_net:small"]
+    dims = {a: r["embed_dim"] for a, r in report["by_arch"].items()}
+    assert dims == {"tiny": 19, "python:own_net:small": 12}
+    for r in report["by_arch"].values():
+        assert set(r["results"]) == {"source-only", "bn"} and r["source_miou"] >= 0
+    text = capsys.readouterr().out
+    assert "| tiny (19) |" in text and "| python:own_net:small (12) |" in text

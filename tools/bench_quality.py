@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mas3_edge import bundle, data, gate, health, prototypes, rounds, shifts, synth, train
-from mas3_edge.config import AdaptConfig, preset
+from mas3_edge import arch as archs, bundle, data, gate, health, prototypes, rounds, shifts, synth, train
+from mas3_edge.config import AdaptConfig
 from mas3_edge.errors import UserError
 from mas3_edge.evaluate import evaluate
-from mas3_edge.model import SegNet
+from mas3_edge.model import SegModel
 
 TARGETS = {"realistic": 0.0, "night": 0.0, "fog": 0.0, "rain": 0.0, "label-shift": 0.7}
 CORRUPTION_TARGETS = tuple(f"realistic+{c}@{s}" for s in (3, 5) for c in data.CORRUPTIONS)
@@ -163,7 +163,7 @@ class Setup:
     source model and its prototypes."""
 
     def __init__(self, preset_name: str = "small", device: str = "cpu", log=lambda msg: None,
-                 targets: Sequence[str] | None = None, source: Path | None = None):
+                 targets: Sequence[str] | None = None, source: Path | None = None, arch: str = "tiny"):
         t0, self.p, self.device = time.perf_counter(), PRESETS[preset_name], device
         self.data = make_data(self.p, targets)
         self.root = Path(tempfile.mkdtemp(prefix="mas3-quality-"))
@@ -173,7 +173,8 @@ class Setup:
                 (self.root / "SERVING").write_text("v0001\n")
                 self.src = bundle.load_version(self.root)
             else:
-                train.train(self.data["source-train"], preset("tiny"), train.TrainConfig(steps=self.p["train_steps"]),
+                cfg = archs.model_config(arch, input_size=self.data["source-train"].x.shape[1:3])
+                train.train(self.data["source-train"], cfg, train.TrainConfig(steps=self.p["train_steps"]),
                             self.root, self.root / "ckpt", device=device)
                 self.src = bundle.load_version(self.root)
                 proto = prototypes.fit(self.src.net, self.data["source-train"], device=device)
@@ -182,7 +183,7 @@ class Setup:
         except BaseException:  # a failed or interrupted setup leaves no temporary bundle behind
             self.close()
             raise
-        log(f"source model and prototypes ready ({time.perf_counter() - t0:.0f} s)")
+        log(f"source model ({arch}) and prototypes ready ({time.perf_counter() - t0:.0f} s)")
 
     def score(self, net, split: str) -> float:
         """mIoU of `net` on a labelled split (e.g. "realistic-val", "source-val")."""
@@ -192,7 +193,7 @@ class Setup:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def oracle(s: Setup, target: str, steps: int) -> SegNet:
+def oracle(s: Setup, target: str, steps: int) -> SegModel:
     """The ceiling: the source model fine-tuned on the target's adapt split WITH its labels, with
     the source training recipe (augmentation, Adam, poly decay) for `steps` steps."""
     with tempfile.TemporaryDirectory(prefix="mas3-oracle-") as tmp:
@@ -248,12 +249,16 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                     "default: the preset's (small 100, full 500)")
     ap.add_argument("--source-bundle", type=Path, help="start from this bundle's serving version (trained by "
                     "the same recipe, e.g. mas3_edge/default_bundle) instead of training the source model")
+    ap.add_argument("--arch", default="tiny", help="comma list of networks (tiny, torchvision:NAME, smp:ARCH:ENCODER, "
+                    "python:MOD:FACTORY), each trained here on the same source data, run side by side")
     ap.add_argument("--out", type=Path, default=Path("bench_quality.json"))
     ap.add_argument("--plot-dir", type=Path, help="write quality_miou.png and quality_gain.png here")
     ap.add_argument("--rejudge", action="store_true", help="read --out, judge every recorded round again with "
                     "today's health check and gate (rounds.judge), print the table and floors; no adaptation")
     args = ap.parse_args(argv)
-    args.methods = args.methods.split(",")
+    args.methods, args.arch = args.methods.split(","), args.arch.split(",")
+    if args.source_bundle and args.arch != ["tiny"]:
+        ap.error("--source-bundle holds a tiny model; leave it out with --arch")
     if unknown := [m for m in args.methods if m not in METHODS]:
         ap.error(f"unknown rows {unknown}; choose from {list(METHODS)}")
     try:
@@ -283,26 +288,60 @@ def main(argv: list[str] | None = None) -> None:
     if args.rejudge:
         report = rejudge(args.out)
         return print(table(report["results"]) + "\n\n" + format_checks(report["floor_checks"]))
+    if len(args.arch) == 1:
+        report = run(args, args.arch[0], lambda rep, row: _write(args.out, rep, t0, row))
+        print(table(report["results"]) + "\n\n" + format_checks(report["floor_checks"]))
+        for path in plot(report["results"], args.plot_dir) if args.plot_dir else ():
+            print(f"wrote {path}", file=sys.stderr)
+        return
+    both = {"archs": args.arch, "by_arch": {}}  # one run, the same data and rounds for every network
+    for a in args.arch:
+        def write(rep: dict, row: str, a: str = a) -> None:
+            both["by_arch"][a] = rep  # in the JSON from its first row on: a stopped run keeps its rows
+            _write(args.out, both, t0, f"{a}: {row}")
+        run(args, a, write)
+    print("\n\n".join(f"### {a}\n\n" + table(r["results"]) + "\n\n" + format_checks(r["floor_checks"])
+                      for a, r in both["by_arch"].items()) + "\n\n" + arch_table(both["by_arch"]))
+
+
+def run(args: argparse.Namespace, arch: str, write) -> dict:
+    """Every row of `args` on one network: its source model trained here (or --source-bundle), then
+    one round per method and target. `write(report, row)` is called after every row."""
     s = Setup(args.preset, args.device, log=lambda msg: print(msg, file=sys.stderr), targets=args.targets,
-              source=args.source_bundle)
-    report = {"preset": args.preset, "split": args.split, "device": _device_name(args.device), "adapt_steps": args.steps,
+              source=args.source_bundle, arch=arch)
+    report = {"preset": args.preset, "split": args.split, "arch": arch, "embed_dim": s.src.net.config.embed_dim,
+              "device": _device_name(args.device), "adapt_steps": args.steps,
               "targets": args.targets, "oracle": {"steps": args.oracle_steps, "how": ORACLE},
               "results": {"source-only": {t: _scores(s, s.src.net, t) for t in args.targets}}}
-    _write(args.out, report, t0, "source-only")
+    report["source_miou"] = s.score(s.src.net, "source-val")
+    write(report, "source-only")
     try:
         if args.oracle_steps > 0:
             report["results"]["oracle"] = oracle_row(s, args.targets, args.oracle_steps)
-            _write(args.out, report, t0, "oracle")
+            write(report, "oracle")
         for name in args.methods:
             report["results"][name] = method_row(s, AdaptConfig(**{"steps": args.steps, **METHODS[name]}), args.targets)
-            _write(args.out, report, t0, name)  # after every row: a stopped run keeps its rows
+            write(report, name)  # after every row: a stopped run keeps its rows
     finally:
         s.close()
     report["floor_checks"] = floor_checks(report["results"])
-    _write(args.out, report, t0, "floor checks")
-    print(table(report["results"]) + "\n\n" + format_checks(report["floor_checks"]))
-    for path in plot(report["results"], args.plot_dir) if args.plot_dir else ():
-        print(f"wrote {path}", file=sys.stderr)
+    write(report, "floor checks")
+    return report
+
+
+def arch_table(by_arch: dict) -> str:
+    """Markdown: per network, its source-domain mIoU, the mean target mIoU of source-only, and each
+    row's mean target gain over source-only (source Δ after the slash)."""
+    rows = [n for n in next(iter(by_arch.values()))["results"] if n != "source-only"]
+    head = "| network (D) | source mIoU | source-only target mIoU | " + " | ".join(f"{n} gain / source Δ" for n in rows) + " |"
+    out = [head, "|" + "---|" * (len(rows) + 3)]
+    for a, r in by_arch.items():
+        res, base = r["results"], r["results"]["source-only"]
+        cells = [f"{_mean(gains(res, n).values()):+.2f} / "
+                 f"{_mean(res[n][t]['source'] - base[t]['source'] for t in base):+.2f}" for n in rows]
+        out.append(f"| {a} ({r['embed_dim']}) | {r['source_miou']:.1f} | {_mean(v['target'] for v in base.values()):.1f} | "
+                   + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def _write(path: Path, report: dict, t0: float, row: str) -> None:
