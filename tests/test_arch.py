@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -190,3 +191,28 @@ def test_no_batch_norm_is_refused_in_the_library_too():
     with pytest.raises(UserError, match="no batch-norm layer"):
         arch.build(arch.model_config("python:own_net:no_batchnorm", FOUR, SIZE), FOUR)
     assert isinstance(arch.build(arch.model_config("python:own_net:small", FOUR, SIZE), FOUR).norms()[0], DomainNorm)
+
+
+@pytest.mark.parametrize("name", ["python:own_net:small", "torchvision:lraspp_mobilenet_v3_large"])
+def test_an_imported_networks_sets_fold_apart_and_export_as_router_and_set_graphs(tmp_path, name):
+    """The engines' per-set paths follow the bank on any network: PerSetFolded (PyTorch) and the
+    per-set ONNX layout (router + one graph per set) serve what the blended model serves."""
+    from mas3_edge import adapt, bundle
+    from mas3_edge.export.onnx import export_onnx, run_onnx
+    from mas3_edge.export import sets as xsets
+    from mas3_edge.model import Deployed, PerSetFolded
+    net = arch.build(arch.model_config(name, FOUR, SIZE), FOUR)
+    arch.import_weights(net, original(name, 4).state_dict(), "w")
+    from mas3_edge.synth import render
+    day, night = ([render(d, i, SIZE)[0] for i in range(4)] for d in ("synthetic", "night"))
+    adapt.reestimate_bn(net, np.stack(night))
+    net.eval()
+    frames = torch.from_numpy(np.stack(day[:2] + night[:2]))
+    with torch.no_grad():
+        (c1, p1), (c2, p2) = Deployed(net).eval()(frames), PerSetFolded(net)(frames)
+    assert (c1 == c2).float().mean() > 0.999 and torch.allclose(p1, p2, atol=1e-4)
+    vdir = bundle.save_version(tmp_path / "b", net)
+    report = export_onnx(vdir, per_set=True).report
+    assert report["sets"]["count"] == 2 and report["sets"]["router"]["parity"]["disagree"] == 0
+    route = run_onnx(vdir / "sets" / xsets.ROUTER_FILE, frames.numpy(), [xsets.ROUTE])[xsets.ROUTE]
+    assert route.tolist() == [0, 0, 1, 1]

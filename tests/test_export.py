@@ -166,6 +166,9 @@ def test_parity_floors_depend_on_precision():
     assert p.failures() == []
     assert p.__class__("fp32", 4, "synth", 0.997, 1e-2).failures()  # both numbers miss the fp32 floors
     assert parity.Parity("fp32", 4, "synth", 1.0, 0.0, max_logit_diff=2e-3).failures()
+    # the logit floor is relative to the largest logit above 1: rounding grows with the logits
+    assert not parity.Parity("fp32", 4, "synth", 1.0, 0.0, max_logit_diff=2e-3, logit_scale=100.0).failures()
+    assert parity.Parity("fp32", 4, "synth", 1.0, 0.0, max_logit_diff=0.2, logit_scale=100.0).failures()
 
 
 # ---------------------------------------------------------------- TensorRT cache (no TensorRT needed)
