@@ -58,3 +58,13 @@ def test_the_service_runs_with_the_file(tmp_path, tiny_bundle):
                                      'engine = "torch"\n')
     res = run("--config", tmp_path / "r.toml", cwd=tmp_path)
     assert res.returncode == 0 and "stopped after 3 frames" in res.stdout + res.stderr, res.stderr
+
+
+def test_the_rounds_tau_is_an_option_checked_before_serving(tmp_path, tiny_bundle):
+    """A model whose classifier is rarely 0.97 sure (imported, briefly trained) needs rounds at a lower τ."""
+    cfg = tmp_path / "r.toml"
+    cfg.write_text("camera = \"synthetic://night\"\ntau = 0.5\n")
+    assert tomllib.loads(run("--config", cfg, "--print-config").stdout)["tau"] == 0.5
+    bad = run("--camera", "synthetic://night", "--bundle", tiny_bundle, "--tau", "1.5", "--duration", "1")
+    assert bad.returncode == 1 and "tau must be in [0, 1)" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

@@ -120,6 +120,9 @@ def run_cmd(
     round_frames: Annotated[int, typer.Option(help="A round adapts on the newest N buffered frames.")] = 150,
     adapt_steps: Annotated[Optional[int], typer.Option(help="Steps per round (default: 30 on CPU, 100 on GPU).")] = None,
     method: Annotated[str, typer.Option(help="Adaptation method: mas3, bn, tent, ...")] = "mas3",
+    tau: Annotated[Optional[float], typer.Option(
+        help="Rounds: confidence threshold of the GMM samples (Eq. 4; default 0.97). A model whose classifier is "
+             "rarely that sure (an imported or briefly trained one) needs a lower one.")] = None,
     status_every: Annotated[float, typer.Option(help="Seconds between status lines.")] = 5.0,
     metrics_port: Annotated[Optional[int], typer.Option(
         help="Serve Prometheus /metrics and /healthz on METRICS_HOST:PORT.")] = None,
@@ -145,7 +148,8 @@ def run_cmd(
     set_verbose(verbose)
     sched = ScheduleConfig(every_frames=round_every_frames, every_minutes=round_every_minutes,
                            drift_threshold=drift_threshold, limit=round_frames, min_frames=min(40, round_frames),
-                           adapt={"method": method, **({"steps": adapt_steps} if adapt_steps is not None else {})})
+                           adapt={"method": method, **({"steps": adapt_steps} if adapt_steps is not None else {}),
+                                  **({"tau": tau} if tau is not None else {})})
     from mas3_edge.bundle import user_bundle
     cfg = ServiceConfig(camera=camera, bundle=user_bundle(bundle), engine=engine, device=device, threads=threads,
                         publish=publish, topic=topic, allow_remote=allow_remote, confidence=confidence,
