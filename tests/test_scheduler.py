@@ -74,6 +74,17 @@ def frames_dir(tmp_path: Path) -> Path:
 
 # ---------------------------------------------------------------- tests
 
+def round_caught_exporting(root: Path, tmp_path: Path) -> Scheduler:
+    """A scheduler whose slow round has written v0002 and is now "exporting" (still running)."""
+    from mas3_edge import bundle
+    s = Scheduler(root, frames_dir(tmp_path), ScheduleConfig(**FAST), round_fn=slow_round)
+    s.tick(100, 100)
+    deadline = time.monotonic() + 60
+    while "v0002" not in bundle.version_ids(root) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return s
+
+
 def test_triggers(tmp_path, monkeypatch):
     launched = []
     s = Scheduler(tmp_path, tmp_path, ScheduleConfig(every_frames=10, every_minutes=1.0, min_frames=5,
@@ -163,11 +174,7 @@ def _finish(s: Scheduler, timeout: float = 30.0) -> dict:
 def test_killed_mid_round_the_restart_serves_the_last_good_version(tiny_bundle, tmp_path):
     from mas3_edge import bundle
     from mas3_edge.runtime.swap import EngineSwapper
-    s = Scheduler(tiny_bundle, frames_dir(tmp_path), ScheduleConfig(**FAST), round_fn=slow_round)
-    s.tick(100, 100)
-    deadline = time.monotonic() + 60
-    while "v0002" not in bundle.version_ids(tiny_bundle) and time.monotonic() < deadline:
-        time.sleep(0.1)  # the round wrote its version and is now "exporting"
+    s = round_caught_exporting(tiny_bundle, tmp_path)
     t0 = time.monotonic()
     s.close()  # SIGTERM to the service: the round process is stopped
     assert time.monotonic() - t0 < 1.0 and not s.busy

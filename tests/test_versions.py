@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_scheduler import FAST, frames_dir, nan_round, perturbed_round, slow_round, wait_result
+from test_scheduler import FAST, frames_dir, nan_round, perturbed_round, round_caught_exporting, wait_result
 
 from mas3_edge import bundle
 from mas3_edge.errors import UserError
@@ -48,12 +48,7 @@ def test_rollback_command_is_one_line_and_exit_1(tiny_bundle, small_net):
 
 
 def test_a_round_killed_after_writing_its_version_leaves_it_incomplete(tiny_bundle, tmp_path):
-    import time
-    s = Scheduler(tiny_bundle, frames_dir(tmp_path), ScheduleConfig(**FAST), round_fn=slow_round)
-    s.tick(100, 100)
-    deadline = time.monotonic() + 60
-    while "v0002" not in bundle.version_ids(tiny_bundle) and time.monotonic() < deadline:
-        time.sleep(0.1)  # the round wrote its version and is now "exporting"
+    s = round_caught_exporting(tiny_bundle, tmp_path)
     s.close()  # `run` stopped (or killed) mid-export
     row = rows_by_id(tiny_bundle)["v0002"]
     assert row["state"] == "incomplete" and "did not finish" in row["note"] and row[""] == ""
