@@ -229,6 +229,15 @@ def source_stats_to_running(net: SegModel) -> None:
 
 
 @torch.no_grad()
+def source_affine_to_working(net: SegModel) -> None:
+    """Start the working set's steps from the source model's affine parameters, keeping its
+    statistics: a refining round's steps then replace the last round's, not add to them."""
+    for m in net.modules():
+        if isinstance(m, DomainNorm):
+            m.weight.copy_(m.bank[0, 2]), m.bias.copy_(m.bank[0, 3])
+
+
+@torch.no_grad()
 def select_set(net: SegModel, frames: np.ndarray, keep: int, batch_size: int = 8) -> str:
     """Before a round that keeps the source set: make the set of this chunk's domain the working
     set, or start a new one from the source's. The chunk's pooled stem statistics are compared

@@ -115,6 +115,7 @@ class AdaptConfig:
     anchor: float = 0.0  # L2 pull towards the starting weights (guards against forgetting)
     choose: bool = True  # mas3: keep the SWD steps only if they beat statistics alone on held-out consistency
     refine_mix: float = 0.5  # keep_source: weight of this chunk's statistics when refining a set seen before
+    compound: bool = False  # keep_source: a refining round's steps continue the set's (the old way; an ablation)
     seed: int = 0
 
     def __post_init__(self) -> None:

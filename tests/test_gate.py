@@ -124,6 +124,20 @@ def test_refining_a_set_pools_its_statistics_with_the_past(proto_bundle):  # noq
     assert torch.allclose(results[0.5][1], (prev + alone) / 2, atol=1e-4)
 
 
+def test_a_refining_round_does_not_compound_the_steps(proto_bundle):  # noqa: F811
+    # a second round on the same chunk, its statistics not pooled, gives the same set as the
+    # first: its steps start again from the source's affine parameters instead of adding to them
+    frames = domain(0, 256, n=10)
+    cfg = AdaptConfig(steps=3, tau=0.0, swd_pixels=256, gmm_samples=512, refine_mix=1.0, choose=False)
+    r1 = rounds.run_round(proto_bundle, frames, cfg, guard=False)
+    r2 = rounds.run_round(proto_bundle, frames, cfg, version=r1.version_dir.name, guard=False)
+    assert (r1.report["set"], r2.report["set"]) == ("new", "working")
+    first, second = (bundle.load_version(r.version_dir).net.state_dict() for r in (r1, r2))
+    source = bundle.load_version(proto_bundle, r1.report["parent"]).net.state_dict()
+    moved = [k for k in first if k.endswith(".weight") and not torch.equal(first[k], source[k])]
+    assert moved and all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
+
+
 def test_camera_change_keeps_label_ids_and_moves_the_scene():
     img, lbl = synth.render("realistic", 5, (64, 128))
     out, out_lbl = shifts.camera_change(img, lbl)

@@ -72,6 +72,7 @@ METHODS = {
     "mas3 (gentle steps)": dict(method="mas3", batch_stats=False, target_conf=0.0, lr=1e-4),
     "mas3 (zero steps)": dict(method="mas3", steps=0),  # the normalisation bank alone: what the steps must beat
     "mas3 (steps always)": dict(method="mas3", choose=False),  # the steps without the per-round choice
+    "mas3 (steps compound)": dict(method="mas3", compound=True),  # refining rounds continue the set's steps
     "mas3": dict(method="mas3"),
 }
 # the shipped mas3 must beat each one's mean gain
