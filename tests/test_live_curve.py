@@ -47,3 +47,11 @@ def test_plot_writes_a_png(tmp_path):
     s = live_curve.summarize(live_curve.load_events(_events(tmp_path, 24.0)))
     live_curve.plot(s, "test", tmp_path / "out" / "curve.png")
     assert (tmp_path / "out" / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("last, adds", [(24.0, True), (22.0, False)])
+def test_later_rounds_must_add_two_points_over_the_frames_after_the_first_swap(tmp_path, last, adds):
+    s = live_curve.summarize(live_curve.load_events(_events(tmp_path, last)))
+    # swapped at frame 410: the first rolling window of 100 frames after it ends at frame 520 (t = 52 s)
+    assert (s["first_swap_frame"], s["miou_after_first_swap"]) == (410, pytest.approx(20.52))
+    assert live_curve.adding_floor_met(s) is adds

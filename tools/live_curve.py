@@ -60,11 +60,15 @@ def summarize(events: list[dict], cmd: list[str] | None = None) -> dict:
                "seconds": round(e.get("seconds", 0.0), 1), "version": e.get("version"), "reason": e.get("reason")}
               for e in events if e["event"] == "round"]
     uptime = last.get("uptime_s") or 0.0
+    # the 100 frames right after the first swap: the first rolling window that starts after it
+    swap = next((e["frame"] for e in events if e["event"] == "swap"), None)
+    after = next((e["miou_window"] for e in status if swap is not None and e["frames"] >= swap + 100), None)
     return {
         "command": " ".join(cmd) if cmd else None,
         "frames": last.get("frames"), "seconds": round(uptime, 1),
         "fps": round(last["frames"] / uptime, 2) if uptime else None,
         "miou_first_100": last.get("miou_first"), "miou_last_100": last.get("miou_window"),
+        "miou_after_first_swap": after, "first_swap_frame": swap,
         "miou_by_version": next((e["miou_by_version"] for e in reversed(status) if e.get("miou_by_version")), None),
         "accepted": sum(r["outcome"] == "accepted" for r in rounds),
         "rejected": sum(r["outcome"] in NOT_ACCEPTED for r in rounds), "rounds": rounds,
@@ -139,6 +143,13 @@ def overlay_strip(bundle: Path, adapted: str | None, out: Path, n: int = 3, doma
     return {"domain": domain, "scene_seed": 977, "frames": n, "source": first, "adapted": adapted, "miou": scores}
 
 
+def adding_floor_met(s: dict) -> bool:
+    """Issue 15 §5: later rounds add, the last 100 frames at least 2 mIoU above the 100 right after
+    the first swap."""
+    return bool(s["miou_after_first_swap"] is not None and s["miou_last_100"] is not None
+                and s["miou_last_100"] >= s["miou_after_first_swap"] + 2)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--targets", nargs="+", default=["night"], help="synthetic domains (night, fog, rain, realistic)")
@@ -154,10 +165,12 @@ def main() -> None:
         for target in args.targets:
             events, cmd, bundle = run_target(target, Path(tmp) / target, args)
             s = report["targets"][target] = {**summarize(events, cmd)}
-            s["floor_met"] = floor_met(s)
+            s["floor_met"], s["adding_floor_met"] = floor_met(s), adding_floor_met(s)
             plot(s, f"mas3-edge run --camera synthetic://{target}: live mIoU", args.out / f"live_curve_{target}.png")
             print(f"{target}: mIoU first 100 {s['miou_first_100']} -> last 100 {s['miou_last_100']}, rounds "
-                  f"accepted {s['accepted']} rejected {s['rejected']}, {s['fps']} fps, floor met: {s['floor_met']}",
+                  f"accepted {s['accepted']} rejected {s['rejected']}, {s['fps']} fps, floor met: {s['floor_met']}; "
+                  f"right after the first swap {s['miou_after_first_swap']}: later rounds add 2 points: "
+                  f"{'pass' if s['adding_floor_met'] else 'FAIL'}",
                   file=sys.stderr)
             if target == "night" or "strip" not in report:
                 accepted = [r["version"] for r in s["rounds"] if r["outcome"] == "accepted"]
