@@ -114,6 +114,7 @@ class AdaptConfig:
     max_sets: int = 8  # adapted normalisation sets kept beside the source's (keep_source): one per domain
     anchor: float = 0.0  # L2 pull towards the starting weights (guards against forgetting)
     choose: bool = True  # mas3: keep the SWD steps only if they beat statistics alone on held-out consistency
+    choice_margin: float = 0.0  # choose: by at least this much (consistency is a fraction of pixels)
     refine_mix: float = 0.5  # keep_source: weight of this chunk's statistics when refining a set seen before
     compound: bool = False  # keep_source: a refining round's steps continue the set's (the old way; an ablation)
     seed: int = 0
@@ -138,6 +139,7 @@ class AdaptConfig:
         _check(0 <= self.bn_mix <= 1, f"bn mix must be in [0, 1], got {self.bn_mix}")
         _check(self.max_sets >= 1, f"max sets must be >= 1, got {self.max_sets}")
         _check(self.anchor >= 0, f"anchor must be >= 0, got {self.anchor}")
+        _check(0 <= self.choice_margin < 1, f"choice margin must be in [0, 1), got {self.choice_margin}")
         _check(0 < self.refine_mix <= 1, f"refine mix must be in (0, 1], got {self.refine_mix}")
         _check(0 <= self.target_conf < 1, f"target confidence must be in [0, 1), got {self.target_conf}")
         _check(not self.batch_stats or self.batch_size >= 2,

@@ -133,13 +133,13 @@ def _adapt(net, proto, train: np.ndarray, held: np.ndarray, cfg: AdaptConfig, pr
 def _steps_or_statistics(net, proto, train: np.ndarray, held: np.ndarray, cfg: AdaptConfig, progress) -> dict:
     """The SWD steps must earn their place in every round: adapt two candidates, the statistics
     alone (zero steps) and the statistics plus the steps, and keep the steps only when their
-    predictions on the held-out frames are at least as consistent under augmentation, a signal
-    neither candidate optimised."""
+    predictions on the held-out frames are more consistent under augmentation by at least
+    cfg.choice_margin, a signal neither candidate optimised."""
     stats_only = copy.deepcopy(net)
     adapt.adapt(stats_only, proto, train, replace(cfg, steps=0))
     log = adapt.adapt(net, proto, train, cfg, progress)
     c_stats, c_steps = gate.consistency(stats_only, held), gate.consistency(net, held)
-    keep_steps = c_steps >= c_stats
+    keep_steps = c_steps >= c_stats + cfg.choice_margin
     if not keep_steps:
         net.load_state_dict(stats_only.state_dict())
     return {**log, "choice": {"kept": "steps" if keep_steps else "statistics only",

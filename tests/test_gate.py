@@ -107,6 +107,8 @@ def test_a_round_keeps_the_steps_only_when_they_are_as_consistent(proto_bundle):
     assert c["kept"] == kept and set(rep["gate_after"]) == set(gate.GATE)
     off = rounds.run_round(proto_bundle, frames, AdaptConfig(**{**cfg.to_dict(), "choose": False}), guard=False)
     assert "choice" not in off.report
+    strict = rounds.run_round(proto_bundle, frames, AdaptConfig(**{**cfg.to_dict(), "choice_margin": 0.99}), guard=False)
+    assert strict.report["choice"]["kept"] == "statistics only"  # no consistency is 0.99 above another
 
 
 def test_refining_a_set_pools_its_statistics_with_the_past(proto_bundle):  # noqa: F811

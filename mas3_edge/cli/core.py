@@ -149,6 +149,8 @@ def adapt_cmd(
     choose: Annotated[bool, typer.Option(
         "--choose/--always-step", help="mas3: keep the SWD steps only when they beat re-estimated statistics "
         "alone on held-out augmentation consistency.")] = True,
+    choice_margin: Annotated[float, typer.Option(
+        help="With --choose: the steps must beat statistics alone by at least this much consistency.")] = 0.0,
     refine_mix: Annotated[float, typer.Option(
         help="With --keep-source: weight of this chunk's statistics when refining a set seen before.")] = 0.5,
     limit: Annotated[Optional[int], typer.Option(help="Use only the newest N frames.")] = None,
@@ -166,7 +168,8 @@ def adapt_cmd(
     cfg = AdaptConfig(method=method, steps=steps, batch_size=batch_size, lr=lr, lam=lam, tau=tau,
                       n_projections=projections, swd_pixels=swd_pixels, params=params, bn=bn, bn_mix=bn_mix,
                       class_conditional=class_conditional, anchor=anchor, keep_source=keep_source, max_sets=max_sets,
-                      batch_stats=batch_stats, target_conf=target_conf, choose=choose, refine_mix=refine_mix,
+                      batch_stats=batch_stats, target_conf=target_conf, choose=choose, choice_margin=choice_margin,
+                      refine_mix=refine_mix,
                       seed=seed)
     res = rounds.run_round(bundle, buffer, cfg, version=version, guard=guard, limit=limit)
     hb, ha = res.report["health_before"], res.report["health_after"]
