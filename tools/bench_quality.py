@@ -78,7 +78,7 @@ METHODS = {
     "mas3 (gentle steps)": dict(method="mas3", batch_stats=False, target_conf=0.0, lr=1e-4),
     "mas3 (zero steps)": dict(method="mas3", steps=0),  # the normalisation bank alone: what the steps must beat
     "mas3 (steps always)": dict(method="mas3", choose=False),  # the steps without the per-round choice
-    "mas3 (choice margin 0.016)": dict(method="mas3", choice_margin=0.016),  # the steps must be clearly more consistent
+    "mas3 (choice margin 0)": dict(method="mas3", choice_margin=0.0),  # the steps kept when as consistent (before)
     "mas3 (steps compound)": dict(method="mas3", compound=True),  # refining rounds continue the set's steps
     "mas3": dict(method="mas3"),
 }
@@ -262,6 +262,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--floor-row", default="mas3", help="the row the floors are checked for (a candidate default)")
     ap.add_argument("--out", type=Path, default=Path("bench_quality.json"))
     ap.add_argument("--plot-dir", type=Path, help="write quality_miou.png and quality_gain.png here")
+    ap.add_argument("--merge", type=Path, nargs="+", help="join these runs' targets (the same rows, e.g. run "
+                    "side by side on split targets) into --out, judge every round again and print; no adaptation")
     ap.add_argument("--rejudge", action="store_true", help="read --out, judge every recorded round again with "
                     "today's health check and gate (rounds.judge), print the table and floors; no adaptation")
     args = ap.parse_args(argv)
@@ -292,9 +294,24 @@ def rejudge(path: Path, floor_row: str = "mas3") -> dict:
     return report
 
 
+def merge(paths: list[Path], out: Path) -> None:
+    """One report of several runs of the same rows on different targets (each run's own meta kept
+    under "runs")."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    rows = [list(r["results"]) for r in reports]
+    if any(r != rows[0] for r in rows):
+        raise UserError(f"the runs hold different rows: {rows}")
+    joined = {**reports[0], "targets": [t for r in reports for t in r["targets"]], "runs": [
+        {"path": str(p), "targets": r["targets"], "seconds": r.get("seconds")} for p, r in zip(paths, reports)],
+              "results": {name: {t: c for r in reports for t, c in r["results"][name].items()} for name in rows[0]}}
+    out.write_text(json.dumps(joined, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     args, t0 = _args(argv), time.perf_counter()
-    if args.rejudge:
+    if args.merge:
+        merge(args.merge, args.out)
+    if args.rejudge or args.merge:
         report = rejudge(args.out, args.floor_row)
         return print(table(report["results"]) + "\n\n" + format_checks(report["floor_checks"]))
     if len(args.arch) == 1:

@@ -150,7 +150,7 @@ def adapt_cmd(
         "--choose/--always-step", help="mas3: keep the SWD steps only when they beat re-estimated statistics "
         "alone on held-out augmentation consistency.")] = True,
     choice_margin: Annotated[float, typer.Option(
-        help="With --choose: the steps must beat statistics alone by at least this much consistency.")] = 0.0,
+        help="With --choose: the steps must beat statistics alone by at least this much consistency.")] = 0.016,
     refine_mix: Annotated[float, typer.Option(
         help="With --keep-source: weight of this chunk's statistics when refining a set seen before.")] = 0.5,
     limit: Annotated[Optional[int], typer.Option(help="Use only the newest N frames.")] = None,
