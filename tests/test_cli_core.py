@@ -55,6 +55,7 @@ def _cli(*args):
     (["adapt", "--buffer", "{root}/frames", "--bundle", "{root}/bundle", "--tau", "1.5"], "tau must be"),
     (["adapt", "--buffer", "{root}/frames", "--bundle", "{root}/bundle", "--target-conf", "1"], "target confidence"),
     (["adapt", "--buffer", "{root}/frames", "--bundle", "{root}/bundle", "--max-sets", "0"], "max sets must be >= 1"),
+    (["adapt", "--buffer", "{root}/frames", "--bundle", "{root}/bundle", "--choice-margin", "-0.1"], "choice margin"),
     (["adapt", "--buffer", "{root}/frames", "--bundle", "{root}/bundle", "--batch-stats", "--batch-size", "1"],
      "--batch-size must be"),
     (["eval", "--data", "{root}/frames", "--bundle", "{root}/bundle"], "label missing"),
