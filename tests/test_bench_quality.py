@@ -101,6 +101,26 @@ def test_report_split_has_other_shift_families_than_tuning():
     assert not (families(tuning) - {None}) & families(report)
 
 
+def test_report2_shares_no_target_with_the_other_splits():
+    report2 = set(bq.resolve_targets(bq.SPLITS["report2"]))
+    assert len(report2) == 5 and not report2 & set(bq.resolve_targets(bq.SPLITS["tuning"] + "," + bq.SPLITS["report"]))
+
+
+def test_merge_joins_runs_on_split_targets_and_refuses_other_rows(tmp_path, capsys):
+    rows = {"bn": [1, 1, 1], "mas3 (zero steps)": [2, 0, 1], "mas3": [3, 0.5, 2.5]}
+    whole = _results(rows)
+    for name, targets in (("a.json", ["a"]), ("b.json", ["b", "c"])):
+        part = {r: {t: cell for t, cell in cells.items() if t in targets} for r, cells in whole.items()}
+        (tmp_path / name).write_text(json.dumps({"preset": "small", "targets": targets, "results": part}))
+    bq.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m.json")])
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert merged["targets"] == ["a", "b", "c"] and merged["results"] == whole
+    assert "pass: mas3 gains at least its zero-step ablation" in capsys.readouterr().out
+    (tmp_path / "b.json").write_text(json.dumps({"targets": ["b"], "results": {"source-only": {}}}))
+    with pytest.raises(SystemExit, match="different rows"):
+        bq.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m.json")])
+
+
 def test_table_marks_the_oracle_as_a_reference():
     text = bq.table(_results({"oracle": [10, 10, 10], "bn": [1, 1, 1]}))
     assert "| oracle (reference) |" in text and "(+10.00)" in text and "| bn |" in text and "+1.00 |" in text

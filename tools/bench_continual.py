@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
                  source=args.source_bundle)
     try:
         stream = make_stream(args.rounds, args.chunk, s.p["workers"], DOMAINS)
-        report = {"preset": args.preset, "split": None if args.domains != SPLITS[args.split] else args.split, "device": bq._device_name(args.device), "rounds": args.rounds,
+        split = args.split if args.domains == SPLITS[args.split] else None  # None: --domains
+        report = {"preset": args.preset, "split": split, "device": bq._device_name(args.device), "rounds": args.rounds,
                   "chunk": args.chunk, "adapt_steps": args.steps, "domains": list(DOMAINS), "stream_seed": STREAM_SEED,
                   "source_model": {k: s.score(s.src.net, k) for k in ["source-val", *(f"{d}-val" for d in DOMAINS)]},
                   "results": {}}

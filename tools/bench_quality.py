@@ -49,7 +49,7 @@ GROUPS = {"synthetic": tuple(TARGETS), "corruptions": CORRUPTION_TARGETS, "all":
 # contrast loss and a coarser sensor (pixelate). Written down before the report set was first run.
 SPLITS = {"tuning": "synthetic,realistic+gaussian_noise@5,realistic+motion_blur@3",
           "report": f"{CAMERA},realistic+snow@3,realistic+frost@3,realistic+contrast@4,realistic+pixelate@5",
-          # A second report set, written down (commit after dba0bed) before it was first run, for a
+          # A second report set, written down (commit fdc9121) before it was first run, for a
           # choice made after the first report set had been seen: families neither set has (an
           # elastic warp, JPEG artefacts, over-exposure) and members of the tuning set's noise and
           # blur families that it does not hold (impulse noise, zoom blur).
@@ -310,7 +310,10 @@ def merge(paths: list[Path], out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     args, t0 = _args(argv), time.perf_counter()
     if args.merge:
-        merge(args.merge, args.out)
+        try:
+            merge(args.merge, args.out)
+        except (UserError, OSError, ValueError, KeyError) as e:
+            sys.exit(f"error: cannot merge {[str(p) for p in args.merge]}: {e}")
     if args.rejudge or args.merge:
         report = rejudge(args.out, args.floor_row)
         return print(table(report["results"]) + "\n\n" + format_checks(report["floor_checks"]))
@@ -331,7 +334,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace, arch: str, write) -> dict:
-    floor_row = args.floor_row
     """Every row of `args` on one network: its source model trained here (or --source-bundle), then
     one round per method and target. `write(report, row)` is called after every row."""
     s = Setup(args.preset, args.device, log=lambda msg: print(msg, file=sys.stderr), targets=args.targets,
@@ -351,7 +353,7 @@ def run(args: argparse.Namespace, arch: str, write) -> dict:
             write(report, name)  # after every row: a stopped run keeps its rows
     finally:
         s.close()
-    report["floor_checks"] = floor_checks(report["results"], floor_row)
+    report["floor_checks"] = floor_checks(report["results"], args.floor_row)
     write(report, "floor checks")
     return report
 
