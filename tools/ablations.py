@@ -7,7 +7,7 @@ prototypes. Every adapted net is scored on held-out labelled splits: realistic t
 The embedding picture projects GMM samples and held-out target embeddings before and after a
 `mas3` round to 2-D (UMAP when importable, else PCA), coloured by class.
 
-    python tools/ablations.py --preset small --out ablations.json --plot-dir docs
+    python tools/ablations.py --preset small --out ablations.json --plot-dir docs/results
     python tools/ablations.py --preset smoke --steps 1 --what embedding   # plumbing only
 """
 from __future__ import annotations

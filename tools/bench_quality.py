@@ -15,7 +15,7 @@ cores) runs the 5 synthetic targets and two corruptions from the families those 
 blur: realistic+gaussian_noise@5 and realistic+motion_blur@3. full (a GPU) runs all 35 targets.
 
     python tools/bench_quality.py --preset small --out bench_quality.json        # 2 CPU cores
-    python tools/bench_quality.py --preset full --device cuda --plot-dir docs    # a GPU
+    python tools/bench_quality.py --preset full --device cuda --plot-dir docs/results    # a GPU
     mas3-edge bench quality --targets corruptions --methods bn,mas3              # from the CLI
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What an adapted model (several normalisation sets) costs against a one-set model, per engine.
 
-    python tools/bench_sets.py --sizes 256x512,512x1024 --threads 1 --out docs/bench_sets.json
+    python tools/bench_sets.py --sizes 256x512,512x1024 --threads 1 --out docs/results/bench_sets.json
     python tools/bench_sets.py --device cuda --engines torch-cudagraph,torch-compile,tensorrt --sets 1,2
     python tools/bench_sets.py --quick                      # CI-sized: tiny model, 64x128
     python tools/bench_sets.py --sizes 256x512 --engines torch,torch-compile --keep /tmp/sets   # twice: a restart

@@ -7,8 +7,8 @@ Each target gets a real `python -m mas3_edge run --camera synthetic://TARGET --e
 that starts from the pristine source version: the packaged default bundle (copied afresh under a
 temporary $MAS3_EDGE_HOME, exactly as a new install does) or a fresh copy of --bundle. The status events carry the mIoU over the last 100 labelled frames (the synthetic
 source has labels); the plot draws it against time with accepted (green) and rejected (red) rounds as
-vertical lines. Writes docs/live_curve_TARGET.png, docs/live_curve.json (first-100 and last-100 mIoU,
-rounds, fps, the command) and docs/overlay_strip.png: held-out night scenes as image | source-only |
+vertical lines. Writes docs/results/live_curve_TARGET.png, docs/results/live_curve.json (first-100 and last-100 mIoU,
+rounds, fps, the command) and docs/results/overlay_strip.png: held-out night scenes as image | source-only |
 adapted (the bundle's first version against the last accepted one).
 """
 from __future__ import annotations
@@ -158,7 +158,7 @@ def main() -> None:
     p.add_argument("--fps", type=float, default=None, help="camera pace (default: the source's 10 fps; 0: unpaced)")
     p.add_argument("--status-every", type=float, default=2.0, help="seconds between status events (curve points)")
     p.add_argument("--bundle", type=Path, default=None, help="bundle to start from (default: the packaged one)")
-    p.add_argument("--out", type=Path, default=Path("docs"), help="folder for the PNGs and live_curve.json")
+    p.add_argument("--out", type=Path, default=Path("docs/results"), help="folder for the PNGs and live_curve.json")
     args = p.parse_args()
     report = {"tool_command": " ".join(["python", "tools/live_curve.py", *sys.argv[1:]]), "targets": {}}
     with tempfile.TemporaryDirectory(prefix="mas3-live-") as tmp:

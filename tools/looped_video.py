@@ -11,7 +11,7 @@ video's frames, so each round is known to be good (gain > 0.5 mIoU), harmful (< 
 and the decisions of the health signals alone and of health + gate are both recorded. Serving
 follows health + gate, as the runtime does.
 
-    python tools/looped_video.py --out docs/looped_video.json
+    python tools/looped_video.py --out docs/results/looped_video.json
     python tools/looped_video.py --method tent --rounds 6 --out looped_tent.json
 """
 from __future__ import annotations
