@@ -35,7 +35,8 @@ from torch import nn
 
 from mas3_edge.bundle import sha256_bytes, sha256_file
 from mas3_edge.errors import UserError
-from mas3_edge.model import DomainNorm, SegModel, _one_set
+from mas3_edge import bank
+from mas3_edge.model import SegModel
 
 from . import parity, passes
 
@@ -48,9 +49,7 @@ ROUTE = "route"
 
 def set_count(net: SegModel) -> int:
     """Normalisation sets a model routes between (1: a one-set model, nothing to split)."""
-    if not any(isinstance(m, DomainNorm) and m.routed() for m in net.modules()):
-        return 1
-    return net.set_count()
+    return bank.count(net) if bank.routed(net) else 1
 
 
 def set_file(s: int) -> str:
@@ -65,7 +64,7 @@ class Router(nn.Module):
         self.net = net
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net.route(self.net.stem(images)).to(torch.int32)
+        return bank.route(self.net, self.net.stem(images)).to(torch.int32)
 
 
 def export_sets(net: SegModel, label: str, images: np.ndarray, source: str, opset: int, simplify: bool,
@@ -80,7 +79,7 @@ def export_sets(net: SegModel, label: str, images: np.ndarray, source: str, opse
     files, graphs = {}, []
     with tempfile.TemporaryDirectory(prefix="mas3-sets-") as tmp:
         for s in range(set_count(net)):
-            one = _one_set(net, s).eval()
+            one = bank.one_set(net, s).eval()
             ref = parity.torch_reference(one, images)
             raw = _torch_export(one, with_embedding, opset, Path(tmp) / f"set-{s}.onnx")
             cands = passes.candidates(raw, tuple(net.config.input_size), simplify)
@@ -133,7 +132,7 @@ def check_router(net: SegModel, got: np.ndarray, images: np.ndarray) -> dict:
     (the two nearest sets within 1e-5 relative in PyTorch) may go either way and is not counted."""
     got = np.asarray(got).astype(np.int64).reshape(-1)
     with torch.no_grad():
-        d = net.set_distances(*net.stem_stats(net.stem(torch.from_numpy(images)))).double()
+        d = bank.distances(net, *bank.stem_stats(net, net.stem(torch.from_numpy(images)))).double()
     want = d.argmin(1).numpy()
     two = d.sort(1).values[:, :2].numpy()
     tie = (two[:, 1] - two[:, 0]) <= 1e-5 * np.abs(two[:, 0]).clip(1e-12)

@@ -263,7 +263,7 @@ def verify_engine(plan: bytes, vdir: Path, spec: EngineSpec, device: str | None 
     """Parity of a built engine against PyTorch (a set's graph: with that set forced; the router:
     the same set as SegModel.route per image); UserError if it misses the floors."""
     import torch
-    from mas3_edge.model import _one_set
+    from mas3_edge import bank
     from .sets import ROUTE, check_router
     ver = load_version(vdir)
     images, source = parity.check_images(spec.input_size)
@@ -277,7 +277,7 @@ def verify_engine(plan: bytes, vdir: Path, spec: EngineSpec, device: str | None 
             raise UserError(f"the TensorRT router chose another set than PyTorch on {check['disagree']} "
                             f"of {check['images']} check images; no engine was cached")
         return check
-    net = ver.net if graph is None else _one_set(ver.net, int(Path(graph).stem.split("-")[1]))
+    net = ver.net if graph is None else bank.one_set(ver.net, int(Path(graph).stem.split("-")[1]))
     ref = parity.torch_reference(net, images)
     got: dict[str, list] = {name: [] for name in OUTPUTS}
     with torch.cuda.stream(runner.stream):

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import bank
 from .config import ModelConfig, PRESETS, preset
 from .errors import UserError
 from .labels import CITYSCAPES, LabelSet
@@ -289,4 +290,4 @@ def import_weights(net: SegModel, state: dict[str, torch.Tensor], where: str) ->
                         f"{', '.join(p for p in parts if p)}; check --arch and --labels")
     with torch.no_grad():
         net.load_state_dict(state, strict=False)  # the banks are not in a foreign file: rebuilt below
-    net.mark_source()
+    bank.mark_source(net)

@@ -1,19 +1,32 @@
-"""The bank of normalisation sets, as a transform on any network's batch-norm layers.
+"""The bank of normalisation sets, as a transform on any network's batch-norm layers, and the one
+API to it.
 
 `install_bank(module)` turns every BatchNorm2d of a network into a DomainNorm: batch norm that keeps
 a bank of sets (the source model's, one per adapted domain) beside its working set. The first norm
-layer the input reaches (the first in module order: the network contract, README "Adapt your own
-model") routes each frame to the set whose statistics are nearest its own; every other layer
-normalises the frame with that set. The network's convs and weights are untouched.
+layer the input reaches (the first in module order: the network contract, docs/own-model.md)
+routes each frame to the set whose statistics are nearest its own; every other layer normalises the
+frame with that set. The network's convs and weights are untouched.
+
+The functions below the layer are the bank's API, on a whole network: `select` (the set a round
+adapts), `route`, `reset_affine`, `reset_statistics`, `source_path`, `one_set`, `add_set`,
+`drop_set`, `count`, `mark_source`. Nothing outside this file touches the sets' tensors.
 """
 from __future__ import annotations
 
+import copy
+import logging
 import warnings
+from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
+from .config import AdaptConfig
 from .errors import UserError
+from .torchutil import to_device
+
+log = logging.getLogger(__name__)
 
 
 class RouteState:
@@ -168,3 +181,185 @@ def install_bank(module: nn.Module, name: str = "the network") -> list[DomainNor
     for i, m in enumerate(norms):
         m.state, m.lead = state, i == 0
     return norms
+
+
+# --- the bank's API, on a network whose batch norms install_bank replaced
+
+def norms(net: nn.Module) -> list[DomainNorm]:
+    return [m for m in net.modules() if isinstance(m, DomainNorm)]
+
+
+def lead(net: nn.Module) -> DomainNorm | None:
+    """The router: the first norm layer, or None once it was folded into its conv."""
+    return next((m for m in norms(net) if m.lead), None)
+
+
+def count(net: nn.Module) -> int:
+    """Sets of the network: the bank's rows and the working set."""
+    return len(lead(net).sets())
+
+
+def routed(net: nn.Module) -> bool:
+    """Whether any layer holds sets that differ (otherwise the network folds like plain batch norm)."""
+    return any(m.routed() for m in norms(net))
+
+
+@contextmanager
+def using_route(net: nn.Module, active: bool, capture: bool = False):
+    """The first norm layer routes each frame inside the block (`active`); after it every norm
+    uses its working set again: a route belongs to one batch and must not outlive its pass."""
+    first = lead(net)
+    state = first.state if first is not None else RouteState()
+    state.active, state.capture, state.route = active, capture, None
+    try:
+        yield
+    finally:
+        state.active, state.capture, state.route = False, False, None
+
+
+def capture_stem(net: nn.Module, features, x: torch.Tensor) -> torch.Tensor | None:
+    """Run `features(x)` up to the first norm layer and return that layer's input (None: never reached)."""
+    try:
+        with using_route(net, False, capture=True):
+            features(x)
+    except _Stem as stop:
+        return stop.h
+    return None
+
+
+@torch.no_grad()
+def stem_stats(net: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-frame channel mean and variance (B, C) of the first norm layer's input h."""
+    return lead(net).input_stats(h)
+
+
+def distances(net: nn.Module, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Gaussian KL of channel statistics (B, C) to each set of the first norm layer: (B, S + 1)."""
+    return lead(net).distances(m, v)
+
+
+@torch.no_grad()
+def route(net: nn.Module, h: torch.Tensor) -> torch.Tensor | None:
+    """Per frame, the set (index into `sets()`) nearest the statistics of the stem output `h`: (B,).
+    None (the working set everywhere) when the first norm was folded: it had one set."""
+    first = lead(net)
+    return None if first is None else first.choose(h)
+
+
+@torch.no_grad()
+def activate(net: nn.Module, row: int | None, keep: int) -> None:
+    """Make bank row `row` (None: a fresh copy of the source row) the working set in every layer. The
+    working set is banked only if it was adapted (differs from the source row somewhere), the same in
+    every layer; past `keep` adapted sets the least recently used is dropped."""
+    layers = norms(net)
+    adapted = any(not torch.equal(m.bank[0], m.working()) for m in layers)
+    for m in layers:
+        m.activate(row, adapted, keep)
+
+
+def add_set(net: nn.Module, keep: int) -> None:
+    """Start a new set from the source's (the adapted working set is banked)."""
+    activate(net, None, keep)
+
+
+@torch.no_grad()
+def drop_set(net: nn.Module, row: int) -> None:
+    """Remove banked adapted set `row` (1..S-1) from every layer."""
+    if not 1 <= row < len(lead(net).bank):
+        raise UserError(f"no adapted normalisation set {row} to drop (the bank has {len(lead(net).bank) - 1})")
+    for m in norms(net):
+        m.bank = torch.cat([m.bank[:row], m.bank[row + 1:]])
+
+
+@torch.no_grad()
+def select(net: nn.Module, frames: np.ndarray, keep: int, same_domain: float = AdaptConfig.same_domain,
+           batch_size: int = 8) -> str:
+    """Before a round that keeps the source set: make the set of this chunk's domain the working
+    set, or start a new one from the source's. The chunk's pooled stem statistics are compared
+    (Gaussian KL) with every set's: it is of the nearest adapted set's domain unless the source set
+    is nearer still, or that set is farther than `same_domain` times the spread of the chunk's own
+    frames around their pool. Returns which it chose ("working", "banked N" or "new")."""
+    net.eval()
+    stats = [stem_stats(net, net.stem(to_device(frames[i:i + batch_size], net)))
+             for i in range(0, len(frames), batch_size)]
+    m, v = (torch.cat(t) for t in zip(*stats))  # (N, C) each
+    mu = m.mean(0, keepdim=True)
+    var = (v + m ** 2).mean(0, keepdim=True) - mu ** 2  # the chunk pooled: (1, C)
+    spread = gaussian_kl(m, v, mu, var).median()
+    dist = distances(net, mu, var)[0]  # (S + 1,): source, banked adapted sets, the working set
+    row: int | None = int(dist[1:].argmin()) + 1
+    log.info("set distances %s, spread %.4f", [round(float(d), 4) for d in dist], float(spread))
+    if dist[row] >= dist[0] or dist[row] > same_domain * spread:
+        row = None
+    activate(net, row, keep)
+    return "new" if row is None else "working" if row == len(dist) - 1 else f"banked {row}"
+
+
+@torch.no_grad()
+def reset_affine(net: nn.Module) -> None:
+    """The working set's affine parameters := the source's (its statistics stay): a refining
+    round's steps then replace the last round's instead of adding to them."""
+    for m in norms(net):
+        m.weight.copy_(m.bank[0, 2]), m.bias.copy_(m.bank[0, 3])
+
+
+@torch.no_grad()
+def reset_statistics(net: nn.Module) -> None:
+    """The working set's statistics := the source model's (kept in every layer along the lineage)."""
+    for m in norms(net):
+        m.running_mean.copy_(m.bank[0, 0]), m.running_var.copy_(m.bank[0, 1])
+
+
+def mark_source(net: nn.Module) -> None:
+    """One set: the current working set becomes the source set (a freshly trained or imported
+    model, or a one-set baseline's round)."""
+    for m in norms(net):
+        m.mark_source()
+
+
+@torch.no_grad()
+def one_set(net: nn.Module, s: int) -> nn.Module:
+    """A copy of `net` whose every layer holds set `s` of its sets() and nothing else."""
+    net = copy.deepcopy(net)
+    for m in norms(net):
+        m.set_working(m.sets()[s])
+        m.mark_source()
+    return net
+
+
+def source_path(net: nn.Module) -> nn.Module:
+    """The network as it segments the source domain: its source set alone, in eval mode."""
+    return one_set(net, 0).eval()
+
+
+def size_banks(net: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Size each layer's bank as the weight file's, so that load_state_dict fits. A file of plain
+    batch norms (no bank: the packaged bundle, a network's own weights) holds one set, its own."""
+    state = dict(state)
+    for name, m in net.named_modules():
+        if isinstance(m, DomainNorm):
+            key, own = f"{name}.bank", [f"{name}.{k}" for k in ("running_mean", "running_var", "weight", "bias")]
+            if key not in state and all(k in state for k in own):
+                state[key] = torch.stack([state[k] for k in own])[None]
+            if key in state:
+                m.bank = torch.empty_like(state[key])
+    return state
+
+
+def check_router(net: nn.Module, features, x: torch.Tensor, name: str) -> None:
+    """The router rule: the first norm layer in module order must be the first one the input
+    reaches, or every frame would be routed on a layer's input that depends on the set chosen."""
+    layers, seen, training = norms(net), [], net.training
+    hooks = [m.register_forward_pre_hook(lambda mod, _args: seen.append(mod)) for m in layers]
+    try:
+        with torch.no_grad(), using_route(net, False):
+            features(x.to(layers[0].weight.device)) if net.eval() else None
+    finally:
+        net.train(training)
+        for h in hooks:
+            h.remove()
+    if seen and seen[0] is not layers[0]:
+        names = {id(m): n for n, m in net.named_modules()}
+        raise UserError(f"{name}: its first batch norm in module order ({names[id(layers[0])]}) is not the first the "
+                        f"input reaches ({names[id(seen[0])]}); declare the layers in the order they run, so "
+                        "that the first one can route each frame")

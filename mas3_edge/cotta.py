@@ -14,36 +14,32 @@ for Tent, re-estimated on the frames first; the student normalises each batch wi
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import AdaptConfig
 from .model import SegModel
+from .stats import stepping
+from .steps import configure, freeze
 from .torchutil import to_device
 
-SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
-
-
-@dataclass(frozen=True)
-class CoTTASettings:
-    mt: float = 0.999  # teacher EMA momentum
-    rst: float = 0.01  # stochastic-restore probability per weight and step
-    ap: float = 0.69  # teacher confidence under which the augmentation average is used
-    scales: tuple[float, ...] = SCALES
+SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)  # the published augmentation scales, each with a flip
 
 
 @torch.no_grad()
-def teacher_labels(teacher: SegModel, images: torch.Tensor, s: CoTTASettings) -> torch.Tensor:
+def teacher_labels(teacher: SegModel, images: torch.Tensor, ap: float,
+                   scales: tuple[float, ...] = SCALES) -> torch.Tensor:
     """(B, H, W) pseudo-labels: the teacher's argmax, or its augmentation average where unsure."""
     x = teacher.normalize(images)  # (B, 3, H, W)
     probs = torch.softmax(teacher(x), 1)  # (B, K, H, W)
     conf, label = probs.max(1)
-    unsure = conf < s.ap
+    unsure = conf < ap
     if unsure.any():
         avg = torch.zeros_like(probs)
-        for scale in s.scales:
+        for scale in scales:
             for flip in (False, True):
                 k = teacher.config.multiple  # the net needs multiples of k
                 size = [max(k, round(n * scale / k) * k) for n in x.shape[2:]]
@@ -70,31 +66,34 @@ def restore_(student: SegModel, source: list[torch.Tensor], rst: float, gen: tor
             p.copy_(torch.where(mask.to(p.device), p0, p))
 
 
-def cotta_steps(net: SegModel, frames: np.ndarray, params: list[torch.nn.Parameter], cfg,
-                settings: CoTTASettings = CoTTASettings()) -> list[dict]:
-    """Run CoTTA on `net` in place, updating `params`; at the end the net holds the teacher's
+def cotta_steps(net: SegModel, frames: np.ndarray, cfg: AdaptConfig, progress=None) -> dict:
+    """Run CoTTA on `net` in place (cfg.params updated); at the end the net holds the teacher's
     weights. The stochastic restore returns weights to the round's starting ones (in the runtime,
     the served model; in the benchmarks' first round, the source model)."""
-    from .adapt import stepping
+    torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    opt = torch.optim.Adam(configure(net, cfg.params), lr=cfg.lr)
     source = [p.detach().clone() for p in net.parameters()]
     teacher = copy.deepcopy(net).eval()
     teacher.routing = False  # the teacher, like the student, uses the set this round adapts
-    opt = torch.optim.Adam(params, lr=cfg.lr)
     log = []
     with stepping(net, batch_stats=True):
         for step in range(cfg.steps):
             idx = torch.randint(0, len(frames), (cfg.batch_size,), generator=gen)
             images = to_device(frames[idx.numpy()], net)
-            target = teacher_labels(teacher, images, settings)
+            target = teacher_labels(teacher, images, cfg.cotta_confidence)
             loss = F.cross_entropy(net(net.normalize(images)), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            ema_(teacher, net, settings.mt)
-            restore_(net, source, settings.rst, gen)
+            ema_(teacher, net, cfg.cotta_momentum)
+            restore_(net, source, cfg.cotta_restore, gen)
             log.append({"step": step, "loss": loss.item()})
+            if progress:
+                progress(1)
     with torch.no_grad():
         for p, t in zip(net.parameters(), teacher.parameters()):
             p.copy_(t)
-    return log
+    freeze(net)
+    return {"steps": log, "seconds": time.perf_counter() - t0}

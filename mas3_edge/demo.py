@@ -69,7 +69,7 @@ def run(out: Path, cfg: DemoConfig, log=print) -> dict:
     results = {"source-only": _scores(source.net, ds)}
     for method in cfg.methods:
         res = rounds.run_round(root, paths["target-adapt"], AdaptConfig(method=method, seed=cfg.seed), "v0001",
-                               guard=False)
+                               rounds.UNGUARDED)
         net = bundles.load_version(res.version_dir).net
         results[method] = {**_scores(net, ds), "seconds": res.report.get("seconds"), "version": res.version_dir.name,
                            "health_accepted": res.reason}

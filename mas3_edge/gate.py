@@ -21,15 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import SegModel, _one_set
+from .bank import source_path
+from .config import RoundConfig
+from .model import SegModel
 from .torchutil import to_device
 
 GATE = ("consistency", "retained", "source")
-# Chosen on the tuning targets (bench_quality --split tuning): the lowest `retained` of a good
-# round there was 0.48, so 0.3 only catches wholesale relabelling; every round that kept the source
-# set scored 1.0 on `source`, every one-set baseline round (each lost 3-27 source points) below 0.8.
-RETAINED, SOURCE = 0.3, 0.97
-CONSISTENCY_FRAMES = 24
 
 
 def _logits(net: SegModel, images: torch.Tensor) -> torch.Tensor:
@@ -47,10 +44,11 @@ def _jitter(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def consistency(net: SegModel, frames: np.ndarray, batch_size: int = 8, seed: int = 0) -> float:
+def consistency(net: SegModel, frames: np.ndarray, max_frames: int = RoundConfig.consistency_frames,
+                batch_size: int = 8, seed: int = 0) -> float:
     """Mean pixel agreement of the plain prediction with those under flip, 0.75x scale and jitter,
-    on at most CONSISTENCY_FRAMES of `frames`, evenly spaced (four passes per frame)."""
-    frames = frames[np.linspace(0, len(frames) - 1, min(len(frames), CONSISTENCY_FRAMES)).astype(int)]
+    on at most `max_frames` of `frames`, evenly spaced (four passes per frame)."""
+    frames = frames[np.linspace(0, len(frames) - 1, min(len(frames), max_frames)).astype(int)]
     gen, agree, n = torch.Generator().manual_seed(seed), 0.0, 0
     for i in range(0, len(frames), batch_size):
         images = to_device(frames[i:i + batch_size], net)
@@ -83,24 +81,21 @@ def agreement(reference: SegModel, net: SegModel, frames: np.ndarray, top: float
     return agree / max(n, 1)
 
 
-def source_path(net: SegModel) -> SegModel:
-    """The network as it segments the source domain: its source normalisation set alone."""
-    return _one_set(net, 0).eval()
-
-
-def gate_signals(serving: SegModel, new: SegModel, source: SegModel, frames: np.ndarray) -> dict:
+def gate_signals(serving: SegModel, new: SegModel, source: SegModel, frames: np.ndarray,
+                 rcfg: RoundConfig = RoundConfig()) -> dict:
     """The three gate signals of `new` (its consistency alone; the others against `serving` and
     the lineage's `source`), on held-out frames."""
-    return {"consistency": consistency(new, frames),
+    return {"consistency": consistency(new, frames, rcfg.consistency_frames),
             "retained": agreement(serving, new, frames, top=0.5),
             "source": agreement(source_path(source), source_path(new), frames)}
 
 
-def gate_accept(after: dict, *, retained: float = RETAINED, source: float = SOURCE) -> tuple[bool, str]:
+def gate_accept(after: dict, rcfg: RoundConfig = RoundConfig()) -> tuple[bool, str]:
     """Reject a round that relabelled most of the serving model's confident pixels (wholesale
     drift) or moved the source path. Consistency is reported, not gated: on the tuning targets
     every good round of the shipped method lowered it as often as not (the source model is
     consistently wrong under a strong shift), and self-training's collapse raised it."""
+    retained, source = rcfg.retained_floor, rcfg.source_floor
     if after["retained"] < retained:
         return False, f"only {after['retained']:.0%} of the confident pixels kept their label (floor {retained:.0%})"
     if after["source"] < source:

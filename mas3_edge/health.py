@@ -11,6 +11,7 @@ import math
 import numpy as np
 import torch
 
+from .config import RoundConfig
 from .model import SegModel
 from .prototypes import Prototypes
 from .swd import random_directions, sliced_wasserstein
@@ -57,7 +58,7 @@ def drift_score(net: SegModel, proto: Prototypes, frames: list[np.ndarray] | np.
     return signals(net, proto, np.stack(list(frames)))["swd"]
 
 
-def accept(before: dict, after: dict, tolerance: float = 0.02) -> tuple[bool, str]:
+def accept(before: dict, after: dict, tolerance: float = RoundConfig.health_tolerance) -> tuple[bool, str]:
     """A round is accepted unless a signal got worse by more than `tolerance` (relative) or is NaN."""
     for name in SIGNALS:
         b, a = before[name], after[name]

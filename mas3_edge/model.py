@@ -7,15 +7,14 @@ pool and bilinear resize are used, so the graph exports to ONNX and TensorRT as 
 """
 from __future__ import annotations
 
-import copy
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .bank import DomainNorm, RouteState, _Stem, gaussian_kl, install_bank  # noqa: F401 (re-exported)
+from . import bank
+from .bank import DomainNorm
 from .errors import UserError
 from .labels import CITYSCAPES, LabelSet
 
@@ -113,7 +112,10 @@ class SegModel(nn.Module):
     def finish(self) -> None:
         if not isinstance(getattr(self, "head", None), nn.Conv2d) or self.head.kernel_size != (1, 1):
             raise UserError(f"{self.config.arch}: the classifier h must be a 1x1 Conv2d")
-        install_bank(self, self.config.arch)
+        bank.install_bank(self, self.config.arch)
+        k = self.config.multiple
+        side = k * -(-64 // k)  # a small input of the sizes the network takes
+        bank.check_router(self, self.features, torch.zeros(1, 3, side, side), self.config.arch)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) RGB -> normalised float (B, 3, H, W)."""
@@ -127,7 +129,7 @@ class SegModel(nn.Module):
         k = self.config.multiple
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % k or x.shape[3] % k:
             raise UserError(f"expected input (B, 3, H, W) with H and W multiples of {k}, got {tuple(x.shape)}")
-        with self.using_route(self.routing and not self.training):
+        with bank.using_route(self, self.routing and not self.training):
             return self.features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,82 +140,17 @@ class SegModel(nn.Module):
         """Logits at z's resolution -> at the input's (bilinear, as the network was trained)."""
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
-    def norms(self) -> list[DomainNorm]:
-        return [m for m in self.modules() if isinstance(m, DomainNorm)]
-
-    def first_norm(self) -> DomainNorm | None:
-        """The router: the first norm layer, or None once it was folded into its conv."""
-        return next((m for m in self.norms() if m.lead), None)
-
-    @contextmanager
-    def using_route(self, active: bool, capture: bool = False):
-        """The first norm layer routes each frame inside the block (`active`); after it every norm
-        uses its working set again: a route belongs to one batch and must not outlive its pass."""
-        lead = self.first_norm()
-        state = lead.state if lead is not None else RouteState()
-        state.active, state.capture, state.route = active, capture, None
-        try:
-            yield
-        finally:
-            state.active, state.capture, state.route = False, False, None
-
     def stem(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) -> the input h of the first norm layer, whose statistics route each frame
         (the network runs only up to that layer)."""
-        try:
-            with self.using_route(False, capture=True):
-                self.features(self.normalize(images))
-        except _Stem as stop:
-            return stop.h
-        raise UserError(f"{self.config.arch}: the input never reached its first batch-norm layer")
-
-    @torch.no_grad()
-    def stem_stats(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-frame channel mean and variance (B, C) of the first norm layer's input h."""
-        return self.first_norm().input_stats(h)
-
-    @torch.no_grad()
-    def route(self, h: torch.Tensor) -> torch.Tensor | None:
-        """Per frame, the set (index into the first norm's `sets()`) nearest the statistics of `h`:
-        (B,). None (the working set everywhere) when the first norm was folded: it had one set."""
-        lead = self.first_norm()
-        return None if lead is None else lead.choose(h)
-
-    def set_distances(self, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Gaussian KL of channel statistics (B, C) to each set of the first norm layer: (B, S + 1)."""
-        return self.first_norm().distances(m, v)
-
-    def set_count(self) -> int:
-        return len(self.first_norm().sets())
-
-    @torch.no_grad()
-    def activate_set(self, row: int | None, keep: int) -> None:
-        """Make one set the working set in every DomainNorm (`DomainNorm.activate`); the working set
-        is banked only if it was adapted (differs from the source row somewhere), the same in every layer."""
-        norms = self.norms()
-        adapted = any(not torch.equal(m.bank[0], m.working()) for m in norms)
-        for m in norms:
-            m.activate(row, adapted, keep)
-
-    def mark_source(self) -> None:
-        """Make the current statistics the source set (a freshly trained or imported model)."""
-        for m in self.norms():
-            m.mark_source()
+        h = bank.capture_stem(self, self.features, self.normalize(images))
+        if h is None:
+            raise UserError(f"{self.config.arch}: the input never reached its first batch-norm layer")
+        return h
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """load_state_dict, sizing each bank as the file's, and accepting files written before the
-        bank (a source set `source_*` beside the working one) or before DomainNorm (one set)."""
-        state = dict(state)
-        for name, m in self.named_modules():
-            if isinstance(m, DomainNorm):
-                key = f"{name}.bank"
-                if key not in state and f"{name}.running_mean" in state:
-                    working = [state[f"{name}.{k}"] for k in ("running_mean", "running_var", "weight", "bias")]
-                    source = [state.pop(f"{name}.source_{k}", w) for k, w in zip(("mean", "var", "weight", "bias"), working)]
-                    state[key] = torch.stack(source)[None]
-                if key in state:
-                    m.bank = torch.empty_like(state[key])
-        self.load_state_dict(state)
+        """load_state_dict, sizing each bank of normalisation sets as the file's."""
+        self.load_state_dict(bank.size_banks(self, state))
 
 
 class SegNet(SegModel):
@@ -260,13 +197,13 @@ class PerSetFolded(nn.Module):
     def __init__(self, net: SegModel):
         super().__init__()
         self.net = net.eval()
-        self.copies = nn.ModuleList(Deployed(fold_batchnorm(_one_set(net, s))).eval()
-                                    for s in range(net.set_count()))
+        self.copies = nn.ModuleList(Deployed(fold_batchnorm(bank.one_set(net, s))).eval()
+                                    for s in range(bank.count(net)))
 
     @torch.no_grad()
     def route(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) -> (B,) index of each frame's set."""
-        return self.net.route(self.net.stem(images))
+        return bank.route(self.net, self.net.stem(images))
 
     def forward(self, images: torch.Tensor):
         route = self.route(images)
@@ -281,17 +218,6 @@ class PerSetFolded(nn.Module):
             for out, p in zip(outs, part):
                 out[idx] = p
         return tuple(outs)
-
-
-@torch.no_grad()
-def _one_set(net: SegModel, s: int) -> SegModel:
-    """A copy of `net` whose every DomainNorm holds set `s` of its sets() and nothing else."""
-    net = copy.deepcopy(net)
-    for m in net.modules():
-        if isinstance(m, DomainNorm):
-            m.set_working(m.sets()[s])
-            m.mark_source()
-    return net
 
 
 @torch.no_grad()

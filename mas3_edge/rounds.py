@@ -1,12 +1,19 @@
-"""One adaptation round on a bundle: hold out the newest frames, adapt on the rest (MAS3 or a
-baseline), judge the result on the held-out frames, and write it as a new, unserved version.
-Never reads a label.
+"""One adaptation round on a bundle, the pipeline that `mas3-edge adapt` and the runtime's rounds
+both run. Never reads a label.
+
+    1. pick the set     the bank's set of this chunk's domain, or a new one (or the one set)
+    2. candidates       the method's statistics, and its gradient steps on a copy
+    3. choose           the steps only if they beat the statistics alone on held-out consistency
+    4. judge            the health signals and the gate, on the held-out frames
+    5. write            a new, unserved version with the round's report
+
+A method is a composition of these parts: its step objective (STEPS) and its row of settings
+(config.METHOD_DEFAULTS). mas3 re-estimates the statistics, steps on a copy with the class-conditional
+SWD and chooses between the two; mas3-paper keeps the statistics and steps with the pooled SWD.
 
 The judgement has two parts. The health signals (health.py) are the quantities adaptation
 minimises, so they catch a round that diverged but can be gamed by one that drifts; the gate
-signals (gate.py) are ones no method optimises: augmentation consistency, agreement with the
-serving model on its confident pixels, and the source path's agreement with the source model.
-A round is accepted only when both hold."""
+signals (gate.py) are ones no method optimises. A round is accepted only when both hold."""
 from __future__ import annotations
 
 import copy
@@ -14,21 +21,42 @@ import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from . import adapt, bundle as bundles, gate, health
-from .baselines import run_baseline
-from .config import AdaptConfig
+from . import adapt, bank, baselines, bundle as bundles, gate, health, stats
+from .config import AdaptConfig, RoundConfig
+from .cotta import cotta_steps
 from .errors import UserError
 from .frames import load_frames
-from .prototypes import load as load_prototypes
+from .model import SegModel
+from .prototypes import Prototypes, load as load_prototypes
+from .steps import freeze, gradient_steps
 
 log = logging.getLogger(__name__)
 
-HOLDOUT_FRACTION = 0.2  # of the frames, the newest, held out for the health check
-MIN_FRAMES = 5  # fewer: nothing is held out, and the health check scores the adaptation frames
+UNGUARDED = RoundConfig(guard=False)  # benchmarks: write every round, judge it afterwards
+
+Steps = Callable[[SegModel, Prototypes, np.ndarray, AdaptConfig, object], dict]
+STEPS: dict[str, Steps | None] = {  # each method's step objective (None: statistics alone)
+    "mas3": adapt.adapt,
+    "mas3-paper": adapt.adapt,
+    "tent": lambda net, _p, frames, cfg, progress: gradient_steps(net, frames, cfg, baselines.entropy, progress),
+    "pseudo": lambda net, _p, frames, cfg, progress: gradient_steps(
+        net, frames, cfg, baselines.self_training(cfg.pseudo_threshold), progress),
+    "cotta": lambda net, _p, frames, cfg, progress: cotta_steps(net, frames, cfg, progress),
+    "bn": None,
+    "none": None,
+}
+
+
+@dataclass
+class Candidate:
+    name: str
+    net: SegModel
+    log: dict
 
 
 @dataclass
@@ -39,62 +67,129 @@ class RoundResult:
     report: dict = field(repr=False)
 
 
-def split_holdout(frames: np.ndarray, fraction: float = HOLDOUT_FRACTION) -> tuple[np.ndarray, np.ndarray, str]:
-    """-> (frames to adapt on, held-out frames, what was held out). The held-out frames are one
-    contiguous block, the last `fraction` in time: a buffer is a video, and a frame taken from
-    between its neighbours is nearly a copy of them, so it would test nothing the round did not
-    see. Below MIN_FRAMES nothing is held out ("none"), and a warning says so."""
-    n = len(frames)
-    if n < MIN_FRAMES:
-        log.warning("only %d frames: none held out, the health check scores the adaptation frames "
-                    "themselves (give the round at least %d)", n, MIN_FRAMES)
-        return frames, frames, "none"
-    held = max(1, round(n * fraction))
-    return frames[:-held], frames[-held:], f"the last {held} of {n} frames in time (one contiguous block)"
-
-
-def run_round(bundle, frames, cfg: AdaptConfig, version: str | None = None, guard: bool = True,
-              limit: int | None = None, progress=None, device: str = "cpu") -> RoundResult:
-    """Adapt a bundle version on unlabeled frames (a folder or an array) and write the result.
-
-    The new version is written (not served) only when the unsupervised health signals on the
-    held-out frames did not get worse, or `guard` is off."""
+def run_round(bundle, frames, cfg: AdaptConfig, version: str | None = None, rcfg: RoundConfig = RoundConfig(), *,
+              limit: int | None = None, progress=None, device: str = "cpu",
+              pick: Callable[..., tuple[str, AdaptConfig]] | None = None) -> RoundResult:
+    """Adapt a bundle version on unlabeled frames (a folder or an array) and write the result as a
+    new, unserved version when the round is accepted (or `rcfg.guard` is off). `pick` replaces
+    step 1 (the benchmarks' ablations)."""
     base = bundles.load_version(bundle, version)
     proto = load_prototypes(base.prototypes_path, base.meta)
     if not isinstance(frames, np.ndarray):
         frames = load_frames(frames, base.net.config.input_size, limit)
-    train, held, holdout = split_holdout(frames)
+    train, held, holdout = split_holdout(frames, rcfg)
     serving = base.net.to(device)
-    before = health.signals(serving, proto, held)
-    consistency_before = gate.consistency(serving, held)
     net = bundles.load_version(bundle, base.id).net.to(device)  # a fresh copy to adapt
-    chosen, steps = _adapt(net, proto, train, held, cfg, progress)
-    finite = all(torch.isfinite(p).all() for p in net.state_dict().values() if p.is_floating_point())
-    after = health.signals(net, proto, held) if finite else {k: float("nan") for k in before}
-    gate_after = gate.gate_signals(serving, net, _source(bundle, base).to(device), held) if finite else {}
-    ok, reason = judge(before, after, gate_after) if finite else (
-        False, "weights are not finite after adaptation")
-    report = {"parent": base.id, "config": cfg.to_dict(), "frames": {"adapt": len(train), "holdout": len(held)},
-              "holdout": holdout, "set": chosen, "health_before": before, "health_after": after,
-              "gate_before": {"consistency": consistency_before}, "gate_after": gate_after,
-              "accepted": ok or not guard, "reason": reason, "warnings": _warnings(holdout, steps), **steps}
-    vdir = None
-    if ok or not guard:
-        vdir = bundles.save_version(bundle, net.cpu(), parent=base, serve=False,
-                                    info={"kind": "adapted", "method": cfg.method, "health": after,
-                                          "health_parent": before, "reason": reason},
-                                    files={"report.json": json.dumps(report, indent=2).encode()})
-    return RoundResult(ok or not guard, reason, vdir, report)
+    chosen, cfg = (pick or pick_set)(net, train, cfg)                           # 1
+    cands = candidates(net, proto, train, cfg, progress)                       # 2
+    winner, choice = choose(cands, held, cfg, rcfg)                            # 3
+    verdict = judge_round(serving, winner.net, _source(bundle, base).to(device), proto, held, rcfg)  # 4
+    accepted = verdict["accepted"] or not rcfg.guard
+    report = {"parent": base.id, "method": cfg.method, "config": cfg.to_dict(), "round": rcfg.to_dict(),
+              "frames": {"adapt": len(train), "holdout": len(held)}, "holdout": holdout, "set": chosen,
+              **verdict, "accepted": accepted, "warnings": _warnings(holdout, cands[-1].log, cfg), **cands[-1].log,
+              **({"choice": choice} if choice else {})}
+    vdir = write(bundle, base, winner.net, report) if accepted else None                   # 5
+    return RoundResult(accepted, report["reason"], vdir, report)
 
 
-def judge(before: dict, after: dict, gate_after: dict) -> tuple[bool, str]:
-    ok, reason = health.accept(before, after)
+def split_holdout(frames: np.ndarray, rcfg: RoundConfig = RoundConfig()) -> tuple[np.ndarray, np.ndarray, str]:
+    """-> (frames to adapt on, held-out frames, what was held out). The held-out frames are one
+    contiguous block, the newest: a buffer is a video, and a frame taken from between its
+    neighbours is nearly a copy of them. Below rcfg.min_frames nothing is held out ("none")."""
+    n = len(frames)
+    if n < rcfg.min_frames:
+        log.warning("only %d frames: none held out, the health check scores the adaptation frames "
+                    "themselves (give the round at least %d)", n, rcfg.min_frames)
+        return frames, frames, "none"
+    held = max(1, round(n * rcfg.holdout))
+    return frames[:-held], frames[-held:], f"the last {held} of {n} frames in time (one contiguous block)"
+
+
+def pick_set(net: SegModel, frames: np.ndarray, cfg: AdaptConfig) -> tuple[str, AdaptConfig]:
+    """Step 1: the normalisation set the round adapts -> (which, the config for the rest)."""
+    if not cfg.keep_source:
+        if cfg.bn == "adapt" and cfg.bn_mix < 1:  # mix with the SOURCE statistics: round after round
+            bank.reset_statistics(net)  # cannot walk away from the source
+        return "one set", cfg
+    chosen = bank.select(net, frames, cfg.max_sets, cfg.same_domain)
+    if chosen == "new":
+        return chosen, cfg
+    # a set seen before: its statistics pool this chunk with its past chunks, so a camera that moves
+    # along a street builds one set of the whole street, not of its last stretch; its steps start
+    # again from the source's affine parameters, since steps compounded round after round
+    # over-align (on four tuning targets three rounds of one domain lost 1.1-4.5 mIoU)
+    bank.reset_affine(net)
+    return chosen, replace(cfg, bn_mix=cfg.refine_mix) if cfg.bn == "adapt" else cfg
+
+
+def candidates(net: SegModel, proto: Prototypes, frames: np.ndarray, cfg: AdaptConfig, progress=None) -> list[Candidate]:
+    """Step 2: the statistics (re-estimated when cfg.bn is "adapt"), then the method's steps, on a
+    copy when the round chooses between the two. Each candidate ends frozen, in eval mode."""
+    start = stats.snapshot(net)
+    if cfg.bn == "adapt":
+        stats.reestimate(net, frames, cfg.bn_mix)
+    plain = Candidate("statistics only" if cfg.bn == "adapt" else "unchanged", net, {"steps": []})
+    step = STEPS[cfg.method]
+    out = [plain]
+    if step is not None and cfg.steps > 0:
+        stepped = copy.deepcopy(net) if cfg.choose else net
+        log_ = step(stepped, proto, frames, cfg, progress)
+        if cfg.bn == "adapt":
+            stats.settle(stepped, frames, start, cfg.bn_mix)
+        out = ([plain] if cfg.choose else []) + [Candidate("steps", stepped, log_)]
+    for c in out:
+        if not cfg.keep_source:  # one set, no per-frame routing: the baselines as published
+            bank.mark_source(c.net)
+        freeze(c.net)
+    return out
+
+
+def choose(cands: list[Candidate], held: np.ndarray, cfg: AdaptConfig,
+           rcfg: RoundConfig = RoundConfig()) -> tuple[Candidate, dict | None]:
+    """Step 3: the steps must earn their place in every round: kept only when their predictions on
+    the held-out frames are more consistent under augmentation by at least cfg.choice_margin, a
+    signal neither candidate optimised."""
+    if len(cands) == 1:
+        return cands[0], None
+    plain, stepped = cands
+    c_plain = gate.consistency(plain.net, held, rcfg.consistency_frames)
+    c_steps = gate.consistency(stepped.net, held, rcfg.consistency_frames)
+    winner = stepped if c_steps >= c_plain + cfg.choice_margin else plain
+    return winner, {"kept": winner.name, "consistency_steps": c_steps, "consistency_statistics": c_plain}
+
+
+def judge_round(serving: SegModel, net: SegModel, source: SegModel, proto: Prototypes, held: np.ndarray,
+                rcfg: RoundConfig = RoundConfig()) -> dict:
+    """Step 4: the health signals before and after, the gate signals, and the verdict."""
+    before = health.signals(serving, proto, held)
+    out = {"health_before": before, "gate_before": {"consistency": gate.consistency(serving, held, rcfg.consistency_frames)}}
+    if not all(torch.isfinite(p).all() for p in net.state_dict().values() if p.is_floating_point()):
+        return {**out, "health_after": {k: float("nan") for k in before}, "gate_after": {},
+                "accepted": False, "reason": "weights are not finite after adaptation"}
+    after = health.signals(net, proto, held)
+    gate_after = gate.gate_signals(serving, net, source, held, rcfg)
+    ok, reason = judge(before, after, gate_after, rcfg)
+    return {**out, "health_after": after, "gate_after": gate_after, "accepted": ok, "reason": reason}
+
+
+def judge(before: dict, after: dict, gate_after: dict, rcfg: RoundConfig = RoundConfig()) -> tuple[bool, str]:
+    """The verdict on a round's figures: the health check, then the gate."""
+    ok, reason = health.accept(before, after, rcfg.health_tolerance)
     if not ok:
         return ok, reason
-    return gate.gate_accept(gate_after)
+    return gate.gate_accept(gate_after, rcfg)
 
 
-def _source(bundle, base: bundles.Version):
+def write(bundle, base: bundles.Version, net: SegModel, report: dict) -> Path:
+    """Step 5: the adapted network as a new version of the bundle (not served), with its report."""
+    return bundles.save_version(bundle, net.cpu(), parent=base, serve=False,
+                                info={"kind": "adapted", "method": report["method"], "health": report["health_after"],
+                                      "health_parent": report["health_before"], "reason": report["reason"]},
+                                files={"report.json": json.dumps(report, indent=2, default=str).encode()})
+
+
+def _source(bundle, base: bundles.Version) -> SegModel:
     """The lineage's source model (the root of the parent chain), or `base` when it is not in the bundle."""
     vid, seen = base.id, set()
     while vid not in seen:
@@ -109,49 +204,12 @@ def _source(bundle, base: bundles.Version):
     return base.net
 
 
-def _adapt(net, proto, train: np.ndarray, held: np.ndarray, cfg: AdaptConfig, progress) -> tuple[str, dict]:
-    """Adapt `net` in place with cfg.method -> (the normalisation set it adapted, the method's log)."""
-    chosen = adapt.select_set(net, train, cfg.max_sets) if cfg.keep_source else "one set"
-    if cfg.keep_source and chosen != "new":
-        # a set seen before: its statistics pool this chunk with its past chunks, so a camera that
-        # moves along a street builds one set of the whole street, not of its last stretch; its
-        # steps start again from the source's affine parameters: steps compounded round after
-        # round over-align (on four tuning targets three rounds of one domain lost 1.1-4.5 mIoU)
-        if not cfg.compound:
-            adapt.source_affine_to_working(net)
-        if cfg.bn == "adapt":
-            cfg = replace(cfg, bn_mix=cfg.refine_mix)
-    elif cfg.bn == "adapt" and cfg.bn_mix < 1:  # mix with the SOURCE statistics: round after round
-        adapt.source_stats_to_running(net)  # cannot walk away from the source
-    if cfg.method not in ("mas3", "mas3-paper"):
-        return chosen, run_baseline(net, train, cfg)
-    if not cfg.choose or cfg.steps == 0 or cfg.bn != "adapt":
-        return chosen, adapt.adapt(net, proto, train, cfg, progress)
-    return chosen, _steps_or_statistics(net, proto, train, held, cfg, progress)
-
-
-def _steps_or_statistics(net, proto, train: np.ndarray, held: np.ndarray, cfg: AdaptConfig, progress) -> dict:
-    """The SWD steps must earn their place in every round: adapt two candidates, the statistics
-    alone (zero steps) and the statistics plus the steps, and keep the steps only when their
-    predictions on the held-out frames are more consistent under augmentation by at least
-    cfg.choice_margin, a signal neither candidate optimised."""
-    stats_only = copy.deepcopy(net)
-    adapt.adapt(stats_only, proto, train, replace(cfg, steps=0))
-    log = adapt.adapt(net, proto, train, cfg, progress)
-    c_stats, c_steps = gate.consistency(stats_only, held), gate.consistency(net, held)
-    keep_steps = c_steps >= c_stats + cfg.choice_margin
-    if not keep_steps:
-        net.load_state_dict(stats_only.state_dict())
-    return {**log, "choice": {"kept": "steps" if keep_steps else "statistics only",
-                              "consistency_steps": c_steps, "consistency_statistics": c_stats}}
-
-
-def _warnings(holdout: str, steps: dict) -> list[str]:
+def _warnings(holdout: str, steps: dict, cfg: AdaptConfig) -> list[str]:
     """What the report's reader must know about how far to trust the health check."""
     out = []
     if holdout == "none":
         out.append("no frame held out: the health signals were taken on the adaptation frames")
     if steps.get("all_pixel_steps"):
-        out.append(f"{steps['all_pixel_steps']} steps had fewer than {adapt.MIN_CLASS_PIXELS} confident "
+        out.append(f"{steps['all_pixel_steps']} steps had fewer than {cfg.min_class_pixels} confident "
                    f"target pixels and matched all pixels instead")
     return out

@@ -18,8 +18,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from . import dist
+
 from .bundle import atomic_write, atomic_write_json, save_version
+from . import bank, dist
 from .config import ModelConfig
 from .errors import UserError
 from .arch import build
@@ -135,7 +136,7 @@ def _train(dataset, model_cfg: ModelConfig, cfg: TrainConfig, bundle: Path, ckpt
     info = {"kind": "source", "source": source_name, "train": {**asdict(cfg), "final_loss": float(np.mean(losses[-50:])) if losses else None}}
     if ctx.world > 1:
         info["train"]["workers"] = ctx.world  # the global batch was workers × batch_size
-    net.mark_source()  # the trained statistics are the source set that adaptation keeps
+    bank.mark_source(net)  # the trained statistics are the source set that adaptation keeps
     return save_version(bundle, net.cpu().eval(), info=info) if ctx.rank == 0 else None
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mas3_edge import adapt, bundle
+from mas3_edge import bank, bundle, stats
 from mas3_edge.config import ModelConfig
 from mas3_edge.model import DomainNorm, SegNet
 
@@ -58,7 +58,7 @@ def domain(lo: int, hi: int, n: int = 12, seed: int = 0) -> np.ndarray:
 def adapted_copy(net: SegNet, frames: np.ndarray) -> SegNet:
     """A copy whose adapted set follows `frames` (statistics and affine); the source set stays."""
     out = copy.deepcopy(net)
-    adapt.reestimate_bn(out, frames)
+    stats.reestimate(out, frames)
     with torch.no_grad():
         for m in out.modules():
             if isinstance(m, DomainNorm):
@@ -71,8 +71,8 @@ def three_set_model(net: SegNet) -> tuple[SegNet, np.ndarray]:
     working set): three sets. With three frames of each domain, in that order."""
     bright, dark = two_domains(2)
     grey = domain(100, 140, n=3)
-    adapt.reestimate_bn(net, bright)
-    net.mark_source()
+    stats.reestimate(net, bright)
+    bank.mark_source(net)
     net = adapted_copy(net, dark)
-    net.activate_set(None, keep=8)
+    bank.add_set(net, keep=8)
     return adapted_copy(net, grey), np.concatenate([bright, dark, grey])

@@ -26,3 +26,21 @@ def wide_classifier(num_classes: int):
 
 def wrong_name(num_classes: int):
     return nn.Sequential(*_body(), nn.Conv2d(12, num_classes, 1)), "classifier"
+
+
+class _LateFirst(nn.Module):
+    """Its first-declared batch norm is the second one the input reaches."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.late = nn.Sequential(nn.Conv2d(16, 24, 3, 2, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU())
+        self.early = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.embed = nn.Conv2d(24, 12, 1)
+        self.classifier = nn.Conv2d(12, num_classes, 1)
+
+    def forward(self, x):
+        return self.classifier(self.embed(self.late(self.early(x))))
+
+
+def late_first(num_classes: int):
+    return _LateFirst(num_classes), "classifier"

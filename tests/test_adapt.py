@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mas3_edge import adapt, bundle, prototypes as P, rounds
+from mas3_edge import adapt, bundle, prototypes as P, rounds, stats, bank
 from mas3_edge.config import AdaptConfig
 from mas3_edge.errors import UserError
 from mas3_edge.model import DomainNorm
@@ -108,7 +108,7 @@ def test_only_confident_target_pixels_enter_the_swd(small_net, monkeypatch):
 def test_round_writes_an_unserved_child_version_with_a_report(proto_bundle, tmp_path):
     frames = _frames_folder(tmp_path / "frames", with_labels=False)
     cfg = AdaptConfig(steps=3, tau=0.0, swd_pixels=256, gmm_samples=512)
-    res = rounds.run_round(proto_bundle, frames, cfg, guard=False)
+    res = rounds.run_round(proto_bundle, frames, cfg, rcfg=rounds.UNGUARDED)
     assert res.accepted and res.version_dir.name == "v0002"
     assert bundle.serving_id(proto_bundle) == "v0001"
     report = json.loads((res.version_dir / "report.json").read_text())
@@ -126,12 +126,12 @@ def test_bn_mix_gives_the_moments_of_the_mixture(small_net):
     frames = np.random.default_rng(0).integers(0, 255, (4, 64, 128, 3), dtype=np.uint8)
     first_bn = lambda net: next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
     target = copy.deepcopy(small_net)
-    adapt.reestimate_bn(target, frames)  # the frames' own statistics
+    stats.reestimate(target, frames)  # the frames' own statistics
     mt, vt = first_bn(target).running_mean, first_bn(target).running_var
     bn = first_bn(small_net)
     with torch.no_grad():
         bn.running_mean.fill_(5.0), bn.running_var.fill_(2.0)
-    adapt.reestimate_bn(small_net, frames, mix=0.25)
+    stats.reestimate(small_net, frames, mix=0.25)
     assert torch.allclose(bn.running_mean, 0.75 * 5.0 + 0.25 * mt, atol=1e-4)
     assert torch.allclose(bn.running_var, 0.75 * 2.0 + 0.25 * vt + 0.25 * 0.75 * (mt - 5.0) ** 2, rtol=1e-4)
 
@@ -145,7 +145,7 @@ def test_a_mixed_round_mixes_with_the_source_statistics_not_the_parents(proto_bu
                 m.running_mean.add_(3.0)
     child = bundle.save_version(proto_bundle, drifted, parent=source)
     frames = np.random.default_rng(2).integers(0, 255, (6, 64, 128, 3), dtype=np.uint8)
-    res = rounds.run_round(proto_bundle, frames, AdaptConfig(steps=0, bn_mix=0.0), child.name, guard=False)
+    res = rounds.run_round(proto_bundle, frames, AdaptConfig(steps=0, bn_mix=0.0), child.name, rcfg=rounds.UNGUARDED)
     assert torch.allclose(_bn_means(bundle.load_version(res.version_dir).net), _bn_means(source.net))
 
 
@@ -153,7 +153,7 @@ def test_a_mixed_round_mixes_with_the_source_statistics_not_the_parents(proto_bu
 def test_only_mas3_rounds_keep_the_source_normalisation_beside_the_adapted(proto_bundle, method, two_sets):
     frames = np.random.default_rng(4).integers(0, 255, (6, 64, 128, 3), dtype=np.uint8)
     cfg = AdaptConfig(method=method, steps=1, tau=0.0, swd_pixels=256, gmm_samples=512)
-    res = rounds.run_round(proto_bundle, frames, cfg, guard=False)
+    res = rounds.run_round(proto_bundle, frames, cfg, rcfg=rounds.UNGUARDED)
     norms = lambda net: [m for m in net.modules() if isinstance(m, DomainNorm)]
     child, source = norms(bundle.load_version(res.version_dir).net), norms(bundle.load_version(proto_bundle).net)
     assert any(m.routed() for m in child) == two_sets
@@ -164,22 +164,22 @@ def test_only_mas3_rounds_keep_the_source_normalisation_beside_the_adapted(proto
 def test_each_domain_keeps_its_own_set_and_a_returning_domain_finds_it(small_net):
     from conftest import domain
     bright, dark, grey = domain(120, 256), domain(0, 100), domain(100, 140)
-    adapt.reestimate_bn(small_net, bright)
-    small_net.mark_source()
+    stats.reestimate(small_net, bright)
+    bank.mark_source(small_net)
     stem = lambda f: small_net.stem(torch.from_numpy(f))
-    assert adapt.select_set(small_net, dark, keep=8) == "new"
-    adapt.reestimate_bn(small_net, dark)
+    assert bank.select(small_net, dark, keep=8) == "new"
+    stats.reestimate(small_net, dark)
     with torch.no_grad():
         dark_logits = small_net(small_net.normalize(torch.from_numpy(dark)))
-    assert adapt.select_set(small_net, domain(0, 100, seed=1), keep=8) == "working"  # another chunk, same domain
-    assert adapt.select_set(small_net, grey, keep=8) == "new"
-    adapt.reestimate_bn(small_net, grey)
-    assert [small_net.route(stem(f)).unique().tolist() for f in (bright, dark, grey)] == [[0], [1], [2]]
+    assert bank.select(small_net, domain(0, 100, seed=1), keep=8) == "working"  # another chunk, same domain
+    assert bank.select(small_net, grey, keep=8) == "new"
+    stats.reestimate(small_net, grey)
+    assert [bank.route(small_net, stem(f)).unique().tolist() for f in (bright, dark, grey)] == [[0], [1], [2]]
     with torch.no_grad():  # adapting to grey left dark's set as it was
         assert torch.equal(small_net(small_net.normalize(torch.from_numpy(dark))), dark_logits)
-    assert adapt.select_set(small_net, domain(0, 100, seed=2), keep=8) == "banked 1"
-    assert [small_net.route(stem(f)).unique().tolist() for f in (bright, dark, grey)] == [[0], [2], [1]]
-    assert adapt.select_set(small_net, bright, keep=1) == "new"  # one adapted set kept, the new one
+    assert bank.select(small_net, domain(0, 100, seed=2), keep=8) == "banked 1"
+    assert [bank.route(small_net, stem(f)).unique().tolist() for f in (bright, dark, grey)] == [[0], [2], [1]]
+    assert bank.select(small_net, bright, keep=1) == "new"  # one adapted set kept, the new one
     assert [len(m.bank) for m in small_net.modules() if isinstance(m, DomainNorm)][0] == 1
 
 
@@ -189,7 +189,7 @@ def test_adaptation_never_reads_a_label(proto_bundle, tmp_path, monkeypatch):
     real_open, real_imread = builtins.open, cv2.imread
     monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (opened.append(str(f)), real_open(f, *a, **k))[1])
     monkeypatch.setattr(cv2, "imread", lambda f, *a, **k: (opened.append(str(f)), real_imread(f, *a, **k))[1])
-    rounds.run_round(proto_bundle, frames, AdaptConfig(steps=2, tau=0.0, swd_pixels=256, gmm_samples=512), guard=False)
+    rounds.run_round(proto_bundle, frames, AdaptConfig(steps=2, tau=0.0, swd_pixels=256, gmm_samples=512), rcfg=rounds.UNGUARDED)
     assert any("/images/" in p for p in opened)
     assert not [p for p in opened if "/labels/" in p]
 
@@ -210,8 +210,8 @@ def test_nan_weights_are_rejected_and_nothing_is_written(proto_bundle, tmp_path,
         with torch.no_grad():
             next(net.parameters()).fill_(float("nan"))
         return {"steps": []}
-    monkeypatch.setattr(adapt, "adapt", poison)
-    res = rounds.run_round(proto_bundle, frames, AdaptConfig(steps=1, tau=0.0))
+    monkeypatch.setitem(rounds.STEPS, "mas3", poison)
+    res = rounds.run_round(proto_bundle, frames, AdaptConfig(steps=1, tau=0.0, choose=False))
     assert not res.accepted and "not finite" in res.reason and res.version_dir is None
     assert bundle.version_ids(proto_bundle) == ["v0001"]
 
@@ -236,7 +236,7 @@ def test_a_round_on_too_few_frames_says_that_nothing_was_held_out(proto_bundle, 
     frames = np.random.default_rng(8).integers(0, 255, (3, 64, 128, 3), dtype=np.uint8)
     cfg = AdaptConfig(steps=1, tau=0.0, swd_pixels=256, gmm_samples=512, target_conf=0.999999)
     with caplog.at_level("WARNING"):
-        res = rounds.run_round(proto_bundle, frames, cfg, guard=False)
+        res = rounds.run_round(proto_bundle, frames, cfg, rcfg=rounds.UNGUARDED)
     assert res.report["holdout"] == "none" and res.report["frames"] == {"adapt": 3, "holdout": 3}
     assert "none held out" in caplog.text
     warnings = " ".join(res.report["warnings"])

@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from mas3_edge import arch
+from mas3_edge import arch, bank, stats
 from mas3_edge.errors import UserError
 from mas3_edge.labels import CITYSCAPES, LabelSet
 from mas3_edge.model import DomainNorm
@@ -71,15 +71,15 @@ def test_the_split_gives_the_original_logits_and_the_bank_covers_its_batch_norms
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
     assert net.head.kernel_size == (1, 1) and z.shape[1] == net.config.embed_dim == net.head.in_channels
     bns = [b for n, b in m.named_modules() if isinstance(b, nn.BatchNorm2d) and not n.startswith("aux_classifier")]
-    assert len(net.norms()) == len(bns) and not any(type(b) is nn.BatchNorm2d for b in net.modules())
-    assert sum(n.lead for n in net.norms()) == 1
+    assert len(bank.norms(net)) == len(bns) and not any(type(b) is nn.BatchNorm2d for b in net.modules())
+    assert sum(n.lead for n in bank.norms(net)) == 1
 
 
 @pytest.mark.parametrize("name", ["torchvision:lraspp_mobilenet_v3_large", "smp:Unet:resnet18", "python:own_net:small"])
 def test_the_router_reads_the_first_batch_norm_the_input_reaches(name):
     net = arch.build(arch.model_config(name, FOUR, SIZE), FOUR).eval()
     seen = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append((mod, args[0]))) for m in net.norms()]
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append((mod, args[0]))) for m in bank.norms(net)]
     images = torch.randint(0, 255, (2, *SIZE, 3), dtype=torch.uint8)
     with torch.no_grad():
         net(net.normalize(images))
@@ -98,11 +98,11 @@ def test_an_adapted_set_leaves_the_source_set_of_an_imported_network_as_it_was()
     dark = torch.randint(0, 60, (4, *SIZE, 3), dtype=torch.uint8)
     with torch.no_grad():
         before = net(net.normalize(bright))
-    adapt.reestimate_bn(net, dark.numpy())
+    stats.reestimate(net, dark.numpy())
     net.eval()
     with torch.no_grad():
         after = net(net.normalize(bright))
-        routes = net.route(net.stem(torch.cat([bright, dark])))
+        routes = bank.route(net, net.stem(torch.cat([bright, dark])))
     assert routes.tolist() == [0] * 4 + [1] * 4  # bright frames to the source set, dark ones to the new one
     assert torch.allclose(before, after, atol=1e-4)
 
@@ -190,7 +190,13 @@ def test_prototypes_fitted_for_another_model_are_refused(tmp_path):
 def test_no_batch_norm_is_refused_in_the_library_too():
     with pytest.raises(UserError, match="no batch-norm layer"):
         arch.build(arch.model_config("python:own_net:no_batchnorm", FOUR, SIZE), FOUR)
-    assert isinstance(arch.build(arch.model_config("python:own_net:small", FOUR, SIZE), FOUR).norms()[0], DomainNorm)
+    assert isinstance(bank.norms(arch.build(arch.model_config("python:own_net:small", FOUR, SIZE), FOUR))[0], DomainNorm)
+
+
+def test_a_network_whose_first_declared_batch_norm_runs_second_is_refused():
+    """The first norm in module order routes each frame: it must be the first the input reaches."""
+    with pytest.raises(UserError, match=r"\(net.late.1\) is not the first the input reaches \(net.early.1\)"):
+        arch.build(arch.model_config("python:own_net:late_first", FOUR, SIZE), FOUR)
 
 
 @pytest.mark.parametrize("name", ["python:own_net:small", "torchvision:lraspp_mobilenet_v3_large"])
@@ -205,7 +211,7 @@ def test_an_imported_networks_sets_fold_apart_and_export_as_router_and_set_graph
     arch.import_weights(net, original(name, 4).state_dict(), "w")
     from mas3_edge.synth import render
     day, night = ([render(d, i, SIZE)[0] for i in range(4)] for d in ("synthetic", "night"))
-    adapt.reestimate_bn(net, np.stack(night))
+    stats.reestimate(net, np.stack(night))
     net.eval()
     frames = torch.from_numpy(np.stack(day[:2] + night[:2]))
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """The factory → device workflow through the real CLI: train, prototypes, adapt, eval, and bad input."""
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -35,13 +36,30 @@ def test_adapt_then_eval(workflow):
     res = runner.invoke(app, ["adapt", "--buffer", str(workflow / "frames"), "--bundle", str(b), "--steps", "2",
                               "--tau", "0", "--no-guard", "--swd-pixels", "256"])
     assert res.exit_code == 0, res.output
-    assert bundle.serving_id(b) == "v0002" and "health signal" in res.output
+    assert bundle.serving_id(b) == "v0002" and "swd (lower is better)" in res.output and "gate: retained" in res.output
     out = workflow / "eval.json"
     res = runner.invoke(app, ["eval", "--data", str(workflow / "src"), "--bundle", str(b), "--out", str(out),
                               "--overlays", str(workflow / "ov")])
     assert res.exit_code == 0, res.output
     figures = json.loads(out.read_text())
     assert figures["version"] == "v0002" and 0 <= figures["miou"] <= 100 and len(list((workflow / "ov").iterdir())) == 6
+
+
+def test_a_rejected_round_exits_3_through_the_console_script_and_says_why(workflow):
+    """The installed script, not CliRunner: main() once dropped typer.Exit's code and exited 0."""
+    b = workflow / "bundle"
+    versions, serving = bundle.version_ids(b), bundle.serving_id(b)
+    script = Path(sys.executable).parent / "mas3-edge"
+    res = subprocess.run([str(script), "adapt", "--buffer", str(workflow / "frames"), "--bundle", str(b), "--steps", "2",
+                          "--tau", "0", "--swd-pixels", "256", "--one-set", "--source-floor", "1", "--version", "v0001",
+                          "--json"],
+                         capture_output=True, text=True)
+    assert res.returncode == 3, res.stderr
+    out = json.loads(res.stdout)
+    assert out["accepted"] is False and out["method"] == "mas3" and out["version"] is None
+    assert set(out["gate_after"]) == {"consistency", "retained", "source"} and out["choice"]["kept"]
+    assert out["reason"] and f"rejected: {out['reason']}" in res.stderr
+    assert bundle.version_ids(b) == versions and bundle.serving_id(b) == serving
 
 
 def _cli(*args):

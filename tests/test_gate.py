@@ -8,8 +8,8 @@ import torch
 from conftest import adapted_copy, domain, two_domains
 from test_adapt import _fit_proto, proto_bundle  # noqa: F401 (a fixture)
 
-from mas3_edge import adapt, bundle, cotta, gate, rounds, shifts, synth
-from mas3_edge.baselines import run_baseline
+from mas3_edge import adapt, bundle, cotta, gate, rounds, shifts, synth, stats, bank
+from mas3_edge.steps import configure
 from mas3_edge.config import AdaptConfig
 from mas3_edge.model import DomainNorm
 
@@ -51,14 +51,14 @@ def test_agreement_with_itself_is_one_and_with_another_head_less(small_net):
 
 def test_the_source_path_is_untouched_by_a_bank_and_moved_by_one_set(small_net):
     bright, dark = two_domains()
-    adapt.reestimate_bn(small_net, bright)
-    small_net.mark_source()
+    stats.reestimate(small_net, bright)
+    bank.mark_source(small_net)
     banked = adapted_copy(small_net, dark)  # the source set stays beside the adapted one
     one_set = adapted_copy(small_net, dark)
-    one_set.mark_source()  # a baseline as published: the adapted set is the only one
+    bank.mark_source(one_set)  # a baseline as published: the adapted set is the only one
     frames = np.concatenate([bright, dark])
-    assert gate.agreement(gate.source_path(small_net), gate.source_path(banked), frames) == 1.0
-    assert gate.agreement(gate.source_path(small_net), gate.source_path(one_set), frames) < 0.97
+    assert gate.agreement(bank.source_path(small_net), bank.source_path(banked), frames) == 1.0
+    assert gate.agreement(bank.source_path(small_net), bank.source_path(one_set), frames) < 0.97
 
 
 def test_gate_accept_names_what_failed():
@@ -72,16 +72,16 @@ def test_cotta_pseudo_labels_average_augmentations_only_where_the_teacher_is_uns
     frames = _scenes(2)
     net, images = _sensitive(small_net, frames), torch.from_numpy(frames)
     plain = torch.softmax(net(net.normalize(images)), 1).max(1)[1]
-    sure = cotta.teacher_labels(net, images, cotta.CoTTASettings(ap=0.0))
+    sure = cotta.teacher_labels(net, images, ap=0.0)
     assert torch.equal(sure, plain)
-    unsure = cotta.teacher_labels(net, images, cotta.CoTTASettings(ap=1.01))
+    unsure = cotta.teacher_labels(net, images, ap=1.01)
     assert not torch.equal(unsure, plain)  # the augmentation average differs somewhere
 
 
 def test_cotta_round_moves_all_weights_and_keeps_one_set(small_net):
     before = copy.deepcopy(small_net)
-    log = run_baseline(small_net, domain(0, 256, n=4), AdaptConfig(method="cotta", steps=2, lr=1e-3))
-    assert len(log["steps"]) == 2
+    (cand,) = rounds.candidates(small_net, None, domain(0, 256, n=4), AdaptConfig(method="cotta", steps=2, lr=1e-3))
+    assert len(cand.log["steps"]) == 2 and cand.net is small_net
     moved = [n for (n, p), q in zip(small_net.named_parameters(), before.parameters()) if not torch.equal(p, q)]
     assert "encoder.layers.0.0.weight" in moved and "head.weight" in moved  # conv weights too, not only the norms
     assert all(len(m.bank) == 1 for m in small_net.modules() if isinstance(m, DomainNorm))
@@ -93,21 +93,21 @@ def test_ce_term_only_where_it_can_change_a_weight(small_net):
     gen = torch.Generator().manual_seed(0)
     for params, has_ce in (("norm", False), ("all", True)):
         net = copy.deepcopy(small_net)
-        adapt.configure(net, AdaptConfig(params=params, tau=0.0))
-        parts = adapt.mas3_step(net, proto, images, AdaptConfig(params=params, tau=0.0, gmm_samples=512), gen)
+        configure(net, params)
+        _, parts = adapt.mas3_step(net, proto, images, AdaptConfig(params=params, tau=0.0, gmm_samples=512), gen)
         assert (parts["ce"] is not None) == has_ce
 
 
 def test_a_round_keeps_the_steps_only_when_they_are_as_consistent(proto_bundle):  # noqa: F811
     frames = domain(0, 256, n=10)
     cfg = AdaptConfig(steps=2, tau=0.0, swd_pixels=256, gmm_samples=512)
-    rep = rounds.run_round(proto_bundle, frames, cfg, guard=False).report
+    rep = rounds.run_round(proto_bundle, frames, cfg, rcfg=rounds.UNGUARDED).report
     c = rep["choice"]
     kept = "steps" if c["consistency_steps"] >= c["consistency_statistics"] + cfg.choice_margin else "statistics only"
     assert c["kept"] == kept and set(rep["gate_after"]) == set(gate.GATE)
-    off = rounds.run_round(proto_bundle, frames, AdaptConfig(**{**cfg.to_dict(), "choose": False}), guard=False)
+    off = rounds.run_round(proto_bundle, frames, AdaptConfig(**{**cfg.to_dict(), "choose": False}), rcfg=rounds.UNGUARDED)
     assert "choice" not in off.report
-    strict = rounds.run_round(proto_bundle, frames, AdaptConfig(**{**cfg.to_dict(), "choice_margin": 0.99}), guard=False)
+    strict = rounds.run_round(proto_bundle, frames, AdaptConfig(**{**cfg.to_dict(), "choice_margin": 0.99}), rcfg=rounds.UNGUARDED)
     assert strict.report["choice"]["kept"] == "statistics only"  # no consistency is 0.99 above another
 
 
@@ -118,8 +118,8 @@ def test_refining_a_set_pools_its_statistics_with_the_past(proto_bundle):  # noq
     results = {}
     for mix in (1.0, 0.5):
         cfg = AdaptConfig(steps=0, refine_mix=mix)
-        r1 = rounds.run_round(proto_bundle, first, cfg, guard=False)
-        r2 = rounds.run_round(proto_bundle, second, cfg, version=r1.version_dir.name, guard=False)
+        r1 = rounds.run_round(proto_bundle, first, cfg, rcfg=rounds.UNGUARDED)
+        r2 = rounds.run_round(proto_bundle, second, cfg, version=r1.version_dir.name, rcfg=rounds.UNGUARDED)
         assert (r1.report["set"], r2.report["set"]) == ("new", "working")
         results[mix] = (stem_mean(r1.version_dir), stem_mean(r2.version_dir))
     prev, alone = results[1.0]
@@ -131,8 +131,8 @@ def test_a_refining_round_does_not_compound_the_steps(proto_bundle):  # noqa: F8
     # first: its steps start again from the source's affine parameters instead of adding to them
     frames = domain(0, 256, n=10)
     cfg = AdaptConfig(steps=3, tau=0.0, swd_pixels=256, gmm_samples=512, refine_mix=1.0, choose=False)
-    r1 = rounds.run_round(proto_bundle, frames, cfg, guard=False)
-    r2 = rounds.run_round(proto_bundle, frames, cfg, version=r1.version_dir.name, guard=False)
+    r1 = rounds.run_round(proto_bundle, frames, cfg, rcfg=rounds.UNGUARDED)
+    r2 = rounds.run_round(proto_bundle, frames, cfg, version=r1.version_dir.name, rcfg=rounds.UNGUARDED)
     assert (r1.report["set"], r2.report["set"]) == ("new", "working")
     first, second = (bundle.load_version(r.version_dir).net.state_dict() for r in (r1, r2))
     source = bundle.load_version(proto_bundle, r1.report["parent"]).net.state_dict()
@@ -151,6 +151,7 @@ def test_camera_change_keeps_label_ids_and_moves_the_scene():
 
 
 def test_cotta_settings_are_the_published_ones():
-    s = cotta.CoTTASettings()
-    assert (s.mt, s.rst, s.ap, s.scales) == (0.999, 0.01, 0.69, (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0))
+    s = AdaptConfig(method="cotta")
+    assert (s.cotta_momentum, s.cotta_restore, s.cotta_confidence) == (0.999, 0.01, 0.69)
+    assert cotta.SCALES == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
     assert AdaptConfig(method="cotta").lr == pytest.approx(6e-5 / 8) and AdaptConfig(method="cotta").params == "all"

@@ -12,7 +12,7 @@ from test_arch import FOUR, SIZE, original
 from test_service import Running, config
 from test_camera import write_video
 
-from mas3_edge import adapt, arch, baselines, bundle, evaluate, prototypes, train
+from mas3_edge import arch, bank, bundle, evaluate, prototypes, rounds, train
 from mas3_edge.config import AdaptConfig
 from mas3_edge.labels import CITYSCAPES
 from mas3_edge.synth import render
@@ -58,14 +58,15 @@ def test_a_network_we_did_not_write_goes_the_whole_way(tmp_path, name, labels):
     target = np.stack([img for img, _ in source_data(labels, 4, "night", seed=50)])
     net = copy.deepcopy(ver.net)
     # pooled SWD: an untrained network's predicted classes and the GMM's rarely both reach a class's minimum
-    report = adapt.adapt(net, proto, target, AdaptConfig(steps=2, batch_size=2, tau=0.0, choose=False,
-                                                         class_conditional=False))
-    assert len(report["steps"]) == 2 and all(s["swd"] > 0 for s in report["steps"])
-    lead = net.first_norm()
-    assert net.set_count() == 2 and torch.equal(lead.bank[0], ver.net.first_norm().working())  # source set kept
+    cfg = AdaptConfig(steps=2, batch_size=2, tau=0.0, choose=False, class_conditional=False)
+    assert rounds.pick_set(net, target, cfg)[0] == "new"
+    (cand,) = rounds.candidates(net, proto, target, cfg)
+    assert len(cand.log["steps"]) == 2 and all(s["swd"] > 0 for s in cand.log["steps"])
+    lead = bank.lead(net)
+    assert bank.count(net) == 2 and torch.equal(lead.bank[0], bank.lead(ver.net).working())  # source set kept
     assert not torch.equal(lead.working(), lead.bank[0])  # and a new set beside it
     tent = copy.deepcopy(ver.net)
-    baselines.run_baseline(tent, target, AdaptConfig(method="tent", steps=2, batch_size=2))
+    rounds.candidates(tent, proto, target, AdaptConfig(method="tent", steps=2, batch_size=2))
     assert any(not torch.equal(a, b) for a, b in zip(tent.state_dict().values(), ver.net.state_dict().values()))
 
     scores = evaluate.evaluate(net, source_data(labels, 2, "night", seed=50))

@@ -17,12 +17,13 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mas3_edge import adapt, bundle, health, prototypes
+from mas3_edge import bundle, health, prototypes, rounds
 from mas3_edge.config import AdaptConfig
 from mas3_edge.errors import UserError
 from mas3_edge.labels import CITYSCAPES, LabelSet
@@ -64,8 +65,7 @@ def separation(proto: Prototypes) -> dict:
 def adapted(s: bench_quality.Setup, proto: Prototypes, cfg: AdaptConfig) -> SegModel:
     """A fresh copy of the source net after one round on the target's unlabeled frames."""
     net = bundle.load_version(s.root, s.src.id).net.to(s.device)
-    adapt.adapt(net, proto, s.data[f"{TARGET}-adapt"].x, cfg)
-    return net
+    return rounds.candidates(net, proto, s.data[f"{TARGET}-adapt"].x, replace(cfg, choose=False))[-1].net
 
 
 def scores(s: bench_quality.Setup, proto: Prototypes, cfg: AdaptConfig) -> dict:

@@ -1,7 +1,7 @@
 """Continual stream: adapt again and again on realistic → fog → night → rain, and watch for slow collapse.
 
 Each chunk of labelled frames is first predicted by the current model (prequential mIoU: the labels
-are used for scoring only), then adapted on with `rounds.run_round(..., guard=True)` as the runtime
+are used for scoring only), then adapted on with `rounds.run_round` as the runtime
 does it: an accepted round becomes the current model, a rejected or failed one keeps it. After every
 round the current model is scored on the source and on each domain's held-out split. Every adapting
 row is compared with source-only on the same chunks; "mas3 (reset every round)" starts each round
@@ -81,8 +81,8 @@ def _adapt(s: bq.Setup, name: str, images: np.ndarray, current: str, steps: int,
     if ROWS[name]["method"] == "none":
         return current, None, "source-only: no adaptation", {}
     try:
-        r = rounds.run_round(s.root, images, AdaptConfig(**{"steps": steps, **ROWS[name]}), current, guard=False,
-                             device=device)
+        r = rounds.run_round(s.root, images, AdaptConfig(**{"steps": steps, **ROWS[name]}), current,
+                             rounds.UNGUARDED, device=device, pick=bq.PICKS.get(name))
     except UserError as e:  # the runtime's scheduler counts this a failed round and keeps the model
         return current, False, f"failed: {e}", {}
     rep = r.report

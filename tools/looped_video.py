@@ -89,7 +89,7 @@ def run(args) -> dict:
             chunk = window[np.linspace(0, len(window) - 1, min(args.every, len(window))).astype(int)]
             serving = bundle.load_version(root)
             t0 = time.perf_counter()
-            r = rounds.run_round(root, chunk, cfg, serving.id, guard=False)
+            r = rounds.run_round(root, chunk, cfg, serving.id, rounds.UNGUARDED)
             rep, cand = r.report, bundle.load_version(r.version_dir).net
             before, after = miou(serving.net), miou(cand)
             health_ok, _ = health.accept(rep["health_before"], rep["health_after"])

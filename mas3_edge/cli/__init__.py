@@ -59,7 +59,7 @@ def _usage_line(e) -> str:
 def main() -> None:
     """Console entry point: every error becomes one line on stderr and a documented exit code."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # without standalone mode click returns typer.Exit's code
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER)
@@ -71,3 +71,4 @@ def main() -> None:
     except _CLICK_ERROR as e:
         print(_usage_line(e), file=sys.stderr)
         sys.exit(EXIT_USAGE if e.exit_code == 2 else e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -6,7 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..config import AdaptConfig, RoundConfig, round_configs
 from ..errors import UserError
+from .options import with_settings
 
 BundleOpt = Annotated[Optional[Path], typer.Option(
     "--bundle", "-b", help="Bundle directory (versions + SERVING pointer); default: the packaged one.")]
@@ -119,71 +121,41 @@ def prototypes_cmd(
     typer.echo(f"wrote {ver.prototypes_path} ({ver.prototypes_path.stat().st_size / 1024:.1f} KB)")
 
 
+@with_settings(AdaptConfig, RoundConfig)
 def adapt_cmd(
     buffer: Annotated[Path, typer.Option(
         "--buffer", help="Folder of unlabeled target frames, or a ROS bag (FOLDER, .bag, .mcap, .db3; "
                          "?topic=/NAME picks the image topic).")] = Path("frames"),
     bundle: BundleOpt = None, version: VersionOpt = None,
-    method: Annotated[str, typer.Option(help="mas3 (default), mas3-paper, bn, tent, pseudo, cotta or none.")] = "mas3",
-    steps: int = 100, batch_size: int = 2,
-    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (default: the method's).")] = None,
-    lam: Annotated[float, typer.Option("--lambda", help="Weight of the SWD term (Eq. 4). With Adam it has no effect unless --params all also trains h through the CE term (Adam undoes a constant scale).")] = 0.5,
-    tau: float = 0.97, projections: int = 100,
-    swd_pixels: Annotated[int, typer.Option(help="Target embeddings subsampled per step.")] = 65536,
-    params: Annotated[Optional[str], typer.Option(help="Updated parameters: all, encdec or norm.")] = None,
-    bn: Annotated[Optional[str], typer.Option(help="Batch-norm statistics: adapt (re-estimate) or frozen.")] = None,
-    bn_mix: Annotated[Optional[float], typer.Option(
-        help="Weight of the target BN statistics, the rest the source model's (1 = AdaBN; default: the method's).")] = None,
-    class_conditional: Annotated[Optional[bool], typer.Option(
-        "--class-conditional/--pooled", help="Match each predicted class to its own component, or pool.")] = None,
-    target_conf: Annotated[Optional[float], typer.Option(
-        help="Only target pixels predicted at least this confidently enter the SWD (default: the method's).")] = None,
-    batch_stats: Annotated[Optional[bool], typer.Option(
-        "--batch-stats/--running-stats", help="Normalise each step's batch with its own statistics, "
-        "or with the running ones (default: the method's; tent: batch).")] = None,
-    anchor: Annotated[float, typer.Option(help="L2 pull towards the starting weights.")] = 0.0,
-    keep_source: Annotated[Optional[bool], typer.Option(
-        "--keep-source/--one-set", help="Keep the source's BN set and one per adapted domain, chosen per frame (default: the method's).")] = None,
-    max_sets: Annotated[int, typer.Option(
-        help="With --keep-source: adapted normalisation sets kept, one per domain (least recently used dropped).")] = 8,
-    choose: Annotated[bool, typer.Option(
-        "--choose/--always-step", help="mas3: keep the SWD steps only when they beat re-estimated statistics "
-        "alone on held-out augmentation consistency.")] = True,
-    choice_margin: Annotated[float, typer.Option(
-        help="With --choose: the steps must beat statistics alone by at least this much consistency.")] = 0.016,
-    refine_mix: Annotated[float, typer.Option(
-        help="With --keep-source: weight of this chunk's statistics when refining a set seen before.")] = 0.5,
     limit: Annotated[Optional[int], typer.Option(help="Use only the newest N frames.")] = None,
-    guard: Annotated[bool, typer.Option(help="Reject a round that worsens the health signals.")] = True,
     serve: Annotated[bool, typer.Option(help="Serve the new version when accepted.")] = True,
-    seed: int = 0, as_json: JsonOpt = False, verbose: VerboseOpt = False,
+    as_json: JsonOpt = False, verbose: VerboseOpt = False, settings: Optional[dict] = None,
 ) -> None:
     """Run one source-free adaptation round on unlabeled frames; write a new version.
 
-    Exits 3 when the health check rejects the round (nothing is served then)."""
+    Exits 3 when the health check or the gate rejects the round (nothing is served then)."""
     set_verbose(verbose)
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be >= 1, got {limit}")
+    cfg, rcfg, _ = round_configs(settings or {})
     bundle = _bundle(bundle)
     from .. import bundle as bundles, rounds
-    from ..config import AdaptConfig
-    cfg = AdaptConfig(method=method, steps=steps, batch_size=batch_size, lr=lr, lam=lam, tau=tau,
-                      n_projections=projections, swd_pixels=swd_pixels, params=params, bn=bn, bn_mix=bn_mix,
-                      class_conditional=class_conditional, anchor=anchor, keep_source=keep_source, max_sets=max_sets,
-                      batch_stats=batch_stats, target_conf=target_conf, choose=choose, choice_margin=choice_margin,
-                      refine_mix=refine_mix,
-                      seed=seed)
-    res = rounds.run_round(bundle, buffer, cfg, version=version, guard=guard, limit=limit)
-    hb, ha = res.report["health_before"], res.report["health_after"]
+    res = rounds.run_round(bundle, buffer, cfg, version, rcfg, limit=limit)
+    rep = res.report
     if res.accepted and serve:
         bundles.set_serving(bundle, res.version_dir.name)
     if as_json:
         print_json({"accepted": res.accepted, "reason": res.reason, "serving": bool(res.accepted and serve),
                     "version": res.version_dir.name if res.accepted else None, **{
-                        k: res.report.get(k) for k in ("method", "set", "frames", "health_before", "health_after")}})
+                        k: rep.get(k) for k in ("method", "set", "choice", "frames", "health_before", "health_after",
+                                                "gate_before", "gate_after", "warnings")}})
     else:
-        table(f"adaptation round ({method}, {len(res.report.get('steps', []))} steps, "
-          f"{res.report['frames']['adapt']} frames + {res.report['frames']['holdout']} held out, "
-          f"normalisation set: {res.report['set']})",
-              ["health signal (lower is better)", "before", "after"], [[k, hb[k], ha[k]] for k in hb])
+        kept = f", kept: {rep['choice']['kept']}" if rep.get("choice") else ""
+        table(f"adaptation round ({cfg.method}, {len(rep.get('steps', []))} steps{kept}, {rep['frames']['adapt']} "
+              f"frames + {rep['frames']['holdout']} held out, normalisation set: {rep['set']})",
+              ["signal", "before", "after"],
+              [[f"{k} (lower is better)", rep["health_before"][k], rep["health_after"][k]] for k in rep["health_before"]]
+              + [[f"gate: {k}", rep["gate_before"].get(k, "-"), v] for k, v in rep["gate_after"].items()])
     if not res.accepted:
         note(f"rejected: {res.reason}; the serving version is unchanged", as_json)
         from . import EXIT_REJECTED
