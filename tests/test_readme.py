@@ -116,3 +116,24 @@ def test_no_ticket_references(page: Path):
 def test_the_readme_stays_short():
     lines = README.read_text().count("\n")
     assert lines < MAX_LINES, f"README.md has {lines} lines; move the long forms to docs/"
+
+
+def test_every_threshold_the_algorithm_page_names_is_a_config_field():
+    """docs/algorithm.md's thresholds table names `AdaptConfig.x` / `RoundConfig.x`: each must exist
+    with the value the table gives (the first number of its value column)."""
+    from dataclasses import fields
+
+    from mas3_edge import config
+    text = (ROOT / "docs" / "algorithm.md").read_text()
+    table = text.split("<!-- thresholds: keep in sync with mas3_edge/config.py -->")[1]
+    named = re.findall(r"`(AdaptConfig|RoundConfig)\.(\w+)`", table)
+    assert len(named) >= 10
+    for cls, name in named:
+        assert name in {f.name for f in fields(getattr(config, cls))}, f"{cls}.{name} is not a setting"
+    for line in table.splitlines():
+        m = re.search(r"`(AdaptConfig|RoundConfig)\.(\w+)`", line)
+        if m and line.startswith("|"):
+            shown = re.search(r"\d+(\.\d+)?", line.split("|")[2])
+            value = getattr(getattr(config, m.group(1))(), m.group(2))
+            if shown and isinstance(value, (int, float)) and "%" not in line.split("|")[2]:
+                assert float(shown.group()) == pytest.approx(float(value)), line
