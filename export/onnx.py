@@ -30,9 +30,9 @@ leaves model.onnx and export.json as they were; the numbers land in export.json.
 from __future__ import annotations
 
 import inspect
+import io
 import logging
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -91,8 +91,7 @@ def export_onnx(bundle: Path, version: str | None = None, *, opset: int = OPSET,
         return OnnxExport(vdir / ONNX_FILE, current, reused=True)
     images, source = parity.check_images(tuple(ver.net.config.input_size))
     ref = parity.torch_reference(ver.net, images)
-    with tempfile.TemporaryDirectory(prefix="mas3-export-") as tmp:
-        raw = _torch_export(ver.net, with_embedding, opset, Path(tmp) / "raw.onnx")
+    raw = _torch_export(ver.net, with_embedding, opset)
     model, graph, check = _first_passing(passes.candidates(raw, tuple(ver.net.config.input_size), simplify), images, ref, source)
     helper.set_model_props(model, {"mas3_edge.version": ver.id, "mas3_edge.weights_sha256": ver.meta["sha256"],
                                    "mas3_edge.input": "uint8 NHWC RGB, normalisation inside"})
@@ -170,8 +169,9 @@ def _is_current(vdir: Path, report: dict | None, weights_sha: str, settings: dic
     return True
 
 
-def _torch_export(net: SegModel, with_embedding: bool, opset: int, path: Path) -> onnx.ModelProto:
-    """Trace Deployed(net) with the TorchScript exporter (the dynamo one needs onnxscript)."""
+def _torch_export(net: SegModel, with_embedding: bool, opset: int, path: Path | None = None) -> onnx.ModelProto:
+    """Trace Deployed(net) with the TorchScript exporter (the dynamo one needs onnxscript), in memory
+    unless `path` is given: a temporary file would outlive a kill -9 of the export."""
     h, w = net.config.input_size
     model = Deployed(net, with_embedding).eval()
     names = list(OUTPUTS) + ([EMBEDDING] if with_embedding else [])
@@ -179,10 +179,11 @@ def _torch_export(net: SegModel, with_embedding: bool, opset: int, path: Path) -
     dummy = torch.zeros((2, h, w, 3), dtype=torch.uint8)  # batch 2: a batch of 1 can hide a baked-in size
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about the shape checks in SegModel.embed
-        torch.onnx.export(model, (dummy,), str(path), input_names=[INPUT], output_names=names,
-                          dynamic_axes={n: {0: "batch"} for n in [INPUT, *names]}, opset_version=opset,
-                          do_constant_folding=True, **kwargs)
-    model = onnx.load(str(path))
+        buf = io.BytesIO()
+        torch.onnx.export(model, (dummy,), buf if path is None else str(path), input_names=[INPUT],
+                          output_names=names, dynamic_axes={n: {0: "batch"} for n in [INPUT, *names]},
+                          opset_version=opset, do_constant_folding=True, **kwargs)
+    model = onnx.load_from_string(buf.getvalue()) if path is None else onnx.load(str(path))
     _declare_io(model, net)
     return model
 
