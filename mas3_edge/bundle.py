@@ -4,17 +4,18 @@
     BUNDLE/SERVING.history          JSON lines: the last ids SERVING pointed at (the fallback when it is bad)
     BUNDLE/versions/v0001/          model.safetensors, model.json, prototypes.safetensors,
                                     model.onnx (export), report.json (adaptation), ...
-                                    INCOMPLETE: the adaptation round that wrote it has not finished it
+                                    INCOMPLETE: written by an adaptation round that has not committed it
 
-A version directory is built under a temporary name and renamed into place, so a reader never
-sees half a version. Nothing is loaded with pickle: weights are safetensors, metadata is JSON.
+The layout itself (paths, version order, the pointer, a round's begin/commit, cleanup, retention)
+belongs to store.py; this module reads and writes what is inside a version. A version directory is
+built under a temporary name and renamed into place, so a reader never sees half a version. Nothing
+is loaded with pickle: weights are safetensors, metadata is JSON.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -27,19 +28,15 @@ import safetensors.torch
 
 from .arch import build
 from .config import ModelConfig
-from .fsutil import atomic_write, atomic_write_json, make_readable_dir
+from .fsutil import atomic_write, atomic_write_json  # noqa: F401 (re-exported: export, train and others write with them)
 from .errors import UserError
 from .labels import CITYSCAPES, LabelSet
 from .model import SegModel
+from .store import (HISTORY_FILE, HISTORY_KEEP, INCOMPLETE_FILE, META_FILE, MODEL_FILE,  # noqa: F401 (re-exported)
+                    BundleStore, read_mark)
 
 FORMAT = "mas3-edge/1"
-MODEL_FILE, META_FILE, PROTO_FILE, ONNX_FILE = "model.safetensors", "model.json", "prototypes.safetensors", "model.onnx"
-# An adaptation round's child process writes its version before the export and the checks that decide
-# whether it is accepted; the version carries this file until its round finished (the scheduler removes it).
-INCOMPLETE_FILE = "INCOMPLETE"
-ROUND_ENV = "MAS3_EDGE_IN_ROUND"  # set in the round's child: save_version() then writes INCOMPLETE_FILE
-HISTORY_FILE, HISTORY_KEEP = "SERVING.history", 20
-_VERSION_ID = re.compile(r"v[A-Za-z0-9._-]{0,63}")
+PROTO_FILE, ONNX_FILE = "prototypes.safetensors", "model.onnx"
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -79,26 +76,14 @@ def weights_problem(vdir: Path, meta: dict) -> str | None:
 
 def incomplete_reason(vdir: Path) -> str | None:
     """Why the round that wrote this version did not finish it, or None for a finished version."""
-    path = Path(vdir) / INCOMPLETE_FILE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text()).get("reason") or "its adaptation round did not finish"
-    except (OSError, ValueError, AttributeError):
-        return "its adaptation round did not finish"
-
-
-def mark_incomplete(vdir: Path, reason: str | None) -> None:
-    """Record why a version's round did not finish (None: it finished, drop the mark)."""
-    path = Path(vdir) / INCOMPLETE_FILE
-    if reason is None:
-        path.unlink(missing_ok=True)
-    else:
-        atomic_write_json(path, {"reason": reason})
+    mark = read_mark(vdir)
+    return None if mark is None else mark["reason"]
 
 
 def check_servable(vdir: Path) -> dict:
     """model.json of a version that may be served; UserError naming the version and why otherwise."""
+    if not Path(vdir).is_dir():  # a pointer at a version that is not there: missing, not corrupt
+        raise UserError(f"version {Path(vdir).name} cannot be served: it is missing (no folder {vdir})")
     meta = read_meta(vdir)
     why = incomplete_reason(vdir) or weights_problem(vdir, meta)
     if why:
@@ -123,72 +108,33 @@ class Version:
         return self.path / PROTO_FILE
 
 
-def _versions_dir(root: Path) -> Path:
-    return Path(root) / "versions"
-
-
 def is_version_dir(path: Path) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
 def read_serving(root: Path) -> str:
     """The id in BUNDLE/SERVING; UserError when the file is missing or holds anything but an id."""
-    pointer = Path(root) / "SERVING"
-    try:
-        with open(pointer, "rb") as f:
-            text = f.read(256).decode("ascii", "replace").strip()  # an id is short; a huge file is garbage anyway
-    except FileNotFoundError:
-        raise UserError(f"{pointer} is missing; point it with `mas3-edge rollback VERSION`") from None
-    except OSError as e:
-        raise UserError(f"{pointer} is unreadable ({e.strerror or e})") from None
-    if not _VERSION_ID.fullmatch(text):
-        raise UserError(f"{pointer} holds no version id ({text[:20]!r}); point it with `mas3-edge rollback VERSION`")
-    return text
+    return BundleStore(root).read_serving()
 
 
 def serving_id(root: Path) -> str | None:
     """The serving version id, or None when there is no pointer or it holds garbage (never raises)."""
-    try:
-        return read_serving(root)
-    except UserError:
-        return None
-
-
-def _history(root: Path) -> list[dict]:
-    try:
-        lines = (Path(root) / HISTORY_FILE).read_bytes().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and _VERSION_ID.fullmatch(str(entry.get("version"))):
-            out.append(entry)
-    return out
+    return BundleStore(root).serving()
 
 
 def served_history(root: Path) -> list[str]:
     """Ids SERVING pointed at, oldest first (unreadable lines are skipped)."""
-    return [e["version"] for e in _history(root)]
+    return BundleStore(root).history()
 
 
 def last_served(root: Path) -> str | None:
     """The newest id in the history that is still a version directory."""
-    return next((v for v in reversed(served_history(root)) if is_version_dir(_versions_dir(root) / v)), None)
+    return BundleStore(root).last_served()
 
 
 def set_serving(root: Path, version: str) -> None:
     """Point the bundle at `version` (atomic: a reader sees the old or the new id, never neither)."""
-    if not is_version_dir(_versions_dir(root) / version):
-        raise UserError(f"no version {version!r} in bundle {root}; see `mas3-edge versions`")
-    atomic_write(Path(root) / "SERVING", version + "\n")
-    # after the pointer: a crash in between loses one history line, never records a move that did not happen
-    entry = json.dumps({"version": version, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    keep = [json.dumps(e) for e in _history(root)][-(HISTORY_KEEP - 1):]
-    atomic_write(Path(root) / HISTORY_FILE, "\n".join([*keep, entry]) + "\n")
+    BundleStore(root).set_serving(version)
 
 
 def resolve(bundle: Path, version: str | None = None) -> Path:
@@ -198,21 +144,19 @@ def resolve(bundle: Path, version: str | None = None) -> Path:
         return bundle
     if not bundle.is_dir():
         raise UserError(f"bundle {bundle} does not exist; train one with `mas3-edge train` or name another")
-    version = version or serving_id(bundle) or last_served(bundle)
+    store = BundleStore(bundle)
+    version = version or store.serving() or store.last_served() or store.newest()
     if version is None:
-        ids = version_ids(bundle)
-        if not ids:
-            raise UserError(f"bundle {bundle} has no versions; train one with `mas3-edge train`")
-        version = ids[-1]
-    path = _versions_dir(bundle) / version
+        raise UserError(f"bundle {bundle} has no versions; train one with `mas3-edge train`")
+    path = store.path(version)
     if not is_version_dir(path):
         raise UserError(f"bundle {bundle} has no version {version!r}; see `mas3-edge versions`")
     return path
 
 
 def version_ids(root: Path) -> list[str]:
-    vdir = _versions_dir(root)
-    return sorted(p.name for p in vdir.iterdir() if p.name.startswith("v") and p.is_dir()) if vdir.is_dir() else []
+    """Every version folder's id, oldest first by number (v9999 before v10000)."""
+    return BundleStore(root).ids()
 
 
 def read_meta(vdir: Path) -> dict:
@@ -255,7 +199,7 @@ def list_versions(root: Path) -> list[dict]:
     out = []
     for vid in version_ids(root):
         try:
-            out.append(read_meta(_versions_dir(root) / vid))
+            out.append(read_meta(BundleStore(root).path(vid)))
         except UserError as e:
             warnings.warn(f"skipping version {vid}: {e}")
     return out
@@ -267,12 +211,10 @@ def save_version(root: Path, net: SegModel, *, parent: Version | None = None, in
 
     The directory is assembled under a temporary name and renamed into place, so a crash leaves
     either nothing or a whole version. Prototypes are carried over from the parent unless given.
+    Inside an adaptation round (BundleStore.begin_round) the version is marked as the round's.
     """
-    root = Path(root)
-    vdir_root = _versions_dir(root)
-    vdir_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=vdir_root))
-    make_readable_dir(tmp)
+    store = BundleStore(root)
+    tmp = store.new_version_dir()
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         weights = safetensors.torch.save(state)
@@ -283,41 +225,25 @@ def save_version(root: Path, net: SegModel, *, parent: Version | None = None, in
             files[PROTO_FILE] = parent.prototypes_path
         for name, src in files.items():
             (tmp / name).write_bytes(src if isinstance(src, bytes) else Path(src).read_bytes())
-        if os.environ.get(ROUND_ENV):  # in place before the rename: a kill a moment later leaves it marked
-            (tmp / INCOMPLETE_FILE).write_text(json.dumps({"reason": "its adaptation round did not finish"}))
-        vid = _claim(vdir_root, tmp, net, parent, digest, info or {})
+        vid = store.claim(tmp, lambda vid: atomic_write_json(tmp / META_FILE, _meta(vid, net, parent, digest, info or {})))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if serve:
-        set_serving(root, vid)
-    return vdir_root / vid
+        store.set_serving(vid)
+    return store.path(vid)
 
 
-def _claim(vdir_root: Path, tmp: Path, net: SegModel, parent: Version | None, digest: str, info: dict) -> str:
-    """Pick the next free id and rename the finished directory onto it (retry if another process won)."""
-    for _ in range(100):
-        ids = [int(p[1:]) for p in version_ids(vdir_root.parent) if p[1:].isdigit()]
-        vid = f"v{max(ids, default=0) + 1:04d}"
-        meta = {
-            "format": FORMAT, "version": vid, "parent": parent.id if parent else None,
-            "architecture": net.config.to_dict(), "labels": net.labels.to_dict(),
-            "classes": list(net.labels.names), "palette": [list(c) for c in net.labels.palette],
-            "input_size": list(net.config.input_size),
-            "normalization": {"mean": list(net.config.mean), "std": list(net.config.std), "input": "uint8 RGB NHWC"},
-            "sha256": digest, "source_sha256": parent.meta["source_sha256"] if parent else digest,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "info": info,
-        }
-        atomic_write_json(tmp / META_FILE, meta)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        try:
-            os.rename(tmp, vdir_root / vid)  # fails if another writer took the id first
-            return vid
-        except OSError:
-            continue
-    raise UserError(f"could not claim a new version id in {vdir_root}")
+def _meta(vid: str, net: SegModel, parent: Version | None, digest: str, info: dict) -> dict:
+    return {
+        "format": FORMAT, "version": vid, "parent": parent.id if parent else None,
+        "architecture": net.config.to_dict(), "labels": net.labels.to_dict(),
+        "classes": list(net.labels.names), "palette": [list(c) for c in net.labels.palette],
+        "input_size": list(net.config.input_size),
+        "normalization": {"mean": list(net.config.mean), "std": list(net.config.std), "input": "uint8 RGB NHWC"},
+        "sha256": digest, "source_sha256": parent.meta["source_sha256"] if parent else digest,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "info": info,
+    }
 
 
 PACKAGED = Path(__file__).parent / "default_bundle"  # built by tools/build_default_bundle.py

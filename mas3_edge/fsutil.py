@@ -37,3 +37,12 @@ def _umask() -> int:
 def make_readable_dir(path: Path) -> None:
     """mkdtemp makes 0700 directories; give a finished one the usual permissions."""
     os.chmod(path, 0o777 & ~_umask())
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so a rename or an unlink inside it survives a power cut, not only a crash."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -11,8 +11,11 @@ An accepted round has already written a new version and exported it (parity-chec
 child; the parent then moves the SERVING pointer - unless someone else moved it meanwhile (a
 rollback, another `mas3-edge adapt`) - and the engine swapper picks the pointer change up like
 any other. Only the parent moves the pointer, and the child dies with it (runtime/children.py).
-A version the child wrote carries an INCOMPLETE mark until the parent saw its round accepted, so
-a kill at any moment leaves the old pointer and at most a version marked as unfinished.
+The child opens the round in the bundle store (`begin_round`), so a version it writes carries an
+INCOMPLETE mark until the parent has seen the round accepted and commits it: a kill at any moment
+leaves the old pointer and at most a version marked as unfinished, which the next start removes.
+Round results live in a scratch folder inside the bundle, and versions beyond `keep_versions` are
+pruned by the store's retention policy after each round.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
-import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from mas3_edge.errors import UserError
+from mas3_edge.store import MODEL_FILE, BundleStore
 
 # mas3_edge.bundle (and so torch) is imported inside functions: a round process that runs a light
 # round function starts in a fraction of a second instead of paying for torch.
@@ -54,8 +58,13 @@ class ScheduleConfig:
     threads: int = 1  # torch threads in the round process (leave cores to serving)
     nice: int = 10
     adapt: dict = field(default_factory=dict)  # AdaptConfig fields; unset ones are CPU_ADAPT without a GPU
+    # versions the bundle keeps (0: all): a round every few minutes would otherwise fill the disk; the
+    # store never drops the serving, previously served, its parent or a source version
+    keep_versions: int = 20
 
     def __post_init__(self) -> None:
+        if self.keep_versions < 0:
+            raise UserError(f"keep_versions must be 0 (keep all) or more, got {self.keep_versions}")
         if self.every_frames < 0 or self.every_minutes < 0 or self.min_frames < 2 or self.limit < 2:
             raise UserError(f"invalid adaptation schedule {self}")
         from mas3_edge.config import AdaptConfig
@@ -103,15 +112,15 @@ def _drift(bundle: str, frames: str, version: str, limit: int) -> float:
     return health.drift_score(ver.net, proto, load_frames(Path(frames), ver.net.config.input_size, min(limit, 32)))
 
 
-def _child(round_fn: Callable[..., dict], job: dict, result: str, nice: int, parent_pid: int) -> None:
+def _child(round_fn: Callable[..., dict], job: dict, result: str, nice: int, parent_pid: int, label: str) -> None:
     """Entry point of the round process: run, then write the outcome atomically."""
     from mas3_edge.runtime.children import die_with_parent
     die_with_parent(parent_pid)  # an orphaned round must not go on writing versions
     # spawn hands the parent's sys.path over with "" made the working directory, where a stray onnx.py or
     # export.py would shadow what the round imports later (this function and its module are loaded already)
     sys.path[:] = [p for p in sys.path if p not in ("", os.getcwd())]
-    os.environ["MAS3_EDGE_IN_ROUND"] = "1"  # bundle.ROUND_ENV (not imported: it pulls in torch): versions
-    # written from here on carry INCOMPLETE until the parent has seen the round finish
+    # versions written from here on carry INCOMPLETE until the parent has seen the round finish
+    BundleStore(job["bundle"]).begin_round(owner=parent_pid, label=label)
     if nice and hasattr(os, "nice"):
         os.nice(nice)
     try:
@@ -129,7 +138,7 @@ def _check_finite(bundle: str, out: dict) -> dict:
     """Whatever the round function says, a version with NaN/inf weights is never served."""
     import numpy as np
     import safetensors.numpy  # not mas3_edge.bundle: that pulls in torch, seconds for a light round
-    weights = safetensors.numpy.load_file(str(Path(bundle) / "versions" / out["version"] / "model.safetensors"))
+    weights = safetensors.numpy.load_file(str(BundleStore(bundle).path(out["version"]) / MODEL_FILE))
     bad = [k for k, v in weights.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
     if bad:
         return {**out, "outcome": "rejected", "reason": f"weights are not finite ({bad[0]}, ...)"}
@@ -140,12 +149,16 @@ class Scheduler:
     def __init__(self, bundle: Path, frames: Path, cfg: ScheduleConfig = ScheduleConfig(), *,
                  round_fn: Callable[..., dict] = default_round):
         self.bundle, self.frames, self.cfg, self.round_fn = Path(bundle), Path(frames), cfg, round_fn
+        self.store = BundleStore(self.bundle)
         self.counts: Counter = Counter()
         self.last: dict | None = None
         self.history: list[dict] = []
         self._proc = None
         self._job: dict = {}
-        self._tmp = Path(tempfile.mkdtemp(prefix="mas3-rounds-"))
+        self._lock = threading.Lock()  # the metrics thread reads (snapshot) what the serving loop writes (tick)
+        self.store.cleanup()  # what an earlier run's killed rounds left
+        self.store.prune(cfg.keep_versions)
+        self._tmp = self.store.scratch("rounds")
         self._ctx = mp.get_context("spawn")
         now = time.monotonic()
         self._last_round_t = self._last_drift_t = now
@@ -162,8 +175,18 @@ class Scheduler:
     def busy(self) -> bool:
         return self._proc is not None
 
+    def snapshot(self) -> dict:
+        """Counts by outcome, the status text and the last outcome, read consistently from any thread."""
+        with self._lock:
+            return {"rounds": dict(self.counts), "last_round": self._describe(), "busy": self._proc is not None,
+                    "last": dict(self.last) if self.last else None}
+
     def describe(self) -> str:
         """The round part of the status line."""
+        with self._lock:
+            return self._describe()
+
+    def _describe(self) -> str:
         if self._proc is not None:
             return f"#{sum(self.counts.values()) + 1} running ({time.monotonic() - self._job['t0']:.0f} s)"
         if self.last is None:
@@ -188,19 +211,20 @@ class Scheduler:
         return None
 
     def _launch(self, buffered_total: int, now: float, drift: bool) -> None:
-        from mas3_edge import bundle as bundles
-        version = bundles.serving_id(self.bundle)
+        version = self.store.serving()
         if version is None:
             return
         n = sum(self.counts.values()) + 1
         result = self._tmp / f"round-{n}.json"
+        label = f"{self._tmp.name}/round-{n}"  # names the versions this round writes, in their marks
         job = {"bundle": str(self.bundle), "frames": str(self.frames), "version": version, "adapt": dict(self.cfg.adapt),
                "limit": self.cfg.limit, "export": self.cfg.export, "threads": self.cfg.threads,
                "drift_threshold": self.cfg.drift_threshold if drift else None}
-        self._proc = self._ctx.Process(target=_child, args=(self.round_fn, job, str(result), self.cfg.nice, os.getpid()),
-                                       name=f"mas3-round-{n}")  # not daemonic: a round may use worker processes
-        self._proc.start()
-        self._job = {**job, "t0": now, "result": result, "n": n}
+        proc = self._ctx.Process(target=_child, args=(self.round_fn, job, str(result), self.cfg.nice, os.getpid(), label),
+                                 name=f"mas3-round-{n}")  # not daemonic: a round may use worker processes
+        proc.start()
+        with self._lock:
+            self._proc, self._job = proc, {**job, "t0": now, "result": result, "n": n, "label": label}
         self._last_drift_t = now
         if not drift:
             self._last_round_t, self._buffered_at_last = now, buffered_total
@@ -220,50 +244,54 @@ class Scheduler:
         except (OSError, ValueError):
             out = {"outcome": "crashed", "reason": f"the round process died (exit code {proc.exitcode})"}
         if out.get("outcome") == "skipped":  # a drift check that found no drift is not a round
-            self._proc = None
+            with self._lock:
+                self._proc = None
             log.info("drift check: %s", out.get("reason"))
             return None
         return self._finish(out, now)
 
     def _finish(self, out: dict, now: float) -> dict:
-        job, self._proc = self._job, None
+        job = self._job
         out = {**out, "parent": job["version"], "seconds": now - job["t0"], "round": job["n"]}
-        from mas3_edge import bundle as bundles
-        current = bundles.serving_id(self.bundle)
+        current = self.store.serving()
         if out["outcome"] == "accepted" and current != job["version"]:  # a rollback or another process
             out.update(outcome="superseded", reason=f"serving moved to {current} during the round")  # moved it
-        if out.get("version"):
-            self._settle(out)  # before the pointer moves: the swapper refuses an unfinished version
+        self._settle(out, job["label"])  # before the pointer moves: the swapper refuses an unfinished version
         if out["outcome"] == "accepted":
-            bundles.set_serving(self.bundle, out["version"])
-        self.counts[out["outcome"]] += 1
+            self.store.set_serving(out["version"])
+        with self._lock:
+            self._proc = None
+            self.counts[out["outcome"]] += 1
+            self.last = out
+            self.history.append(out)
         if out["outcome"] in ("rejected", "crashed"):
             self._failures += 1
         elif out["outcome"] == "accepted":
             self._failures = 0
-        self.last = out
-        self.history.append(out)
         log.info("adaptation round %d %s%s: %s", job["n"], out["outcome"],
-                    f" ({out['version']})" if out.get("version") else "", out.get("reason"))
+                 f" ({out['version']})" if out.get("version") else "", out.get("reason"))
+        self.store.prune(self.cfg.keep_versions)
         return out
 
-    def _settle(self, out: dict) -> None:
-        """Clear the INCOMPLETE mark of the round's version if the round finished it, else say why not."""
-        from mas3_edge import bundle as bundles
-        vdir = self.bundle / "versions" / str(out["version"])
-        if bundles.is_version_dir(vdir):
-            done = out["outcome"] in ("accepted", "superseded")
-            bundles.mark_incomplete(vdir, None if done else f"round {out['outcome']}: {out.get('reason')}")
+    def _settle(self, out: dict, label: str) -> None:
+        """Commit the round's version if the round finished it; reject whatever else it wrote, saying why."""
+        done = out["outcome"] in ("accepted", "superseded")
+        for vid in self.store.round_versions(label):  # a crashed round may have written one it never named
+            if done and vid == out.get("version"):
+                self.store.commit(vid)
+            else:
+                self.store.reject(vid, f"round {out['outcome']}: {out.get('reason')}")
 
     def close(self, timeout: float = 0.5) -> None:
-        """Stop a running round (a version it wrote keeps its INCOMPLETE mark)."""
+        """Stop a running round (a version it wrote keeps its mark; the next start removes it)."""
         if self._proc is not None and self._proc.is_alive():
             self._proc.terminate()
             self._proc.join(timeout)
             if self._proc.is_alive():
                 self._proc.kill()
                 self._proc.join(0.2)
-        self._proc = None
+        with self._lock:
+            self._proc = None
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def config_dict(self) -> dict:

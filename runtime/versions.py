@@ -5,8 +5,9 @@ so rolling back while `mas3-edge run` serves needs no signal and no restart. It 
 the service would refuse: weights that fail their sha256, or a round that never finished.
 
 The state column: ok, incomplete (its adaptation round was killed or rejected after writing it),
-corrupt (unreadable model.json, or weights that fail their hash). `*` marks the serving version;
-`!` a pointer at a version that cannot be served (the service serves the last good one instead).
+corrupt (unreadable model.json, or weights that fail their hash), missing (SERVING names a version
+that is not there). `*` marks the serving version; `!` a pointer at a version that cannot be served
+(the service serves the last good one instead).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from mas3_edge import bundle as bundles
 from mas3_edge.errors import UserError
+from mas3_edge.store import BundleStore
 
 COLUMNS = ["", "version", "parent", "created", "kind", "state", "onnx", "SWD", "entropy", "prior KL", "note"]
 
@@ -47,12 +49,14 @@ def _fmt(v) -> str:
 
 def version_rows(root: Path) -> tuple[list[str], list[list[str]]]:
     """One row per version directory, oldest first; a corrupt one is listed as such, not hidden."""
-    root = Path(root)
-    if not (root / "versions").is_dir():
+    store = BundleStore(root)
+    if not store.versions_dir.is_dir():
         raise UserError(f"{root} is not a bundle (no versions/ folder); train one with `mas3-edge train`")
-    serving, rows = bundles.serving_id(root), []
-    for vid in bundles.version_ids(root):
-        vdir = root / "versions" / vid
+    serving, rows = store.serving(), []
+    if serving is not None and store.missing(serving):
+        rows.append(["!", serving, "-", "-", "-", "missing", "-", "-", "-", "-", "SERVING names it; no such folder"])
+    for vid in store.ids():
+        vdir = store.path(vid)
         try:
             meta = bundles.read_meta(vdir)
         except UserError:
@@ -78,17 +82,20 @@ def _row(vdir: Path, meta: dict, serving: bool) -> list[str]:
 
 def rollback(root: Path, version: str | None = None) -> tuple[str | None, str]:
     """Point SERVING at `version` (default: the serving version's parent); returns (old, new)."""
-    root = Path(root)
-    old = bundles.serving_id(root)
+    store = BundleStore(root)
+    old = store.serving()
     if version is None:
         if old is None:
             raise UserError(f"nothing is serving in {root}; name the version to serve")
-        version = bundles.read_meta(root / "versions" / old).get("parent")
+        if store.missing(old):
+            raise UserError(f"SERVING names {old}, which is missing from {store.versions_dir}; "
+                            "name the version to serve (see `mas3-edge versions`)")
+        version = bundles.read_meta(store.path(old)).get("parent")
         if not version:
             raise UserError(f"{old} has no parent to roll back to; name a version (see `mas3-edge versions`)")
-    vdir = root / "versions" / version
-    if not bundles.is_version_dir(vdir):
+    vdir = store.path(version)
+    if not store.exists(version):
         raise UserError(f"no version {version!r} in {root}; see `mas3-edge versions`")
     bundles.check_servable(vdir)  # refuse here what the service would refuse, with the reason
-    bundles.set_serving(root, version)
+    store.set_serving(version)
     return old, version

@@ -153,3 +153,61 @@ s.close()
 """, cwd=cwd)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0 and "crashed" not in out and "shadowed" not in out, out + err
+
+
+def test_a_round_killed_after_writing_leaves_nothing_after_the_next_start(tiny_bundle, tmp_path):
+    from test_scheduler import FAST
+
+    from mas3_edge import bundle
+    from mas3_edge.runtime.scheduler import ScheduleConfig, Scheduler
+    from mas3_edge.store import read_mark
+    (tmp_path / "frames").mkdir()
+    p = parent(f"""
+import time
+from mas3_edge.runtime.scheduler import ScheduleConfig, Scheduler
+from test_scheduler import FAST, slow_round
+s = Scheduler({str(tiny_bundle)!r}, {str(tmp_path / "frames")!r}, ScheduleConfig(**FAST), round_fn=slow_round)
+s.tick(100, 100)
+print(s._tmp, flush=True)
+time.sleep(60)
+""")
+    try:
+        scratch = Path(p.stdout.readline().strip())
+        assert scratch.parent == tiny_bundle / "scratch", p.stderr.read()
+        deadline = time.monotonic() + 60
+        while "v0002" not in bundle.version_ids(tiny_bundle) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(p.pid, signal.SIGKILL)  # kill -9 of `run` while its round "exports" v0002
+        p.wait(5)
+    finally:
+        p.kill()
+        p.communicate()
+    assert read_mark(tiny_bundle / "versions" / "v0002")["state"] == "writing" and scratch.is_dir()
+    assert bundle.serving_id(tiny_bundle) == "v0001"
+    s = Scheduler(tiny_bundle, tmp_path / "frames", ScheduleConfig(**FAST))  # the next `run` starts
+    s.close()
+    assert bundle.version_ids(tiny_bundle) == ["v0001"] and not scratch.exists()
+    assert sorted(p.name for p in (tiny_bundle / "scratch").iterdir()) == []
+
+
+def test_an_export_makes_no_temp_folder_for_a_kill_to_strand(tiny_bundle, tmp_path, monkeypatch):
+    import threading
+
+    from mas3_edge.runtime.swap import export_in_child
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))  # the export child's temp dir
+    seen, done = set(), threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.update(p.name for p in tmp.iterdir() if p.is_dir())  # ONNX Runtime keeps one file, .ses, there
+            time.sleep(0.005)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        export_in_child(tiny_bundle / "versions" / "v0001")
+    finally:
+        done.set()
+        watcher.join()
+    assert (tiny_bundle / "versions" / "v0001" / "model.onnx").is_file() and not seen, seen

@@ -201,3 +201,63 @@ def test_the_service_swaps_in_an_accepted_round_without_dropping_a_frame(tiny_bu
     assert swap and swap[0][1].frame_id == swap[0][0].frame_id + 1
     assert any("round 1 accepted -> v0002" in line for line in run.lines)
     assert any("swapped v0001 -> v0002" in line for line in run.lines)
+
+
+def test_round_scratch_lives_in_the_bundle_and_goes_with_close(tiny_bundle, tmp_path):
+    import tempfile
+    s = Scheduler(tiny_bundle, frames_dir(tmp_path), ScheduleConfig(**FAST), round_fn=perturbed_round)
+    assert s._tmp.parent == tiny_bundle / "scratch" and str(os.getpid()) in s._tmp.name
+    wait_result(s)
+    s.close()
+    assert not s._tmp.exists()
+    assert not list(Path(tempfile.gettempdir()).glob(f"mas3-rounds-*{os.getpid()}*"))
+
+
+def test_snapshot_is_one_consistent_read_under_the_lock(tiny_bundle, tmp_path):
+    import threading
+    s = Scheduler(tiny_bundle, frames_dir(tmp_path), ScheduleConfig(**FAST), round_fn=perturbed_round)
+    assert s.snapshot() == {"rounds": {}, "last_round": "none yet", "busy": False, "last": None}
+    wait_result(s)
+    snap = s.snapshot()
+    assert snap["rounds"] == {"accepted": 1} and "accepted v0002" in snap["last_round"] and not snap["busy"]
+    snap["rounds"]["accepted"] = 99  # a copy: the reader cannot change the counts
+    assert s.counts["accepted"] == 1
+    got = []
+    with s._lock:  # the serving loop in the middle of recording a round: the metrics thread waits for it
+        reader = threading.Thread(target=lambda: got.append(s.snapshot()))
+        reader.start()
+        reader.join(0.2)
+        assert reader.is_alive() and not got
+    reader.join(2.0)
+    s.close()
+    assert got and got[0]["rounds"] == {"accepted": 1}
+
+
+def write_then_crash(bundle, frames, version, **_):
+    _new_version(bundle, version)
+    os._exit(3)  # killed after writing its version, before saying so
+
+
+def test_a_version_of_a_crashed_round_is_rejected_with_the_reason(tiny_bundle, tmp_path):
+    from mas3_edge import bundle
+    from mas3_edge.store import read_mark
+    s = Scheduler(tiny_bundle, frames_dir(tmp_path), ScheduleConfig(**FAST), round_fn=write_then_crash)
+    out = wait_result(s)
+    s.close()
+    mark = read_mark(tiny_bundle / "versions" / "v0002")
+    assert out["outcome"] == "crashed" and "version" not in out
+    assert mark["state"] == "rejected" and "exit code 3" in mark["reason"]
+    assert bundle.serving_id(tiny_bundle) == "v0001"
+
+
+def test_retention_runs_at_start_and_after_each_round(tiny_bundle, tmp_path):
+    from mas3_edge import bundle
+    v1 = bundle.load_version(tiny_bundle)
+    for _ in range(4):
+        bundle.save_version(tiny_bundle, v1.net, parent=v1, serve=False)  # v0002 .. v0005, never served
+    s = Scheduler(tiny_bundle, frames_dir(tmp_path), ScheduleConfig(**FAST, keep_versions=3), round_fn=perturbed_round)
+    assert bundle.version_ids(tiny_bundle) == ["v0001", "v0004", "v0005"]
+    out = wait_result(s)
+    s.close()
+    assert out["version"] == "v0006" and bundle.serving_id(tiny_bundle) == "v0006"
+    assert bundle.version_ids(tiny_bundle) == ["v0001", "v0005", "v0006"]  # v0001: source, served before
