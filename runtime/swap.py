@@ -11,8 +11,10 @@ Whoever changes the pointer - our own adaptation process, `mas3-edge adapt` in a
 exports the version to ONNX if it has no verified model.onnx (in a child process that dies with
 us, so the export's Python work cannot hold the serving loop's GIL), loads and warms the engine,
 and hands it over. The loop swaps one reference between frames, so no frame waits for a load. A
-version that cannot be loaded is skipped with a warning and the current engine keeps serving;
-garbage in SERVING is one warning, and the watcher goes on. The watcher compares the pointer with
+version that cannot be loaded is tried again with backoff (1 s, 2 s, 4 s ... up to 5 min, and at
+once when SERVING is written again, as `rollback` does): its files may be restored, and a rollback
+to it must then swap. Each failure is one warning; the current engine keeps serving. Garbage in
+SERVING is one warning, and the watcher goes on. The watcher compares the pointer with
 what is served on every tick, so the served engine converges to the pointer whatever the order
 of events (v1 -> v2 -> v1 while v2 loads ends on v1).
 """
@@ -22,12 +24,14 @@ import logging
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mas3_edge import bundle as bundles
 from mas3_edge.errors import UserError
+from mas3_edge.store import BundleStore
 
 from .children import python_child
 
@@ -67,14 +71,26 @@ def _verified_onnx(vdir: Path) -> bool:
     return True
 
 
+@dataclass
+class _Failure:
+    """A version that failed to load: why, how often in a row, and when to try it again."""
+
+    reason: str
+    attempts: int
+    retry_at: float
+    pointer: tuple | None  # SERVING's stamp at the failure: a new write (a rollback) retries at once
+
+
 class EngineSwapper:
     def __init__(self, bundle: Path, *, kind: str = "auto", device: str | None = None, threads: int | None = None,
-                 poll_s: float = 0.25, exporter=export_in_child):
+                 poll_s: float = 0.25, exporter=export_in_child, retry_s: float = 1.0, retry_max_s: float = 300.0):
         self.bundle, self.kind, self.device, self.threads = Path(bundle), kind, device, threads
         self.poll_s, self.exporter = poll_s, exporter
+        self.retry_s, self.retry_max_s = retry_s, retry_max_s
         self.root = None if bundles.is_version_dir(self.bundle) else self.bundle  # a bare version: no pointer
+        self.store = BundleStore(self.root) if self.root else None
         self.version: str | None = None  # what the loop serves (or is about to: poll() sets it)
-        self.skipped: dict[str, str] = {}  # version -> why it cannot be served
+        self._failures: dict[str, _Failure] = {}
         self.swaps: list[dict] = []
         self._target: str | None = None  # the pointer as the watcher last read it
         self._pointer_problem: str | None = None  # what is wrong with SERVING (warned once per problem)
@@ -96,7 +112,7 @@ class EngineSwapper:
                 if self._stop.is_set():  # the service was stopped during an export: no version is to blame
                     raise UserError("stopped while loading the engine") from None
                 log.warning("version %s cannot be served (%s); trying the previous good one", vid, e)
-                self.skipped[vid] = str(e)
+                self._failed(vid, str(e), self.store.pointer_stamp() if self.store else None)
                 errors.append(f"{vid}: {e}")
                 continue
             self.version = vid
@@ -114,20 +130,22 @@ class EngineSwapper:
         its parent chain, then the rest (newest first)."""
         if self.root is None:
             return [self.bundle.name]
-        ids = bundles.version_ids(self.root)
-        served = [v for v in reversed(bundles.served_history(self.root)) if v in ids]
+        ids = self.store.ids()
+        served = [v for v in reversed(self.store.history()) if v in ids]
         order = [v for v in (self._read_pointer(), *served) if v]
         vid, chain = (order[0] if order else (ids[-1] if ids else None)), []
         while vid and vid not in chain:
             chain.append(vid)
-            try:
-                vid = bundles.read_meta(self.root / "versions" / vid).get("parent")
-            except UserError:
-                break
+            vid = self.store.parent(vid)
         return list(dict.fromkeys(order + chain + list(reversed(ids))))
 
     def vdir(self, vid: str) -> Path:
-        return self.bundle if self.root is None else self.root / "versions" / vid
+        return self.bundle if self.store is None else self.store.path(vid)
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Versions that failed to load and wait for their next try -> why."""
+        return {vid: f.reason for vid, f in list(self._failures.items())}
 
     def load(self, vid: str):
         """Verify, export if needed, load and warm one version's engine (slow: call off the serving loop)."""
@@ -150,7 +168,7 @@ class EngineSwapper:
         v2 engine prepared in between is dropped, not served."""
         if self._ready is None:
             return None
-        target = bundles.serving_id(self.root) or self._target  # one small read, only when an engine waits
+        target = self.store.serving() or self._target  # one small read, only when an engine waits
         with self._lock:
             ready, self._ready = self._ready, None
             if ready is None:
@@ -196,13 +214,28 @@ class EngineSwapper:
                 self._retired.append(self._ready[1])
                 self._ready = None
             current = self._ready[0] if self._ready is not None else self.version
-        if vid != current and vid not in self.skipped:
+        if vid != current and self._due(vid):
             self._prepare(vid)
+
+    def _due(self, vid: str) -> bool:
+        """Whether to try `vid` now: never failed, its backoff has run out, or SERVING was written again."""
+        failure = self._failures.get(vid)
+        return (failure is None or time.monotonic() >= failure.retry_at
+                or self.store.pointer_stamp() != failure.pointer)
+
+    def _failed(self, vid: str, reason: str, stamp: tuple | None) -> _Failure:
+        """Record a failure to load `vid` (tried with SERVING at `stamp`); each next try waits twice
+        as long as the last, up to retry_max_s."""
+        before = self._failures.get(vid)
+        attempts = before.attempts + 1 if before else 1
+        delay = min(self.retry_s * 2 ** (attempts - 1), self.retry_max_s)
+        self._failures[vid] = failure = _Failure(reason, attempts, time.monotonic() + delay, stamp)
+        return failure
 
     def _read_pointer(self) -> str | None:
         """The pointer, or None with one warning per problem: garbage in SERVING must not stop the watcher."""
         try:
-            vid = bundles.read_serving(self.root)
+            vid = self.store.read_serving()
         except UserError as e:
             if str(e) != self._pointer_problem:
                 log.warning("%s%s", e, f"; {self.version} keeps serving" if self.version else "")
@@ -213,15 +246,18 @@ class EngineSwapper:
 
     def _prepare(self, vid: str) -> None:
         t0 = time.perf_counter()
+        stamp = self.store.pointer_stamp()  # before the load: a rollback during it must still retry at once
         try:
             engine = self.load(vid)
         except Exception as e:  # anything: the serving engine must survive a bad version
             if self._stop.is_set():
                 return
-            self.skipped[vid] = str(e)
-            log.warning("cannot serve %s (%s); %s keeps serving", vid, e, self.version)
+            failure = self._failed(vid, str(e), stamp)
+            log.warning("cannot serve %s (%s); %s keeps serving; trying again in %.3g s", vid, e, self.version,
+                        failure.retry_at - time.monotonic())
             return
-        if self._stop.is_set() or bundles.serving_id(self.root) != vid:  # superseded while loading
+        self._failures.pop(vid, None)
+        if self._stop.is_set() or self.store.serving() != vid:  # superseded while loading
             engine.close()
             return
         log.info("%s ready in %.2f s; swapping at the next frame", vid, time.perf_counter() - t0)

@@ -155,3 +155,54 @@ def test_weights_are_hashed_once_per_file_state(tiny_bundle, monkeypatch):
     weights.write_bytes(weights.read_bytes())  # same bytes, a new mtime: hashed again
     bundle.check_servable(vdir)
     assert len(calls) == 2
+
+
+def test_a_version_restored_after_a_failed_load_is_served_on_rollback(tiny_bundle, fake_engines, caplog):
+    from mas3_edge.runtime.versions import rollback
+    _, v2 = versions(tiny_bundle, 2)
+    weights = tiny_bundle / "versions" / v2 / bundle.MODEL_FILE
+    good = weights.read_bytes()
+    weights.write_bytes(good[:500])  # truncate -s 500
+    swapper = EngineSwapper(tiny_bundle, kind="onnxruntime", poll_s=0.02, retry_s=60.0)  # no retry by time
+    engine = swapper.start()
+    with caplog.at_level(logging.WARNING):
+        bundle.set_serving(tiny_bundle, v2)
+        assert wait(lambda: v2 in swapper.skipped)  # refused
+        weights.write_bytes(good)  # the file is restored ...
+        t0 = time.monotonic()
+        rollback(tiny_bundle, v2)  # ... and `mas3-edge rollback` to it: "swaps to it within a second"
+        engine = serve_until(swapper, engine, v2, timeout=1.0)
+    swapper.close()
+    assert engine.version == v2 == swapper.version and time.monotonic() - t0 < 1.0
+    assert v2 not in swapper.skipped
+    assert len([r for r in caplog.records if "cannot serve" in r.message]) == 1  # one line for the one failure
+
+
+def test_a_failed_version_is_retried_with_backoff_one_line_per_failure(tiny_bundle, fake_engines, caplog):
+    _, v2 = versions(tiny_bundle, 2)
+    weights = tiny_bundle / "versions" / v2 / bundle.MODEL_FILE
+    good = weights.read_bytes()
+    weights.write_bytes(good[:500])
+    swapper = EngineSwapper(tiny_bundle, kind="onnxruntime", poll_s=0.01, retry_s=0.1, retry_max_s=0.4)
+    engine = swapper.start()
+    with caplog.at_level(logging.WARNING):
+        bundle.set_serving(tiny_bundle, v2)
+        time.sleep(1.35)  # failures at about 0, 0.1, 0.3, 0.7 and 1.1 s: the waits double up to the cap
+        failures = [r.message for r in caplog.records if "cannot serve" in r.message]
+        assert 3 <= len(failures) <= 6 and "trying again in" in failures[0]  # not 1 (never retried), not ~100
+        weights.write_bytes(good)  # restored, the pointer left alone: the next try serves it
+        engine = serve_until(swapper, engine, v2, timeout=2.0)
+    swapper.close()
+    assert engine.version == v2 and not swapper.skipped
+
+
+def test_a_pointer_at_a_missing_version_is_reported_missing(tiny_bundle, fake_engines, caplog):
+    swapper = EngineSwapper(tiny_bundle, kind="onnxruntime", poll_s=0.02)
+    engine = swapper.start()
+    with caplog.at_level(logging.WARNING):
+        (tiny_bundle / "SERVING").write_text("v0042\n")  # the version was deleted, or a typo by hand
+        assert wait(lambda: "v0042" in swapper.skipped)
+    swapper.close()
+    assert engine.version == "v0001" and "missing" in swapper.skipped["v0042"]
+    assert "corrupt" not in swapper.skipped["v0042"]
+    assert any("cannot serve v0042" in r.message and "missing" in r.message for r in caplog.records)
