@@ -9,10 +9,12 @@ Kinds: `tensorrt` (a cached engine from export/tensorrt.py, built on first use),
 `torch-fp16` (eager, fp16 autocast, CUDA), `torch-cudagraph` (fp16 autocast replayed as
 CUDA graphs, one per batch size) and `torch-compile` (torch.compile with Inductor, kernels cached
 in the version's engines/ folder: runtime/compiled.py). `auto` tries them fastest first and logs
-which one it took: on a GPU tensorrt, onnxruntime (GPU providers only), torch-cudagraph,
-torch-fp16, torch; on a CPU onnxruntime (3-4x PyTorch eager at 512x1024 on a 2-core AMD EPYC,
-about even on a 2-core Intel Xeon: tools/bench_inference.py, tools/bench_sets.py), then torch. `auto` never picks torch-compile (its first load compiles
-for a minute or more): ask for it.
+which one it took: on a GPU onnxruntime (GPU providers only), torch-cudagraph, torch-fp16, torch;
+on a CPU onnxruntime (3-4x PyTorch eager at 512x1024 on a 2-core AMD EPYC, about even on a 2-core
+Intel Xeon: tools/bench_inference.py, tools/bench_sets.py), then torch. An engine that fails to load,
+for whatever reason, is one log line and `auto` takes the next. `auto` never picks tensorrt (our
+own engine build has not been proven on a device yet) nor torch-compile (its first load compiles
+for a minute or more): ask for them.
 
 An adapted model (several normalisation sets): the PyTorch engines fold each set into its own
 copy of the network (model.PerSetFolded); ONNX Runtime on a CPU runs the blended model.onnx, as
@@ -100,9 +102,14 @@ def load_engine(version_dir: Path, kind: str = "auto", device: str | None = None
     for candidate in _auto_order(dev):
         try:
             engine = _build(candidate, vdir, dev, {**opts, "gpu_only": dev != "cpu"})
-        except (UserError, ImportError) as e:
+        except (UserError, ImportError) as e:  # expected: no export, no GPU provider, a library missing
             reasons.append(f"{candidate}: {e}")
             log.info("auto: %s is not available (%s)", candidate, e)
+            continue
+        except Exception as e:  # a bug or a driver error in one engine must not stop serving with another
+            why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            reasons.append(f"{candidate}: {why}")
+            log.warning("auto: %s failed to load (%s); trying the next engine", candidate, why)
             continue
         return _announce(engine, "auto picked")
     raise UserError("no inference engine could be loaded (" + "; ".join(reasons) + ")")
@@ -116,7 +123,7 @@ def available_kinds(device: str | None = None) -> list[str]:
 def _auto_order(dev: str) -> list[str]:
     if dev == "cpu":
         return ["onnxruntime", "torch"]
-    return ["tensorrt", "onnxruntime", "torch-cudagraph", "torch-fp16", "torch"]
+    return ["onnxruntime", "torch-cudagraph", "torch-fp16", "torch"]
 
 
 def _resolve_device(device: str | None) -> str:

@@ -229,3 +229,25 @@ def test_bench_quick_run_writes_table_and_json(tmp_path, capsys):
     assert all(r["fps"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in rows)
     assert all(r["vs_torch"] == pytest.approx(1.0) for r in rows if r["engine"] == "torch")
     assert "| onnxruntime | CPUExecutionProvider | fp32 | 64x128 | 1 |" in capsys.readouterr().out
+
+
+def test_auto_never_picks_tensorrt_but_it_can_be_asked_for():
+    from mas3_edge.runtime.engines import KINDS, available_kinds
+    assert "tensorrt" not in available_kinds("cuda") and "tensorrt" not in available_kinds("cpu")
+    assert available_kinds("cuda")[0] == "onnxruntime" and "tensorrt" in KINDS
+
+
+def test_any_error_of_an_engine_falls_through_to_the_next_with_one_line(two_versions, monkeypatch, caplog):
+    from mas3_edge.runtime import engines
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA driver version is insufficient\nsecond line of the driver's story")
+    monkeypatch.setattr(engines, "OrtEngine", broken)
+    with caplog.at_level(logging.INFO, logger="mas3_edge.runtime.engines"):
+        engine = load_engine(two_versions[0], device="cpu")
+    assert engine.name == "torch"
+    lines = [r.getMessage() for r in caplog.records if "onnxruntime" in r.getMessage()]
+    assert lines == ["auto: onnxruntime failed to load (RuntimeError: CUDA driver version is insufficient); "
+                     "trying the next engine"]
+    with pytest.raises(RuntimeError):  # asked for by name: the error is the caller's to see
+        load_engine(two_versions[0], "onnxruntime")
