@@ -204,13 +204,11 @@ def test_the_service_swaps_in_an_accepted_round_without_dropping_a_frame(tiny_bu
 
 
 def test_round_scratch_lives_in_the_bundle_and_goes_with_close(tiny_bundle, tmp_path):
-    import tempfile
     s = Scheduler(tiny_bundle, frames_dir(tmp_path), ScheduleConfig(**FAST), round_fn=perturbed_round)
     assert s._tmp.parent == tiny_bundle / "scratch" and str(os.getpid()) in s._tmp.name
     wait_result(s)
     s.close()
     assert not s._tmp.exists()
-    assert not list(Path(tempfile.gettempdir()).glob(f"mas3-rounds-*{os.getpid()}*"))
 
 
 def test_snapshot_is_one_consistent_read_under_the_lock(tiny_bundle, tmp_path):
