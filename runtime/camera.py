@@ -10,16 +10,24 @@ can report live mIoU).
 
 A background thread reads as fast as the source gives frames and keeps only the newest one: the
 serving loop never waits on I/O it does not need and never sees a stale frame (a frame replaced
-before it was read is counted in `stats.dropped`). A live source that stops delivering is closed
-and reopened with exponential backoff; a file ends or loops. Corrupt frames are skipped and
+before it was read is counted in `stats.dropped`). A live source that gives no good frame for
+`stall_s` seconds (wall clock, however its reads fail: at once, after a network timeout, or
+with garbage) is closed and reopened with exponential backoff; a file ends or loops. Corrupt frames are skipped and
 counted; grey, 16-bit, BGRA and odd-sized frames are converted, centre-cropped to the model's
 aspect ratio and resized; each frame says which box of the source it shows. `capture_ns` is
 taken when the source hands over the frame, before any decoding or resizing of ours, so latency
 figures downstream include that work. The design follows lerobot's OpenCV camera.
+
+OpenCV and FFmpeg log to stderr on their own (a missing device alone prints ten lines); the
+camera's own messages say what went wrong in one line, so both are kept quiet while a source is
+opened (OpenCV's log level is restored after; FFmpeg's is set once, unless OPENCV_FFMPEG_LOGLEVEL
+is already set to debug a stream).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import threading
 import time
@@ -33,6 +41,8 @@ import numpy as np
 from mas3_edge.errors import UserError
 
 log = logging.getLogger(__name__)
+# FFmpeg reads this once, when OpenCV first opens a file or stream with it: set it before that
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
 
 SYNTHETIC = "synthetic://"
 CAMERA_ID_MAX = 32  # bytes of the wire header's camera_id field
@@ -58,6 +68,8 @@ class CameraStats:
     corrupt: int = 0  # undecodable or malformed frames skipped
     read_errors: int = 0  # reads that returned nothing (device gone, stream stalled)
     reconnects: int = 0
+    stalls: int = 0  # reconnects because a live source gave no good frame for stall_s
+    warmup: int = 0  # live frames read between connect(start=False) and start(), never handed out
     loops: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -137,18 +149,42 @@ def default_camera_id(source: str) -> str:
 
 # ---------------------------------------------------------------- readers (one per kind of source)
 
+class _QuietOpenCV:
+    """OpenCV's log silenced while any thread is inside the block; the level before is restored
+    when the last one leaves (the level is global, and the capture thread reopens on its own)."""
+
+    def __init__(self):
+        self._lock, self._depth, self._saved = threading.Lock(), 0, None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._depth == 0:
+                self._saved = cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+            self._depth += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                cv2.utils.logging.setLogLevel(self._saved)
+
+
+quiet_opencv = _QuietOpenCV()
+
+
 class _CvReader:
     """cv2.VideoCapture on a device, file, URL or GStreamer pipeline."""
 
     def __init__(self, target, api: int, live: bool, what: str, params: list[int] | None = None):
         self.live, self.what, self.bgr = live, what, True
-        self.cap = cv2.VideoCapture(target, api, params or [])
-        if not self.cap.isOpened():
-            self.cap.release()
-            raise UserError(f"cannot open {what}")
-        if live:
-            self.cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # the driver's queue would hand us stale frames
-        native = self.cap.get(cv2.CAP_PROP_FPS)
+        with quiet_opencv:  # each backend tried says why it could not; our error says it once
+            self.cap = cv2.VideoCapture(target, api, params or [])
+            if not self.cap.isOpened():
+                self.cap.release()
+                raise UserError(f"cannot open {what}")
+            if live:
+                self.cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # the driver's queue would hand us stale frames
+            native = self.cap.get(cv2.CAP_PROP_FPS)
         self.fps = native if 1 <= native <= 240 else 30.0
 
     def read(self):
@@ -220,8 +256,9 @@ class _SyntheticReader:
         pass
 
 
-def open_reader(source: str, size: tuple[int, int], live: bool | None = None):
-    """Parse a --camera value and open it; UserError (one line) when it cannot be opened."""
+def open_reader(source: str, size: tuple[int, int], live: bool | None = None, read_timeout_s: float = 5.0):
+    """Parse a --camera value and open it; UserError (one line) when it cannot be opened. A network
+    stream's reads give up after `read_timeout_s`, so a frozen stream is noticed by then."""
     source = str(source).strip()
     if source.startswith(SYNTHETIC):
         return _SyntheticReader(source, size)
@@ -235,7 +272,8 @@ def open_reader(source: str, size: tuple[int, int], live: bool | None = None):
         return _CvReader(source, cv2.CAP_GSTREAMER, True if live is None else live,
                          "GStreamer pipeline (is OpenCV built with GStreamer?)")
     if "://" in source:
-        timeouts = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 5000, cv2.CAP_PROP_READ_TIMEOUT_MSEC, 5000]
+        timeouts = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 5000,
+                    cv2.CAP_PROP_READ_TIMEOUT_MSEC, max(100, round(read_timeout_s * 1000))]
         return _CvReader(source, cv2.CAP_FFMPEG, True if live is None else live, f"stream {source}", timeouts)
     from mas3_edge.bags import is_bag
     if is_bag(source):  # before the folder branch: a ROS 2 bag is a folder too
@@ -260,16 +298,21 @@ class Camera:
 
     def __init__(self, source: str, size: tuple[int, int], *, loop: bool = False, fps: float | None = None,
                  live: bool | None = None, max_failures: int = 30, backoff: tuple[float, float] = (0.25, 8.0),
-                 camera_id: str | None = None):
+                 camera_id: str | None = None, stall_s: float = 3.0):
         self.source, self.size, self.loop = str(source), (int(size[0]), int(size[1])), loop
         self.id = default_camera_id(self.source) if camera_id is None else camera_id
         if not (self.id and self.id.isascii() and self.id.isprintable() and len(self.id) <= CAMERA_ID_MAX):
             raise UserError(f"camera id {self.id!r} must be 1 to {CAMERA_ID_MAX} printable ASCII characters")
+        if not stall_s > 0:
+            raise UserError(f"the camera's stall timeout must be positive, got {stall_s} s")
         self.fps_limit, self.live_override = fps, live
-        self.max_failures, self.backoff = max_failures, backoff
+        self.max_failures, self.backoff, self.stall_s = max_failures, backoff, stall_s
         self.stats = CameraStats()
-        self.connected = False
         self._reader = None
+        self._open = False  # the reader is open (False while reconnecting)
+        self._last_good = self._opened = time.monotonic()  # the stall clocks: last good frame, last (re)open
+        self._delay = backoff[0]  # the next reconnect's wait; back to the start after a good frame
+        self._numbering = True  # False between connect(start=False) and start()
         self._cond = threading.Condition()
         self._fresh: Frame | None = None
         self._done = False  # the source ended (or failed for good) and the thread has stopped
@@ -283,6 +326,17 @@ class Camera:
         return bool(self._reader and self._reader.live)
 
     @property
+    def stalled(self) -> bool:
+        """A live source that has given no good frame for stall_s (known even while a read hangs, and
+        still so after a reopen until a frame comes)."""
+        return self.live and time.monotonic() - self._last_good > self.stall_s
+
+    @property
+    def connected(self) -> bool:
+        """Open and delivering: False while reconnecting, and as soon as a live source stalls."""
+        return self._open and not self.stalled
+
+    @property
     def ended(self) -> bool:
         return self._done
 
@@ -290,21 +344,48 @@ class Camera:
     def has_labels(self) -> bool:
         return self.source.startswith(SYNTHETIC)
 
-    def connect(self) -> "Camera":
-        """Open the source and check it yields a frame; UserError if not. Starts the capture thread."""
-        self._reader = open_reader(self.source, self.size, self.live_override)
+    def connect(self, start: bool = True) -> "Camera":
+        """Open the source and check it yields a frame; UserError if not. Starts the capture thread.
+
+        With start=False nothing is handed out or numbered until start(): a file is not read ahead
+        (its first frames are not lost while the caller gets ready), and a live source is read all
+        along (so its queue never fills with stale frames) but those frames are thrown away."""
+        self._numbering = start
+        self._reader = self._open_reader()
         rate = self.fps_limit if self.fps_limit is not None else (0.0 if self._reader.live else self._reader.fps)
         self._period = 1.0 / rate if rate and rate > 0 else 0.0
-        for _ in range(self.max_failures):
-            if self._grab_one() in (OK, END):
-                break
-        if self._fresh is None:
+        if not self._probe():
             self._reader.close()
             raise UserError(f"camera source {self.source} opened but gave no readable frame")
-        self.connected = True
+        self._open = True
+        if start or self._reader.live:
+            self._start_thread()
+        return self
+
+    def start(self) -> None:
+        """Hand out frames from now on, numbered from 0 (after connect(start=False))."""
+        with self._cond:
+            self._numbering = True
+        if self._thread is None:
+            self._start_thread()
+
+    def _open_reader(self):
+        return open_reader(self.source, self.size, self.live_override, read_timeout_s=self.stall_s)
+
+    def _probe(self) -> bool:
+        """Read until one good frame (True) or the end; give up after max_failures reads, or for a
+        live source after stall_s. Kept quiet: a device that opens but cannot deliver warns per read."""
+        deadline, status = time.monotonic() + self.stall_s, FAIL
+        with quiet_opencv:
+            for _ in range(self.max_failures):
+                status = self._grab_one()
+                if status in (OK, END) or (self._reader.live and time.monotonic() > deadline):
+                    break
+        return status == OK
+
+    def _start_thread(self) -> None:
         self._thread = threading.Thread(target=self._run, name="camera", daemon=True)
         self._thread.start()
-        return self
 
     def read_latest(self, timeout: float = 1.0) -> Frame | None:
         """The newest frame not yet handed out; waits up to `timeout` s; None if none came (or ended)."""
@@ -323,7 +404,7 @@ class Camera:
             self._thread.join(timeout)
         if self._reader is not None and not (self._thread and self._thread.is_alive()):
             self._reader.close()
-        self.connected = False
+        self._open = False
         with self._cond:
             self._done = True
             self._cond.notify_all()
@@ -345,15 +426,26 @@ class Camera:
                 next_t = self._pace(next_t)
             elif status in (BAD, FAIL):
                 failures += 1
-                if failures >= self.max_failures:
+                why = self._why_reconnect(failures)
+                if why is not None:
                     failures = 0
-                    if not self._recover(f"{self.max_failures} failed reads in a row"):
+                    if not self._recover(why):
                         break
             elif status == END and not self._at_end():
                 break
         with self._cond:
             self._done = True
             self._cond.notify_all()
+
+    def _why_reconnect(self, failures: int) -> str | None:
+        """Why to reopen the source after this many failed reads in a row; None to read on. The clock
+        matters more than the count: a frozen network stream fails each read only after its timeout."""
+        if self.live and time.monotonic() - max(self._last_good, self._opened) > self.stall_s:
+            self.stats.stalls += 1  # a reopened source gets stall_s of its own to deliver
+            return f"no good frame for {self.stall_s:g} s"
+        if failures >= self.max_failures:
+            return f"{self.max_failures} failed reads in a row"
+        return None
 
     def _grab_one(self) -> str:
         try:
@@ -378,11 +470,15 @@ class Camera:
 
     def _publish(self, capture_ns: int, image: np.ndarray, label: np.ndarray | None, source_size: tuple[int, int],
                  crop: tuple[int, int, int, int], read_ns: int) -> None:
+        self._last_good, self._delay = time.monotonic(), self.backoff[0]
+        if not self._numbering and self._reader.live:
+            self.stats.warmup += 1  # before start(): read to keep the stream drained, never handed out
+            return
         if label is not None and label.shape != image.shape[:2]:
             label = cv2.resize(label, image.shape[1::-1], interpolation=cv2.INTER_NEAREST)
-        frame = Frame(self._next_id, capture_ns, image, label, source_size, crop, read_ns)
-        self._next_id += 1
         with self._cond:
+            frame = Frame(self._next_id, capture_ns, image, label, source_size, crop, read_ns)
+            self._next_id += 1
             if self._fresh is not None:
                 self.stats.dropped += 1
             self._fresh = frame
@@ -408,24 +504,25 @@ class Camera:
         return False
 
     def _recover(self, why: str) -> bool:
-        """Reopen a live source with exponential backoff until it works or we are stopped."""
+        """Reopen a live source with exponential backoff until it works or we are stopped. The backoff
+        goes on growing across reopens that give no good frame: a source that opens and then
+        stalls again is not hammered."""
         if not self._reader.live:
             self.error = f"{self.source}: {why}"
             log.warning("camera %s: %s; giving up on a non-live source", self.source, why)
             return False
         log.warning("camera %s: %s; reconnecting", self.source, why)
-        self.connected = False
+        self._open = False
         self._reader.close()
-        delay = self.backoff[0]
-        while not self._stop.wait(delay):
+        while not self._stop.wait(self._delay):
+            self._delay = min(self._delay * 2, self.backoff[1])
             try:
-                self._reader = open_reader(self.source, self.size, self.live_override)
+                self._reader = self._open_reader()
             except UserError as e:
-                log.warning("camera %s: reconnect failed (%s); next try in %.1f s", self.source, e, delay)
-                delay = min(delay * 2, self.backoff[1])
+                log.warning("camera %s: reconnect failed (%s); next try in %.1f s", self.source, e, self._delay)
                 continue
             self.stats.reconnects += 1
-            self.connected = True
+            self._open, self._opened = True, time.monotonic()
             log.warning("camera %s: reconnected", self.source)
             return True
         return False

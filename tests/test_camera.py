@@ -1,6 +1,7 @@
 """Camera capture: real OpenCV reads of generated video files and image folders, synthetic scenes."""
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -276,3 +277,116 @@ def test_camera_id_is_derived_from_the_source_or_given(tmp_path):
     for bad in ("", "a" * 33, "caméra", "tab\there"):
         with pytest.raises(UserError, match="camera id"):
             Camera("synthetic://night", SIZE, camera_id=bad)
+
+
+def _stalling_capture(read_timeout: float):
+    """A cv2.VideoCapture stand-in for a network stream at about 20 fps that freezes while `frozen`
+    is set: each read then fails only after `read_timeout` s, as FFmpeg's reads of a frozen RTSP do."""
+
+    class StallingCapture(_DeviceCapture):
+        frozen, opened, params = threading.Event(), [], []
+
+        def __init__(self, target, api=None, params=()):
+            StallingCapture.opened.append(time.monotonic())
+            StallingCapture.params = list(params)
+
+        def isOpened(self):
+            return True
+
+        def grab(self):
+            if self.frozen.is_set():
+                time.sleep(read_timeout)
+                return False
+            time.sleep(0.05)
+            return True
+
+        def retrieve(self):
+            return True, np.full((120, 240, 3), 100, np.uint8)
+
+    return StallingCapture
+
+
+def _wait(cond, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return cond()
+
+
+def test_a_frozen_stream_is_reconnected_on_the_clock_not_after_30_timeouts(monkeypatch):
+    capture = _stalling_capture(read_timeout=0.3)
+    monkeypatch.setattr(cv2, "VideoCapture", capture)
+    with Camera("rtsp://10.0.0.2/stream", SIZE, stall_s=0.5, backoff=(0.05, 0.2)) as cam:
+        assert capture.params[capture.params.index(cv2.CAP_PROP_READ_TIMEOUT_MSEC) + 1] == 500
+        assert _wait(lambda: cam.stats.grabbed >= 5, 5) and cam.connected
+        capture.frozen.set()
+        t0 = time.monotonic()
+        assert _wait(lambda: not cam.connected, 2)
+        assert 0.4 < time.monotonic() - t0 < 0.9  # stall_s, not a count of failed reads
+        assert _wait(lambda: cam.stats.reconnects >= 1, 2), cam.stats  # 30 reads x 0.3 s would be 9 s
+        assert cam.stats.stalls >= 1 and time.monotonic() - t0 < 1.5
+        assert not cam.connected  # reopened, but no frame yet: still not delivering
+        grabbed = cam.stats.grabbed
+        capture.frozen.clear()
+        assert _wait(lambda: cam.connected and cam.stats.grabbed > grabbed, 3)
+
+
+def test_a_read_hanging_in_the_driver_shows_as_a_stall_at_once(monkeypatch):
+    capture = _stalling_capture(read_timeout=3.0)  # a driver that ignores the read timeout
+    monkeypatch.setattr(cv2, "VideoCapture", capture)
+    cam = Camera("rtsp://10.0.0.2/stream", SIZE, stall_s=0.3).connect()
+    try:
+        assert _wait(lambda: cam.stats.grabbed >= 2, 5)
+        capture.frozen.set()
+        assert _wait(lambda: not cam.connected, 1.0) and cam.stats.read_errors == 0  # the read is still stuck
+    finally:
+        t0 = time.monotonic()
+        cam.disconnect(timeout=0.2)
+        assert time.monotonic() - t0 < 0.5  # the stuck read is abandoned, not waited for
+
+
+def test_a_live_source_connected_early_numbers_its_frames_from_start(monkeypatch):
+    """connect(start=False): the stream is read all along (its queue never fills) but nothing is
+    handed out or numbered until start(); the first frame served is a fresh one with id 0."""
+    monkeypatch.setattr(cv2, "VideoCapture", _stalling_capture(read_timeout=0.3))
+    cam = Camera("rtsp://10.0.0.2/stream", SIZE).connect(start=False)
+    try:
+        assert _wait(lambda: cam.stats.warmup >= 3, 5)
+        assert cam.read_latest(timeout=0.2) is None and cam.stats.grabbed == 0
+        t_start = time.time_ns()
+        cam.start()
+        first = cam.read_latest(timeout=2)
+        assert first.id == 0 and first.capture_ns >= t_start
+        assert cam.stats.dropped == 0
+    finally:
+        cam.disconnect()
+
+
+def test_a_file_connected_early_loses_no_frame(tmp_path):
+    video = write_video(tmp_path / "v.avi", 8)
+    cam = Camera(str(video), SIZE, fps=0).connect(start=False)
+    time.sleep(0.3)  # an engine loading: nothing may be read ahead and replaced meanwhile
+    assert cam.stats.grabbed == 1  # the probe frame, kept as frame 0
+    cam.start()
+    frames = drain(cam, pause=0.0)
+    cam.disconnect()
+    assert [f.id for f in frames][:1] == [0] and cam.stats.grabbed == 8
+    assert len(frames) + cam.stats.dropped == 8
+
+
+def test_opencv_is_quiet_while_a_source_is_opened_and_its_log_level_restored():
+    before = cv2.utils.logging.getLogLevel()
+    levels = []
+    real = cv2.VideoCapture
+
+    def spy(*args):
+        levels.append(cv2.utils.logging.getLogLevel())
+        return real(*args)
+
+    cv2.VideoCapture = spy
+    try:
+        with pytest.raises(UserError, match="no camera at index 57"):
+            Camera("57", SIZE).connect()
+    finally:
+        cv2.VideoCapture = real
+    assert levels == [cv2.utils.logging.LOG_LEVEL_SILENT] and cv2.utils.logging.getLogLevel() == before
