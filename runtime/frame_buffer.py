@@ -4,14 +4,23 @@
     buf.offer(rgb)      # from the serving loop: cheap; the PNG is written on a writer thread
     buf.close()
 
-Files are `00000042.png` (a sequence number, so name order is time order and
-`mas3_edge.frames.load_frames(limit=N)` takes the newest N). Each is written to a `.tmp` name,
-fsynced and renamed, so a crash never leaves a broken image; the sequence continues after a
-restart. Oldest frames are evicted first when the frame or byte cap is passed. A full disk (or
-free space under `min_free_mb`) stops buffering with one warning and is retried `retry_s` later;
-any other write failure (the folder was deleted, a permission changed) is retried after 1, 2, 4 ...
-s, recreating the folder. Serving never depends on the buffer. Labels are never written:
-adaptation must not see any.
+Files are `00000042.png`: a sequence number, zero-padded so that name order (what
+`mas3_edge.frames.load_frames(limit=N)` sorts by to take the newest N) is number order, which is
+time order. Past 99999999 the names widen to 9 digits and every file already there is renamed to
+that width, oldest first, so that the order holds at every moment. Each frame is written to a `.tmp`
+name, fsynced, renamed and its folder fsynced, so a crash never leaves a broken image and a frame
+that was counted stays. After a restart the numbering goes on after the highest number found.
+
+All work on the folder happens on the writer thread: reading it at start (`ready` is set once done;
+`len()` is 0 until then), and again when buffering resumes. Reading it keeps only whole PNGs
+(signature and end chunk checked, two small reads, no decoding) and removes broken ones.
+
+Oldest frames are evicted first when the frame or byte cap is passed. A full disk (or free space
+under `min_free_mb`) stops buffering with one warning and is retried `retry_s` later; any other
+write failure (the folder was deleted, a permission changed) is retried after 1, 2, 4 ... s,
+recreating the folder. The frames the policy would have kept meanwhile are counted in
+`paused_drops`. Serving never depends on the buffer. Labels are never written: adaptation must not
+see any.
 """
 from __future__ import annotations
 
@@ -35,6 +44,9 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".png"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk that ends every whole PNG
+WIDTH = 8  # digits of a frame's name, until the numbers need more
+_RESUME = object()  # queued to the writer: look at the folder again and buffer on if it can
 
 
 @dataclass(frozen=True)
@@ -65,12 +77,27 @@ class BufferSummary:
 
 def _seq(name: str) -> int | None:
     stem = name[: -len(SUFFIX)] if name.endswith(SUFFIX) else ""
-    return int(stem) if stem.isdigit() else None
+    return int(stem) if stem.isdigit() and stem.isascii() else None
 
 
-def scan(root: Path) -> list[tuple[int, Path, int]]:
-    """(sequence, path, size) of the buffer's frames, oldest first: `NNNNNNNN.png` files that are not
-    empty (a stray temporary, an empty or foreign file is no frame)."""
+def _is_whole_png(path: Path, size: int) -> bool:
+    """The PNG signature at the start and the IEND chunk at the end: a truncated or foreign file
+    fails, at the cost of two small reads instead of decoding the image."""
+    if size < len(PNG_SIGNATURE) + len(PNG_END):
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(PNG_SIGNATURE))
+            f.seek(-len(PNG_END), os.SEEK_END)
+            return head == PNG_SIGNATURE and f.read() == PNG_END
+    except OSError:
+        return False
+
+
+def scan(root: Path, broken: list[Path] | None = None) -> list[tuple[int, Path, int]]:
+    """(sequence, path, size) of the buffer's frames in number order: digit-named `.png` files that
+    are whole PNGs. A stray temporary or a foreign file is no frame; a digit-named file that is not
+    a whole PNG is added to `broken` when it is given."""
     out = []
     try:
         entries = list(os.scandir(root))
@@ -79,24 +106,21 @@ def scan(root: Path) -> list[tuple[int, Path, int]]:
     for e in entries:
         seq = _seq(e.name)
         try:
-            if seq is not None and e.is_file() and e.stat().st_size > 0:
-                out.append((seq, Path(e.path), e.stat().st_size))
+            if seq is None or not e.is_file():
+                continue
+            size = e.stat().st_size
         except OSError:  # evicted while we looked
             continue
+        if _is_whole_png(Path(e.path), size):
+            out.append((seq, Path(e.path), size))
+        elif broken is not None:
+            broken.append(Path(e.path))
     return sorted(out)
 
 
-def _is_png(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
-    except OSError:
-        return False
-
-
 def summarize(root: Path) -> BufferSummary:
-    """What `mas3-edge buffer` shows: the frames of `scan` that really are PNG images (8 bytes read each)."""
-    items = [it for it in scan(root) if _is_png(it[1])]
+    """What `mas3-edge buffer` shows: the frames of `scan` (broken files are left where they are)."""
+    items = scan(root)
     mtimes = [p.stat().st_mtime for _, p, _ in (items[0], items[-1])] if items else [None, None]
     return BufferSummary(Path(root), len(items), sum(s for *_, s in items), items[0][1].name if items else None,
                          items[-1][1].name if items else None, mtimes[0], mtimes[1])
@@ -109,32 +133,36 @@ class FrameBuffer:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create the frame buffer folder {self.root}: {e.strerror}") from None
-        for stray in self.root.glob("*.tmp"):  # a crash mid-write left it; never a whole frame
-            stray.unlink(missing_ok=True)
-        items = scan(self.root)
-        self._index: deque[tuple[Path, int]] = deque((p, s) for _, p, s in items)
-        self.bytes = sum(s for _, s in self._index)
-        self._next = items[-1][0] + 1 if items else 0
-        self.offered = self.kept = self.written = self.evicted = self.failed = self.backlog_drops = 0
+        self._index: deque[tuple[Path, int]] = deque()
+        self.bytes, self._next, self._width = 0, 0, WIDTH
+        self.offered = self.kept = self.written = self.evicted = self.failed = 0
+        self.backlog_drops = self.paused_drops = 0
         self.enabled, self.warning = True, None
-        self._retry_at, self._backoff = 0.0, 0.0
+        self._retry_at, self._backoff, self._resume_queued = 0.0, 0.0, False
         self._last_t, self._last_thumb = -1e18, None
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()
-        self._evict()
+        self.ready = threading.Event()  # the writer has read the folder
         self._thread = threading.Thread(target=self._writer, name="frame-buffer", daemon=True)
         self._thread.start()
 
     def __len__(self) -> int:
         return len(self._index)
 
+    @property
+    def dropped(self) -> int:
+        """Frames the sampling policy chose that were never written: buffering stopped, or the disk behind."""
+        return self.paused_drops + self.backlog_drops
+
     def offer(self, image: np.ndarray, t: float | None = None) -> bool:
         """Consider one RGB frame; True if it was queued for writing. Never blocks, never raises."""
         self.offered += 1
         t = time.monotonic() if t is None else t
-        if not self._enabled_now() or (self.offered - 1) % self.policy.every_n:
+        if (self.offered - 1) % self.policy.every_n or t - self._last_t < self.policy.min_interval_s:
             return False
-        if t - self._last_t < self.policy.min_interval_s:
+        if not self._enabled_now():
+            self.paused_drops += 1
+            self._last_t = t  # the rate applies to what would have been kept
             return False
         thumb = cv2.resize(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), (32, 16), interpolation=cv2.INTER_AREA)
         if self._last_thumb is not None and np.abs(thumb.astype(np.int16) - self._last_thumb).mean() < self.policy.dedup:
@@ -149,25 +177,14 @@ class FrameBuffer:
         return True
 
     def _enabled_now(self) -> bool:
-        if not self.enabled and time.monotonic() >= self._retry_at:
-            self._resume()
+        """Whether buffering is on; once a stop's retry is due, the writer is asked to look again."""
+        if not self.enabled and not self._resume_queued and time.monotonic() >= self._retry_at:
+            try:
+                self._q.put_nowait(_RESUME)
+                self._resume_queued = True
+            except queue.Full:
+                pass
         return self.enabled
-
-    def _resume(self) -> None:
-        """Look again after a stop: recreate a deleted folder, re-read what is in it, check the space."""
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            return self._stop(f"cannot create the folder: {e.strerror}")
-        if self._free_mb() < self.policy.min_free_mb:
-            return self._stop(f"less than {self.policy.min_free_mb:.0f} MB free on the disk", full=True)
-        items = scan(self.root)
-        with self._lock:  # the folder may have been emptied or replaced while we were stopped
-            self._index = deque((p, size) for _, p, size in items)
-            self.bytes = sum(size for _, size in self._index)
-            self._next = max(self._next, items[-1][0] + 1 if items else 0)
-        log.warning("frame buffer %s: buffering again", self.root)
-        self.enabled, self.warning, self._backoff = True, None, 0.0
 
     def _free_mb(self) -> float:
         path = self.root.absolute()
@@ -190,12 +207,96 @@ class FrameBuffer:
     # ------------------------------------------------------------ writer thread
 
     def _writer(self) -> None:
+        try:
+            self._load()
+        finally:
+            self.ready.set()
         while True:
-            image = self._q.get()
-            if image is None:
+            item = self._q.get()
+            if item is None:
                 return
+            if item is _RESUME:
+                self._resume()
+            elif self.enabled:
+                self._write(item)
+
+    def _load(self) -> None:
+        """What a previous run left: half-written and broken files go, the frames are taken in."""
+        for stray in self.root.glob("*.tmp"):  # a crash mid-write left it; never a whole frame
+            stray.unlink(missing_ok=True)
+        broken: list[Path] = []
+        items = scan(self.root, broken)
+        for path in broken:
+            path.unlink(missing_ok=True)
+        if broken:
+            log.warning("frame buffer %s: removed %d file(s) that were not whole PNG images (first: %s)",
+                        self.root, len(broken), broken[0].name)
+        with self._lock:
+            self._adopt(items)
+            self._evict()
+
+    def _resume(self) -> None:
+        """Look again after a stop: recreate a deleted folder, re-read what is in it, check the space."""
+        try:
             if self.enabled:
-                self._write(image)
+                return
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                return self._stop(f"cannot create the folder: {e.strerror}")
+            if self._free_mb() < self.policy.min_free_mb:
+                return self._stop(f"less than {self.policy.min_free_mb:.0f} MB free on the disk", full=True)
+            items = scan(self.root)  # the folder may have been emptied or replaced while we were stopped
+            with self._lock:
+                self._adopt(items)
+                self._evict()
+            log.warning("frame buffer %s: buffering again", self.root)
+            self.enabled, self.warning, self._backoff = True, None, 0.0
+        finally:
+            self._resume_queued = False
+
+    def _adopt(self, items: list[tuple[int, Path, int]]) -> None:
+        """Make the folder's frames the index (lock held), numbering on after the highest of them and
+        of ours, every name at the width that number needs."""
+        self._next = max(self._next, items[-1][0] + 1 if items else 0)
+        self._width = max(self._width, len(str(self._next)))
+        self._index, self.bytes = deque(), 0
+        for seq, path, size in items:
+            path = self._at_width(path, seq)
+            if path is not None:
+                self._index.append((path, size))
+                self.bytes += size
+
+    def _name(self, seq: int) -> str:
+        return f"{seq:0{self._width}d}{SUFFIX}"
+
+    def _at_width(self, path: Path, seq: int) -> Path | None:
+        """`path` renamed to the current width if it is not (None: it could not be, so it is no frame)."""
+        want = self.root / self._name(seq)
+        if path.name == want.name:
+            return path
+        if want.exists():  # "7.png" beside "00000007.png": one number, two files; the odd one is left out
+            return None
+        try:
+            os.replace(path, want)
+        except OSError:
+            return None
+        return want
+
+    def _widen(self) -> None:
+        """The next number needs another digit: rename every frame to the new width, oldest first, so
+        that a reader listing the folder meanwhile still finds name order = time order (lock held)."""
+        self._width = len(str(self._next))
+        log.warning("frame buffer %s: frame numbers reach %d; renaming the frames to %d digits",
+                    self.root, self._next, self._width)
+        renamed = deque()
+        for path, size in self._index:
+            path = self._at_width(path, _seq(path.name))
+            if path is not None:
+                renamed.append((path, size))
+            else:
+                self.bytes -= size
+        self._index = renamed
 
     def _write(self, image: np.ndarray) -> None:
         if self._free_mb() < self.policy.min_free_mb:
@@ -204,11 +305,15 @@ class FrameBuffer:
         if not ok:
             self.failed += 1
             return None
-        path = self.root / f"{self._next:08d}{SUFFIX}"
+        with self._lock:
+            if len(str(self._next)) > self._width:
+                self._widen()
+            path = self.root / self._name(self._next)
         tmp = path.with_name(path.name + ".tmp")
         try:
             write_file(tmp, buf.tobytes())
             os.replace(tmp, path)
+            fsync_dir(self.root)  # the rename itself is on disk: a frame counted as written stays
         except OSError as e:
             tmp.unlink(missing_ok=True)
             self.failed += 1
@@ -251,3 +356,12 @@ def write_file(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def fsync_dir(folder: Path) -> None:
+    """Put a rename in `folder` on disk: until its directory is synced, a power cut may undo it."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

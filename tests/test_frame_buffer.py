@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 
+import cv2
 import numpy as np
 import pytest
 
@@ -70,6 +72,7 @@ def test_survives_a_restart_and_cleans_half_written_files(tmp_path):
     fill(FrameBuffer(tmp_path, BufferPolicy(**KEEP_ALL)), 3)
     (tmp_path / "00000003.png.tmp").write_bytes(b"half a png")  # a crash mid-write
     buf = FrameBuffer(tmp_path, BufferPolicy(**KEEP_ALL))
+    assert buf.ready.wait(5)
     assert len(buf) == 3 and not list(tmp_path.glob("*.tmp"))
     fill(buf, 2, start=3)
     assert [s for s, *_ in scan(tmp_path)] == [0, 1, 2, 3, 4]
@@ -150,12 +153,106 @@ def test_a_deleted_folder_is_recreated_and_buffering_resumes(tmp_path, caplog):
     assert sum("buffering stops" in r.message for r in caplog.records) == 1
 
 
-def test_scan_and_summary_count_only_real_frames(tmp_path):
+def test_scan_and_summary_count_only_real_frames(tmp_path, caplog):
     fill(FrameBuffer(tmp_path, BufferPolicy(**KEEP_ALL)), 2)
+    whole = (tmp_path / "00000001.png").read_bytes()
     (tmp_path / "00000007.png").write_bytes(b"")  # zero bytes
     (tmp_path / "00000008.png").write_text("not an image")
+    (tmp_path / "00000011.png").write_bytes(whole[:100])  # a real PNG cut short after 100 bytes
     (tmp_path / "00000009.txt").write_text("notes")
     (tmp_path / "00000010.png").mkdir()
-    assert [s for s, *_ in scan(tmp_path)] == [0, 1, 8]  # cheap: name and size
+    assert [s for s, *_ in scan(tmp_path)] == [0, 1]
     s = summarize(tmp_path)
     assert (s.frames, s.first, s.last) == (2, "00000000.png", "00000001.png")
+    assert (tmp_path / "00000011.png").exists()  # `mas3-edge buffer` only looks
+    with caplog.at_level(logging.WARNING):
+        buf = FrameBuffer(tmp_path, BufferPolicy(**KEEP_ALL))
+        fill(buf, 1, start=5)
+    assert sum("not whole PNG" in r.message for r in caplog.records) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000000.png", "00000001.png", "00000002.png",
+                                                          "00000009.txt", "00000010.png"]
+    assert len(buf) == 3  # the new frame is numbered after the last whole one
+
+
+def _frames_at(root, numbers) -> None:
+    root.mkdir(exist_ok=True)
+    for n in numbers:
+        ok, png = cv2.imencode(".png", frame(n))
+        (root / f"{n:08d}.png").write_bytes(png.tobytes())
+
+
+def test_numbering_goes_on_past_99999999_and_name_order_stays_time_order(tmp_path):
+    root = tmp_path / "frames"
+    _frames_at(root, [99999996, 99999997])
+    buf = FrameBuffer(root, BufferPolicy(**KEEP_ALL))
+    fill(buf, 4, start=100)  # 99999998, 99999999, then the names need a ninth digit
+    names = sorted(p.name for p in root.iterdir())
+    assert names == [f"{n:09d}.png" for n in range(99999996, 100000002)]
+    assert [s for s, *_ in scan(root)] == list(range(99999996, 100000002))
+    assert np.array_equal(load_frames(root, (32, 64), limit=1)[0], frame(103))  # the newest by name is the newest
+    again = FrameBuffer(root, BufferPolicy(**KEEP_ALL))  # a restart numbers on after the highest
+    fill(again, 1, start=200)
+    assert sorted(p.name for p in root.iterdir())[-1] == "100000002.png"
+    assert np.array_equal(load_frames(root, (32, 64), limit=1)[0], frame(200))
+
+
+def test_a_restart_at_99999999_widens_the_names_it_finds(tmp_path):
+    root = tmp_path / "frames"
+    _frames_at(root, [5, 99999999])  # and a name of other width: still number order after the restart
+    (root / "00000005.png").rename(root / "5.png")
+    buf = FrameBuffer(root, BufferPolicy(**KEEP_ALL))
+    fill(buf, 1, start=300)
+    assert sorted(p.name for p in root.iterdir()) == ["000000005.png", "099999999.png", "100000000.png"]
+    assert len(buf) == 3 and np.array_equal(load_frames(root, (32, 64), limit=1)[0], frame(300))
+
+
+def test_frames_dropped_while_stopped_are_counted(tmp_path):
+    buf = FrameBuffer(tmp_path, BufferPolicy(every_n=2, min_interval_s=0, dedup=0, min_free_mb=1e12))
+    buf.offer(frame(0), t=0.0)  # its write finds the disk "full": buffering stops
+    deadline = time.monotonic() + 5
+    while buf.enabled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for i in range(1, 11):
+        assert buf.offer(frame(i), t=float(i)) is False
+    buf.close()
+    assert buf.paused_drops == 5 and buf.dropped == 5  # every second frame: the ones the policy would keep
+
+
+def test_the_folder_is_read_on_the_writer_thread_not_the_callers(tmp_path, monkeypatch):
+    import threading
+    _frames_at(tmp_path, range(3))
+    real, threads = frame_buffer.scan, []
+
+    def slow_scan(*args, **kw):
+        threads.append(threading.current_thread().name)
+        time.sleep(1.0)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(frame_buffer, "scan", slow_scan)
+    t0 = time.perf_counter()
+    buf = FrameBuffer(tmp_path, BufferPolicy(**KEEP_ALL))
+    buf.offer(frame(9), t=0.0)
+    assert time.perf_counter() - t0 < 0.5 and not buf.ready.is_set()  # neither start nor offer waited on it
+    while buf.written < 1 and time.perf_counter() - t0 < 5:  # queued meanwhile, written once it is read
+        time.sleep(0.01)
+    buf._stop("test")  # as after a failed write; the retry comes with the next offers
+    buf._retry_at = 0.0
+    t0 = time.perf_counter()
+    while not buf.enabled and time.perf_counter() - t0 < 5:
+        buf.offer(frame(10), t=time.perf_counter() + 10)
+        time.sleep(0.01)
+    buf.close()
+    assert buf.enabled and len(threads) == 2 and set(threads) == {"frame-buffer"}
+    assert [s for s, *_ in scan(tmp_path)] == [0, 1, 2, 3]
+
+
+def test_the_folder_is_synced_after_each_rename(tmp_path, monkeypatch):
+    seen = []
+
+    def fsync_dir(folder):
+        seen.append((folder, sorted(p.name for p in folder.iterdir())))
+
+    monkeypatch.setattr(frame_buffer, "fsync_dir", fsync_dir)
+    fill(FrameBuffer(tmp_path, BufferPolicy(**KEEP_ALL)), 2)
+    assert seen == [(tmp_path, ["00000000.png"]), (tmp_path, ["00000000.png", "00000001.png"])]
+    frame_buffer.fsync_dir(tmp_path)  # and the real one works on a folder
