@@ -5,12 +5,19 @@ that queue short (SNDHWM) so a stalled subscriber costs a couple of messages of 
 unbounded backlog, and send with NOBLOCK so no socket state can ever stall inference. What libzmq
 drops silently for one slow peer is visible to that peer as a gap in frame ids; what fails at our
 send call (EAGAIN, a closing context) is counted here as `dropped`.
+
+A PUB socket also drops what it sends before a subscriber's subscription has arrived (ZeroMQ's
+"slow joiner"). A subscriber started before us retries its connection every 100 to 200 ms
+(libzmq's reconnect interval plus its random jitter), so `join_wait()` tells the service how long
+to hold the first frame after binding for such a subscriber to join; binding before the engine
+loads usually makes that wait zero.
 """
 from __future__ import annotations
 
 import ipaddress
 import logging
 import re
+import time
 from pathlib import Path
 
 import zmq
@@ -22,6 +29,7 @@ from .wire import DEFAULT_TOPIC
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+JOIN_S = 0.4  # > libzmq's longest reconnect wait (2 x ZMQ_RECONNECT_IVL, 100 ms) plus a handshake
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
 
@@ -45,6 +53,8 @@ def check_address(address: str, allow_remote: bool = False) -> str:
     if not m:
         raise UserError(f"publish address {address!r} is not tcp://HOST:PORT or ipc://PATH")
     host, port = m.groups()
+    if port != "*" and not 0 <= int(port) <= 65535:
+        raise UserError(f"publish address {address}: port {port} is not in 1..65535 (0 or * picks a free one)")
     if not allow_remote and not is_loopback(host):
         raise UserError(f"publish address {address} is not loopback; pass --allow-remote to expose the stream "
                         "beyond this machine")
@@ -72,7 +82,12 @@ class Publisher:
             self._sock.close(0)
             raise UserError(f"cannot publish on {address}: {e.strerror}; pick another --publish address") from None
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.bound_at = time.monotonic()
         log.info("publishing on %s (topic %r)", self.endpoint, topic)
+
+    def join_wait(self) -> float:
+        """Seconds left until a subscriber that was waiting when we bound has surely subscribed."""
+        return max(0.0, self.bound_at + JOIN_S - time.monotonic())
 
     def send(self, message: bytes) -> bool:
         """Queue one message; False (and counted) if it could not be queued right now."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import colorsys
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -73,11 +74,23 @@ class LabelBook:
         return colorize(msg.classes, self.palette(msg))
 
 
+def check_address(address: str) -> str:
+    """A connect address: ipc://PATH, or tcp://HOST:PORT with a port in 1..65535 (ZeroMQ would take
+    a bad port without a word and wait for ever)."""
+    if address.startswith("ipc://"):
+        return address
+    m = re.fullmatch(r"tcp://(\[[^\]]+\]|[^:/\[\]]+):(\d+)", address)
+    if not m:
+        raise UserError(f"subscribe address {address!r} is not tcp://HOST:PORT or ipc://PATH")
+    if not 1 <= int(m[2]) <= 65535:
+        raise UserError(f"subscribe address {address}: port {m[2]} is not in 1..65535")
+    return address
+
+
 class Subscriber:
     def __init__(self, address: str = DEFAULT_ADDRESS, topic: str = DEFAULT_TOPIC, *, latest_only: bool = True,
                  hwm: int = 1000, context: zmq.Context | None = None):
-        if not address.startswith(("tcp://", "ipc://")):
-            raise UserError(f"subscribe address {address!r} is not tcp://HOST:PORT or ipc://PATH")
+        check_address(address)
         self.address, self.topic, self.latest_only = address, topic, latest_only
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.SUB)

@@ -118,6 +118,26 @@ def test_publisher_binds_loopback_only_unless_told():
     assert check_address("tcp://0.0.0.0:5555", allow_remote=True) == "tcp://0.0.0.0:5555"
     with pytest.raises(UserError, match="not tcp"):
         check_address("udp://127.0.0.1:1")
+    for port in ("65536", "99999"):  # ZeroMQ would bind some other port without a word
+        with pytest.raises(UserError, match=f"port {port} is not in 1..65535"):
+            check_address(f"tcp://127.0.0.1:{port}")
+    assert check_address("tcp://127.0.0.1:65535") == "tcp://127.0.0.1:65535"
+
+
+def test_subscriber_rejects_a_port_it_could_never_reach():
+    for addr, message in (("tcp://127.0.0.1:99999", "port 99999"), ("tcp://127.0.0.1:0", "port 0"),
+                          ("tcp://127.0.0.1", "not tcp://HOST:PORT")):
+        with pytest.raises(UserError, match=message):
+            Subscriber(addr)
+    Subscriber("tcp://[::1]:5555").close()
+
+
+def test_a_new_publisher_holds_its_first_frame_until_a_waiting_subscriber_can_join():
+    from mas3_edge.runtime.publisher import JOIN_S
+    with Publisher("tcp://127.0.0.1:0") as pub:
+        assert 0 < pub.join_wait() <= JOIN_S
+        time.sleep(JOIN_S)
+        assert pub.join_wait() == 0
 
 
 def test_port_in_use_is_one_clear_error():
