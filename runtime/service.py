@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,7 +33,7 @@ from mas3_edge.labels import LABEL_SET_ID, LabelSet
 from . import wire
 from .camera import Camera, refit
 from .frame_buffer import BufferPolicy, FrameBuffer
-from .publisher import DEFAULT_ADDRESS, Publisher
+from .publisher import DEFAULT_ADDRESS, Publisher, check_address
 from .scheduler import ScheduleConfig, Scheduler, default_round
 from .swap import EngineSwapper
 from .telemetry import MetricsServer, Telemetry, status_line
@@ -63,6 +65,7 @@ class ServiceConfig:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     health_stale_s: float = 5.0  # /healthz answers 503 once no frame was published for this long
+    camera_stall_s: float = 3.0  # a live camera without a good frame for this long is reconnected
     events: Path | None = None  # JSON lines: status snapshots, rounds, swaps
     max_frames: int | None = None
     duration: float | None = None
@@ -74,6 +77,49 @@ class ServiceConfig:
             raise UserError(f"JPEG quality must be in 1..100, got {self.jpeg_quality}")
         if not self.health_stale_s > 0:
             raise UserError(f"the health timeout must be positive, got {self.health_stale_s} s")
+        for name, value, ok, rule in (
+                ("--fps", self.fps, lambda v: v >= 0, "0 (unpaced) or more"),
+                ("--duration", self.duration, lambda v: v > 0, "more than 0 seconds"),
+                ("--max-frames", self.max_frames, lambda v: v >= 1, "at least 1"),
+                ("--threads", self.threads, lambda v: v >= 1, "at least 1"),
+                ("--status-every", self.status_every, lambda v: v > 0, "more than 0 seconds"),
+                ("--metrics-port", self.metrics_port, lambda v: 0 <= v <= 65535, "a port in 0..65535 (0: any free one)"),
+                ("the camera stall timeout", self.camera_stall_s, lambda v: v > 0, "more than 0 seconds")):
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                raise UserError(f"{name} must be {rule}, got {value}")
+        check_address(self.publish, self.allow_remote)  # now, not after minutes of engine export
+
+
+class RateWindow:
+    """Frames per second of the frames served in the last `window` seconds. A stream silent for
+    longer than max(1 s, 4 of its frame intervals) has stopped: its rate is 0, and the count starts
+    afresh when frames come again. So an outage neither props the figure up while it lasts (a rate
+    over the last N frames, however old, does) nor drags it down after."""
+
+    def __init__(self, window: float = 5.0):
+        self.window = window
+        self._t: deque[float] = deque()
+        self._lock = threading.Lock()  # the metrics thread reads what the serving loop writes
+
+    def add(self, t: float | None = None) -> None:
+        t = time.monotonic() if t is None else t
+        with self._lock:
+            if self._t and t - self._t[-1] > self._silence_limit():
+                self._t.clear()
+            self._t.append(t)
+            while self._t[0] <= t - self.window:
+                self._t.popleft()
+
+    def fps(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if len(self._t) < 2 or now - self._t[-1] > self._silence_limit():
+                return 0.0
+            return (len(self._t) - 1) / (self._t[-1] - self._t[0]) if self._t[-1] > self._t[0] else 0.0
+
+    def _silence_limit(self) -> float:
+        t = self._t  # one frame alone tells no interval: the window's span then bounds the silence
+        return max(1.0, 4 * (t[-1] - t[0]) / (len(t) - 1)) if len(t) > 1 else float("inf")
 
 
 class Service:
@@ -86,7 +132,8 @@ class Service:
         self.camera = self.swapper = self.engine = self.publisher = self.buffer = None
         self._labels: dict[str, LabelSet] = {}  # version id -> its label set, read once from model.json
         self.scheduler = self.metrics = self._events = None
-        self.infer_errors = self._drops_before = 0
+        self.infer_errors = 0
+        self.rate = RateWindow()
         self._stop = threading.Event()
         self._last_status = 0.0
 
@@ -133,19 +180,23 @@ class Service:
             self._events = open(c.events, "a", buffering=1)
         self.swapper = EngineSwapper(c.bundle, kind=c.engine, device=c.device)
         size = self._input_size()
-        # the camera first: "no camera" must fail in a second, before any engine is loaded
-        self.camera = Camera(c.camera, size, loop=c.loop, fps=c.fps, camera_id=c.camera_id).connect()
+        # the camera first: "no camera" must fail in a second, before any engine is loaded. Its frames
+        # are numbered from the first one served (start() in _loop): none is used up while loading.
+        self.camera = Camera(c.camera, size, loop=c.loop, fps=c.fps, camera_id=c.camera_id,
+                             stall_s=c.camera_stall_s).connect(start=False)
+        # the sockets before the engine: a port in use fails now, and a subscriber already waiting
+        # joins while the engine loads instead of missing the first frames
+        self.publisher = Publisher(c.publish, c.topic, allow_remote=c.allow_remote)
+        if c.metrics_port is not None:
+            self.metrics = MetricsServer(c.metrics_port, self.snapshot, self.telemetry, host=c.metrics_host,
+                                         allow_remote=c.allow_remote, stale_after=c.health_stale_s)
         self.swapper.threads = self._threads()
         self.engine = self.swapper.start()
         self.labels_of(self.engine.version)  # model.json is read here and at a swap, not per frame
-        self.publisher = Publisher(c.publish, c.topic, allow_remote=c.allow_remote)
         if c.buffer is not None:
             self.buffer = FrameBuffer(c.buffer, c.buffer_policy)
         if c.adapt and self.swapper.root is not None:
             self.scheduler = Scheduler(self.swapper.root, c.buffer, c.schedule, round_fn=self.round_fn)
-        if c.metrics_port is not None:
-            self.metrics = MetricsServer(c.metrics_port, self.snapshot, self.telemetry, host=c.metrics_host,
-                                         allow_remote=c.allow_remote, stale_after=c.health_stale_s)
         e = self.engine
         self._emit_line(f"serving {e.version} with {e.name} on {e.provider} | camera {c.camera} "
                         f"| publishing on {self.publisher.endpoint} topic {c.topic}"
@@ -216,9 +267,10 @@ class Service:
     # ------------------------------------------------------------ the loop
 
     def _loop(self) -> None:
+        self._stop.wait(self.publisher.join_wait())  # after a fast engine load: let waiting subscribers in
+        self.camera.start()
         self.telemetry.started = time.monotonic()
-        self._drops_before = self.camera.stats.dropped  # frames that arrived while the engine was loading
-        c, t_end = self.cfg, (time.monotonic() + self.cfg.duration) if self.cfg.duration else None
+        c, t_end = self.cfg, (time.monotonic() + self.cfg.duration) if self.cfg.duration is not None else None
         while not self._stop.is_set():
             if c.max_frames is not None and self.telemetry.frames >= c.max_frames:
                 break
@@ -262,6 +314,7 @@ class Service:
                           confidence=conf[0] if self.cfg.confidence else None, overlay_jpeg=jpeg,
                           camera_id=self.camera.id, source_size=frame.source_size, crop=crop)
         self.publisher.send(msg)
+        self.rate.add()
         self.telemetry.record((time.time_ns() - (frame.read_ns or frame.capture_ns)) / 1e6, infer_ms)
         # frames come with labels from synthetic sources only, and those are Cityscapes-19 train ids
         if frame.label is not None and frame.label.shape == cls.shape and labels.id == LABEL_SET_ID:
@@ -288,8 +341,9 @@ class Service:
 
     def snapshot(self) -> dict:
         s = self.telemetry.snapshot()
+        s["fps"] = self.rate.fps()
         cam, e = self.camera, self.engine
-        s.update(camera_dropped=cam.stats.dropped - self._drops_before if cam else 0, camera_corrupt=cam.stats.corrupt if cam else 0,
+        s.update(camera_dropped=cam.stats.dropped if cam else 0, camera_corrupt=cam.stats.corrupt if cam else 0,
                  camera_reconnects=cam.stats.reconnects if cam else 0, camera_connected=bool(cam is None or cam.connected or self._stop.is_set() or cam.ended),
                  publish_dropped=self.publisher.dropped if self.publisher else 0,
                  publish_sent=self.publisher.sent if self.publisher else 0,
@@ -297,6 +351,7 @@ class Service:
                  swaps=len(self.swapper.swaps) if self.swapper else 0,
                  buffer_frames=len(self.buffer) if self.buffer is not None else None,
                  buffer_stopped=self.buffer is not None and not self.buffer.enabled,
+                 buffer_dropped=self.buffer.dropped if self.buffer is not None else 0,
                  rounds=dict(self.scheduler.counts) if self.scheduler else {},
                  last_round=self.scheduler.describe() if self.scheduler else "off")
         return s

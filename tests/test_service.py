@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 from test_camera import write_video
@@ -106,10 +107,10 @@ def test_hot_swap_and_rollback_happen_between_frames(tmp_path, tiny_bundle):
 
 
 def test_synthetic_source_reports_live_miou_and_metrics(tmp_path, tiny_bundle):
-    cfg = config(tmp_path, tiny_bundle, "synthetic://fog", metrics_port=0, fps=20,
-                 buffer_policy=BufferPolicy(min_free_mb=1e12))  # a "full" disk: buffering stops, serving not
+    cfg = config(tmp_path, tiny_bundle, "synthetic://fog", metrics_port=0, fps=20,  # a "full" disk: buffering
+                 buffer_policy=BufferPolicy(min_free_mb=1e12, every_n=1, min_interval_s=0))  # stops, serving not
     with Running(cfg) as run:
-        run.collect(3, until=lambda m: len(m) >= 10)
+        run.collect(3, until=lambda m: len(m) >= 11)  # the 11th is sent after the 10th was counted
         url = run.svc.metrics.url
         text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
         health = urllib.request.urlopen(f"{url}/healthz", timeout=5).status
@@ -120,6 +121,15 @@ def test_synthetic_source_reports_live_miou_and_metrics(tmp_path, tiny_bundle):
     status = [line for line in run.lines if "mIoU last" in line]
     assert status and "buffer 0 (stopped: disk)" in status[-1]
     assert run.summary["miou_window"] is not None and run.summary["frames"] >= 10
+    assert run.summary["buffer_dropped"] >= 5  # what the policy chose while buffering was stopped
+
+
+def test_bad_numbers_are_refused_by_the_config_itself(tmp_path, tiny_bundle):
+    for kw, message in ((dict(fps=-1), "--fps must be 0"), (dict(duration=0), "--duration"),
+                        (dict(metrics_port=70000), "--metrics-port"), (dict(max_frames=0), "--max-frames"),
+                        (dict(publish="tcp://127.0.0.1:99999"), "port 99999"), (dict(status_every=float("nan")), "status")):
+        with pytest.raises(UserError, match=message):
+            config(tmp_path, tiny_bundle, "synthetic://fog", **kw)
 
 
 def test_corrupt_serving_version_falls_back_to_the_last_good_one(tiny_bundle, caplog):
