@@ -133,3 +133,15 @@ def test_eval_subset_scores_only_its_classes(tmp_path, tiny_bundle):
     assert len(doc["per_class_iou"]) <= 13 and doc["classes_scored"]
     res = mas3("eval", "--data", tmp_path / "val", "--bundle", tiny_bundle, "--subset", "synthia7")
     assert res.returncode == 1 and "--subset must be synthia16 or synthia13" in res.stderr
+
+
+@pytest.mark.parametrize("camera, message", [
+    ("7", "error: no camera at index 7 "),
+    ("0", "error: no camera at index 0 "),
+    ("rtsp://127.0.0.1:1/stream", "error: cannot open stream rtsp://127.0.0.1:1/stream"),
+])
+def test_a_missing_camera_is_one_line_without_opencv_noise(camera, message, tmp_path, tiny_bundle):
+    if camera.isdigit() and Path(f"/dev/video{camera}").exists():
+        pytest.skip(f"this machine has /dev/video{camera}")
+    res = mas3("run", "--camera", camera, "--bundle", tiny_bundle, "--no-buffer", "--no-adapt", cwd=tmp_path)
+    assert res.returncode == 1 and res.stderr.startswith(message) and res.stderr.count("\n") == 1, res.stderr
