@@ -83,7 +83,7 @@ class ServiceConfig:
                 ("--max-frames", self.max_frames, lambda v: v >= 1, "at least 1"),
                 ("--threads", self.threads, lambda v: v >= 1, "at least 1"),
                 ("--status-every", self.status_every, lambda v: v > 0, "more than 0 seconds"),
-                ("--metrics-port", self.metrics_port, lambda v: 0 <= v <= 65535, "a port in 0..65535 (0: any free one)"),
+                ("--metrics-port", self.metrics_port, lambda v: 0 <= v <= 65535, "a port in 0..65535 (0: any)"),
                 ("the camera stall timeout", self.camera_stall_s, lambda v: v > 0, "more than 0 seconds")):
             if value is not None and not (math.isfinite(value) and ok(value)):
                 raise UserError(f"{name} must be {rule}, got {value}")
@@ -352,8 +352,10 @@ class Service:
                  buffer_frames=len(self.buffer) if self.buffer is not None else None,
                  buffer_stopped=self.buffer is not None and not self.buffer.enabled,
                  buffer_dropped=self.buffer.dropped if self.buffer is not None else 0,
-                 rounds=dict(self.scheduler.counts) if self.scheduler else {},
-                 last_round=self.scheduler.describe() if self.scheduler else "off")
+                 rounds={}, last_round="off")
+        if self.scheduler is not None:  # taken under the scheduler's lock: the metrics thread calls this too
+            rounds = self.scheduler.snapshot()
+            s.update(rounds=rounds["rounds"], last_round=rounds["last_round"])
         return s
 
     def _emit_line(self, line: str) -> None:
