@@ -14,7 +14,7 @@ from mas3_edge.bags import Bag
 from mas3_edge.errors import UserError
 
 log = logging.getLogger(__name__)
-OK, BAD, END = "ok", "bad", "end"  # the camera's reader statuses (runtime/camera.py)
+OK, BAD, END = "ok", "bad", "end"  # the readers' statuses (runtime/sources.py)
 
 
 class BagReader:

@@ -127,7 +127,8 @@ def test_synthetic_source_reports_live_miou_and_metrics(tmp_path, tiny_bundle):
 def test_bad_numbers_are_refused_by_the_config_itself(tmp_path, tiny_bundle):
     for kw, message in ((dict(fps=-1), "--fps must be 0"), (dict(duration=0), "--duration"),
                         (dict(metrics_port=70000), "--metrics-port"), (dict(max_frames=0), "--max-frames"),
-                        (dict(publish="tcp://127.0.0.1:99999"), "port 99999"), (dict(status_every=float("nan")), "status")):
+                        (dict(publish="tcp://127.0.0.1:99999"), "port 99999"),
+                        (dict(status_every=float("nan")), "status")):
         with pytest.raises(UserError, match=message):
             config(tmp_path, tiny_bundle, "synthetic://fog", **kw)
 
