@@ -5,7 +5,6 @@ The exported graph is `mas3_edge.model.Deployed`, the module the runtime serves:
     images      uint8 (batch, H, W, 3) RGB, H x W = the version's input size
     classes     uint8 (batch, H, W)    argmax over classes
     confidence  float32 (batch, H, W)  max softmax
-    embedding   float32 (batch, D, H/8, W/8)  only with `with_embedding`
 
 Why uint8 NHWC in and normalisation inside: a camera frame goes in as it comes off the resize,
 with no per-pixel Python work and 4x fewer bytes over PCIe than float NCHW; the mean/std live
@@ -57,7 +56,6 @@ EXPORT_FILE = "export.json"
 FORMAT = "mas3-edge-export/1"
 INPUT = "images"
 OUTPUTS = ("classes", "confidence")
-EMBEDDING = "embedding"
 
 
 @dataclass
@@ -70,7 +68,7 @@ class OnnxExport:
 
 
 def export_onnx(bundle: Path, version: str | None = None, *, opset: int = OPSET, simplify: bool = True,
-                with_embedding: bool = False, force: bool = False, per_set: bool | None = None) -> OnnxExport:
+                force: bool = False, per_set: bool | None = None) -> OnnxExport:
     """Export a version (bundle root + id, or a version directory) to model.onnx with a parity check.
 
     `per_set`: also write the per-set layout of a model with several normalisation sets (sets/:
@@ -84,18 +82,18 @@ def export_onnx(bundle: Path, version: str | None = None, *, opset: int = OPSET,
     vdir = resolve(bundle, version)
     ver = load_version(vdir)  # UserError for missing or corrupt weights
     per_set = (torch.cuda.is_available() if per_set is None else per_set) and xsets.set_count(ver.net) > 1
-    settings = {"opset": opset, "simplify": simplify, "with_embedding": with_embedding, "per_set": per_set}
+    settings = {"opset": opset, "simplify": simplify, "per_set": per_set}
     current = read_export(vdir)
     if not force and _is_current(vdir, current, ver.meta["sha256"], settings):
         log.info("%s is up to date with %s; reusing it", vdir / ONNX_FILE, ver.id)
         return OnnxExport(vdir / ONNX_FILE, current, reused=True)
     images, source = parity.check_images(tuple(ver.net.config.input_size))
     ref = parity.torch_reference(ver.net, images)
-    raw = _torch_export(ver.net, with_embedding, opset)
+    raw = _torch_export(ver.net, opset)
     model, graph, check = _first_passing(passes.candidates(raw, tuple(ver.net.config.input_size), simplify), images, ref, source)
     helper.set_model_props(model, {"mas3_edge.version": ver.id, "mas3_edge.weights_sha256": ver.meta["sha256"],
                                    "mas3_edge.input": "uint8 NHWC RGB, normalisation inside"})
-    files, sets_report = (xsets.export_sets(ver.net, graph, images, source, opset, simplify, with_embedding)
+    files, sets_report = (xsets.export_sets(ver.net, graph, images, source, opset, simplify)
                           if per_set else ({}, None))
     data = model.SerializeToString()
     report = _report(ver.meta, data, model, settings, graph, check)
@@ -169,21 +167,21 @@ def _is_current(vdir: Path, report: dict | None, weights_sha: str, settings: dic
     return True
 
 
-def _torch_export(net: SegModel, with_embedding: bool, opset: int, path: Path | None = None) -> onnx.ModelProto:
-    """Trace Deployed(net) with the TorchScript exporter (the dynamo one needs onnxscript), in memory
-    unless `path` is given: a temporary file would outlive a kill -9 of the export."""
+def _torch_export(net: SegModel, opset: int) -> onnx.ModelProto:
+    """Trace Deployed(net) with the TorchScript exporter (the dynamo one needs onnxscript), in memory:
+    a temporary file would outlive a kill -9 of the export."""
     h, w = net.config.input_size
-    model = Deployed(net, with_embedding).eval()
-    names = list(OUTPUTS) + ([EMBEDDING] if with_embedding else [])
+    model = Deployed(net).eval()
+    names = list(OUTPUTS)
     kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     dummy = torch.zeros((2, h, w, 3), dtype=torch.uint8)  # batch 2: a batch of 1 can hide a baked-in size
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about the shape checks in SegModel.embed
         buf = io.BytesIO()
-        torch.onnx.export(model, (dummy,), buf if path is None else str(path), input_names=[INPUT],
+        torch.onnx.export(model, (dummy,), buf, input_names=[INPUT],
                           output_names=names, dynamic_axes={n: {0: "batch"} for n in [INPUT, *names]},
                           opset_version=opset, do_constant_folding=True, **kwargs)
-    model = onnx.load_from_string(buf.getvalue()) if path is None else onnx.load(str(path))
+    model = onnx.load_from_string(buf.getvalue())
     _declare_io(model, net)
     return model
 
@@ -191,8 +189,7 @@ def _torch_export(net: SegModel, with_embedding: bool, opset: int, path: Path | 
 def _declare_io(model: onnx.ModelProto, net: SegModel) -> None:
     """Give every input/output its static shape (batch stays symbolic) so consumers need no inference."""
     h, w = net.config.input_size
-    shapes = {INPUT: ("batch", h, w, 3), "classes": ("batch", h, w), "confidence": ("batch", h, w),
-              EMBEDDING: ("batch", net.config.embed_dim, h // 8, w // 8)}
+    shapes = {INPUT: ("batch", h, w, 3), "classes": ("batch", h, w), "confidence": ("batch", h, w)}
     for vi in list(model.graph.input) + list(model.graph.output):
         for d, s in zip(vi.type.tensor_type.shape.dim, shapes[vi.name]):
             if isinstance(s, str):

@@ -24,7 +24,7 @@ checked.
 from __future__ import annotations
 
 import logging
-import tempfile
+import io
 import warnings
 from pathlib import Path
 
@@ -67,8 +67,8 @@ class Router(nn.Module):
         return bank.route(self.net, self.net.stem(images)).to(torch.int32)
 
 
-def export_sets(net: SegModel, label: str, images: np.ndarray, source: str, opset: int, simplify: bool,
-                with_embedding: bool) -> tuple[dict[str, bytes], dict]:
+def export_sets(net: SegModel, label: str, images: np.ndarray, source: str, opset: int,
+                simplify: bool) -> tuple[dict[str, bytes], dict]:
     """The per-set layout of `net`, checked: ({file name under sets/: bytes}, export.json "sets").
 
     `label` is the graph variant model.onnx shipped with; each set graph tries it first. Raises
@@ -77,40 +77,39 @@ def export_sets(net: SegModel, label: str, images: np.ndarray, source: str, opse
     from .onnx import _first_passing, _torch_export
     net = net.eval()
     files, graphs = {}, []
-    with tempfile.TemporaryDirectory(prefix="mas3-sets-") as tmp:
-        for s in range(set_count(net)):
-            one = bank.one_set(net, s).eval()
-            ref = parity.torch_reference(one, images)
-            raw = _torch_export(one, with_embedding, opset, Path(tmp) / f"set-{s}.onnx")
-            cands = passes.candidates(raw, tuple(net.config.input_size), simplify)
-            cands.sort(key=lambda c: c[0] != label)  # the variant model.onnx shipped with first
-            try:
-                model, graph, check = _first_passing(cands, images, ref, source)
-            except UserError as e:
-                raise UserError(f"the graph of normalisation set {s}: {e}") from None
-            data = model.SerializeToString()
-            files[set_file(s)] = data
-            graphs.append({"set": s, "file": f"{SETS_DIR}/{set_file(s)}", "sha256": sha256_bytes(data),
-                           "bytes": len(data), "graph": graph, "parity": check.to_dict()})
-        router, check = export_router(net, images, opset, Path(tmp) / ROUTER_FILE)
+    for s in range(set_count(net)):  # in memory: a temporary file would outlive a kill -9 of the export
+        one = bank.one_set(net, s).eval()
+        ref = parity.torch_reference(one, images)
+        cands = passes.candidates(_torch_export(one, opset), tuple(net.config.input_size), simplify)
+        cands.sort(key=lambda c: c[0] != label)  # the variant model.onnx shipped with first
+        try:
+            model, graph, check = _first_passing(cands, images, ref, source)
+        except UserError as e:
+            raise UserError(f"the graph of normalisation set {s}: {e}") from None
+        data = model.SerializeToString()
+        files[set_file(s)] = data
+        graphs.append({"set": s, "file": f"{SETS_DIR}/{set_file(s)}", "sha256": sha256_bytes(data),
+                       "bytes": len(data), "graph": graph, "parity": check.to_dict()})
+    router, router_check = export_router(net, images, opset)
     files[ROUTER_FILE] = router
     report = {"count": len(graphs), "graphs": graphs,
               "router": {"file": f"{SETS_DIR}/{ROUTER_FILE}", "sha256": sha256_bytes(router), "bytes": len(router),
-                         "parity": check}}
+                         "parity": router_check}}
     return files, report
 
 
-def export_router(net: SegModel, images: np.ndarray, opset: int, path: Path) -> tuple[bytes, dict]:
+def export_router(net: SegModel, images: np.ndarray, opset: int) -> tuple[bytes, dict]:
     """router.onnx, checked against SegModel.route on `images`; UserError if a frame is routed otherwise."""
     import inspect
     h, w = net.config.input_size
     kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Router(net), (torch.zeros((2, h, w, 3), dtype=torch.uint8),), str(path),
+        buf = io.BytesIO()
+        torch.onnx.export(Router(net), (torch.zeros((2, h, w, 3), dtype=torch.uint8),), buf,
                           input_names=["images"], output_names=[ROUTE], opset_version=opset,
                           dynamic_axes={"images": {0: "batch"}, ROUTE: {0: "batch"}}, **kwargs)
-    model = onnx.load(str(path))
+    model = onnx.load_from_string(buf.getvalue())
     for vi, shape in ((model.graph.input[0], ("batch", h, w, 3)), (model.graph.output[0], ("batch",))):
         for d, v in zip(vi.type.tensor_type.shape.dim, shape):
             if isinstance(v, str):

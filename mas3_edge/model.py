@@ -7,6 +7,7 @@ pool and bilinear resize are used, so the graph exports to ONNX and TensorRT as 
 """
 from __future__ import annotations
 
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from .bank import DomainNorm
 from .errors import UserError
 from .labels import CITYSCAPES, LabelSet
 
+M = TypeVar("M", bound=nn.Module)
 
 def _ch(c: float, mult: float) -> int:
     return max(8, int(round(c * mult / 8)) * 8)
@@ -96,6 +98,10 @@ class SegModel(nn.Module):
     classifier h; logits are h(z) resized to the input. Subclasses build their layers, then call
     `finish()`, which installs the bank of normalisation sets on the batch-norm layers."""
 
+    head: nn.Conv2d  # h, set by each subclass before finish()
+    mean: torch.Tensor  # (1, 3, 1, 1) on 0..255 pixel values, a buffer
+    std: torch.Tensor
+
     def __init__(self, config: ModelConfig, labels: LabelSet = CITYSCAPES):
         super().__init__()
         if labels.num_classes != config.num_classes:
@@ -171,20 +177,17 @@ class Deployed(nn.Module):
     """What the runtime runs: uint8 RGB (B, H, W, 3) -> class ids uint8 (B, H, W), confidence (B, H, W).
 
     Normalisation, argmax and max-softmax live inside the graph, so the caller does no per-pixel work.
-    With `with_embedding` the stride-8 embedding (B, D, H/8, W/8) is returned too (drift monitoring).
     """
 
-    def __init__(self, net: SegModel, with_embedding: bool = False):
+    def __init__(self, net: SegModel):
         super().__init__()
         self.net = net
-        self.with_embedding = with_embedding
 
     def forward(self, images: torch.Tensor):
         z = self.net.embed(self.net.normalize(images))
         logits = self.net.upsample(self.net.head(z), images.shape[1:3])
         conf, classes = torch.softmax(logits, dim=1).max(dim=1)
-        outputs = (classes.to(torch.uint8), conf)
-        return outputs + (z,) if self.with_embedding else outputs
+        return classes.to(torch.uint8), conf
 
 
 class PerSetFolded(nn.Module):
@@ -203,25 +206,28 @@ class PerSetFolded(nn.Module):
     @torch.no_grad()
     def route(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) -> (B,) index of each frame's set."""
-        return bank.route(self.net, self.net.stem(images))
+        route = bank.route(self.net, self.net.stem(images))
+        assert route is not None, "self.net keeps its router: only the copies are folded"
+        return route
 
     def forward(self, images: torch.Tensor):
         route = self.route(images)
         sets = route.unique().tolist()
         if len(sets) == 1:
             return self.copies[sets[0]](images)
-        outs = None
+        outs: list[torch.Tensor] | None = None
         for s in sets:  # a mixed batch: each set's frames through their copy, put back in order
             idx = (route == s).nonzero().squeeze(1)
             part = self.copies[s](images[idx])
             outs = outs or [p.new_empty((len(images), *p.shape[1:])) for p in part]
             for out, p in zip(outs, part):
                 out[idx] = p
+        assert outs is not None, "two sets or more: the loop ran"
         return tuple(outs)
 
 
 @torch.no_grad()
-def fold_batchnorm(module: nn.Module) -> nn.Module:
+def fold_batchnorm(module: M) -> M:
     """Inference only: fold every conv → batch-norm pair into the conv (weight and bias), in place;
     a DomainNorm whose sets differ stays (it picks per frame).
 
@@ -232,6 +238,7 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
             conv, bn = seq[i], seq[i + 1]
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) \
                     and not (isinstance(bn, DomainNorm) and bn.routed()):  # sets that differ: per-frame, cannot fold
+                assert bn.running_mean is not None and bn.running_var is not None, "folding needs running statistics"
                 scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C,)
                 bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
                 conv.weight.mul_(scale.view(-1, 1, 1, 1))

@@ -118,13 +118,6 @@ def test_a_model_with_a_bank_of_normalisation_sets_exports_with_its_routing(smal
     assert (ort[0] == ref[0]).mean() >= 0.999 and np.abs(ort[1] - ref[1]).max() < 1e-3
 
 
-def test_export_with_embedding(tiny_bundle):
-    res = xonnx.export_onnx(tiny_bundle, with_embedding=True, simplify=False)
-    frames = np.zeros((2, 64, 128, 3), np.uint8)
-    out = xonnx.run_onnx(res.path, frames, ["embedding"])
-    assert out["embedding"].shape == (2, 19, 8, 16)
-
-
 def test_version_without_weights_is_one_clear_error(tiny_bundle):
     vdir = bundle.resolve(tiny_bundle)
     (vdir / bundle.MODEL_FILE).unlink()

@@ -20,7 +20,6 @@ def export_cmd(
     engine: Annotated[str, typer.Option("--engine", "-e", help="onnx, tensorrt, or all (every engine this machine can build).")] = "onnx",
     fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="TensorRT precision.")] = True,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="TensorRT optimisation profiles, e.g. 1,8.")] = "1,8",
-    embedding: Annotated[bool, typer.Option("--embedding", help="Also output the stride-8 embedding.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Re-export even if model.onnx is up to date.")] = False,
     as_json: JsonOpt = False, verbose: VerboseOpt = False,
 ) -> None:
@@ -42,7 +41,7 @@ def export_cmd(
     from rich.console import Console
     console = Console(stderr=True)
     with console.status(f"exporting {vdir} to ONNX and checking it against PyTorch"):
-        res = export_onnx(vdir, with_embedding=embedding, force=force)
+        res = export_onnx(vdir, force=force)
     rows = [_onnx_row(res)]
     notes = [f"onnx: {res.path} (graph: {res.report['onnx']['graph']})"]
     if engine != "onnx":
