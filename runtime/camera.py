@@ -145,6 +145,12 @@ class Camera:
         """Hand out frames from now on, numbered from 0 (after connect(start=False))."""
         with self._cond:
             self._numbering = True
+            probe = self._fresh
+            if probe is not None and not self.live:  # a file's first frame, read by connect() and held:
+                now = time.time_ns()  # the wait for start() is no latency of the stream, so it is read now
+                probe.read_ns = now
+                if not getattr(self._reader, "recorded", False):  # a bag's stamp is its recording's
+                    probe.capture_ns = now
         if self._thread is None:
             self._start_thread()
 

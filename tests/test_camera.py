@@ -367,10 +367,12 @@ def test_a_file_connected_early_loses_no_frame(tmp_path):
     cam = Camera(str(video), SIZE, fps=0).connect(start=False)
     time.sleep(0.3)  # an engine loading: nothing may be read ahead and replaced meanwhile
     assert cam.stats.grabbed == 1  # the probe frame, kept as frame 0
+    t_start = time.time_ns()
     cam.start()
     frames = drain(cam, pause=0.0)
     cam.disconnect()
     assert [f.id for f in frames][:1] == [0] and cam.stats.grabbed == 8
+    assert frames[0].read_ns >= t_start and frames[0].capture_ns >= t_start  # the wait is not its latency
     assert len(frames) + cam.stats.dropped == 8
 
 
