@@ -40,10 +40,6 @@ from mas3_edge.store import MODEL_FILE, BundleStore
 
 log = logging.getLogger(__name__)
 
-# Sized for a CPU (issue 6): short rounds on few frames, so one finishes within a couple of minutes
-# on 2 cores while serving goes on. A GPU machine can afford the paper's 100+ steps.
-CPU_ADAPT = {"steps": 30, "batch_size": 2, "swd_pixels": 8192, "gmm_samples": 2048, "n_projections": 64}
-
 
 @dataclass(frozen=True)
 class ScheduleConfig:
@@ -57,7 +53,7 @@ class ScheduleConfig:
     export: bool = True  # export the accepted version to ONNX before it is served
     threads: int = 1  # torch threads in the round process (leave cores to serving)
     nice: int = 10
-    adapt: dict = field(default_factory=dict)  # AdaptConfig fields; unset ones are CPU_ADAPT without a GPU
+    adapt: dict = field(default_factory=dict)  # explicit AdaptConfig and RoundConfig settings (config.round_configs)
     # versions the bundle keeps (0: all): a round every few minutes would otherwise fill the disk; the
     # store never drops the serving, previously served, its parent or a source version
     keep_versions: int = 20
@@ -67,8 +63,8 @@ class ScheduleConfig:
             raise UserError(f"keep_versions must be 0 (keep all) or more, got {self.keep_versions}")
         if self.every_frames < 0 or self.every_minutes < 0 or self.min_frames < 2 or self.limit < 2:
             raise UserError(f"invalid adaptation schedule {self}")
-        from mas3_edge.config import AdaptConfig
-        AdaptConfig(**self.adapt)  # validate now, in the parent: a typo must not become a crashed round
+        from mas3_edge.config import round_configs
+        round_configs(self.adapt)  # validate now, in the parent: a typo must not become a crashed round
 
 
 def default_round(bundle: str, frames: str, version: str, adapt: dict, limit: int, export: bool,
@@ -76,18 +72,17 @@ def default_round(bundle: str, frames: str, version: str, adapt: dict, limit: in
     """One round in the child: [drift check], MAS3 + health checks, export. Returns a JSON-able dict."""
     import torch
     torch.set_num_threads(threads)
+    from mas3_edge.config import round_configs
     from mas3_edge.rounds import run_round
-    from mas3_edge.config import AdaptConfig
     gpu = torch.cuda.is_available()
-    settings = {**({} if gpu else CPU_ADAPT), **adapt}  # explicit settings win over the CPU sizing
-    out: dict = {"device": "cuda" if gpu else "cpu", "settings": settings}
+    cfg, rcfg, sized = round_configs(adapt, cpu=not gpu)  # explicit settings win over the CPU sizing
+    out: dict = {"device": "cuda" if gpu else "cpu", "settings": adapt, "cpu_sizing": sized}
     if drift_threshold is not None:
         out["drift"] = _drift(bundle, frames, version, limit)
         if out["drift"] < drift_threshold:
             return {**out, "outcome": "skipped", "reason": f"no drift (SWD {out['drift']:.4f} < {drift_threshold})"}
     try:
-        res = run_round(bundle, frames, AdaptConfig(**settings), version=version, limit=limit,
-                        **({"device": "cuda"} if gpu else {}))
+        res = run_round(bundle, frames, cfg, version, rcfg, limit=limit, device="cuda" if gpu else "cpu")
     except UserError as e:  # e.g. the loss became NaN: the round failed, the service did not
         return {**out, "outcome": "rejected", "reason": str(e)}
     out.update(outcome="accepted" if res.accepted else "rejected", reason=res.reason,

@@ -135,6 +135,48 @@ def test_eval_subset_scores_only_its_classes(tmp_path, tiny_bundle):
     assert res.returncode == 1 and "--subset must be synthia16 or synthia13" in res.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--metrics-port", "99999"], "--metrics-port must be a port in 0..65535"),
+    (["--metrics-port", "-5"], "--metrics-port must be a port in 0..65535"),
+    (["--publish", "tcp://127.0.0.1:99999"], "port 99999 is not in 1..65535"),
+    (["--fps", "-1"], "--fps must be 0 (unpaced) or more, got -1.0"),
+    (["--duration", "-1"], "--duration must be more than 0"),
+    (["--duration", "0"], "--duration must be more than 0"),
+    (["--max-frames", "0"], "--max-frames must be at least 1"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--buffer-every", "0"], "--buffer-every must be at least 1"),
+    (["--status-every", "nan"], "--status-every must be more than 0"),
+    (["--health-timeout", "inf"], "--health-timeout must be more than 0"),
+    (["--round-frames", "1"], "--round-frames must be at least 2"),
+])
+def test_bad_numbers_of_run_are_one_line_and_exit_1(args, message, tmp_path, tiny_bundle):
+    res = mas3("run", "--camera", "synthetic://night", "--bundle", tiny_bundle, "--no-buffer", "--no-adapt",
+               *args, cwd=tmp_path)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and message in res.stderr, res.stderr
+
+
+def test_bad_numbers_in_a_config_file_are_caught_too(tmp_path):
+    (tmp_path / "robot.toml").write_text('camera = "synthetic://night"\nmetrics-port = 70000\n')
+    res = mas3("run", "--config", tmp_path / "robot.toml", cwd=tmp_path)
+    assert res.returncode == 1
+    assert res.stderr == "error: --metrics-port must be a port in 0..65535 (0: any free one), got 70000\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--count", "0"], "--count must be at least 1"),
+    (["--duration", "-1"], "--duration must be more than 0"),
+    (["--interval", "0"], "--interval must be more than 0"),
+    (["--max-mb", "-1", "--record", "out.mcap"], "--max-mb must be more than 0"),
+    (["--address", "tcp://127.0.0.1:99999"], "port 99999 is not in 1..65535"),
+    (["--address", "tcp://127.0.0.1"], "is not tcp://HOST:PORT"),
+])
+def test_bad_numbers_of_subscribe_are_one_line_and_exit_1(args, message, tmp_path):
+    res = mas3("subscribe", *args, cwd=tmp_path)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.count("\n") == 1 and message in res.stderr and not (tmp_path / "out.mcap").exists()
+
+
 @pytest.mark.parametrize("camera, message", [
     ("7", "error: no camera at index 7 "),
     ("0", "error: no camera at index 0 "),

@@ -20,7 +20,8 @@ def test_config_sets_defaults_and_the_command_line_wins(tmp_path):
     assert res.returncode == 0, res.stderr
     merged = tomllib.loads(res.stdout)
     assert merged["camera"] == "synthetic://night" and merged["round-every-frames"] == 60
-    assert merged["loop"] is True and merged["fps"] == 7.0 and merged["method"] == "mas3"
+    assert merged["loop"] is True and merged["fps"] == 7.0 and "method" not in merged  # unset: the default
+    assert "# a round on a CPU also takes, for what is unset here: steps 100 -> 30" in res.stdout
     again = tmp_path / "again.toml"  # what --print-config prints is itself a valid config
     again.write_text(res.stdout)
     assert tomllib.loads(run("--config", again, "--print-config").stdout) == merged

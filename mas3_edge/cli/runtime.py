@@ -5,6 +5,7 @@ Heavy modules (cv2, zmq, torch, onnxruntime) are imported inside the commands.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from pathlib import Path
@@ -17,8 +18,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from ..config import AdaptConfig, RoundConfig, round_configs
 from ..errors import UserError
 from .core import JsonOpt, VerboseOpt
+from .options import sizing_note, with_settings
 
 BundleOpt = Annotated[Optional[Path], typer.Option(
     "--bundle", "-b", help="Bundle directory (versions + SERVING pointer); default: the packaged one.")]
@@ -89,6 +92,32 @@ def _toml(values: dict) -> str:
     return "\n".join(lines)
 
 
+# The range of each number option: (test, what the value must be). Unset (None) is always allowed.
+_AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+_POSITIVE = (lambda v: v > 0, "more than 0")
+_OFF_OR_MORE = (lambda v: v >= 0, "0 (off) or more")
+_RUN_NUMBERS = {
+    "threads": _AT_LEAST_1, "fps": (lambda v: v >= 0, "0 (unpaced) or more"),
+    "buffer_frames": _AT_LEAST_1, "buffer_mb": _POSITIVE, "buffer_every": _AT_LEAST_1,
+    "buffer_interval": (lambda v: v >= 0, "0 or more"), "round_every_frames": _OFF_OR_MORE,
+    "round_every_minutes": _OFF_OR_MORE, "drift_threshold": _POSITIVE, "round_frames": (lambda v: v >= 2, "at least 2"),
+    "keep_versions": (lambda v: v >= 0, "0 (all) or more"), "status_every": _POSITIVE,
+    "metrics_port": (lambda v: 0 <= v <= 65535, "a port in 0..65535 (0: any free one)"),
+    "health_timeout": _POSITIVE, "max_frames": _AT_LEAST_1, "duration": _POSITIVE,
+}  # the settings of a round (--adapt-steps, --tau, ...) are checked by their config classes
+_SUBSCRIBE_NUMBERS = {"count": _AT_LEAST_1, "duration": _POSITIVE, "interval": _POSITIVE, "max_mb": _POSITIVE}
+
+
+def _check_numbers(values: dict, rules: dict) -> None:
+    """Every number option in its range (NaN and infinity never are), or one line naming the option:
+    a bad value must not reach a socket, a pacing loop or a stop condition."""
+    for name, (ok, rule) in rules.items():
+        value = values.get(name)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+
+
+@with_settings(AdaptConfig, RoundConfig, aliases={"steps": "--adapt-steps"})
 def run_cmd(
     ctx: typer.Context,
     camera: Annotated[str, typer.Option(help="Device index (0), video file, rtsp/http URL, GStreamer pipeline, "
@@ -118,11 +147,11 @@ def run_cmd(
     round_every_minutes: Annotated[float, typer.Option(help="A round every T minutes (0: off).")] = 0.0,
     drift_threshold: Annotated[Optional[float], typer.Option(help="Start a round when live SWD to the prototypes passes this.")] = None,
     round_frames: Annotated[int, typer.Option(help="A round adapts on the newest N buffered frames.")] = 150,
-    adapt_steps: Annotated[Optional[int], typer.Option(help="Steps per round (default: 30 on CPU, 100 on GPU).")] = None,
-    method: Annotated[str, typer.Option(help="Adaptation method: mas3, bn, tent, ...")] = "mas3",
-    tau: Annotated[Optional[float], typer.Option(
-        help="Rounds: confidence threshold of the GMM samples (Eq. 4; default 0.97). A model whose classifier is "
-             "rarely that sure (an imported or briefly trained one) needs a lower one.")] = None,
+    keep_versions: Annotated[int, typer.Option(
+        help="Versions the bundle keeps as rounds add more (0: all), applied at start and after each round. "
+             "The serving version, the one served before it, its parent and source versions are always kept; "
+             "beyond N, versions that can never be served (rejected or unfinished rounds) go first, then the "
+             "oldest.")] = 20,
     status_every: Annotated[float, typer.Option(help="Seconds between status lines.")] = 5.0,
     metrics_port: Annotated[Optional[int], typer.Option(
         help="Serve Prometheus /metrics and /healthz on METRICS_HOST:PORT.")] = None,
@@ -136,10 +165,19 @@ def run_cmd(
         is_eager=True, callback=_load_config,
         help="TOML file of these options (keys without the dashes); options on the command line override it.")] = None,
     print_config: Annotated[bool, typer.Option(help="Print the merged settings as TOML and exit.")] = False,
+    settings: Optional[dict] = None,
 ) -> None:
-    """Serve segmentation from a camera over ZeroMQ; buffer frames, adapt and hot-swap in the background."""
+    """Serve segmentation from a camera over ZeroMQ; buffer frames, adapt and hot-swap in the background.
+
+    The round settings are those of `mas3-edge adapt`; on a CPU, rounds take the CPU sizing for the
+    ones left unset (--print-config shows it)."""
+    _check_numbers(ctx.params, _RUN_NUMBERS)
+    from mas3_edge.runtime.publisher import check_address
+    check_address(publish, allow_remote)  # its port too, before anything is loaded or printed
+    _, _, sized = round_configs(settings or {}, cpu=True)  # validated before anything starts
     if print_config:
-        return typer.echo(_toml({k: ctx.params[k] for k in _option_kinds(run_cmd)}))
+        return typer.echo(_toml({k: ctx.params[k] for k in _option_kinds(run_cmd)})
+                          + f"\n# a round on a CPU also takes, for what is unset here: {sizing_note(sized)}")
     from mas3_edge.runtime.frame_buffer import BufferPolicy
     from mas3_edge.runtime.scheduler import ScheduleConfig
     from mas3_edge.runtime.service import Service, ServiceConfig
@@ -148,8 +186,7 @@ def run_cmd(
     set_verbose(verbose)
     sched = ScheduleConfig(every_frames=round_every_frames, every_minutes=round_every_minutes,
                            drift_threshold=drift_threshold, limit=round_frames, min_frames=min(40, round_frames),
-                           adapt={"method": method, **({"steps": adapt_steps} if adapt_steps is not None else {}),
-                                  **({"tau": tau} if tau is not None else {})})
+                           adapt=settings or {}, keep_versions=keep_versions)
     from mas3_edge.bundle import user_bundle
     cfg = ServiceConfig(camera=camera, bundle=user_bundle(bundle), engine=engine, device=device, threads=threads,
                         publish=publish, topic=topic, allow_remote=allow_remote, confidence=confidence,
@@ -179,6 +216,7 @@ def subscribe_cmd(
                          "cityscapes19 is built in, other label sets are drawn in generated colours.")] = None,
 ) -> None:
     """Listen to the segmentation stream: print rates and latency; save, show or record the overlays."""
+    _check_numbers({"count": count, "duration": duration, "interval": interval, "max_mb": max_mb}, _SUBSCRIBE_NUMBERS)
     from mas3_edge.labels import load_labels
     from mas3_edge.runtime.subscriber import LabelBook, Subscriber
     book = LabelBook([load_labels(labels)] if labels else (),
