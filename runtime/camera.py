@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -56,7 +56,6 @@ class CameraStats:
     stalls: int = 0  # reconnects because a live source gave no good frame for stall_s
     warmup: int = 0  # live frames read between connect(start=False) and start(), never handed out
     loops: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def refit(frame: Frame, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:

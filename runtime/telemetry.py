@@ -130,7 +130,8 @@ def status_line(s: dict) -> str:
     if not s.get("camera_connected", True):
         parts.append("camera: reconnecting")
     if s.get("buffer_frames") is not None:
-        parts.append(f"buffer {s['buffer_frames']}" + (" (stopped: disk)" if s.get("buffer_stopped") else ""))
+        parts.append(f"buffer {s['buffer_frames']}" + (f" ({s['buffer_dropped']} dropped)" if s.get("buffer_dropped") else "")
+                     + (" (stopped: disk)" if s.get("buffer_stopped") else ""))
     parts.append(f"round: {s['last_round']}")
     if s.get("miou_window") is not None:
         by = " ".join(f"{v} {m:.1f}" for v, m in s["miou_by_version"].items() if m is not None)
@@ -147,6 +148,7 @@ class _SnapshotCollector:
                  ("camera_corrupt_frames", "camera_corrupt", "Corrupt camera frames skipped."),
                  ("camera_reconnects", "camera_reconnects", "Camera reconnects."),
                  ("publish_dropped_messages", "publish_dropped", "Messages the publisher could not queue."),
+                 ("buffer_dropped_frames", "buffer_dropped", "Frames the buffer would have kept but dropped (paused or backlogged)."),
                  ("engine_swaps", "swaps", "Engine hot swaps."))
 
     def __init__(self, snapshot: Callable[[], dict]):

@@ -17,7 +17,7 @@ def _service_snapshot(tel: Telemetry) -> dict:
     """What Service.snapshot() adds to the telemetry's own figures."""
     return {**tel.snapshot(), "camera_dropped": 2, "camera_corrupt": 1, "camera_reconnects": 0,
             "publish_dropped": 4, "swaps": 1, "rounds": {"accepted": 2, "rejected": 1}, "version": "v0002",
-            "engine": "torch", "provider": "cpu", "buffer_frames": 7, "miou_window": 41.5}
+            "engine": "torch", "provider": "cpu", "buffer_frames": 7, "buffer_dropped": 3, "miou_window": 41.5}
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -53,7 +53,8 @@ def test_metrics_are_prometheus_client_families_in_base_units(served):
     assert samples["mas3_inference_seconds_sum"].value == pytest.approx(0.018)
 
     counters = {"mas3_frames": 3, "mas3_camera_dropped_frames": 2, "mas3_camera_corrupt_frames": 1,
-                "mas3_publish_dropped_messages": 4, "mas3_engine_swaps": 1, "mas3_camera_reconnects": 0}
+                "mas3_publish_dropped_messages": 4, "mas3_engine_swaps": 1, "mas3_camera_reconnects": 0,
+                "mas3_buffer_dropped_frames": 3}
     for name, value in counters.items():
         assert fams[name].type == "counter" and samples[f"{name}_total"].value == value
     rounds = {s.labels["outcome"]: s.value for s in fams["mas3_adaptation_rounds"].samples}
@@ -71,6 +72,15 @@ def test_metrics_are_prometheus_client_families_in_base_units(served):
     ours = [f for f in fams.values() if f.name.startswith("mas3_")]
     assert not [f.name for f in ours if "_ms" in f.name or "fps" in f.name]
     assert not [s for f in ours for s in f.samples if "quantile" in s.labels]
+
+
+def test_the_status_line_counts_the_buffers_drops():
+    from mas3_edge.runtime.telemetry import status_line
+    tel = Telemetry()
+    tel.record(20, 5)
+    s = {**_service_snapshot(tel), "last_round": "none yet"}
+    assert "buffer 7 (3 dropped)" in status_line(s)
+    assert "dropped" not in status_line({**s, "buffer_dropped": 0}).split("buffer 7")[1].split(",")[0]
 
 
 def test_each_server_has_its_own_registry(served):
