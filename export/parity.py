@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mas3_edge.model import Deployed, SegModel
 

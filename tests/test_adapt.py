@@ -122,13 +122,20 @@ def _bn_means(net):
     return torch.cat([m.running_mean for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)])
 
 
+def _first_bn(net):
+    return next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def _norms(net):
+    return [m for m in net.modules() if isinstance(m, DomainNorm)]
+
+
 def test_bn_mix_gives_the_moments_of_the_mixture(small_net):
     frames = np.random.default_rng(0).integers(0, 255, (4, 64, 128, 3), dtype=np.uint8)
-    first_bn = lambda net: next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
     target = copy.deepcopy(small_net)
     stats.reestimate(target, frames)  # the frames' own statistics
-    mt, vt = first_bn(target).running_mean, first_bn(target).running_var
-    bn = first_bn(small_net)
+    mt, vt = _first_bn(target).running_mean, _first_bn(target).running_var
+    bn = _first_bn(small_net)
     with torch.no_grad():
         bn.running_mean.fill_(5.0), bn.running_var.fill_(2.0)
     stats.reestimate(small_net, frames, mix=0.25)
@@ -154,8 +161,7 @@ def test_only_mas3_rounds_keep_the_source_normalisation_beside_the_adapted(proto
     frames = np.random.default_rng(4).integers(0, 255, (6, 64, 128, 3), dtype=np.uint8)
     cfg = AdaptConfig(method=method, steps=1, tau=0.0, swd_pixels=256, gmm_samples=512)
     res = rounds.run_round(proto_bundle, frames, cfg, rcfg=rounds.UNGUARDED)
-    norms = lambda net: [m for m in net.modules() if isinstance(m, DomainNorm)]
-    child, source = norms(bundle.load_version(res.version_dir).net), norms(bundle.load_version(proto_bundle).net)
+    child, source = _norms(bundle.load_version(res.version_dir).net), _norms(bundle.load_version(proto_bundle).net)
     assert any(m.routed() for m in child) == two_sets
     if two_sets:  # the source set is the parent's, byte for byte
         assert all(torch.equal(c.bank[0], s.working()) for c, s in zip(child, source))
@@ -166,7 +172,10 @@ def test_each_domain_keeps_its_own_set_and_a_returning_domain_finds_it(small_net
     bright, dark, grey = domain(120, 256), domain(0, 100), domain(100, 140)
     stats.reestimate(small_net, bright)
     bank.mark_source(small_net)
-    stem = lambda f: small_net.stem(torch.from_numpy(f))
+
+    def stem(f):
+        return small_net.stem(torch.from_numpy(f))
+
     assert bank.select(small_net, dark, keep=8) == "new"
     stats.reestimate(small_net, dark)
     with torch.no_grad():

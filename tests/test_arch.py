@@ -90,7 +90,6 @@ def test_the_router_reads_the_first_batch_norm_the_input_reaches(name):
 
 
 def test_an_adapted_set_leaves_the_source_set_of_an_imported_network_as_it_was():
-    from mas3_edge import adapt
     name = "torchvision:lraspp_mobilenet_v3_large"
     net = arch.build(arch.model_config(name, FOUR, SIZE), FOUR).eval()
     arch.import_weights(net, original(name, 4).state_dict(), "w")
@@ -203,7 +202,7 @@ def test_a_network_whose_first_declared_batch_norm_runs_second_is_refused():
 def test_an_imported_networks_sets_fold_apart_and_export_as_router_and_set_graphs(tmp_path, name):
     """The engines' per-set paths follow the bank on any network: PerSetFolded (PyTorch) and the
     per-set ONNX layout (router + one graph per set) serve what the blended model serves."""
-    from mas3_edge import adapt, bundle
+    from mas3_edge import bundle
     from mas3_edge.export.onnx import export_onnx, run_onnx
     from mas3_edge.export import sets as xsets
     from mas3_edge.model import Deployed, PerSetFolded

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from conftest import adapted_copy, domain, two_domains
-from mas3_edge import adapt, stats, bank
+from mas3_edge import stats, bank
 from mas3_edge.model import Deployed, DomainNorm, SegNet, fold_batchnorm
 
 
@@ -21,7 +21,10 @@ def test_each_frame_gets_the_set_its_domain_is_closest_to(small_net):
     stats.reestimate(small_net, bright)
     bank.mark_source(small_net)  # a source model of the bright domain
     adapted = adapted_copy(small_net, dark)
-    stem = lambda frames: adapted.stem(torch.from_numpy(frames))
+
+    def stem(frames):
+        return adapted.stem(torch.from_numpy(frames))
+
     assert bank.route(adapted, stem(bright)).flatten().tolist() == [0, 0, 0]
     assert bank.route(adapted, stem(dark)).flatten().tolist() == [1, 1, 1]
     mixed = np.concatenate([bright[:2], dark[:2]])

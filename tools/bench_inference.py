@@ -164,7 +164,7 @@ def bench_size(vdir: Path, size: tuple[int, int], args: argparse.Namespace, devi
     for batch in args.batches:
         frames = rng.integers(0, 256, (batch, *size, 3), dtype=np.uint8)
         lat: dict[str, list[float]] = {k: [] for k in loaded}
-        for kind, engine in loaded.items():
+        for engine in loaded.values():
             time_calls(engine, frames, 0.0, 1 if args.quick else 3)  # warm-up: allocators, kernel choice
         for _ in range(args.rounds):
             for kind, engine in loaded.items():
@@ -219,8 +219,8 @@ def markdown(rows: list[dict], hw: dict, args: argparse.Namespace) -> str:
                      f"{r['fps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {vs} | {r['gflop_per_image']:.2f} | "
                      f"{r['activation_mb_per_image']:.0f} | {r['tflops']:.3f} | {pct} |")
     peak = next((r["peak_tflops"] for r in rows if "peak_tflops" in r), None)
-    lines.append(f"\nFLOPs: torch.utils.flop_counter (2 per multiply-add) of the served network, one image; activations: "
-                 f"bytes every op writes, fp32 (half under fp16)." + (f" Peak: {peak:g} TFLOP/s." if peak else ""))
+    lines.append("\nFLOPs: torch.utils.flop_counter (2 per multiply-add) of the served network, one image; activations: "
+                 "bytes every op writes, fp32 (half under fp16)." + (f" Peak: {peak:g} TFLOP/s." if peak else ""))
     return "\n".join(lines)
 
 

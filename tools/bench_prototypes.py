@@ -81,7 +81,7 @@ def main() -> None:
     z2, y2 = draw(mean, chol, per_class, g)
     rows.append(("truth vs truth (floor)", 0.0, *swd_pair(z2, y2, zt, yt, theta), 0.0))
     print(f"K = {k}, D = {d}, {args.n_fit} fitting / {args.n_eval} evaluation samples per class, 256 directions")
-    print(f"| structure | file KB | SWD pooled | SWD per class | ‖Σ̂−Σ‖F/‖Σ‖F |\n|---|---:|---:|---:|---:|")
+    print("| structure | file KB | SWD pooled | SWD per class | ‖Σ̂−Σ‖F/‖Σ‖F |\n|---|---:|---:|---:|---:|")
     for name, kb, pooled, per, err in rows:
         print(f"| {name} | {kb:.0f} | {pooled:.5f} | {per:.5f} | {err:.3f} |")
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mas3_edge import arch as archs, bank, bundle, data, gate, health, prototypes, rounds, shifts, synth, train
+from mas3_edge import arch as archs, bank, bundle, data, health, prototypes, rounds, shifts, synth, train
 from mas3_edge.config import AdaptConfig
 from mas3_edge.errors import UserError
 from mas3_edge.evaluate import evaluate
@@ -296,7 +296,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 def rejudge(path: Path, floor_row: str = "mas3") -> dict:
     """The report at `path` with every round's acceptance decided again from its recorded signals."""
     report = json.loads(path.read_text())
-    for name, row in report["results"].items():
+    for row in report["results"].values():
         for cell in row.values():
             if cell.get("gate_after"):
                 cell["accepted"], cell["reason"] = rounds.judge(cell["health_before"], cell["health_after"],
