@@ -49,7 +49,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         _check(not unknown, f"model.json has unknown architecture keys {sorted(unknown)}")
@@ -102,12 +102,13 @@ METHODS = tuple(METHOD_DEFAULTS)
 class AdaptConfig:
     """How a round adapts: the method and every setting of its steps, statistics and sets.
     Paper defaults: lambda 0.5, L 100, Adam lr 1e-4, batch 2, tau 0.97. The fields that default to
-    None are the method's choices (METHOD_DEFAULTS, above)."""
+    None are the method's choices (METHOD_DEFAULTS, above): None given to the constructor takes the
+    method's value, so once made every field holds a value of its annotated type."""
 
     method: str = setting("mas3", "mas3 (default), mas3-paper, bn, tent, pseudo, cotta or none.")
     steps: int = setting(100, "Gradient steps of the round.")
     batch_size: int = setting(2, "Frames per step.")
-    lr: float | None = setting(None, "Adam learning rate.")
+    lr: float = setting(None, "Adam learning rate.")
     lam: float = setting(0.5, "Weight of the SWD term (Eq. 4). With Adam it has no effect unless --params all "
                               "also trains h through the CE term (Adam undoes a constant scale).", flag="--lambda")
     n_projections: int = setting(100, "Random directions L of the sliced-Wasserstein distance.", flag="--projections")
@@ -115,23 +116,23 @@ class AdaptConfig:
                                "that sure (an imported or briefly trained one) needs a lower one.")
     swd_pixels: int = setting(65536, "Target embeddings subsampled per step for the SWD.")
     gmm_samples: int = setting(4096, "Pseudo-dataset draws per step (before the confidence filter).")
-    params: str | None = setting(None, "Updated parameters: all or norm.")
-    bn: str | None = setting(None, "Batch-norm statistics: adapt (re-estimate on the frames) or frozen "
-                                   ".")
-    bn_mix: float | None = setting(None, "Weight of the target BN statistics, the rest the source's "
-                                         "(1 = AdaBN).")
-    class_conditional: bool | None = setting(None, "Match each predicted class to its own component, or pool "
-                                                   ".", flag="--class-conditional/--pooled")
-    keep_source: bool | None = setting(None, "Keep the source's normalisation set and one per adapted domain, "
-                                             "chosen per frame.", flag="--keep-source/--one-set")
-    batch_stats: bool | None = setting(None, "Normalise each step's batch with its own statistics, or with the "
-                                             "running ones.",
-                                       flag="--batch-stats/--running-stats")
-    target_conf: float | None = setting(None, "Only target pixels predicted at least this confidently enter "
-                                              "the SWD.")
-    choose: bool | None = setting(None, "Keep the steps only when they beat re-estimated statistics alone on "
-                                        "held-out augmentation consistency (mas3 chooses).",
-                                  flag="--choose/--always-step")
+    params: str = setting(None, "Updated parameters: all or norm.")
+    bn: str = setting(None, "Batch-norm statistics: adapt (re-estimate on the frames) or frozen "
+                            ".")
+    bn_mix: float = setting(None, "Weight of the target BN statistics, the rest the source's "
+                                  "(1 = AdaBN).")
+    class_conditional: bool = setting(None, "Match each predicted class to its own component, or pool "
+                                            ".", flag="--class-conditional/--pooled")
+    keep_source: bool = setting(None, "Keep the source's normalisation set and one per adapted domain, "
+                                      "chosen per frame.", flag="--keep-source/--one-set")
+    batch_stats: bool = setting(None, "Normalise each step's batch with its own statistics, or with the "
+                                      "running ones.",
+                                flag="--batch-stats/--running-stats")
+    target_conf: float = setting(None, "Only target pixels predicted at least this confidently enter "
+                                       "the SWD.")
+    choose: bool = setting(None, "Keep the steps only when they beat re-estimated statistics alone on "
+                                 "held-out augmentation consistency (mas3 chooses).",
+                           flag="--choose/--always-step")
     # chosen on the tuning targets (docs/results/quality.md): the two targets where the steps lost
     # raised consistency by 0.005 and 0.015, the five where they won by >= 0.018
     choice_margin: float = setting(0.016, "With --choose: the steps must beat statistics alone by at least this "
