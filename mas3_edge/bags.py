@@ -12,8 +12,8 @@ The runtime's camera source (runtime/bag.py) and the adaptation frame loader (fr
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import parse_qs
 
 import numpy as np
@@ -129,7 +129,7 @@ class Bag:
     def close(self) -> None:
         self._reader.close()
 
-    def __enter__(self) -> "Bag":
+    def __enter__(self) -> Bag:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -3,7 +3,7 @@ parameters a round updates, and Adam on random batches of the round's frames."""
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -12,8 +12,8 @@ tests/test_bags.py writes its bags with.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 
