@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import replace
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ from .model import SegModel, SegNet
 TORCHVISION = ("deeplabv3_mobilenet_v3_large", "deeplabv3_resnet50", "fcn_resnet50", "lraspp_mobilenet_v3_large")
 SMP = ("Unet", "FPN", "DeepLabV3Plus")
 EXTRAS = {"torchvision": "torchvision", "segmentation_models_pytorch": "smp"}
+M = TypeVar("M", bound=nn.Module)
 
 
 def _require(module: str, arch: str):
@@ -105,13 +107,24 @@ def _factory(arch: str, parts: list[str], k: int) -> tuple[nn.Module, str]:
     return out
 
 
+def _part(module: nn.Module, name: str, kind: type[M]) -> M:
+    """Submodule `name` (dotted) of a network we import, which its family's layout makes a `kind`."""
+    part = module.get_submodule(name)
+    if not isinstance(part, kind):
+        raise UserError(f"{type(module).__name__}.{name} is a {type(part).__name__}, not the {kind.__name__} "
+                        "mas3-edge splits this family at (pyproject.toml's extras name the versions tested)")
+    return part
+
+
 class TorchvisionHead(SegModel):
     """torchvision deeplabv3_* and fcn_*: backbone -> classifier[:-1] -> z; h = classifier[-1]."""
 
     def __init__(self, config: ModelConfig, labels: LabelSet, tv: nn.Module):
         super().__init__(config, labels)
-        self.backbone, self.head = tv.backbone, tv.classifier[-1]
-        self.decoder = nn.Sequential(*list(tv.classifier)[:-1])  # DeepLabHead/FCNHead are Sequentials
+        classifier = _part(tv, "classifier", nn.Sequential)  # DeepLabHead/FCNHead are Sequentials
+        self.backbone = _part(tv, "backbone", nn.Module)
+        self.head = _part(classifier, str(len(classifier) - 1), nn.Conv2d)
+        self.decoder = nn.Sequential(*list(classifier)[:-1])
         self.finish()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,10 +147,12 @@ class TorchvisionLRASPP(SegModel):
 
     def __init__(self, config: ModelConfig, labels: LabelSet, tv: nn.Module):
         super().__init__(config, labels)
-        c = tv.classifier
-        self.backbone, self.cbr, self.scale = tv.backbone, c.cbr, c.scale
-        self.head = nn.Conv2d(c.low_classifier.in_channels + c.high_classifier.in_channels, config.num_classes, 1)
-        self.head.load_state_dict(self._merge(c.low_classifier.state_dict(), c.high_classifier.state_dict()))
+        c = _part(tv, "classifier", nn.Module)
+        self.backbone, self.cbr, self.scale = (_part(tv, "backbone", nn.Module), _part(c, "cbr", nn.Module),
+                                               _part(c, "scale", nn.Module))
+        low, high = _part(c, "low_classifier", nn.Conv2d), _part(c, "high_classifier", nn.Conv2d)
+        self.head = nn.Conv2d(low.in_channels + high.in_channels, config.num_classes, 1)
+        self.head.load_state_dict(self._merge(low.state_dict(), high.state_dict()))
         self.finish()
 
     @staticmethod
@@ -151,7 +166,8 @@ class TorchvisionLRASPP(SegModel):
         return torch.cat([low, g], 1)
 
     def foreign(self, state: dict) -> dict:
-        part = lambda name: {k.rsplit(".", 1)[1]: v for k, v in state.items() if k.startswith(f"classifier.{name}.")}
+        def part(name: str) -> dict:
+            return {k.rsplit(".", 1)[1]: v for k, v in state.items() if k.startswith(f"classifier.{name}.")}
         out = {k.replace("classifier.", "", 1): v for k, v in state.items()
                if k.startswith("classifier.") and "_classifier." not in k}
         out |= {k: v for k, v in state.items() if not k.startswith("classifier.")}
@@ -167,10 +183,11 @@ class Smp(SegModel):
 
     def __init__(self, config: ModelConfig, labels: LabelSet, model: nn.Module):
         super().__init__(config, labels)
-        conv = model.segmentation_head[0]
-        self.encoder, self.decoder, self.k = model.encoder, model.decoder, conv.kernel_size[0]
+        conv = _part(model, "segmentation_head.0", nn.Conv2d)
+        self.encoder, self.decoder = _part(model, "encoder", nn.Module), _part(model, "decoder", nn.Module)
+        self.k = conv.kernel_size[0]
         # smp resizes its logits with an nn.Upsample that aligns corners: resize them the same way
-        self.align = bool(getattr(model.segmentation_head[1], "align_corners", False))
+        self.align = bool(getattr(model.get_submodule("segmentation_head.1"), "align_corners", False))
         self.head = nn.Conv2d(conv.in_channels * self.k ** 2, config.num_classes, 1)
         self.head.load_state_dict(self._flat(conv.state_dict()))
         self.finish()
@@ -248,7 +265,7 @@ def read_weights(path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             import safetensors.torch
-            state = safetensors.torch.load_file(str(path))
+            state: object = safetensors.torch.load_file(str(path))  # whatever the file holds, checked below
         elif path.suffix in (".pt", ".pth"):
             state = torch.load(path, map_location="cpu", weights_only=True)
         else:
@@ -270,8 +287,9 @@ def read_weights(path) -> dict[str, torch.Tensor]:
 def import_weights(net: SegModel, state: dict[str, torch.Tensor], where: str) -> None:
     """Load a state dict written for the original network (or by mas3-edge) into `net`, after checking
     that every tensor fits; the loaded statistics become the source set. UserError names what does not fit."""
-    if not any(k.startswith("head.") for k in state) and hasattr(net, "foreign"):
-        state = net.foreign(state)
+    foreign = getattr(net, "foreign", None)  # the adapters for networks we did not write have one
+    if not any(k.startswith("head.") for k in state) and callable(foreign):
+        state = foreign(state)
     own = {k: v for k, v in net.state_dict().items() if not k.endswith(".bank")}
     state = {k: v for k, v in state.items() if not k.endswith((".bank", "num_batches_tracked"))}
     head = state.get("head.weight")

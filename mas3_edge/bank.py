@@ -17,6 +17,7 @@ import copy
 import logging
 import warnings
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, TypeGuard, TypeVar
 
 import numpy as np
 import torch
@@ -26,7 +27,11 @@ from .config import AdaptConfig
 from .errors import UserError
 from .torchutil import to_device
 
+if TYPE_CHECKING:  # model.py builds on this file: the network's type, for the annotations only
+    from .model import SegModel
+
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=nn.Module)
 
 
 class RouteState:
@@ -56,6 +61,10 @@ class DomainNorm(nn.BatchNorm2d):
     domains before it. The network's first norm layer (`lead`) makes that choice from the
     statistics of its own input, for the length of one forward pass (SegModel.using_route): a
     layer called on its own sees no route. Training (and no route) uses the working set."""
+
+    bank: torch.Tensor  # (S, 4, C), a buffer
+    running_mean: torch.Tensor  # always tracked (BatchNorm2d's are None without track_running_stats)
+    running_var: torch.Tensor
 
     def __init__(self, channels: int, eps: float = 1e-5, momentum: float | None = 0.1):
         super().__init__(channels, eps=eps, momentum=momentum)
@@ -141,7 +150,7 @@ def gaussian_kl(m: torch.Tensor, v: torch.Tensor, mu: torch.Tensor, var: torch.T
     return 0.5 * (v / var + (m - mu) ** 2 / var - 1 + torch.log(var / v)).sum(-1)
 
 
-def _replaceable(m: nn.Module) -> bool:
+def _replaceable(m: nn.Module) -> TypeGuard[nn.BatchNorm2d]:
     return type(m) is nn.BatchNorm2d or (type(m).__name__ == "BatchNormAct2d" and isinstance(m, nn.BatchNorm2d)
                                          and isinstance(getattr(m, "act", None), nn.Module)
                                          and isinstance(getattr(m, "drop", None), nn.Module))
@@ -160,7 +169,7 @@ def install_bank(module: nn.Module, name: str = "the network") -> list[DomainNor
               if isinstance(m, nn.BatchNorm2d) and not (_replaceable(m) or isinstance(m, DomainNorm))]
     if others:
         warnings.warn(f"{name}: {len(others)} batch-norm layers of type {sorted(set(others))} are not plain "
-                      "BatchNorm2d; they keep their statistics and are not adapted")
+                      "BatchNorm2d; they keep their statistics and are not adapted", stacklevel=2)
     for parent in list(module.modules()):
         for child_name, child in parent.named_children():
             if _replaceable(child):
@@ -169,7 +178,8 @@ def install_bank(module: nn.Module, name: str = "the network") -> list[DomainNor
                                     "statistics; mas3-edge adapts BatchNorm2d(affine=True, track_running_stats=True)")
                 dn = DomainNorm(child.num_features, child.eps, child.momentum).to(child.weight.device)
                 if type(child) is not nn.BatchNorm2d:
-                    dn.post = nn.Sequential(child.drop, child.act)
+                    drop, act = child.get_submodule("drop"), child.get_submodule("act")  # _replaceable checked both
+                    dn.post = nn.Sequential(drop, act)
                 dn.load_state_dict(child.state_dict(), strict=False)
                 dn.mark_source()
                 setattr(parent, child_name, dn)
@@ -194,9 +204,17 @@ def lead(net: nn.Module) -> DomainNorm | None:
     return next((m for m in norms(net) if m.lead), None)
 
 
+def _router(net: nn.Module) -> DomainNorm:
+    """lead(net), for the functions below that need a network whose bank is installed and unfolded."""
+    first = lead(net)
+    if first is None:
+        raise ValueError("the network has no router: install_bank was not run on it, or its first norm was folded")
+    return first
+
+
 def count(net: nn.Module) -> int:
     """Sets of the network: the bank's rows and the working set."""
-    return len(lead(net).sets())
+    return len(_router(net).sets())
 
 
 def routed(net: nn.Module) -> bool:
@@ -210,6 +228,7 @@ def using_route(net: nn.Module, active: bool, capture: bool = False):
     uses its working set again: a route belongs to one batch and must not outlive its pass."""
     first = lead(net)
     state = first.state if first is not None else RouteState()
+    assert state is not None, "install_bank gives the router its RouteState"
     state.active, state.capture, state.route = active, capture, None
     try:
         yield
@@ -230,12 +249,12 @@ def capture_stem(net: nn.Module, features, x: torch.Tensor) -> torch.Tensor | No
 @torch.no_grad()
 def stem_stats(net: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-frame channel mean and variance (B, C) of the first norm layer's input h."""
-    return lead(net).input_stats(h)
+    return _router(net).input_stats(h)
 
 
 def distances(net: nn.Module, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Gaussian KL of channel statistics (B, C) to each set of the first norm layer: (B, S + 1)."""
-    return lead(net).distances(m, v)
+    return _router(net).distances(m, v)
 
 
 @torch.no_grad()
@@ -265,14 +284,15 @@ def add_set(net: nn.Module, keep: int) -> None:
 @torch.no_grad()
 def drop_set(net: nn.Module, row: int) -> None:
     """Remove banked adapted set `row` (1..S-1) from every layer."""
-    if not 1 <= row < len(lead(net).bank):
-        raise UserError(f"no adapted normalisation set {row} to drop (the bank has {len(lead(net).bank) - 1})")
+    banked = len(_router(net).bank)
+    if not 1 <= row < banked:
+        raise UserError(f"no adapted normalisation set {row} to drop (the bank has {banked - 1})")
     for m in norms(net):
         m.bank = torch.cat([m.bank[:row], m.bank[row + 1:]])
 
 
 @torch.no_grad()
-def select(net: nn.Module, frames: np.ndarray, keep: int, same_domain: float = AdaptConfig.same_domain,
+def select(net: SegModel, frames: np.ndarray, keep: int, same_domain: float = AdaptConfig.same_domain,
            batch_size: int = 8) -> str:
     """Before a round that keeps the source set: make the set of this chunk's domain the working
     set, or start a new one from the source's. The chunk's pooled stem statistics are compared
@@ -318,7 +338,7 @@ def mark_source(net: nn.Module) -> None:
 
 
 @torch.no_grad()
-def one_set(net: nn.Module, s: int) -> nn.Module:
+def one_set(net: M, s: int) -> M:
     """A copy of `net` whose every layer holds set `s` of its sets() and nothing else."""
     net = copy.deepcopy(net)
     for m in norms(net):
@@ -327,7 +347,7 @@ def one_set(net: nn.Module, s: int) -> nn.Module:
     return net
 
 
-def source_path(net: nn.Module) -> nn.Module:
+def source_path(net: M) -> M:
     """The network as it segments the source domain: its source set alone, in eval mode."""
     return one_set(net, 0).eval()
 

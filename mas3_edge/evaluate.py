@@ -17,12 +17,12 @@ from .errors import UserError
 from .frames import resize
 from .labels import colorize, overlay
 from .metrics import Confusion
-from .model import SegNet
+from .model import SegModel
 from .torchutil import to_device
 
 
 @torch.no_grad()
-def predict(net: SegNet, images: np.ndarray) -> np.ndarray:
+def predict(net: SegModel, images: np.ndarray) -> np.ndarray:
     """uint8 (B, H, W, 3) at the model's input size -> class ids uint8 (B, H, W)."""
     logits = net(net.normalize(to_device(images, net)))
     return logits.argmax(1).to(torch.uint8).cpu().numpy()
@@ -55,7 +55,7 @@ def _check_label_set(dataset, labels) -> None:
                         "model's label set")
 
 
-def evaluate(net: SegNet, dataset, batch_size: int = 8, overlays: Path | None = None,
+def evaluate(net: SegModel, dataset, batch_size: int = 8, overlays: Path | None = None,
              max_overlays: int = 16, classes: Sequence[int] | None = None) -> dict:
     """mIoU etc. of `net` over a dataset of (image, label) pairs; optional PNG overlays
     (image | ground truth | prediction) in the colours of the model's label set. `classes`: the

@@ -21,6 +21,7 @@ from .labels import CITYSCAPES, LabelSet
 
 M = TypeVar("M", bound=nn.Module)
 
+
 def _ch(c: float, mult: float) -> int:
     return max(8, int(round(c * mult / 8)) * 8)
 

@@ -23,11 +23,17 @@ def restore(net: SegModel, saved: list[torch.Tensor]) -> None:
         b.copy_(s)
 
 
+def _running(m: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """A norm layer's running mean and variance (the networks' norms all track them)."""
+    assert m.running_mean is not None and m.running_var is not None, f"{type(m).__name__} tracks no statistics"
+    return m.running_mean, m.running_var
+
+
 @torch.no_grad()
 def reestimate(net: SegModel, frames: np.ndarray, mix: float = 1.0, batch_size: int = 8) -> None:
     """AdaBN: batch-norm statistics := the moments of the mixture (1 - mix) · current + mix · `frames`."""
     bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-    saved = [(m.momentum, m.training, m.running_mean.clone(), m.running_var.clone()) for m in bns]
+    saved = [(m.momentum, m.training, _running(m)[0].clone(), _running(m)[1].clone()) for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average over all batches
@@ -36,9 +42,10 @@ def reestimate(net: SegModel, frames: np.ndarray, mix: float = 1.0, batch_size: 
         net.embed(net.normalize(to_device(frames[i:i + batch_size], net)))
     for m, (momentum, training, mean, var) in zip(bns, saved):
         # moments of the mixture: the variance gains the spread between the two means
-        gap = (m.running_mean - mean) ** 2
-        m.running_mean.mul_(mix).add_(mean, alpha=1 - mix)
-        m.running_var.mul_(mix).add_(var, alpha=1 - mix).add_(gap, alpha=mix * (1 - mix))
+        run_mean, run_var = _running(m)
+        gap = (run_mean - mean) ** 2
+        run_mean.mul_(mix).add_(mean, alpha=1 - mix)
+        run_var.mul_(mix).add_(var, alpha=1 - mix).add_(gap, alpha=mix * (1 - mix))
         m.momentum = momentum
         m.train(training)
 
