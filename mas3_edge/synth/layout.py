@@ -2,6 +2,9 @@
 rasterised far-to-near into an index map, from a seed alone (no appearance here)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import cv2
 import numpy as np
 
@@ -277,6 +280,9 @@ def _skyline(s: _Scene, z: float) -> None:
         x += wd
 
 
+Draw = tuple[float, Callable[[], None]]  # (depth, what paints the object): painted far to near
+
+
 def _layout(seed: int, size: tuple[int, int], shift: float) -> _Scene:
     """The scene's geometry; every random draw here comes from the seed alone."""
     s = _Scene(size, np.random.default_rng(seed), shift)
@@ -292,7 +298,7 @@ def _layout(seed: int, size: tuple[int, int], shift: float) -> _Scene:
     s.ground(s.add(TERRAIN, "terrain", mode=_PLANE), -500, 500, 0.6, 300)
     s.ground(s.add(ROAD, "road", mode=_PLANE), left, right, 0.6, 300)
     _markings(s, lanes, lw, road[0], oncoming)
-    objs: list[tuple[float, object]] = [(300, lambda: _skyline(s, rng.uniform(120, 220)))]
+    objs: list[Draw] = [(300, lambda: _skyline(s, rng.uniform(120, 220)))]
     crossing = rng.uniform(15, 45) if rng.random() < 0.35 + 0.3 * shift else None
     for side, edge in ((-1, left), (1, right)):
         objs += _side(s, side, edge, shift, crossing)
@@ -320,9 +326,10 @@ def _markings(s: _Scene, lanes: int, lw: float, x0: float, oncoming: int) -> Non
             s.ground(paint, x - 0.08, x + 0.08, 1.0, 300)
 
 
-def _side(s: _Scene, side: int, edge: float, shift: float, crossing) -> list:
+def _side(s: _Scene, side: int, edge: float, shift: float, crossing) -> list[Draw]:
     """Sidewalk, buildings or greenery, poles, trees and pedestrians on one side of the road."""
-    rng, objs = s.rng, []
+    rng = s.rng
+    objs: list[Draw] = []
     walk = rng.uniform(1.5, 5.0)
     out = edge + side * walk
     s.ground(s.add(SIDEWALK, "sidewalk", mode=_PLANE), edge, out + side * 40 * (rng.random() < .4),
@@ -337,26 +344,31 @@ def _side(s: _Scene, side: int, edge: float, shift: float, crossing) -> list:
             prev_gap = True
         else:
             xb = out + side * (rng.uniform(0, 3) if urban else rng.uniform(6, 30))
-            objs.append((z + length, lambda a=(xb, z, z + length, side, prev_gap): _building(s, *a)))
+            objs.append((z + length, partial(_building, s, xb, z, z + length, side, prev_gap)))
             prev_gap = False
         z += length
     for z in np.arange(rng.uniform(3, 15), 90, rng.uniform(10, 25)):
         kind = rng.choice(["sign", "light", "lamp", "pole", "tree"], p=[.3, .12, .2, .13, .25])
         kind = "light" if crossing is not None and abs(z - crossing) < 8 else kind
         x = edge + side * rng.uniform(0.4, 0.9)
-        objs.append((z, (lambda x=x, z=z: _tree(s, x + side, z)) if kind == "tree" else
-                     (lambda x=x, z=z, k=kind: _pole_thing(s, x, z, k, side))))
+        objs.append((z, partial(_tree, s, x + side, z) if kind == "tree" else
+                     partial(_pole_thing, s, x, z, kind, side)))
     for _ in range(rng.poisson(2 * (1 + 2 * shift))):  # label_shift: more pedestrians
         x, z = edge + side * rng.uniform(0.5, walk), rng.uniform(3, 60)
-        objs.append((z, lambda x=x, z=z: _person(s, x, z)))
+        objs.append((z, partial(_person, s, x, z)))
     if rng.random() < 0.3:  # parked two-wheelers
         x, z, k = out - side * 0.6, rng.uniform(4, 30), BIKE if rng.random() < 0.6 else MOTO
         objs.append((z, lambda: _cycle(s, x, z, k, False)))
     return objs
 
 
-def _gap(s: _Scene, side: int, out: float, z: float, length: float) -> list:
-    rng, objs, kind = s.rng, [], s.rng.choice(["wall", "fence", "hedge", "trees", "open"])
+def _gap(s: _Scene, side: int, out: float, z: float, length: float) -> list[Draw]:
+    rng, kind = s.rng, s.rng.choice(["wall", "fence", "hedge", "trees", "open"])
+    objs: list[Draw] = []
+
+    def tree(x: float, zz: float) -> None:
+        _tree(s, x, zz, rng.uniform(1, 1.8))  # its size drawn when painted, in the painter's order
+
     if kind in ("wall", "fence", "hedge"):
         cls, mat = {"wall": (WALL, "wall"), "fence": (FENCE, "fence"), "hedge": (VEG, "foliage")}[kind]
         h, x = rng.uniform(1.0, 3.0), out + side * rng.uniform(0, 1.5)
@@ -365,14 +377,16 @@ def _gap(s: _Scene, side: int, out: float, z: float, length: float) -> list:
     for zz in np.arange(z + rng.uniform(1, 6), z + length, rng.uniform(4, 9)):
         if kind in ("trees", "hedge", "wall") or rng.random() < 0.3:
             x = out + side * rng.uniform(2, 9)
-            objs.append((zz + 1, lambda x=x, zz=zz: _tree(s, x, zz, rng.uniform(1, 1.8))))
+            objs.append((zz + 1, partial(tree, x, zz)))
     return objs
 
 
 def _traffic(s: _Scene, lanes: int, lw: float, road: tuple, park: list, ego: int, oncoming: int,
-             shift: float, crossing) -> list:
+             shift: float, crossing) -> list[Draw]:
     """Vehicles in the lanes and parked at the curbs, riders, a tram, people on a crosswalk."""
-    rng, objs, taken = s.rng, [], []
+    rng = s.rng
+    objs: list[Draw] = []
+    taken: list[tuple[int, float, float]] = []  # (lane, z0, z1) of each vehicle placed
 
     def free(lane: int, z0: float, z1: float) -> bool:
         ok = all(n != lane or z1 < a - 1 or z0 > b + 1 for n, a, b in taken)
@@ -400,15 +414,14 @@ def _traffic(s: _Scene, lanes: int, lw: float, road: tuple, park: list, ego: int
         x = road[0] + (lane + 0.5) * lw + rng.normal(0, 0.2)
         x = road[0] - 1.1 if lane < 0 else road[1] + 1.1 if parked else x
         if kind in (MOTO, BIKE):
-            objs.append((z, lambda x=x, z=z, k=kind, r=not parked: _cycle(s, x, z, k, r)))
+            objs.append((z, partial(_cycle, s, x, z, kind, not parked)))
         else:
-            objs.append((z, lambda x=x, z=z, k=kind, o=0 <= lane < oncoming: _car(s, x, z, k, o)))
+            objs.append((z, partial(_car, s, x, z, kind, 0 <= lane < oncoming)))
     if crossing is not None:  # a crosswalk with people and riders on it
         zebra = s.add(ROAD, "marking", mode=_PLANE)
         for x in np.arange(road[0] + 0.3, road[1], 1.0):
             s.ground(zebra, x, x + 0.5, crossing, crossing + 3)
         for _ in range(rng.poisson(2 + 3 * shift)):
             x, z = rng.uniform(*road), crossing + rng.uniform(0, 3)
-            objs.append((z, (lambda x=x, z=z: _person(s, x, z)) if rng.random() < 0.8 else
-                         (lambda x=x, z=z: _cycle(s, x, z, BIKE, True))))
+            objs.append((z, partial(_person, s, x, z) if rng.random() < 0.8 else partial(_cycle, s, x, z, BIKE, True)))
     return objs

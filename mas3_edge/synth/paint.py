@@ -138,12 +138,12 @@ def _paint(s: _Scene, domain: str, rng: np.random.Generator) -> np.ndarray:
         return _finish(s, img * t + 0.7 * (1 - t), rng, rng.uniform(0.5, 0.8), 0.015, 0.35)
     if domain == "night":  # the ego headlights light the near road
         beam = np.exp(-((xx - s.w / 2) / (0.3 * s.w)) ** 2 - ((s.h - yy) / (0.3 * s.h)) ** 2)
-        img *= (1 + 3 * beam * (s.index != 0))[..., None] * np.float32([0.75, 0.85, 1.2])
+        img *= (1 + 3 * beam * (s.index != 0))[..., None] * np.array([0.75, 0.85, 1.2], dtype=np.float32)
         return _finish(s, _glare(s, rows, img, 1.2), rng, 0.6, 0.04, 0.4)
     if domain == "fog":  # Koschmieder: haze grows with distance towards the airlight
         t = 0.9 * np.exp(-_depth(s, rows) * 3 / rng.uniform(25, 100))
         air = rng.uniform(0.7, 0.9) * (1 + 0.05 * _noise(rng, s.h, s.w, 32))[..., None]
-        img = img * t + air * np.float32([0.97, 0.99, 1.02]) * (1 - t)
+        img = img * t + air * np.array([0.97, 0.99, 1.02], dtype=np.float32) * (1 - t)
         return _finish(s, img, rng, rng.uniform(0.7, 1.2), 0.012)
     return _rain(s, rows, img, rng)
 
