@@ -193,10 +193,13 @@ class PairDataset:
 
     def __getitem__(self, i: int):
         img = read_image(self.images[i])
-        lbl = None if self.labels is None else self.keep[self.label_fn(self.labels[i])]
-        if lbl is not None and lbl.shape != img.shape[:2]:  # a resized label would score noise
-            raise UserError(f"{self.labels[i]}: label is {lbl.shape[1]}x{lbl.shape[0]} but its image "
-                            f"{self.images[i].name} is {img.shape[1]}x{img.shape[0]}; labels must match their images")
+        lbl = None
+        if self.labels is not None:
+            lbl = self.keep[self.label_fn(self.labels[i])]
+            if lbl.shape != img.shape[:2]:  # a resized label would score noise
+                raise UserError(f"{self.labels[i]}: label is {lbl.shape[1]}x{lbl.shape[0]} but its image "
+                                f"{self.images[i].name} is {img.shape[1]}x{img.shape[0]}; labels must match their "
+                                "images")
         if self.size is not None and img.shape[:2] != self.size:
             h, w = self.size
             down = h * w < img.shape[0] * img.shape[1]
@@ -221,7 +224,9 @@ class FolderDataset(PairDataset):
 
 
 def _all_there(label_files: list[Path] | None, hint: str) -> None:
-    missing = [p for p in label_files or () if not p.is_file()]
+    if label_files is None:  # an unlabeled dataset
+        return
+    missing = [p for p in label_files if not p.is_file()]
     if missing:
         raise UserError(f"{missing[0]}: label missing ({len(missing)} of {len(label_files)} "
                         f"images have none); {hint}")

@@ -70,6 +70,7 @@ def run(out: Path, cfg: DemoConfig, log=print) -> dict:
     for method in cfg.methods:
         res = rounds.run_round(root, paths["target-adapt"], AdaptConfig(method=method, seed=cfg.seed), "v0001",
                                rounds.UNGUARDED)
+        assert res.version_dir is not None, "an unguarded round writes its version"
         net = bundles.load_version(res.version_dir).net
         results[method] = {**_scores(net, ds), "seconds": res.report.get("seconds"), "version": res.version_dir.name,
                            "health_accepted": res.reason}

@@ -8,9 +8,9 @@ runs exactly as it did before torchrun was supported.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as tdist
@@ -25,7 +25,7 @@ class Context:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    device: str = "cpu"
+    device: str | torch.device = "cpu"
 
 
 def _env(name: str) -> int:
@@ -36,7 +36,7 @@ def _joined() -> bool:
     return tdist.is_available() and tdist.is_initialized()
 
 
-def init(device: str = "cpu") -> Context:
+def init(device: str | torch.device = "cpu") -> Context:
     """Join torchrun's process group and pick this rank's device. The backend follows the device
     asked for: NCCL with cuda:LOCAL_RANK for a CUDA one, gloo on the CPU (so `--device cpu` on a
     GPU machine still works). One process: no group, and `device` exactly as given."""
@@ -56,7 +56,7 @@ def init(device: str = "cpu") -> Context:
 
 
 @contextmanager
-def session(device: str = "cpu") -> Iterator[Context]:
+def session(device: str | torch.device = "cpu") -> Iterator[Context]:
     """init() for the length of a with-block; destroys the group only if it made it (a caller that
     joined one itself keeps it)."""
     made = _env("WORLD_SIZE") > 1 and not _joined()

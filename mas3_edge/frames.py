@@ -44,7 +44,8 @@ def load_frames(folder: Path, size: tuple[int, int], limit: int | None = None) -
 
 def _bag_frames(source: str, size: tuple[int, int], limit: int | None) -> np.ndarray:
     """The newest `limit` decodable frames of a bag's image topic (bad messages skipped)."""
-    frames, why = deque(maxlen=limit or None), None
+    frames: deque[np.ndarray] = deque(maxlen=limit or None)
+    why = None
     with Bag(source) as bag:
         for _, rgb, err in bag.frames():
             if rgb is None:

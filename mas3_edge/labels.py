@@ -14,6 +14,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -75,15 +76,16 @@ class LabelSet:
                 "classes": [{"id": i, "name": n, "rgb": list(c)} for i, (n, c) in enumerate(zip(self.names, self.palette))]}
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "labels") -> "LabelSet":
+    def from_dict(cls, d: dict, where: str = "labels") -> LabelSet:
         try:
             rows = sorted(d["classes"], key=lambda r: r["id"])
             if [r["id"] for r in rows] != list(range(len(rows))):
                 raise UserError(f"{where}: class ids must be 0..K-1, each once")
             if "num_classes" in d and d["num_classes"] != len(rows):
                 raise UserError(f"{where}: num_classes {d['num_classes']} but {len(rows)} classes listed")
+            palette = tuple(tuple(int(v) for v in r["rgb"]) for r in rows)  # __post_init__ checks: 3 values each
             return cls(str(d["label_set"]), tuple(r["name"] for r in rows),
-                       tuple(tuple(int(v) for v in r["rgb"]) for r in rows), int(d.get("ignore_id", IGNORE)))
+                       cast("tuple[tuple[int, int, int], ...]", palette), int(d.get("ignore_id", IGNORE)))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{where}: not a labels file ({type(e).__name__}: {e}); "
                             "see docs/labels/cityscapes19.json for the format") from None
@@ -95,7 +97,7 @@ class LabelSet:
                 f'  "ignore_id": {self.ignore},\n  "classes": [\n{rows}\n  ]\n}}\n')
 
 
-def load_labels(path: Path | str | None) -> "LabelSet":
+def load_labels(path: Path | str | None) -> LabelSet:
     """The label set of a labels file; Cityscapes-19 when `path` is None."""
     if path is None:
         return CITYSCAPES

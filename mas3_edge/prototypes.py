@@ -105,6 +105,7 @@ class Prototypes:
         """Dense Σ (K, D, D) in any structure (large for wide D: for checks and small tools)."""
         if self.chol is not None:
             return self.chol @ self.chol.transpose(1, 2)
+        assert self.diag is not None, "the lowrank and diag structures keep the diagonal"
         dense = torch.diag_embed(self.diag)
         return dense + self.factor @ self.factor.transpose(1, 2) if self.factor is not None else dense
 
@@ -120,6 +121,7 @@ class Prototypes:
         eps_u = torch.randn(y.shape[0], self.rank, generator=generator).to(dev)  # (N, r), empty unless low rank
         y = y.to(dev)
         if self.chol is None:
+            assert self.diag is not None, "the lowrank and diag structures keep the diagonal"
             z = self.mean[y] + self.diag[y].sqrt() * eps  # z = μ + sqrt(d) ⊙ ε2 (+ U ε1 below)
         else:
             z = self.mean[y]  # indexing copies
@@ -132,7 +134,7 @@ class Prototypes:
             start += n
         return z, y
 
-    def to(self, device) -> "Prototypes":
+    def to(self, device) -> Prototypes:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Prototypes(self.alpha.to(device), self.mean.to(device), move(self.chol),
                           self.counts.to(device), self.meta, move(self.factor), move(self.diag))
@@ -178,9 +180,9 @@ def finalize(stats: SufficientStats, min_count: int, shrink: float = 1e-3, covar
     weight = stats.count[-1].cpu() * (counts > 0)  # one level for all; absent classes stay at 0
     alpha = weight / weight.sum()
     meta = {"tau": stats.taus[0], "alpha_tau": stats.taus[-1], "handling": handling, "min_count": min_count}
-    sigma = structure(cov, kind, rank)
-    return Prototypes(alpha.float(), mean.float(), sigma.get("chol"), counts.float(), meta,
-                      sigma.get("factor"), sigma.get("diag"))
+    parts = structure(cov, kind, rank)
+    return Prototypes(alpha.float(), mean.float(), parts.get("chol"), counts.float(), meta,
+                      parts.get("factor"), parts.get("diag"))
 
 
 def structure(cov: torch.Tensor, kind: str, rank: int = 0) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -59,7 +60,10 @@ def augment(img: np.ndarray, lbl: np.ndarray, size: tuple[int, int], rng: np.ran
 
 
 def _batch(dataset, idx, size, rng, scale) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = [augment(*dataset[int(i)], size, rng, scale) for i in idx]
+    pairs = []
+    for i in idx:
+        img, lbl = dataset[int(i)]
+        pairs.append(augment(img, lbl, size, rng, scale))
     return torch.from_numpy(np.stack([p[0] for p in pairs])), torch.from_numpy(np.stack([p[1] for p in pairs]))
 
 
@@ -104,7 +108,7 @@ def train(dataset, model_cfg: ModelConfig, cfg: TrainConfig, bundle: Path, ckpt:
 
 
 def _train(dataset, model_cfg: ModelConfig, cfg: TrainConfig, bundle: Path, ckpt: Path, resume: bool,
-           device: str, source_name: str, ctx: dist.Context, label_set: LabelSet) -> Path | None:
+           device: str | torch.device, source_name: str, ctx: dist.Context, label_set: LabelSet) -> Path | None:
     torch.manual_seed(cfg.seed)
     net = build(model_cfg, label_set).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -133,7 +137,8 @@ def _train(dataset, model_cfg: ModelConfig, cfg: TrainConfig, bundle: Path, ckpt
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         if (step + 1) % cfg.ckpt_every == 0 and ctx.rank == 0:
             _save_ckpt(ckpt, net, opt, step + 1)
-    info = {"kind": "source", "source": source_name, "train": {**asdict(cfg), "final_loss": float(np.mean(losses[-50:])) if losses else None}}
+    info: dict[str, Any] = {"kind": "source", "source": source_name,
+                            "train": {**asdict(cfg), "final_loss": float(np.mean(losses[-50:])) if losses else None}}
     if ctx.world > 1:
         info["train"]["workers"] = ctx.world  # the global batch was workers × batch_size
     bank.mark_source(net)  # the trained statistics are the source set that adaptation keeps
@@ -149,7 +154,7 @@ def _replicate(net: SegModel, ctx: dist.Context) -> torch.nn.Module:
     (from its shard), not an average over the ranks."""
     if ctx.world == 1:
         return net
-    return DistributedDataParallel(net, device_ids=[ctx.local_rank] if ctx.device.startswith("cuda") else None)
+    return DistributedDataParallel(net, device_ids=[ctx.local_rank] if str(ctx.device).startswith("cuda") else None)
 
 
 def _indices(n: int, step: int, cfg: TrainConfig, ctx: dist.Context, rng: np.random.Generator) -> np.ndarray:
@@ -159,7 +164,9 @@ def _indices(n: int, step: int, cfg: TrainConfig, ctx: dist.Context, rng: np.ran
     step alone so that a resumed run sees the same batches."""
     if ctx.world == 1:
         return rng.integers(0, n, cfg.batch_size)
-    sampler = DistributedSampler(range(n), num_replicas=ctx.world, rank=ctx.rank, seed=cfg.seed)
+    # the sampler reads only len() of its dataset: the indices are enough (torch annotates it Dataset)
+    sampler: DistributedSampler[int] = DistributedSampler(range(n), num_replicas=ctx.world,  # type: ignore[arg-type]
+                                                          rank=ctx.rank, seed=cfg.seed)
     per_epoch, first, last = len(sampler), step * cfg.batch_size, (step + 1) * cfg.batch_size
     out: list[int] = []
     for epoch in range(first // per_epoch, (last - 1) // per_epoch + 1):

@@ -143,10 +143,11 @@ def adapt_cmd(
     res = rounds.run_round(bundle, buffer, cfg, version, rcfg, limit=limit)
     rep = res.report
     if res.accepted and serve:
+        assert res.version_dir is not None, "an accepted round wrote its version"
         bundles.set_serving(bundle, res.version_dir.name)
     if as_json:
         print_json({"accepted": res.accepted, "reason": res.reason, "serving": bool(res.accepted and serve),
-                    "version": res.version_dir.name if res.accepted else None, **{
+                    "version": res.version_dir.name if res.version_dir else None, **{
                         k: rep.get(k) for k in ("method", "set", "choice", "frames", "health_before", "health_after",
                                                 "gate_before", "gate_after", "warnings")}})
     else:
