@@ -9,7 +9,7 @@ is unchanged), 130 interrupted.
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, Optional, cast
 
 import typer
 
@@ -18,7 +18,8 @@ from . import bench, core, data, export, models, runtime
 
 EXIT_USER, EXIT_USAGE, EXIT_REJECTED, EXIT_INTERRUPTED = 1, 2, 3, 130
 # typer >= 0.29 bundles its own click and no longer installs `click`; reach the base class through typer.
-_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+# (typed as Exception: its module differs between the typer versions we support; it has exit_code)
+_CLICK_ERROR = cast("type[Exception]", next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"))
 
 app = typer.Typer(help="MAS3 source-free adaptation of segmentation models, on the device.\n\n"
                        "Exit codes: 0 done, 1 user error, 2 usage error, 3 round rejected, 130 interrupted.",
@@ -70,5 +71,6 @@ def main() -> None:
         sys.exit(e.exit_code)
     except _CLICK_ERROR as e:
         print(_usage_line(e), file=sys.stderr)
-        sys.exit(EXIT_USAGE if e.exit_code == 2 else e.exit_code)
+        status = getattr(e, "exit_code", EXIT_USAGE)
+        sys.exit(EXIT_USAGE if status == 2 else status)
     sys.exit(code if isinstance(code, int) else 0)

@@ -38,7 +38,8 @@ def with_settings(*classes, aliases: dict[str, str] | None = None):
             settings = {name: kwargs.pop(name) for name in extra if name in kwargs}
             return command(*args, **kwargs, settings={k: v for k, v in settings.items() if v is not None})
 
-        wrapper.__signature__ = sig.replace(parameters=own + [
+        # typer reads the options from the signature; typeshed's functools.wraps type declares no __signature__
+        wrapper.__signature__ = sig.replace(parameters=own + [  # type: ignore[attr-defined]
             inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=hint)
             for name, hint in extra.items()])
         wrapper.__annotations__ = {p.name: p.annotation for p in own} | extra
