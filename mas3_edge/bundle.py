@@ -201,7 +201,7 @@ def list_versions(root: Path) -> list[dict]:
         try:
             out.append(read_meta(BundleStore(root).path(vid)))
         except UserError as e:
-            warnings.warn(f"skipping version {vid}: {e}")
+            warnings.warn(f"skipping version {vid}: {e}", stacklevel=2)
     return out
 
 

@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import UserError
 from .fsutil import atomic_write, atomic_write_json, fsync_dir, make_readable_dir

@@ -122,7 +122,7 @@ class Camera:
     def has_labels(self) -> bool:
         return self.source.startswith(SYNTHETIC)
 
-    def connect(self, start: bool = True) -> "Camera":
+    def connect(self, start: bool = True) -> Camera:
         """Open the source and check it yields a frame; UserError if not. Starts the capture thread.
 
         With start=False nothing is handed out or numbered until start(): a file is not read ahead
@@ -193,7 +193,7 @@ class Camera:
             self._done = True
             self._cond.notify_all()
 
-    def __enter__(self) -> "Camera":
+    def __enter__(self) -> Camera:
         return self.connect()
 
     def __exit__(self, *exc) -> None:

@@ -105,7 +105,7 @@ class Publisher:
             if self.endpoint.startswith("ipc://"):  # libzmq unlinks it lazily, maybe after we exit
                 Path(self.endpoint[len("ipc://"):]).unlink(missing_ok=True)
 
-    def __enter__(self) -> "Publisher":
+    def __enter__(self) -> Publisher:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -102,7 +102,7 @@ class McapRecorder:
     def size_mb(self) -> float:
         return (self._file.tell() if not self._file.closed else self.path.stat().st_size) / 2**20
 
-    def __enter__(self) -> "McapRecorder":
+    def __enter__(self) -> McapRecorder:
         return self
 
     def __exit__(self, *exc) -> None:

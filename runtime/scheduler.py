@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from mas3_edge.errors import UserError
 from mas3_edge.store import MODEL_FILE, BundleStore

@@ -144,7 +144,7 @@ class Subscriber:
         if not self._sock.closed:
             self._sock.close(0)
 
-    def __enter__(self) -> "Subscriber":
+    def __enter__(self) -> Subscriber:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -111,7 +111,7 @@ def _imports(folders) -> set[str]:
 
 
 def _declared(requirements) -> set[str]:
-    return {re.split(r"[<>=!~\[; ]", r, 1)[0].lower() for r in requirements}
+    return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
 
 
 def test_every_imported_package_is_declared():
