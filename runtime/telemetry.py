@@ -130,8 +130,9 @@ def status_line(s: dict) -> str:
     if not s.get("camera_connected", True):
         parts.append("camera: reconnecting")
     if s.get("buffer_frames") is not None:
-        parts.append(f"buffer {s['buffer_frames']}" + (f" ({s['buffer_dropped']} dropped)" if s.get("buffer_dropped") else "")
-                     + (" (stopped: disk)" if s.get("buffer_stopped") else ""))
+        notes = (["stopped: disk"] if s.get("buffer_stopped") else []) + (
+            [f"{s['buffer_dropped']} dropped"] if s.get("buffer_dropped") else [])
+        parts.append(f"buffer {s['buffer_frames']}" + (f" ({', '.join(notes)})" if notes else ""))
     parts.append(f"round: {s['last_round']}")
     if s.get("miou_window") is not None:
         by = " ".join(f"{v} {m:.1f}" for v, m in s["miou_by_version"].items() if m is not None)
