@@ -134,6 +134,32 @@ class Prototypes:
             start += n
         return z, y
 
+    @property
+    def atc_threshold(self) -> float | None:
+        """The ATC confidence threshold fitted on the source data (signals.fit_atc), None when the
+        file has none (written before it existed)."""
+        value = self.meta.get("atc_threshold")
+        return None if value in (None, "") else float(value)
+
+    def log_prob(self, z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """log N(z_i; μ_c, Σ_c) with c = classes[i], in the stored structure: z (N, D), classes (N,)
+        -> (N,), on the prototypes' device. One component at a time: no (N, D, D) gather."""
+        z, classes = z.to(self.mean.device, self.mean.dtype), classes.to(self.mean.device)
+        out = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
+        for j in classes.unique().tolist():
+            at = classes == j
+            out[at] = self._component(j).log_prob(z[at])
+        return out
+
+    def _component(self, j: int) -> torch.distributions.Distribution:
+        mean = self.mean[j]
+        if self.chol is not None:
+            return torch.distributions.MultivariateNormal(mean, scale_tril=self.chol[j], validate_args=False)
+        assert self.diag is not None, "the lowrank and diag structures keep the diagonal"
+        if self.factor is not None:
+            return torch.distributions.LowRankMultivariateNormal(mean, self.factor[j], self.diag[j], validate_args=False)
+        return torch.distributions.Independent(torch.distributions.Normal(mean, self.diag[j].sqrt()), 1)
+
     def to(self, device) -> Prototypes:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Prototypes(self.alpha.to(device), self.mean.to(device), move(self.chol),
@@ -261,6 +287,8 @@ def save(proto: Prototypes, path: Path, model_sha256: str, source: str, labels: 
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "handling": json.dumps(proto.meta.get("handling", {})), "format": "mas3-edge-prototypes/1",
             "covariance": proto.structure, "rank": str(proto.rank)}
+    if proto.atc_threshold is not None:  # optional: fitted by `mas3-edge prototypes` (signals.fit_atc)
+        meta["atc_threshold"] = repr(proto.atc_threshold)
     tensors = {"alpha": proto.alpha, "mean": proto.mean, "counts": proto.counts}
     tensors |= {name: getattr(proto, name) for name in TENSORS[proto.structure]}
     atomic_write(Path(path), safetensors.torch.save({k: v.contiguous().cpu() for k, v in tensors.items()}, meta))
@@ -327,6 +355,13 @@ def _validate(p: Prototypes, path: Path, model_meta: dict | None) -> None:
         raise UserError(f"prototype file {path} has a covariance that is not positive definite")
     if p.diag is not None and (p.diag[used] <= 0).any():
         raise UserError(f"prototype file {path} has a variance that is not positive ({p.structure} covariance); refit it")
+    try:
+        atc = p.atc_threshold
+    except ValueError:
+        atc = float("nan")
+    if atc is not None and not 0 <= atc <= 1:  # NaN fails too
+        raise UserError(f"prototype file {path} has an ATC threshold {p.meta['atc_threshold']!r} that is not "
+                        "a number in [0, 1]; refit it")
     fitted = _fitted_label_set(p, path)
     if model_meta is not None:
         _check_label_set(fitted, path, model_meta)
