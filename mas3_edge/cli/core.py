@@ -113,9 +113,12 @@ def prototypes_cmd(
     from ..dist import is_main
     if not is_main():  # torchrun: every rank fitted the same GMM; rank 0 alone writes and reports it
         return
+    from ..signals import fit_atc  # the device's accuracy estimate (ATC) needs this source threshold
+    proto.meta["atc_threshold"] = fit_atc(ver.net, ds)
     prototypes.save(proto, ver.prototypes_path, ver.meta["source_sha256"], str(data), labels)
     handling = proto.meta["handling"]
-    table(f"prototypes of {ver.id} (τ = {tau}, {proto.structure} covariance, label set {labels.id})",
+    table(f"prototypes of {ver.id} (τ = {tau}, {proto.structure} covariance, label set {labels.id}, "
+          f"ATC threshold {proto.atc_threshold:.4f})",
           ["class", "pixels", "α", "note"],
           [[c, int(proto.counts[j]), float(proto.alpha[j]), handling.get(c, "")] for j, c in enumerate(labels.names)])
     typer.echo(f"wrote {ver.prototypes_path} ({ver.prototypes_path.stat().st_size / 1024:.1f} KB)")
