@@ -36,6 +36,10 @@ from .swd import sliced_wasserstein
 log = logging.getLogger(__name__)
 
 
+class TooFewSamples(UserError):
+    """Too few GMM samples pass τ: the classifier is rarely that sure (an imported or briefly trained model)."""
+
+
 def pseudo_dataset(proto: Prototypes, head: nn.Conv2d, hist: torch.Tensor, n: int, tau: float,
                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Algorithm 1, lines 9–11: z_p ~ GMM with per-class counts ∝ predicted histogram, keep h-conf > τ."""
@@ -85,7 +89,7 @@ def mas3_step(net: SegModel, proto: Prototypes, images: torch.Tensor, cfg: Adapt
     hist = torch.bincount(pred, minlength=proto.k).cpu()
     zp, yp = pseudo_dataset(proto, net.head, hist, cfg.gmm_samples, cfg.tau, generator)
     if zp.shape[0] < cfg.min_class_pixels:
-        raise UserError(f"fewer than {cfg.min_class_pixels} GMM samples pass tau={cfg.tau}; lower --tau")
+        raise TooFewSamples(f"fewer than {cfg.min_class_pixels} GMM samples pass tau={cfg.tau}; lower --tau")
     swd = swd_loss(zt, pred, zp, yp, cfg, generator)
     loss = cfg.lam * swd
     ce = None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from .errors import UserError
 from .labels import NUM_CLASSES
@@ -193,8 +194,11 @@ class RoundConfig:
     check and gate. Every threshold here was chosen on the tuning targets (docs/algorithm.md)."""
 
     # a buffer is a video: the newest block, contiguous, is held out (a frame taken from between its
-    # neighbours is nearly a copy of them)
+    # neighbours is nearly a copy of them); the choice between candidates reads the block before it,
+    # so the winner is never judged on the frames that picked it
     holdout: float = setting(0.2, "Fraction of the round's frames, the newest, held out to judge it.")
+    choice_holdout: float = setting(0.1, "Fraction of the round's frames, the block before the judged one, held "
+                                         "out to choose between the candidates.")
     min_frames: int = setting(5, "Below this many frames nothing is held out (the judgement then scores the "
                                  "adaptation frames themselves, with a warning).")
     health_tolerance: float = setting(0.02, "A health signal (SWD, entropy, prior KL) may get worse by this much "
@@ -207,9 +211,18 @@ class RoundConfig:
     source_floor: float = setting(0.97, "Gate: pixel agreement of the new source path with the source model.")
     consistency_frames: int = setting(24, "Held-out frames scored for augmentation consistency (4 passes each).")
     guard: bool = setting(True, "Reject a round that fails the health check or the gate.", flag="--guard/--no-guard")
+    sentinel: str | None = setting(None, "Folder of a few labelled frames of this camera (images/ + labels/); a "
+                                         "candidate must also not be worse than the serving model on them.")
+    sentinel_tolerance: float = setting(0.0, "With --sentinel: mIoU points the candidate may lose on the sentinel "
+                                             "frames.")
 
     def __post_init__(self) -> None:
         _check(0 < self.holdout < 1, f"holdout must be in (0, 1), got {self.holdout}")
+        _check(0 < self.choice_holdout < 1 - self.holdout,
+               f"choice holdout must be in (0, {1 - self.holdout:g}), got {self.choice_holdout}")
+        _check(self.sentinel is None or Path(self.sentinel).is_dir(),
+               f"the sentinel folder {self.sentinel} does not exist; give a folder of labelled frames (images/ + labels/)")
+        _check(self.sentinel_tolerance >= 0, f"sentinel tolerance must be >= 0, got {self.sentinel_tolerance}")
         _check(self.min_frames >= 2, f"min frames must be >= 2, got {self.min_frames}")
         _check(self.health_tolerance >= 0, f"health tolerance must be >= 0, got {self.health_tolerance}")
         _check(0 <= self.retained_floor <= 1, f"retained floor must be in [0, 1], got {self.retained_floor}")

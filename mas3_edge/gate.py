@@ -95,9 +95,6 @@ def gate_accept(after: dict, rcfg: RoundConfig = RoundConfig()) -> tuple[bool, s
     drift) or moved the source path. Consistency is reported, not gated: on the tuning targets
     every good round of the shipped method lowered it as often as not (the source model is
     consistently wrong under a strong shift), and self-training's collapse raised it."""
-    retained, source = rcfg.retained_floor, rcfg.source_floor
-    if after["retained"] < retained:
-        return False, f"only {after['retained']:.0%} of the confident pixels kept their label (floor {retained:.0%})"
-    if after["source"] < source:
-        return False, f"the source path changed: {after['source']:.1%} pixel agreement (floor {source:.0%})"
-    return True, "gate signals held"
+    from .decide import gate_checks
+    failed = next((c for c in gate_checks(after, rcfg) if not c.passed), None)
+    return (True, "gate signals held") if failed is None else (False, failed.message)

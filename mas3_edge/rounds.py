@@ -4,7 +4,8 @@ both run. Never reads a label.
     1. pick the set     the bank's set of this chunk's domain, or a new one (or the one set)
     2. candidates       the method's statistics, and its gradient steps on a copy
     3. choose           the steps only if they beat the statistics alone on held-out consistency
-    4. judge            the health signals and the gate, on the held-out frames
+    4. judge            the health signals and the gate (and the sentinel frames, when the robot
+                        has some), on another held-out block, the newest
     5. write            a new, unserved version with the round's report
 
 A method is a composition of these parts: its step objective (STEPS) and its row of settings
@@ -26,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import adapt, bank, baselines, bundle as bundles, gate, health, stats
+from . import adapt, bank, baselines, bundle as bundles, decide, gate, health, signals, stats
 from .config import AdaptConfig, RoundConfig
+from .decide import Sentinel
 from .cotta import cotta_steps
 from .errors import UserError
 from .frames import load_frames
@@ -77,33 +79,38 @@ def run_round(bundle, frames, cfg: AdaptConfig, version: str | None = None, rcfg
     proto = load_prototypes(base.prototypes_path, base.meta)
     if not isinstance(frames, np.ndarray):
         frames = load_frames(frames, base.net.config.input_size, limit)
-    train, held, holdout = split_holdout(frames, rcfg)
+    sentinel = Sentinel(rcfg.sentinel, base.net) if rcfg.sentinel else None
+    train, chooser, held, holdout = split_holdout(frames, rcfg)
     serving = base.net.to(device)
     net = bundles.load_version(bundle, base.id).net.to(device)  # a fresh copy to adapt
     chosen, cfg = (pick or pick_set)(net, train, cfg)                           # 1
     cands = candidates(net, proto, train, cfg, progress)                       # 2
-    winner, choice = choose(cands, held, cfg, rcfg)                            # 3
-    verdict = judge_round(serving, winner.net, _source(bundle, base).to(device), proto, held, rcfg)  # 4
+    winner, choice = choose(cands, chooser, cfg, rcfg)                         # 3
+    verdict = judge_round(serving, winner.net, _source(bundle, base).to(device), proto, held, rcfg, sentinel,
+                          plain=cands[0].net if winner is not cands[0] else None)                   # 4
     accepted = verdict["accepted"] or not rcfg.guard
     report = {"parent": base.id, "method": cfg.method, "config": cfg.to_dict(), "round": rcfg.to_dict(),
-              "frames": {"adapt": len(train), "holdout": len(held)}, "holdout": holdout, "set": chosen,
-              **verdict, "accepted": accepted, "warnings": _warnings(holdout, cands[-1].log, cfg), **cands[-1].log,
-              **({"choice": choice} if choice else {})}
+              "frames": {"adapt": len(train), "choice": len(chooser), "holdout": len(held)}, "holdout": holdout,
+              "set": chosen, **verdict, "accepted": accepted, "warnings": _warnings(holdout, cands[-1].log, cfg),
+              **cands[-1].log, **({"choice": choice} if choice else {})}
     vdir = write(bundle, base, winner.net, report) if accepted else None                   # 5
     return RoundResult(accepted, report["reason"], vdir, report)
 
 
-def split_holdout(frames: np.ndarray, rcfg: RoundConfig = RoundConfig()) -> tuple[np.ndarray, np.ndarray, str]:
-    """-> (frames to adapt on, held-out frames, what was held out). The held-out frames are one
-    contiguous block, the newest: a buffer is a video, and a frame taken from between its
-    neighbours is nearly a copy of them. Below rcfg.min_frames nothing is held out ("none")."""
+def split_holdout(frames: np.ndarray, rcfg: RoundConfig = RoundConfig()
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """-> (frames to adapt on, frames to choose on, frames to judge on, what was held out). Each
+    held-out block is contiguous in time: the judged one the newest, the choice's the one before it
+    (a buffer is a video: a frame taken from between its neighbours is nearly a copy of them).
+    Below rcfg.min_frames nothing is held out ("none")."""
     n = len(frames)
     if n < rcfg.min_frames:
         log.warning("only %d frames: none held out, the health check scores the adaptation frames "
                     "themselves (give the round at least %d)", n, rcfg.min_frames)
-        return frames, frames, "none"
-    held = max(1, round(n * rcfg.holdout))
-    return frames[:-held], frames[-held:], f"the last {held} of {n} frames in time (one contiguous block)"
+        return frames, frames, frames, "none"
+    held, pick = max(1, round(n * rcfg.holdout)), max(1, round(n * rcfg.choice_holdout))
+    return (frames[:-held - pick], frames[-held - pick:-held], frames[-held:],
+            f"the last {held} of {n} frames in time judge the round, the {pick} before them choose its candidate")
 
 
 def pick_set(net: SegModel, frames: np.ndarray, cfg: AdaptConfig) -> tuple[str, AdaptConfig]:
@@ -134,10 +141,16 @@ def candidates(net: SegModel, proto: Prototypes, frames: np.ndarray, cfg: AdaptC
     out = [plain]
     if step is not None and cfg.steps > 0:
         stepped = copy.deepcopy(net) if cfg.choose else net
-        log_ = step(stepped, proto, frames, cfg, progress)
-        if cfg.bn == "adapt":
-            stats.settle(stepped, frames, start, cfg.bn_mix)
-        out = ([plain] if cfg.choose else []) + [Candidate("steps", stepped, log_)]
+        try:
+            log_ = step(stepped, proto, frames, cfg, progress)
+        except adapt.TooFewSamples as e:  # raised before any step: a classifier rarely that sure of the GMM
+            log.warning("%s: the round keeps the statistics alone", e)
+            plain.log = {"steps": [], "fallback": f"{e}: the round kept the statistics alone"}
+            out = [plain]
+        else:
+            if cfg.bn == "adapt":
+                stats.settle(stepped, frames, start, cfg.bn_mix)
+            out = ([plain] if cfg.choose else []) + [Candidate("steps", stepped, log_)]
     for c in out:
         if not cfg.keep_source:  # one set, no per-frame routing: the baselines as published
             bank.mark_source(c.net)
@@ -160,17 +173,28 @@ def choose(cands: list[Candidate], held: np.ndarray, cfg: AdaptConfig,
 
 
 def judge_round(serving: SegModel, net: SegModel, source: SegModel, proto: Prototypes, held: np.ndarray,
-                rcfg: RoundConfig = RoundConfig()) -> dict:
-    """Step 4: the health signals before and after, the gate signals, and the verdict."""
+                rcfg: RoundConfig = RoundConfig(), sentinel: Sentinel | None = None,
+                plain: SegModel | None = None) -> dict:
+    """Step 4: the health signals before and after, the gate signals, the sentinel frames' mIoU
+    when there are some, and the verdict with every check that made it. The label-free signals of
+    signals.py are recorded beside them (`plain`: the candidate the choice did not keep)."""
     before = health.signals(serving, proto, held)
-    out = {"health_before": before, "gate_before": {"consistency": gate.consistency(serving, held, rcfg.consistency_frames)}}
+    out = {"health_before": before, "gate_before": {"consistency": gate.consistency(serving, held, rcfg.consistency_frames)},
+           "used_labels": sentinel is not None}
     if not all(torch.isfinite(p).all() for p in net.state_dict().values() if p.is_floating_point()):
-        return {**out, "health_after": {k: float("nan") for k in before}, "gate_after": {},
+        return {**out, "health_after": {k: float("nan") for k in before}, "gate_after": {}, "checks": [],
                 "accepted": False, "reason": "weights are not finite after adaptation"}
     after = health.signals(net, proto, held)
     gate_after = gate.gate_signals(serving, net, source, held, rcfg)
-    ok, reason = judge(before, after, gate_after, rcfg)
-    return {**out, "health_after": after, "gate_after": gate_after, "accepted": ok, "reason": reason}
+    checks = decide.health_checks(before, after, rcfg.health_tolerance) + decide.gate_checks(gate_after, rcfg)
+    if sentinel is not None:
+        scores = {"frames": len(sentinel), "serving_miou": sentinel.miou(serving), "new_miou": sentinel.miou(net)}
+        checks.append(decide.sentinel_check(scores["serving_miou"], scores["new_miou"], rcfg.sentinel_tolerance,
+                                            len(sentinel)))
+        out["sentinel"] = scores
+    ok, reason = decide.verdict(checks)
+    return {**out, "health_after": after, "gate_after": gate_after, "checks": decide.describe(checks),
+            "signals": signals.round_signals(serving, net, held, proto, plain=plain), "accepted": ok, "reason": reason}
 
 
 def judge(before: dict, after: dict, gate_after: dict, rcfg: RoundConfig = RoundConfig()) -> tuple[bool, str]:
@@ -185,7 +209,9 @@ def write(bundle, base: bundles.Version, net: SegModel, report: dict) -> Path:
     """Step 5: the adapted network as a new version of the bundle (not served), with its report."""
     return bundles.save_version(bundle, net.cpu(), parent=base, serve=False,
                                 info={"kind": "adapted", "method": report["method"], "health": report["health_after"],
-                                      "health_parent": report["health_before"], "reason": report["reason"]},
+                                      "health_parent": report["health_before"], "reason": report["reason"],
+                                      "decided_by": decide.summary(report.get("checks") or []),
+                                      "used_labels": report.get("used_labels", False)},
                                 files={"report.json": json.dumps(report, indent=2, default=str).encode()})
 
 
@@ -209,6 +235,8 @@ def _warnings(holdout: str, steps: dict, cfg: AdaptConfig) -> list[str]:
     out = []
     if holdout == "none":
         out.append("no frame held out: the health signals were taken on the adaptation frames")
+    if steps.get("fallback"):
+        out.append(steps["fallback"])
     if steps.get("all_pixel_steps"):
         out.append(f"{steps['all_pixel_steps']} steps had fewer than {cfg.min_class_pixels} confident "
                    f"target pixels and matched all pixels instead")

@@ -86,7 +86,7 @@ def default_round(bundle: str, frames: str, version: str, adapt: dict, limit: in
     except UserError as e:  # e.g. the loss became NaN: the round failed, the service did not
         return {**out, "outcome": "rejected", "reason": str(e)}
     out.update(outcome="accepted" if res.accepted else "rejected", reason=res.reason,
-               health_before=res.report.get("health_before"), health_after=res.report.get("health_after"))
+               **{k: res.report.get(k) for k in ("health_before", "health_after", "gate_after", "checks", "used_labels")})
     if res.accepted:
         out["version"] = res.version_dir.name
         if export:

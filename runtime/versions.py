@@ -18,7 +18,8 @@ from mas3_edge import bundle as bundles
 from mas3_edge.errors import UserError
 from mas3_edge.store import BundleStore
 
-COLUMNS = ["", "version", "parent", "created", "kind", "state", "onnx", "SWD", "entropy", "prior KL", "note"]
+COLUMNS = ["", "version", "parent", "created", "kind", "state", "onnx", "SWD", "entropy", "prior KL", "decided by",
+           "note"]
 
 
 def _health(vdir: Path, meta: dict) -> dict:
@@ -60,7 +61,7 @@ def version_rows(root: Path) -> tuple[list[str], list[list[str]]]:
         try:
             meta = bundles.read_meta(vdir)
         except UserError:
-            rows.append(["!" if vid == serving else "", vid, "-", "-", "-", "corrupt", "-", "-", "-", "-",
+            rows.append(["!" if vid == serving else "", vid, "-", "-", "-", "corrupt", "-", "-", "-", "-", "-",
                          "unreadable model.json: skipped"])
             continue
         rows.append(_row(vdir, meta, vid == serving))
@@ -77,7 +78,8 @@ def _row(vdir: Path, meta: dict, serving: bool) -> list[str]:
     note = bad or incomplete or str(info.get("reason") or info.get("note") or "")  # a problem hides a success note
     return ["*" if serving and state == "ok" else "!" if serving else "", vdir.name, meta.get("parent") or "-",
             meta.get("created", "-"), kind, state, _onnx_state(vdir) if state == "ok" else "-",
-            _fmt(h.get("swd")), _fmt(h.get("entropy")), _fmt(h.get("prior_kl")), note[:60]]
+            _fmt(h.get("swd")), _fmt(h.get("entropy")), _fmt(h.get("prior_kl")),
+            str(info.get("decided_by") or "-") + (" (labels)" if info.get("used_labels") else ""), note[:60]]
 
 
 def rollback(root: Path, version: str | None = None) -> tuple[str | None, str]:

@@ -13,6 +13,8 @@ from mas3_edge.config import AdaptConfig
 from mas3_edge.errors import UserError
 from mas3_edge.model import DomainNorm
 
+from conftest import domain
+
 
 def _fit_proto(net, seed=0):
     """A GMM in the net's embedding space: one well-separated component per class."""
@@ -168,7 +170,7 @@ def test_only_mas3_rounds_keep_the_source_normalisation_beside_the_adapted(proto
 
 
 def test_each_domain_keeps_its_own_set_and_a_returning_domain_finds_it(small_net):
-    from conftest import domain
+
     bright, dark, grey = domain(120, 256), domain(0, 100), domain(100, 140)
     stats.reestimate(small_net, bright)
     bank.mark_source(small_net)
@@ -203,13 +205,23 @@ def test_adaptation_never_reads_a_label(proto_bundle, tmp_path, monkeypatch):
     assert not [p for p in opened if "/labels/" in p]
 
 
-def test_empty_buffer_and_too_strict_tau_are_clear_errors(proto_bundle, tmp_path):
+def test_an_empty_buffer_is_a_clear_error(proto_bundle, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images"):
         rounds.run_round(proto_bundle, tmp_path / "empty", AdaptConfig(steps=1))
-    frames = _frames_folder(tmp_path / "frames", n=5, with_labels=False)
-    with pytest.raises(UserError, match="lower --tau"):
-        rounds.run_round(proto_bundle, frames, AdaptConfig(steps=1, tau=0.999999))
+
+
+@pytest.mark.parametrize("choose", [True, False])
+def test_a_round_that_cannot_sample_the_gmm_keeps_the_statistics_alone_and_says_so(proto_bundle, tmp_path, choose):
+    """A classifier rarely sure of the GMM samples (imported, briefly trained) still adapts its statistics."""
+    frames = _frames_folder(tmp_path / "frames", n=8, with_labels=False)
+    res = rounds.run_round(proto_bundle, frames, AdaptConfig(steps=1, tau=0.999999, choose=choose), rcfg=rounds.UNGUARDED)
+    rep = res.report
+    assert res.version_dir is not None and rep["steps"] == [] and "choice" not in rep
+    assert any("GMM samples pass tau" in w and "statistics alone" in w for w in rep["warnings"])
+    with pytest.raises(adapt.TooFewSamples, match="lower --tau"):  # the steps alone still say why
+        adapt.adapt(bundle.load_version(proto_bundle).net, _fit_proto(bundle.load_version(proto_bundle).net),
+                    np.zeros((2, 64, 128, 3), np.uint8), AdaptConfig(steps=1, tau=0.999999))
 
 
 def test_nan_weights_are_rejected_and_nothing_is_written(proto_bundle, tmp_path, monkeypatch):
@@ -225,11 +237,23 @@ def test_nan_weights_are_rejected_and_nothing_is_written(proto_bundle, tmp_path,
     assert bundle.version_ids(proto_bundle) == ["v0001"]
 
 
-def test_the_health_check_holds_out_the_newest_frames_as_one_block():
+def test_the_choice_and_the_judgement_read_two_blocks_of_the_newest_frames():
     frames = np.arange(20)[:, None]  # frame i was taken at time i
-    train, held, what = rounds.split_holdout(frames)
-    assert held.flatten().tolist() == [16, 17, 18, 19] and train.flatten().tolist() == list(range(16))
-    assert "last 4 of 20" in what
+    train, chooser, held, what = rounds.split_holdout(frames)
+    assert held.flatten().tolist() == [16, 17, 18, 19] and chooser.flatten().tolist() == [14, 15]
+    assert train.flatten().tolist() == list(range(14)) and "last 4 of 20" in what and "2 before them" in what
+
+
+def test_the_choice_never_sees_the_judged_frames(proto_bundle, monkeypatch):
+    frames = domain(0, 256, n=20)
+    seen = {}
+    real_choose, real_judge = rounds.choose, rounds.judge_round
+    monkeypatch.setattr(rounds, "choose", lambda c, block, *a: (seen.setdefault("choose", block), real_choose(c, block, *a))[1])
+    monkeypatch.setattr(rounds, "judge_round", lambda s, n, src, p, block, *a, **k: (
+        seen.setdefault("judge", block), real_judge(s, n, src, p, block, *a, **k))[1])
+    rounds.run_round(proto_bundle, frames, AdaptConfig(steps=1, tau=0.0, swd_pixels=256, gmm_samples=512),
+                     rcfg=rounds.UNGUARDED)
+    assert np.array_equal(seen["judge"], frames[16:]) and np.array_equal(seen["choose"], frames[14:16])
 
 
 def test_steps_short_of_confident_target_pixels_are_counted_and_warned(small_net, caplog):
@@ -246,7 +270,7 @@ def test_a_round_on_too_few_frames_says_that_nothing_was_held_out(proto_bundle, 
     cfg = AdaptConfig(steps=1, tau=0.0, swd_pixels=256, gmm_samples=512, target_conf=0.999999)
     with caplog.at_level("WARNING"):
         res = rounds.run_round(proto_bundle, frames, cfg, rcfg=rounds.UNGUARDED)
-    assert res.report["holdout"] == "none" and res.report["frames"] == {"adapt": 3, "holdout": 3}
+    assert res.report["holdout"] == "none" and res.report["frames"] == {"adapt": 3, "choice": 3, "holdout": 3}
     assert "none held out" in caplog.text
     warnings = " ".join(res.report["warnings"])
     assert "taken on the adaptation frames" in warnings and "matched all pixels instead" in warnings

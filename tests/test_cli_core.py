@@ -62,6 +62,22 @@ def test_a_rejected_round_exits_3_through_the_console_script_and_says_why(workfl
     assert bundle.version_ids(b) == versions and bundle.serving_id(b) == serving
 
 
+def test_sentinel_frames_join_the_decision_and_the_report_says_labels_were_used(workflow):
+    b = workflow / "bundle"
+    script = Path(sys.executable).parent / "mas3-edge"
+    res = subprocess.run([str(script), "adapt", "--buffer", str(workflow / "frames"), "--bundle", str(b), "--steps", "1",
+                          "--tau", "0", "--swd-pixels", "256", "--sentinel", str(workflow / "src"), "--no-guard",
+                          "--no-serve", "--json"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["used_labels"] is True and out["sentinel"]["frames"] == 6
+    check = next(c for c in out["checks"] if c["signal"] == "sentinel_miou")
+    assert check["kind"] == "labels" and check["limit"] == out["sentinel"]["serving_miou"]  # tolerance 0
+    assert [c["kind"] for c in out["checks"]][:4] == ["health"] * 4
+    bad = _cli("adapt", "--buffer", workflow / "frames", "--bundle", b, "--sentinel", workflow / "nowhere")
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "sentinel folder" in bad.stderr
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "mas3_edge", *map(str, args)], capture_output=True, text=True)
 

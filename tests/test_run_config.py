@@ -69,3 +69,14 @@ def test_the_rounds_tau_is_an_option_checked_before_serving(tmp_path, tiny_bundl
     bad = run("--camera", "synthetic://night", "--bundle", tiny_bundle, "--tau", "1.5", "--duration", "1")
     assert bad.returncode == 1 and "tau must be in [0, 1)" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_robots_config_sets_any_round_setting_and_a_missing_sentinel_is_refused_before_serving(tmp_path):
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(f'camera = "synthetic://night"\nchoice-margin = 0.05\nmax-sets = 3\nretained-floor = 0.2\n'
+                   f'sentinel = "{tmp_path}"\n')
+    merged = tomllib.loads(run("--config", cfg, "--print-config").stdout)
+    assert (merged["choice-margin"], merged["max-sets"], merged["retained-floor"]) == (0.05, 3, 0.2)
+    assert merged["sentinel"] == str(tmp_path)
+    bad = run("--camera", "synthetic://night", "--sentinel", tmp_path / "nope", "--duration", "1")
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "sentinel folder" in bad.stderr

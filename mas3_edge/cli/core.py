@@ -152,14 +152,17 @@ def adapt_cmd(
         print_json({"accepted": res.accepted, "reason": res.reason, "serving": bool(res.accepted and serve),
                     "version": res.version_dir.name if res.version_dir else None, **{
                         k: rep.get(k) for k in ("method", "set", "choice", "frames", "health_before", "health_after",
-                                                "gate_before", "gate_after", "warnings")}})
+                                                "gate_before", "gate_after", "sentinel", "used_labels", "checks",
+                                                "warnings")}})
     else:
         kept = f", kept: {rep['choice']['kept']}" if rep.get("choice") else ""
         table(f"adaptation round ({cfg.method}, {len(rep.get('steps', []))} steps{kept}, {rep['frames']['adapt']} "
-              f"frames + {rep['frames']['holdout']} held out, normalisation set: {rep['set']})",
+              f"frames, {rep['frames']['choice']} to choose, {rep['frames']['holdout']} to judge, normalisation set: {rep['set']})",
               ["signal", "before", "after"],
               [[f"{k} (lower is better)", rep["health_before"][k], rep["health_after"][k]] for k in rep["health_before"]]
-              + [[f"gate: {k}", rep["gate_before"].get(k, "-"), v] for k, v in rep["gate_after"].items()])
+              + [[f"gate: {k}", rep["gate_before"].get(k, "-"), v] for k, v in rep["gate_after"].items()]
+              + ([["sentinel mIoU (labels)", rep["sentinel"]["serving_miou"], rep["sentinel"]["new_miou"]]]
+                 if rep.get("sentinel") else []))
     if not res.accepted:
         note(f"rejected: {res.reason}; the serving version is unchanged", as_json)
         from . import EXIT_REJECTED

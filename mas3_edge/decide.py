@@ -1,0 +1,112 @@
+"""The verdict on a round: every check it had to pass, with the value it scored and the limit it
+was held to, so that `adapt --json`, report.json, `versions` and the runtime's events can say which
+signals decided it.
+
+Three kinds of check, in the order they are applied:
+- health: the signals adaptation minimises (health.py) must not get worse by more than the
+  tolerance; they catch a round that diverged;
+- gate: signals no method optimises (gate.py): the share of the serving model's confident pixels
+  that kept their label, and the source path's agreement with the source model;
+- labels: with sentinel frames (a few labelled frames of the robot's own camera), the candidate's
+  mIoU on them must not fall more than the tolerance below the serving model's. A decision that
+  used them says so.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .config import RoundConfig
+from .health import SIGNALS
+
+
+@dataclass(frozen=True)
+class Check:
+    signal: str
+    kind: str  # health | gate | labels
+    value: float
+    limit: float
+    passed: bool
+    message: str  # why it failed, in words ("" when it passed)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def health_checks(before: dict, after: dict, tolerance: float) -> list[Check]:
+    """Each health signal (lower is better) against its value before, `tolerance` relative."""
+    out = []
+    for name in SIGNALS:
+        b, a = before[name], after[name]
+        limit = b * (1 + tolerance) + 1e-6
+        ok = math.isfinite(a) and a <= limit
+        why = "" if ok else (f"{name} is not finite after adaptation" if not math.isfinite(a)
+                             else f"{name} got worse: {b:.4f} -> {a:.4f}")
+        out.append(Check(name, "health", a, limit, ok, why))
+    return out
+
+
+def gate_checks(gate_after: dict, rcfg: RoundConfig) -> list[Check]:
+    """`retained` and `source` (higher is better) against their floors."""
+    r, s = gate_after["retained"], gate_after["source"]
+    return [Check("retained", "gate", r, rcfg.retained_floor, r >= rcfg.retained_floor,
+                  "" if r >= rcfg.retained_floor else
+                  f"only {r:.0%} of the confident pixels kept their label (floor {rcfg.retained_floor:.0%})"),
+            Check("source", "gate", s, rcfg.source_floor, s >= rcfg.source_floor,
+                  "" if s >= rcfg.source_floor else
+                  f"the source path changed: {s:.1%} pixel agreement (floor {rcfg.source_floor:.0%})")]
+
+
+def sentinel_check(serving_miou: float, new_miou: float, tolerance: float, frames: int) -> Check:
+    """The candidate's mIoU on the sentinel frames against the serving model's, less `tolerance` points."""
+    limit = serving_miou - tolerance
+    ok = math.isfinite(new_miou) and new_miou >= limit
+    return Check("sentinel_miou", "labels", new_miou, limit, ok,
+                 "" if ok else f"worse on the {frames} sentinel frames: mIoU {serving_miou:.1f} -> {new_miou:.1f} "
+                               f"(tolerance {tolerance:g})")
+
+
+def verdict(checks: list[Check]) -> tuple[bool, str]:
+    """Accepted when every check passed; else the first failure, in the order health, gate, labels."""
+    failed = next((c for c in checks if not c.passed), None)
+    if failed is not None:
+        return False, failed.message
+    kinds = {c.kind for c in checks}
+    return True, "health signals and gate held" + (", and the sentinel frames" if "labels" in kinds else "")
+
+
+class Sentinel:
+    """A few labelled frames of the robot's own camera (a folder: images/ + labels/ in the model's
+    label set), scored with each candidate. The only labels a round ever reads."""
+
+    def __init__(self, folder: str | Path, net):
+        from .data import open_dataset
+        self.folder = str(folder)
+        self.data = open_dataset(folder, size=tuple(net.config.input_size), label_set=net.labels)
+        if len(self.data) == 0:
+            from .errors import UserError
+            raise UserError(f"the sentinel folder {folder} has no labelled frames")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def miou(self, net) -> float:
+        from .evaluate import evaluate
+        value = evaluate(net, self.data)["miou"]
+        return float("nan") if value is None else float(value)
+
+
+def describe(checks: list[Check]) -> list[dict]:
+    return [c.to_dict() for c in checks]
+
+
+def summary(checks: list[dict]) -> str:
+    """What decided a round, in one short line: the check that failed, or the gate's and the
+    labels' figures against their limits ("retained 0.62>=0.30, source 1.00>=0.97")."""
+    failed = [c for c in checks if not c["passed"]]
+    shown = failed[:1] or [c for c in checks if c["kind"] != "health"]
+    return ", ".join(f"{c['signal']} {c['value']:.2f}{'<' if c['kind'] != 'health' else '>'}{c['limit']:.2f}"
+                     if not c["passed"] else f"{c['signal']} {c['value']:.2f}>={c['limit']:.2f}" for c in shown)
+
+
