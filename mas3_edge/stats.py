@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import UserError
 from .model import SegModel
 from .torchutil import to_device
 
@@ -29,6 +30,17 @@ def _running(m: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return m.running_mean, m.running_var
 
 
+def batches(n: int, size: int) -> list[tuple[int, int]]:
+    """[lo, hi) of batches of `size` over n frames, the last one never of a single frame: batch
+    statistics of one frame are undefined after a global pool (1 value per channel)."""
+    if n < 2:
+        raise UserError(f"re-estimating the normalisation statistics needs at least 2 frames, got {n}")
+    out = [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+    if len(out) > 1 and out[-1][1] - out[-1][0] == 1:
+        out[-2:] = [(out[-2][0], n)]
+    return out
+
+
 @torch.no_grad()
 def reestimate(net: SegModel, frames: np.ndarray, mix: float = 1.0, batch_size: int = 8) -> None:
     """AdaBN: batch-norm statistics := the moments of the mixture (1 - mix) · current + mix · `frames`."""
@@ -38,8 +50,8 @@ def reestimate(net: SegModel, frames: np.ndarray, mix: float = 1.0, batch_size: 
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average over all batches
         m.train()
-    for i in range(0, len(frames), batch_size):
-        net.embed(net.normalize(to_device(frames[i:i + batch_size], net)))
+    for lo, hi in batches(len(frames), batch_size):
+        net.embed(net.normalize(to_device(frames[lo:hi], net)))
     for m, (momentum, training, mean, var) in zip(bns, saved):
         # moments of the mixture: the variance gains the spread between the two means
         run_mean, run_var = _running(m)

@@ -145,6 +145,15 @@ def test_bn_mix_gives_the_moments_of_the_mixture(small_net):
     assert torch.allclose(bn.running_var, 0.75 * 2.0 + 0.25 * vt + 0.25 * 0.75 * (mt - 5.0) ** 2, rtol=1e-4)
 
 
+def test_statistics_are_never_taken_on_a_batch_of_one_frame(small_net):
+    """After a global pool a single frame gives one value per channel: the last batch takes it in."""
+    assert stats.batches(17, 8) == [(0, 8), (8, 17)] and stats.batches(16, 8) == [(0, 8), (8, 16)]
+    assert stats.batches(2, 8) == [(0, 2)]
+    stats.reestimate(small_net, domain(0, 256, n=9))  # 8 + 1 frames: the pooled branch must not fail
+    with pytest.raises(UserError, match="at least 2 frames"):
+        stats.reestimate(small_net, domain(0, 256, n=1))
+
+
 def test_a_mixed_round_mixes_with_the_source_statistics_not_the_parents(proto_bundle, tmp_path):
     source = bundle.load_version(proto_bundle)
     drifted = copy.deepcopy(source.net)
