@@ -17,14 +17,20 @@ from ..errors import UserError
 from .layout import (BIKE, BUILDING, BUS, CAR, FENCE, LIGHT, MOTO, PERSON, POLE, RIDER, ROAD,  # noqa: F401
                      SIDEWALK, SIGN, SKY, TERRAIN, TRAIN, TRUCK, VEG, WALL, _layout)
 from .paint import _paint
+from ..synth3d.looks import LOOKS as _LOOKS_3D  # names only: no renderer is imported here
 
 DOMAINS = ("synthetic", "realistic", "night", "fog", "rain")
+# The 3-D street scenes (mas3_edge.synth3d, rendered by Mitsuba 3) answer to the same render(): their
+# names start with "r3d-". They are not in DOMAINS, which lists this module's own painted looks.
 
 
 # ---- public API ------------------------------------------------------------------------------
 def _check(domain: str, seed: int, size: tuple[int, int], label_shift: float) -> None:
-    if domain not in DOMAINS:
-        raise UserError(f"unknown domain {domain!r}; choose one of {', '.join(DOMAINS)}")
+    if domain not in DOMAINS and domain not in _LOOKS_3D:
+        raise UserError(f"unknown domain {domain!r}; choose one of {', '.join(DOMAINS)} "
+                        f"or a 3-D look ({', '.join(_LOOKS_3D)})")
+    if domain in _LOOKS_3D and label_shift:
+        raise UserError(f"the 3-D look {domain!r} has no label_shift; use 0")
     if int(seed) < 0:
         raise UserError(f"seed must be >= 0, got {seed}")
     if len(size) != 2 or min(size) < 16 or max(size) > 4096:
@@ -39,6 +45,9 @@ def render(domain: str, seed: int, size: tuple[int, int] = (128, 256),
     size and label_shift only, never on the domain."""
     _check(domain, seed, size, label_shift)
     size = (int(size[0]), int(size[1]))
+    if domain in _LOOKS_3D:
+        from .. import synth3d
+        return synth3d.render(domain, int(seed), size)
     scene = _layout(int(seed), size, float(label_shift))
     classes = np.array([r[0] for r in scene.rows], np.uint8)
     look = np.random.default_rng([int(seed), DOMAINS.index(domain) + 1])
