@@ -165,3 +165,25 @@ def test_archs_run_side_by_side_on_the_same_data(tmp_path, capsys):
         assert set(r["results"]) == {"source-only", "bn"} and r["source_miou"] >= 0
     text = capsys.readouterr().out
     assert "| tiny (19) |" in text and "| python:own_net:small (12) |" in text
+
+
+def test_3d_targets_are_scored_with_a_model_of_their_own_source_domain(capsys):
+    assert bq.parse_target("r3d-fog") == ("r3d-fog", None, 0) and bq.source_of("r3d-fog") == "r3d-source"
+    assert bq.parse_target("r3d-texture+gaussian_noise@3") == ("r3d-texture", "gaussian_noise", 3)
+    assert bq.source_of("realistic+fog@3") == "synthetic" and "r3d-source" not in bq.TARGETS_3D
+    args = bq._args(["--targets", "r3d-fog,r3d-lowcam", "--methods", ""])  # "": the source-only row alone
+    assert args.source_domain == "r3d-source" and args.methods == [] and args.targets == ["r3d-fog", "r3d-lowcam"]
+    with pytest.raises(SystemExit):  # named targets of two families: refused, not silently dropped
+        bq._args(["--targets", "r3d-fog,realistic"])
+    assert "not of source domain" in capsys.readouterr().err
+    args = bq._args(["--targets", "realistic"])
+    assert args.source_domain == "synthetic" and args.targets == ["realistic"]
+
+
+def test_make_data_renders_the_3d_source_and_targets():
+    pytest.importorskip("mitsuba")
+    d = bq.make_data(dict(n_train=1, n_adapt=1, n_val=1, workers=1), ["r3d-fog", "r3d-fog+contrast@5"], "r3d-source")
+    assert set(d) == {"source-train", "source-val", "r3d-fog-adapt", "r3d-fog-val",
+                      "r3d-fog+contrast@5-adapt", "r3d-fog+contrast@5-val"}
+    assert d["source-train"].x.shape == (1, 128, 256, 3) and not np.array_equal(d["source-val"].x, d["r3d-fog-val"].x)
+    np.testing.assert_array_equal(d["r3d-fog-val"].y, d["r3d-fog+contrast@5-val"].y)

@@ -14,6 +14,10 @@ Targets per preset (--targets overrides): small (2 CPU cores; all rows took 25 m
 cores) runs the 5 synthetic targets and two corruptions from the families those lack, noise and
 blur: realistic+gaussian_noise@5 and realistic+motion_blur@3. full (a GPU) runs all 35 targets.
 
+The 3-D street scenes (mas3_edge.synth3d, rendered by Mitsuba 3) are a domain pair of their own: their
+targets (r3d-dusk, r3d-fog, ...) are scored with a source model trained here on r3d-source
+(--source-domain; the default when every target is a 3-D look). --methods "" runs source-only alone.
+
     python tools/bench_quality.py --preset small --out bench_quality.json        # 2 CPU cores
     python tools/bench_quality.py --preset full --device cuda --plot-dir docs/results    # a GPU
     mas3-edge bench quality --targets corruptions --methods bn,mas3              # from the CLI
@@ -34,13 +38,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mas3_edge import arch as archs, bank, bundle, data, health, prototypes, rounds, shifts, synth, train
+from mas3_edge import arch as archs, bank, bundle, data, health, prototypes, rounds, shifts, synth, synth3d, train
 from mas3_edge.config import AdaptConfig
 from mas3_edge.errors import UserError
 from mas3_edge.evaluate import evaluate
 from mas3_edge.model import SegModel
 
 TARGETS = {"realistic": 0.0, "night": 0.0, "fog": 0.0, "rain": 0.0, "label-shift": 0.7}
+# The 3-D street scenes (mas3_edge.synth3d, Mitsuba 3): a domain pair of their own, whose source model
+# is trained on r3d-source (--source-domain); a target belongs to the source family it is scored with.
+TARGETS_3D = {d: 0.0 for d in synth3d.DOMAINS if d != synth3d.SOURCE}
+SOURCES = {"synthetic": TARGETS, synth3d.SOURCE: TARGETS_3D}
 CORRUPTION_TARGETS = tuple(f"realistic+{c}@{s}" for s in (3, 5) for c in data.CORRUPTIONS)
 CAMERA = "realistic+camera"  # the realistic scenes through another camera (shifts.camera_change)
 GROUPS = {"synthetic": tuple(TARGETS), "corruptions": CORRUPTION_TARGETS, "all": (*TARGETS, *CORRUPTION_TARGETS)}
@@ -112,16 +120,22 @@ class Pairs:
 def parse_target(name: str) -> tuple[str, str | None, int]:
     """"fog" -> ("fog", None, 0); "realistic+fog@3" -> ("realistic", "fog", 3);
     "realistic+camera" -> ("realistic", "camera", 0)."""
-    if name in TARGETS:
+    if name in TARGETS or name in TARGETS_3D:
         return name, None, 0
     if name == CAMERA:
         return "realistic", "camera", 0
     base, _, rest = name.partition("+")
     corruption, _, severity = rest.partition("@")
-    if base not in TARGETS or corruption not in data.CORRUPTIONS or severity not in tuple("12345"):
-        raise UserError(f"unknown target {name!r}: use one of {list(TARGETS)}, BASE+CORRUPTION@SEVERITY "
+    bases = [*TARGETS, *TARGETS_3D]
+    if base not in bases or corruption not in data.CORRUPTIONS or severity not in tuple("12345"):
+        raise UserError(f"unknown target {name!r}: use one of {bases}, BASE+CORRUPTION@SEVERITY "
                         f"(e.g. realistic+fog@3; corruptions: {', '.join(data.CORRUPTIONS)}) or a group {list(GROUPS)}")
     return base, corruption, int(severity)
+
+
+def source_of(target: str) -> str:
+    """The source domain whose model a target is scored with (SOURCES)."""
+    return synth3d.SOURCE if parse_target(target)[0] in TARGETS_3D else "synthetic"
 
 
 def resolve_targets(spec: str) -> list[str]:
@@ -158,15 +172,16 @@ def shift_pairs(target: str, src: Pairs, seed: int, pool) -> Pairs:
     return Pairs(list(zip(pool.map(_corrupt, jobs, chunksize=8), src.y)))
 
 
-def make_data(p: dict, targets: Sequence[str] | None = None) -> dict[str, Pairs]:
-    """Labelled splits: source train/val and {target}-adapt / {target}-val of each target (default:
-    the synthetic ones); a corruption target is its base target's images corrupted, same labels."""
-    parsed = [parse_target(t) for t in (TARGETS if targets is None else targets)]
-    splits = {"source-train": ("synthetic", 1, p["n_train"], 0.0), "source-val": ("synthetic", 2, p["n_val"], 0.0)}
+def make_data(p: dict, targets: Sequence[str] | None = None, source: str = "synthetic") -> dict[str, Pairs]:
+    """Labelled splits: source train/val (of domain `source`) and {target}-adapt / {target}-val of
+    each target (default: the source's own targets, SOURCES); a corruption target is its base
+    target's images corrupted, same labels."""
+    parsed = [parse_target(t) for t in (SOURCES[source] if targets is None else targets)]
+    splits = {"source-train": (source, 1, p["n_train"], 0.0), "source-val": (source, 2, p["n_val"], 0.0)}
     for t in dict.fromkeys(base for base, _, _ in parsed):  # each base rendered once, in order
         domain = "realistic" if t == "label-shift" else t
-        splits[f"{t}-adapt"] = (domain, 3, p["n_adapt"], TARGETS[t])
-        splits[f"{t}-val"] = (domain, 4, p["n_val"], TARGETS[t])
+        splits[f"{t}-adapt"] = (domain, 3, p["n_adapt"], TARGETS.get(t, 0.0))
+        splits[f"{t}-val"] = (domain, 4, p["n_val"], TARGETS.get(t, 0.0))
     with Pool(p["workers"]) as pool:
         out = {k: Pairs(pool.map(_render, [(d, s, i, sh) for i in range(n)], chunksize=8))
                for k, (d, s, n, sh) in splits.items()}
@@ -182,9 +197,10 @@ class Setup:
     source model and its prototypes."""
 
     def __init__(self, preset_name: str = "small", device: str = "cpu", log=lambda msg: None,
-                 targets: Sequence[str] | None = None, source: Path | None = None, arch: str = "tiny"):
+                 targets: Sequence[str] | None = None, source: Path | None = None, arch: str = "tiny",
+                 source_domain: str = "synthetic"):
         t0, self.p, self.device = time.perf_counter(), PRESETS[preset_name], device
-        self.data = make_data(self.p, targets)
+        self.data = make_data(self.p, targets, source_domain)
         self.root = Path(tempfile.mkdtemp(prefix="mas3-quality-"))
         try:
             if source is not None:  # a bundle trained by the same recipe (the packaged one): no training here
@@ -197,7 +213,7 @@ class Setup:
                             self.root, self.root / "ckpt", device=device)
                 self.src = bundle.load_version(self.root)
                 proto = prototypes.fit(self.src.net, self.data["source-train"], device=device)
-                prototypes.save(proto, self.src.prototypes_path, self.src.meta["source_sha256"], "synth:synthetic")
+                prototypes.save(proto, self.src.prototypes_path, self.src.meta["source_sha256"], f"synth:{source_domain}")
             self.proto = prototypes.load(self.src.prototypes_path, self.src.meta)
         except BaseException:  # a failed or interrupted setup leaves no temporary bundle behind
             self.close()
@@ -267,6 +283,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                     "synthetic,realistic+gaussian_noise@5,realistic+motion_blur@3; full: all)")
     ap.add_argument("--oracle-steps", type=int, help="fine-tuning steps of the oracle row, 0 leaves it out; "
                     "default: the preset's (small 100, full 500)")
+    ap.add_argument("--source-domain", choices=sorted(SOURCES), help="the domain the source model is trained "
+                    "on: synthetic (the 2-D painted scenes) or r3d-source (the 3-D street scenes); a split's "
+                    "targets of the other family are left out. Default: r3d-source when every target is a 3-D look")
     ap.add_argument("--source-bundle", type=Path, help="start from this bundle's serving version (trained by "
                     "the same recipe, e.g. mas3_edge/default_bundle) instead of training the source model")
     ap.add_argument("--arch", default="tiny", help="comma list of networks (tiny, torchvision:NAME, smp:ARCH:ENCODER, "
@@ -279,16 +298,26 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rejudge", action="store_true", help="read --out, judge every recorded round again with "
                     "today's health check and gate (rounds.judge), print the table and floors; no adaptation")
     args = ap.parse_args(argv)
-    args.methods, args.arch = args.methods.split(","), args.arch.split(",")
+    args.methods, args.arch = [m for m in args.methods.split(",") if m], args.arch.split(",")  # "": source-only
     if args.source_bundle and args.arch != ["tiny"]:
         ap.error("--source-bundle holds a tiny model; leave it out with --arch")
     if unknown := [m for m in args.methods if m not in METHODS]:
         ap.error(f"unknown rows {unknown}; choose from {list(METHODS)}")
     try:
+        named = args.targets
         args.targets = resolve_targets(args.targets or (SPLITS[args.split] if args.split else None)
                                        or PRESETS[args.preset]["targets"])
     except UserError as e:
         ap.error(str(e))
+    families = {source_of(t) for t in args.targets}
+    args.source_domain = args.source_domain or (synth3d.SOURCE if families == {synth3d.SOURCE} else "synthetic")
+    if other := [t for t in args.targets if source_of(t) != args.source_domain]:
+        if named:
+            ap.error(f"targets {other} are not of source domain {args.source_domain} (--source-domain)")
+        print(f"left out (another source domain than {args.source_domain}): {', '.join(other)}", file=sys.stderr)
+        args.targets = [t for t in args.targets if t not in other]
+        if not args.targets:
+            ap.error(f"no target of source domain {args.source_domain} in the split (--source-domain)")
     args.oracle_steps = PRESETS[args.preset]["oracle_steps"] if args.oracle_steps is None else args.oracle_steps
     return args
 
@@ -349,8 +378,9 @@ def run(args: argparse.Namespace, arch: str, write) -> dict:
     """Every row of `args` on one network: its source model trained here (or --source-bundle), then
     one round per method and target. `write(report, row)` is called after every row."""
     s = Setup(args.preset, args.device, log=lambda msg: print(msg, file=sys.stderr), targets=args.targets,
-              source=args.source_bundle, arch=arch)
-    report = {"preset": args.preset, "split": args.split, "arch": arch, "embed_dim": s.src.net.config.embed_dim,
+              source=args.source_bundle, arch=arch, source_domain=args.source_domain)
+    report = {"preset": args.preset, "split": args.split, "source_domain": args.source_domain, "arch": arch,
+              "embed_dim": s.src.net.config.embed_dim,
               "device": _device_name(args.device), "adapt_steps": args.steps,
               "targets": args.targets, "oracle": {"steps": args.oracle_steps, "how": ORACLE},
               "results": {"source-only": {t: _scores(s, s.src.net, t) for t in args.targets}}}
