@@ -187,3 +187,12 @@ def test_make_data_renders_the_3d_source_and_targets():
                       "r3d-fog+contrast@5-adapt", "r3d-fog+contrast@5-val"}
     assert d["source-train"].x.shape == (1, 128, 256, 3) and not np.array_equal(d["source-val"].x, d["r3d-fog-val"].x)
     np.testing.assert_array_equal(d["r3d-fog-val"].y, d["r3d-fog+contrast@5-val"].y)
+
+
+def test_the_3d_looks_split_into_one_tuning_look_and_a_report_set():
+    tuning, report3d = (set(bq.resolve_targets(bq.SPLITS[k])) for k in ("tuning", "report3d"))
+    assert tuning & set(bq.TARGETS_3D) == {"r3d-dusk"} and report3d == set(bq.TARGETS_3D) - {"r3d-dusk"}
+    args = bq._args(["--split", "tuning"])  # the 2-D source: the 3-D look is left out, the rest unchanged
+    assert args.source_domain == "synthetic" and "r3d-dusk" not in args.targets and len(args.targets) == 7
+    assert bq._args(["--split", "tuning", "--source-domain", "r3d-source"]).targets == ["r3d-dusk"]
+    assert bq._args(["--split", "report3d"]).source_domain == "r3d-source"

@@ -56,14 +56,19 @@ GROUPS = {"synthetic": tuple(TARGETS), "corruptions": CORRUPTION_TARGETS, "all":
 # report targets, of shift families no choice has seen: a camera change (field of view, pitch,
 # lens distortion, resolution), weather the generator does not paint (snow, frost), a digital
 # contrast loss and a coarser sensor (pixelate). Written down before the report set was first run.
-SPLITS = {"tuning": "synthetic,realistic+gaussian_noise@5,realistic+motion_blur@3",
+# The 3-D pair (source model on r3d-source) adds one look to the tuning split, dusk (light), and
+# holds the others out in report3d: night (a light change beyond the tuning one), fog (weather),
+# another city's materials and textures, and a small robot's low, wide camera (labels change too).
+# Written down (in its own commit) before any model was scored on a 3-D look.
+SPLITS = {"tuning": "synthetic,realistic+gaussian_noise@5,realistic+motion_blur@3,r3d-dusk",
           "report": f"{CAMERA},realistic+snow@3,realistic+frost@3,realistic+contrast@4,realistic+pixelate@5",
           # A second report set, written down (commit fdc9121) before it was first run, for a
           # choice made after the first report set had been seen: families neither set has (an
           # elastic warp, JPEG artefacts, over-exposure) and members of the tuning set's noise and
           # blur families that it does not hold (impulse noise, zoom blur).
           "report2": "realistic+elastic_transform@5,realistic+jpeg_compression@5,realistic+brightness@5,"
-                     "realistic+impulse_noise@3,realistic+zoom_blur@3"}
+                     "realistic+impulse_noise@3,realistic+zoom_blur@3",
+          "report3d": "r3d-night,r3d-fog,r3d-texture,r3d-lowcam"}
 PRESETS = {"small": dict(n_train=600, n_adapt=200, n_val=60, train_steps=1000, workers=2, oracle_steps=100,
                          targets=SPLITS["tuning"]),
            "full": dict(n_train=600, n_adapt=300, n_val=100, train_steps=2000, workers=15, oracle_steps=500,
