@@ -211,6 +211,8 @@ class RoundConfig:
     source_floor: float = setting(0.97, "Gate: pixel agreement of the new source path with the source model.")
     consistency_frames: int = setting(24, "Held-out frames scored for augmentation consistency (4 passes each).")
     guard: bool = setting(True, "Reject a round that fails the health check or the gate.", flag="--guard/--no-guard")
+    gate_rule: str = setting("none", "A fitted gate (tools/gate_fit.py) the round must also pass: shipped (the "
+                                     "packaged one), none, or a rule file.")
     sentinel: str | None = setting(None, "Folder of a few labelled frames of this camera (images/ + labels/); a "
                                          "candidate must also not be worse than the serving model on them.")
     sentinel_tolerance: float = setting(0.0, "With --sentinel: mIoU points the candidate may lose on the sentinel "
@@ -222,6 +224,8 @@ class RoundConfig:
                f"choice holdout must be in (0, {1 - self.holdout:g}), got {self.choice_holdout}")
         _check(self.sentinel is None or Path(self.sentinel).is_dir(),
                f"the sentinel folder {self.sentinel} does not exist; give a folder of labelled frames (images/ + labels/)")
+        _check(self.gate_rule in ("shipped", "none") or Path(self.gate_rule).is_file(),
+               f"gate rule must be shipped, none or a rule file, got {self.gate_rule!r}")
         _check(self.sentinel_tolerance >= 0, f"sentinel tolerance must be >= 0, got {self.sentinel_tolerance}")
         _check(self.min_frames >= 2, f"min frames must be >= 2, got {self.min_frames}")
         _check(self.health_tolerance >= 0, f"health tolerance must be >= 0, got {self.health_tolerance}")

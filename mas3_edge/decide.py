@@ -110,3 +110,68 @@ def summary(checks: list[dict]) -> str:
                      if not c["passed"] else f"{c['signal']} {c['value']:.2f}>={c['limit']:.2f}" for c in shown)
 
 
+
+
+# --- a gate fitted on a corpus of rounds with known outcomes (tools/gate_fit.py), stored as data
+
+SHIPPED_RULE = Path(__file__).resolve().parent / "gate_rule.json"
+
+
+def rule_path(name: str) -> Path:
+    """RoundConfig.gate_rule -> its file ("shipped": the packaged one)."""
+    return SHIPPED_RULE if name == "shipped" else Path(name)
+
+
+def features(report: dict) -> dict[str, float | None]:
+    """The inputs of a fitted rule, from a round's report (or a corpus record): each health
+    signal's relative change, the gate signals, consistency's change, and signals.py's values."""
+    hb, ha = report.get("health_before") or {}, report.get("health_after") or {}
+    gb, ga = report.get("gate_before") or {}, report.get("gate_after") or {}
+    out: dict[str, float | None] = {
+        f"{k}_change": (ha[k] - hb[k]) / max(abs(hb[k]), 1e-6) if k in ha and k in hb else None for k in SIGNALS}
+    out["retained"], out["source"] = ga.get("retained"), ga.get("source")
+    out["consistency_delta"] = ga["consistency"] - gb["consistency"] if "consistency" in ga and "consistency" in gb \
+        else None
+    out.update(report.get("signals") or {})
+    return {k: (v if v is None or math.isfinite(v) else None) for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class GateRule:
+    """P(harmful) = sigmoid(bias + Σ w_i (x_i - mean_i) / std_i); a round passes when it is below
+    `threshold`. An input a round could not compute takes its mean (a neutral value)."""
+
+    inputs: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    weights: tuple[float, ...]
+    bias: float
+    threshold: float
+    note: str = ""
+
+    def harm(self, x: dict[str, float | None]) -> float:
+        z = self.bias
+        for k, m, s, w in zip(self.inputs, self.mean, self.std, self.weights):
+            v = x.get(k)
+            z += w * ((m if v is None else float(v)) - m) / s
+        return float(1 / (1 + math.exp(-max(-60.0, min(60.0, z)))))
+
+    def check(self, report: dict) -> Check:
+        p = self.harm(features(report))
+        ok = p < self.threshold
+        return Check("fitted_gate", "gate", p, self.threshold, ok,
+                     "" if ok else f"the fitted gate puts its chance of harm at {p:.0%} (limit {self.threshold:.0%})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def load(cls, path: str | Path) -> GateRule:
+        import json
+
+        from .errors import UserError
+        try:
+            d = json.loads(Path(path).read_text())
+            return cls(**{**d, **{k: tuple(d[k]) for k in ("inputs", "mean", "std", "weights")}})
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise UserError(f"cannot read the gate rule {path}: {e}") from None

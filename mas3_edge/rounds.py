@@ -192,9 +192,12 @@ def judge_round(serving: SegModel, net: SegModel, source: SegModel, proto: Proto
         checks.append(decide.sentinel_check(scores["serving_miou"], scores["new_miou"], rcfg.sentinel_tolerance,
                                             len(sentinel)))
         out["sentinel"] = scores
+    out.update(health_after=after, gate_after=gate_after, signals=signals.round_signals(serving, net, held, proto,
+                                                                                       plain=plain))
+    if rcfg.gate_rule != "none":
+        checks.insert(len(checks) - (sentinel is not None), decide.GateRule.load(decide.rule_path(rcfg.gate_rule)).check(out))
     ok, reason = decide.verdict(checks)
-    return {**out, "health_after": after, "gate_after": gate_after, "checks": decide.describe(checks),
-            "signals": signals.round_signals(serving, net, held, proto, plain=plain), "accepted": ok, "reason": reason}
+    return {**out, "checks": decide.describe(checks), "accepted": ok, "reason": reason}
 
 
 def judge(before: dict, after: dict, gate_after: dict, rcfg: RoundConfig = RoundConfig()) -> tuple[bool, str]:

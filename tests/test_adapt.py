@@ -295,3 +295,17 @@ def test_every_method_fills_every_setting_it_leaves_open():
         cfg = AdaptConfig(method=method)
         assert {k: getattr(cfg, k) for k in left_open} == row
     assert AdaptConfig(method="tent", lr=5e-4, batch_stats=False).lr == 5e-4  # an explicit value wins
+
+
+def test_a_fitted_gate_rule_joins_the_checks_before_the_sentinel(proto_bundle, tmp_path):
+    rule = tmp_path / "rule.json"  # P(harm) rises as the candidate agrees less with the serving model
+    rule.write_text(json.dumps({"inputs": ["agreement_serving"], "mean": [1.0], "std": [0.1], "weights": [-5.0],
+                                "bias": 0.0, "threshold": 0.99, "note": "test"}))
+    frames = domain(0, 256, n=10)
+    res = rounds.run_round(proto_bundle, frames, AdaptConfig(steps=1, tau=0.0, swd_pixels=256, gmm_samples=512),
+                           rcfg=rounds.RoundConfig(gate_rule=str(rule), guard=False))
+    fitted = [c for c in res.report["checks"] if c["signal"] == "fitted_gate"]
+    assert len(fitted) == 1 and fitted[0]["limit"] == 0.99 and 0 <= fitted[0]["value"] <= 1
+    assert res.report["checks"][-1]["signal"] == "fitted_gate"  # after the health and gate checks
+    with pytest.raises(UserError, match="gate rule must be"):
+        rounds.RoundConfig(gate_rule=str(tmp_path / "nope.json"))

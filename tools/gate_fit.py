@@ -1,0 +1,198 @@
+"""Fit the round's gate on the tuning half of a corpus of rounds (tools/gate_corpus.py) and judge it
+once on the report half: every signal's AUROC for "harmful", the rules' error rates, the floors.
+
+A round is harmful when it cost target mIoU (<= -0.5) or source mIoU (<= -1), good when it gained
+target mIoU (>= +0.5) with the source within a point; the rest are neutral. A rule's two error
+rates: the share of harmful rounds it accepts and the share of good rounds it rejects.
+
+The rules, each chosen on the tuning half only:
+- floors: today's checks (health signals within their tolerance, retained and source floors);
+- fitted: a small logistic model of P(harmful) on the label-free features that separate harmful
+  rounds on the tuning half (|AUROC - 0.5| >= 0.1), at the operating point where at most 5 % of
+  the tuning half's harmful rounds pass;
+- floors + fitted: both must pass;
+- + sentinel: the candidate also must not lose more than a tolerance of mIoU on 8 labelled frames
+  of the camera; the tolerance is the largest on a grid that lets no harmful tuning round through.
+
+    python tools/gate_fit.py --corpus docs/results/gate_corpus.json --out docs/results/gate_fit.json \\
+        --rule mas3_edge/gate_rule.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mas3_edge.bundle import atomic_write_json
+from mas3_edge.decide import GateRule, features
+
+HARM_TARGET, HARM_SOURCE, GOOD_TARGET = -0.5, -1.0, 0.5
+MAX_HARM_ACCEPTED, MAX_GOOD_REJECTED, MAX_GOOD_REJECTED_SENTINEL = 0.05, 0.30, 0.20
+SENTINEL_TOLERANCES = (0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0)
+SEPARATES = 0.1  # |AUROC - 0.5| on the tuning half for a feature to enter the fitted rule
+
+
+def outcome(rec: dict) -> str:
+    t, s = rec["effect"]["target"], rec["effect"]["source"]
+    if t <= HARM_TARGET or s <= HARM_SOURCE:
+        return "harmful"
+    return "good" if t >= GOOD_TARGET and s >= HARM_SOURCE else "neutral"
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties counted half (Mann-Whitney)."""
+    pos, neg = scores[positive], scores[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+def matrix(recs: list[dict], names: list[str], fill: dict[str, float]) -> np.ndarray:
+    rows = [features(r) for r in recs]
+    return np.array([[fill[n] if row.get(n) is None else float(row[n]) for n in names] for row in rows])  # type: ignore[arg-type]
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, ridge: float = 1.0, iters: int = 50) -> tuple[np.ndarray, float]:
+    """Ridge logistic regression by Newton's method on standardised inputs -> (weights, bias)."""
+    xb = np.hstack([x, np.ones((len(x), 1))])
+    w = np.zeros(xb.shape[1])
+    reg = np.eye(len(w)) * ridge
+    reg[-1, -1] = 0  # the bias is not shrunk
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-np.clip(xb @ w, -60, 60)))
+        grad = xb.T @ (p - y) + reg @ w
+        hess = (xb * (p * (1 - p))[:, None]).T @ xb + reg
+        w -= np.linalg.solve(hess, grad)
+    return w[:-1], float(w[-1])
+
+
+def rates(accept: np.ndarray, kinds: np.ndarray) -> dict:
+    harm, good = kinds == "harmful", kinds == "good"
+    return {"harmful_accepted": float(accept[harm].mean()) if harm.any() else float("nan"),
+            "good_rejected": float((~accept[good]).mean()) if good.any() else float("nan"),
+            "harmful": int(harm.sum()), "good": int(good.sum()), "neutral": int((kinds == "neutral").sum()),
+            "accepted": int(accept.sum()), "rounds": int(len(accept))}
+
+
+def floors_pass(rec: dict) -> bool:
+    return bool(rec.get("checks")) and all(c["passed"] for c in rec["checks"] if c["kind"] in ("health", "gate"))
+
+
+def sentinel_delta(rec: dict) -> float:
+    return rec["after"]["sentinel"] - rec["before"]["sentinel"]
+
+
+def fit(tuning: list[dict]) -> tuple[GateRule, dict]:
+    """The fitted rule, chosen on the tuning half alone, and each feature's AUROC there."""
+    names = sorted({k for r in tuning for k, v in features(r).items() if v is not None})
+    kinds = np.array([outcome(r) for r in tuning])
+    harm = kinds == "harmful"
+    raw = {n: np.array([features(r).get(n) for r in tuning], dtype=object) for n in names}
+    fill = {n: float(np.mean([v for v in raw[n] if v is not None])) for n in names}
+    x = matrix(tuning, names, fill)
+    aucs = {n: auroc(x[:, i], harm) for i, n in enumerate(names)}
+    keep = [n for n in names if abs(aucs[n] - 0.5) >= SEPARATES and np.mean([v is not None for v in raw[n]]) >= 0.5]
+    cols = [names.index(n) for n in keep]
+    mean, std = x[:, cols].mean(0), x[:, cols].std(0) + 1e-9
+    w, b = fit_logistic((x[:, cols] - mean) / std, harm.astype(float))
+    rule = GateRule(tuple(keep), tuple(float(m) for m in mean), tuple(float(s) for s in std),
+                    tuple(float(v) for v in w), b, 1.0)
+    p = np.array([rule.harm(features(r)) for r in tuning])
+    ph = np.sort(p[harm])
+    k = int(np.floor(MAX_HARM_ACCEPTED * len(ph)))  # at most k harmful rounds may score below the threshold
+    threshold = float(ph[k]) if len(ph) else 0.5
+    return GateRule(rule.inputs, rule.mean, rule.std, rule.weights, rule.bias, threshold), aucs
+
+
+def decisions(recs: list[dict], rule: GateRule, tolerance: float | None) -> dict[str, np.ndarray]:
+    floors = np.array([floors_pass(r) for r in recs])
+    fitted = np.array([rule.harm(features(r)) < rule.threshold for r in recs])
+    out = {"floors": floors, "fitted": fitted, "floors + fitted": floors & fitted}
+    if tolerance is not None:
+        sent = np.array([sentinel_delta(r) >= -tolerance for r in recs])
+        out.update({"floors + sentinel": floors & sent, "floors + fitted + sentinel": floors & fitted & sent})
+    return out
+
+
+def choose_tolerance(tuning: list[dict], rule: GateRule) -> float:
+    """The largest tolerance on the grid that lets no harmful tuning round through floors + fitted + sentinel."""
+    kinds = np.array([outcome(r) for r in tuning])
+    best = SENTINEL_TOLERANCES[0]
+    for tol in SENTINEL_TOLERANCES:
+        if not decisions(tuning, rule, tol)["floors + fitted + sentinel"][kinds == "harmful"].any():
+            best = tol
+    return best
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--corpus", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rule", type=Path, help="Write the fitted rule here (the file the runtime loads).")
+    args = ap.parse_args(argv)
+    recs = [r for r in json.loads(args.corpus.read_text())["rounds"] if "effect" in r]
+    halves = {h: [r for r in recs if r["half"] == h] for h in ("tuning", "report")}
+    if len(halves["tuning"]) < 10:
+        ap.error(f"{args.corpus} has {len(halves['tuning'])} scored tuning rounds; run tools/gate_corpus.py first")
+    rule, aucs = fit(halves["tuning"])
+    tol = choose_tolerance(halves["tuning"], rule)
+    result: dict = {"corpus": str(args.corpus), "rule": rule.to_dict(), "sentinel_tolerance": tol,
+                    "outcomes": {h: {k: sum(outcome(r) == k for r in rs) for k in ("harmful", "good", "neutral")}
+                                 for h, rs in halves.items()},
+                    "auroc": {}, "rules": {}}
+    for h, rs in halves.items():
+        if not rs:
+            continue
+        kinds = np.array([outcome(r) for r in rs])
+        fill = dict(zip(rule.inputs, rule.mean))
+        names = sorted(aucs)
+        x = matrix(rs, names, {n: fill.get(n, 0.0) for n in names})
+        result["auroc"][h] = {n: auroc(x[:, i], kinds == "harmful") for i, n in enumerate(names)}
+        result["auroc"][h]["fitted"] = auroc(np.array([rule.harm(features(r)) for r in rs]), kinds == "harmful")
+        result["rules"][h] = {name: rates(acc, kinds) for name, acc in decisions(rs, rule, tol).items()}
+    result["floors"] = floor_checks(result["rules"].get("report", {}))
+    report(result)
+    atomic_write_json(args.out, result)
+    if args.rule:
+        note = (f"fitted by tools/gate_fit.py on the tuning half of {args.corpus.name} "
+                f"({len(halves['tuning'])} rounds); sentinel tolerance {tol}")
+        atomic_write_json(args.rule, {**rule.to_dict(), "note": note})
+    return result
+
+
+def floor_checks(report_rules: dict) -> dict:
+    fitted, sent = report_rules.get("floors + fitted"), report_rules.get("floors + fitted + sentinel")
+    if not fitted or not sent:
+        return {}
+    return {"fitted: harmful accepted <= 5%": fitted["harmful_accepted"] <= MAX_HARM_ACCEPTED,
+            "fitted: good rejected <= 30%": fitted["good_rejected"] <= MAX_GOOD_REJECTED,
+            "sentinel: no harmful accepted": sent["harmful_accepted"] == 0,
+            "sentinel: good rejected <= 20%": sent["good_rejected"] <= MAX_GOOD_REJECTED_SENTINEL}
+
+
+def report(result: dict) -> None:
+    out = sys.stdout
+    for h, counts in result["outcomes"].items():
+        out.write(f"{h}: {counts}\n")
+    out.write("\n| signal | AUROC tuning | AUROC report | in the fitted rule |\n|---|---|---|---|\n")
+    inputs = set(result["rule"]["inputs"])
+    for n in sorted(result["auroc"].get("tuning", {})):
+        rep = result["auroc"].get("report", {}).get(n, float("nan"))
+        out.write(f"| {n} | {result['auroc']['tuning'][n]:.2f} | {rep:.2f} | {'yes' if n in inputs else ''} |\n")
+    out.write("\n| rule | half | harmful accepted | good rejected | accepted / rounds |\n|---|---|---|---|---|\n")
+    for h, rules in result["rules"].items():
+        for name, r in rules.items():
+            out.write(f"| {name} | {h} | {r['harmful_accepted']:.0%} of {r['harmful']} | "
+                      f"{r['good_rejected']:.0%} of {r['good']} | {r['accepted']} / {r['rounds']} |\n")
+    out.write(f"\nsentinel tolerance (chosen on tuning): {result['sentinel_tolerance']} mIoU points\n")
+    for name, ok in result["floors"].items():
+        out.write(f"floor {name}: {'pass' if ok else 'FAIL'}\n")
+    out.flush()
+
+
+if __name__ == "__main__":
+    main()
