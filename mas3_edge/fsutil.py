@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write to a temporary file in the same directory, fsync, rename over `path`."""
+    """Write to a temporary file in the same directory, fsync, rename over `path`, fsync the directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -22,6 +22,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, obj: dict) -> None:

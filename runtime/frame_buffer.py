@@ -39,6 +39,7 @@ import cv2
 import numpy as np
 
 from mas3_edge.errors import UserError
+from mas3_edge.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -356,12 +357,3 @@ def write_file(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def fsync_dir(folder: Path) -> None:
-    """Put a rename in `folder` on disk: until its directory is synced, a power cut may undo it."""
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
