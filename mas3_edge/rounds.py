@@ -12,9 +12,10 @@ A method is a composition of these parts: its step objective (STEPS) and its row
 (config.METHOD_DEFAULTS). mas3 re-estimates the statistics, steps on a copy with the class-conditional
 SWD and chooses between the two; mas3-paper keeps the statistics and steps with the pooled SWD.
 
-The judgement has two parts. The health signals (health.py) are the quantities adaptation
-minimises, so they catch a round that diverged but can be gamed by one that drifts; the gate
-signals (gate.py) are ones no method optimises. A round is accepted only when both hold."""
+The judgement (decide.py) holds the round to every check, each recorded with its value and limit:
+the health signals (health.py), which adaptation minimises, so they catch a round that diverged but
+can be gamed by one that drifts; the gate signals (gate.py), which no method optimises; a fitted
+gate when one is given; and the robot's sentinel frames when it has some."""
 from __future__ import annotations
 
 import copy
@@ -29,8 +30,8 @@ import torch
 
 from . import adapt, bank, baselines, bundle as bundles, decide, gate, health, signals, stats
 from .config import AdaptConfig, RoundConfig
-from .decide import Sentinel
 from .cotta import cotta_steps
+from .decide import Sentinel
 from .errors import UserError
 from .frames import load_frames
 from .model import SegModel
