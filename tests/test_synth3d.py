@@ -42,6 +42,19 @@ def test_same_seed_same_bytes_through_both_entry_points():
     assert not np.array_equal(lbl, lbl3) and not np.array_equal(img, other)
 
 
+def test_the_render_does_not_depend_on_the_thread_count():
+    import drjit as dr
+
+    before = dr.thread_count()
+    img, lbl = synth3d.render("r3d-dusk", 6, SIZE)
+    try:
+        dr.set_thread_count(1)  # Mitsuba renders in blocks; the pixels must not depend on who drew them
+        one = synth3d.render("r3d-dusk", 6, SIZE)
+    finally:
+        dr.set_thread_count(before)
+    assert img.tobytes() == one[0].tobytes() and lbl.tobytes() == one[1].tobytes()
+
+
 def test_labels_are_train_ids_in_a_street_layout():
     for seed in range(3):
         _, lbl = synth3d.render("r3d-source", seed, SIZE)

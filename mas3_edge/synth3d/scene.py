@@ -2,10 +2,11 @@
 
 Colour: the `direct` integrator (sun, sky environment, spot lights, emissive parts; hard sun
 shadows, sky occlusion) at the look's fixed sample count and a seed from the scene, then haze from
-the depth, a tone curve and sensor noise. Labels: Mitsuba's `aov` integrator at one sample per pixel
-gives each pixel the index of the shape it hits (no lighting, no antialiasing) and its depth; the
-shape's prim gives the train id, a miss is sky. Mitsuba puts world x to the image's left, so x is
-negated on the way in: in layout.py x is to the right.
+the depth, a tone curve and sensor noise. Labels: the same shapes as flat emitters of radiance
+"train id + 1" under the `path` integrator at depth 1 and one sample per pixel (no lighting, no
+antialiasing); a miss is sky. Depth (for haze, and to tell a miss from a back face) comes from the
+`depth` integrator. Mitsuba puts world x to the image's left, so x is negated on the way in: in
+layout.py x is to the right.
 """
 from __future__ import annotations
 
