@@ -12,7 +12,8 @@ The rules, each chosen on the tuning half only:
   the tuning half's harmful rounds pass;
 - floors + fitted: both must pass;
 - + sentinel: the candidate also must not lose more than a tolerance of mIoU on 8 labelled frames
-  of the camera; the tolerance is the largest on a grid that lets no harmful tuning round through.
+  of the camera; the tolerance is the largest on a grid with which floors + sentinel lets no
+  harmful tuning round through.
 
     python tools/gate_fit.py --corpus docs/results/gate_corpus.json --out docs/results/gate_fit.json \\
         --rule mas3_edge/gate_rule.json
@@ -119,11 +120,13 @@ def decisions(recs: list[dict], rule: GateRule, tolerance: float | None) -> dict
 
 
 def choose_tolerance(tuning: list[dict], rule: GateRule) -> float:
-    """The largest tolerance on the grid that lets no harmful tuning round through floors + fitted + sentinel."""
+    """The largest tolerance on the grid with which the sentinel frames alone (beside the floors)
+    let no harmful tuning round through: the labels must carry the decision on their own, not lean
+    on the fitted rule having caught the same rounds."""
     kinds = np.array([outcome(r) for r in tuning])
     best = SENTINEL_TOLERANCES[0]
     for tol in SENTINEL_TOLERANCES:
-        if not decisions(tuning, rule, tol)["floors + fitted + sentinel"][kinds == "harmful"].any():
+        if not decisions(tuning, rule, tol)["floors + sentinel"][kinds == "harmful"].any():
             best = tol
     return best
 
