@@ -126,8 +126,8 @@ def _side(b: _Builder, side: int, edge: float, crossing: float | None) -> None:
         else:
             _building(b, side, outer + side * (rng.uniform(0, 1.0) if urban else rng.uniform(3, 15)), z, z + length)
         z += length + (rng.uniform(0, 1.5) if urban else rng.uniform(1, 8))
-    for z in np.arange(rng.uniform(4, 14), FAR * 0.7, rng.uniform(10, 22)):
-        kind = rng.choice(["lamp", "sign", "tree", "pole"], p=[0.35, 0.3, 0.25, 0.1])
+    for z in np.arange(rng.uniform(3, 10), FAR * 0.7, rng.uniform(8, 16)):
+        kind = rng.choice(["lamp", "sign", "tree", "pole", "light"], p=[0.3, 0.3, 0.2, 0.1, 0.1])
         if crossing is not None and abs(z - crossing) < 6:
             kind = "light"
         x = inner + side * rng.uniform(0.4, 0.8)
@@ -135,8 +135,8 @@ def _side(b: _Builder, side: int, edge: float, crossing: float | None) -> None:
             _tree(b, x + side * 0.3, z)
         else:
             _pole(b, x, z, str(kind), side)
-    for _ in range(rng.poisson(2.5)):
-        _person(b, inner + side * rng.uniform(0.4, walk - 0.4), rng.uniform(3, 45))
+    for _ in range(rng.poisson(4)):
+        _person(b, inner + side * rng.uniform(0.4, walk - 0.4), rng.uniform(3, 35))
 
 
 def _building(b: _Builder, side: int, front: float, z0: float, z1: float) -> None:
@@ -175,7 +175,7 @@ def _pole(b: _Builder, x: float, z: float, kind: str, side: int) -> None:
     rng = b.rng
     h = {"lamp": rng.uniform(6, 9), "pole": rng.uniform(3, 8), "sign": rng.uniform(2.4, 3.4),
          "light": rng.uniform(3.2, 4.5)}[kind]
-    r = 0.12 if kind in ("lamp", "pole") else 0.08
+    r = rng.uniform(0.12, 0.18) if kind in ("lamp", "pole") else 0.09
     b.add("cylinder", POLE, "metal", (x, h / 2, z), (r, h / 2, 0))
     if kind == "lamp":
         reach = rng.uniform(1.2, 2.5)
@@ -183,7 +183,7 @@ def _pole(b: _Builder, x: float, z: float, kind: str, side: int) -> None:
         b.box(POLE, "lamp", x - side * (reach - 0.5), x - side * (reach + 0.1), h - 0.3, h, z - 0.2, z + 0.2, glow="lamp")
         b.w.lamps.append((x - side * reach, h - 0.35, z))
     elif kind == "sign":
-        s = rng.uniform(0.35, 0.5)
+        s = rng.uniform(0.4, 0.6)
         if rng.random() < 0.5:  # round or square
             b.add("disk", SIGN, "sign", (x, h + s * 0.9, z - 0.1), (s, s, 0))
         else:
@@ -236,7 +236,7 @@ def _traffic(b: _Builder, lanes: int, lw: float, x0: float, ego: int, oncoming: 
         x = x0 - 1.2 if lane < 0 else x0 + lanes * lw + 1.2 if lane == lanes else x0 + (lane + 0.5) * lw
         _vehicle(b, int(kind), x + rng.normal(0, 0.15), z, towards=0 <= lane < oncoming,
                  moving=0 <= lane < lanes)
-    for _ in range(rng.poisson(0.8)):  # cyclists near the right curb
+    for _ in range(rng.poisson(1.5)):  # cyclists near the right curb
         z = rng.uniform(6, 50)
         if not any(n == lanes - 1 and z < b1 + 1 and z + 2 > a1 - 1 for n, a1, b1 in taken):
             _cyclist(b, x0 + lanes * lw - rng.uniform(0.7, 1.2), z)
