@@ -59,8 +59,8 @@ def test_a_tiny_stream_end_to_end(tmp_path, monkeypatch, capsys):
     base, mas3, bn = (report["results"][k] for k in ("source-only", "mas3", "bn"))
     assert all(c["gap"] == 0.0 for c in base["chunks"]) and base["summary"]["worst_round_gap"] == 0.0
     assert all(base["floors"].values())
-    # the smoke model is too weak for mas3's GMM filter: a failed round keeps the model, as the runtime does
-    assert mas3["summary"]["rejected"] == 4 and {c["version"] for c in mas3["chunks"]} == {base["chunks"][0]["version"]}
+    # the smoke model is too weak for mas3's GMM filter: its rounds keep the re-estimated statistics alone
+    assert mas3["summary"]["accepted"] == 4 and len({c["version"] for c in mas3["chunks"]}) == 4
     assert base["rounds"][0]["source"] == report["source_model"]["source-val"]
     # each chunk is predicted by the model adapted on the previous one, and only the source version is left
     assert bn["summary"]["accepted"] == 4 and len({c["version"] for c in bn["chunks"]}) == 4
