@@ -47,3 +47,9 @@ def test_sentinel_frames_score_a_model_and_an_empty_folder_is_refused(tmp_path, 
     (tmp_path / "empty" / "labels").mkdir()
     with pytest.raises(UserError):
         decide.Sentinel(tmp_path / "empty", small_net)
+
+
+def test_the_shipped_gate_rule_loads_and_names_its_inputs():
+    rule = decide.GateRule.load(decide.rule_path("shipped"))
+    assert rule.inputs and len(rule.inputs) == len(rule.weights) == len(rule.mean) == len(rule.std)
+    assert 0 < rule.threshold < 1 and "tuning half" in rule.note

@@ -157,7 +157,13 @@ def main(argv: list[str] | None = None) -> dict:
         result["auroc"][h] = {n: auroc(x[:, i], kinds == "harmful") for i, n in enumerate(names)}
         result["auroc"][h]["fitted"] = auroc(np.array([rule.harm(features(r)) for r in rs]), kinds == "harmful")
         result["rules"][h] = {name: rates(acc, kinds) for name, acc in decisions(rs, rule, tol).items()}
-    result["floors"] = floor_checks(result["rules"].get("report", {}))
+        # the hard cases: rounds that kept the source set (a one-set round that loses the source is
+        # caught by the source floor alone)
+        bank = np.array([r.get("set") != "one set" for r in rs])
+        result["rules"][f"{h}, bank rounds"] = {name: rates(acc[bank], kinds[bank])
+                                                for name, acc in decisions(rs, rule, tol).items()}
+    result["floors"] = {**floor_checks(result["rules"].get("report", {})),
+                        **{f"{k} (bank rounds)": v for k, v in floor_checks(result["rules"].get("report, bank rounds", {})).items()}}
     report(result)
     atomic_write_json(args.out, result)
     if args.rule:
