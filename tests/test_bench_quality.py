@@ -129,8 +129,9 @@ def test_table_marks_the_oracle_as_a_reference():
 def test_smoke_run_writes_json_and_pngs(tmp_path, capsys):
     out, target = tmp_path / "q.json", "realistic+fog@3"
     bq.main(["--preset", "smoke", "--device", "cpu", "--steps", "1", "--methods", "bn", "--targets", target,
-             "--out", str(out), "--plot-dir", str(tmp_path / "png")])
+             "--source-steps", "16", "--out", str(out), "--plot-dir", str(tmp_path / "png")])
     report = json.loads(out.read_text())
+    assert report["source_steps"] == 16 and report["source_domain"] == "synthetic"
     assert report["targets"] == [target] and report["oracle"]["steps"] == bq.PRESETS["smoke"]["oracle_steps"]
     assert set(report["results"]) == {"source-only", "oracle", "bn"}
     for row in report["results"].values():

@@ -203,8 +203,9 @@ class Setup:
 
     def __init__(self, preset_name: str = "small", device: str = "cpu", log=lambda msg: None,
                  targets: Sequence[str] | None = None, source: Path | None = None, arch: str = "tiny",
-                 source_domain: str = "synthetic"):
+                 source_domain: str = "synthetic", source_steps: int | None = None):
         t0, self.p, self.device = time.perf_counter(), PRESETS[preset_name], device
+        self.source_steps = source_steps or self.p["train_steps"]
         self.data = make_data(self.p, targets, source_domain)
         self.root = Path(tempfile.mkdtemp(prefix="mas3-quality-"))
         try:
@@ -214,7 +215,7 @@ class Setup:
                 self.src = bundle.load_version(self.root)
             else:
                 cfg = archs.model_config(arch, input_size=self.data["source-train"].x.shape[1:3])
-                train.train(self.data["source-train"], cfg, train.TrainConfig(steps=self.p["train_steps"]),
+                train.train(self.data["source-train"], cfg, train.TrainConfig(steps=self.source_steps),
                             self.root, self.root / "ckpt", device=device)
                 self.src = bundle.load_version(self.root)
                 proto = prototypes.fit(self.src.net, self.data["source-train"], device=device)
@@ -291,6 +292,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--source-domain", choices=sorted(SOURCES), help="the domain the source model is trained "
                     "on: synthetic (the 2-D painted scenes) or r3d-source (the 3-D street scenes); a split's "
                     "targets of the other family are left out. Default: r3d-source when every target is a 3-D look")
+    ap.add_argument("--source-steps", type=int, help="source training steps; default: the preset's (small 1000, "
+                    "full 2000)")
     ap.add_argument("--source-bundle", type=Path, help="start from this bundle's serving version (trained by "
                     "the same recipe, e.g. mas3_edge/default_bundle) instead of training the source model")
     ap.add_argument("--arch", default="tiny", help="comma list of networks (tiny, torchvision:NAME, smp:ARCH:ENCODER, "
@@ -383,8 +386,9 @@ def run(args: argparse.Namespace, arch: str, write) -> dict:
     """Every row of `args` on one network: its source model trained here (or --source-bundle), then
     one round per method and target. `write(report, row)` is called after every row."""
     s = Setup(args.preset, args.device, log=lambda msg: print(msg, file=sys.stderr), targets=args.targets,
-              source=args.source_bundle, arch=arch, source_domain=args.source_domain)
-    report = {"preset": args.preset, "split": args.split, "source_domain": args.source_domain, "arch": arch,
+              source=args.source_bundle, arch=arch, source_domain=args.source_domain, source_steps=args.source_steps)
+    report = {"preset": args.preset, "split": args.split, "source_domain": args.source_domain,
+              "source_steps": None if args.source_bundle else s.source_steps, "arch": arch,
               "embed_dim": s.src.net.config.embed_dim,
               "device": _device_name(args.device), "adapt_steps": args.steps,
               "targets": args.targets, "oracle": {"steps": args.oracle_steps, "how": ORACLE},
