@@ -69,3 +69,14 @@ def test_a_missing_input_takes_its_mean_and_a_bad_rule_file_is_one_error(tmp_pat
     from mas3_edge.errors import UserError
     with pytest.raises(UserError, match="cannot read the gate rule"):
         GateRule.load(tmp_path / "bad.json")
+
+
+def test_the_3d_halves_join_the_fit_halves_and_need_their_own_source(capsys):
+    import gate_corpus
+    tuning, report = gate_corpus.specs("tuning3d", 3), gate_corpus.specs("report3d", 5)
+    assert {s["half"] for s in tuning} == {"tuning"} and {s["half"] for s in report} == {"report"}
+    assert {s["target"] for s in tuning} == {"r3d-dusk"} and "r3d-dusk" not in {s["target"] for s in report}
+    assert tuning[0]["key"] == "tuning3d/0" != gate_corpus.specs("tuning", 1)[0]["key"]  # caches do not collide
+    with pytest.raises(SystemExit) as e:
+        gate_corpus.main(["--half", "report3d", "--out", "unused.json"])
+    assert e.value.code == 2 and "needs --source" in capsys.readouterr().err

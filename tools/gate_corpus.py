@@ -17,6 +17,8 @@ targets no choice of the project has seen (bench_quality's report and report2 sp
 
     python tools/gate_corpus.py --half tuning --rounds 120 --out docs/results/gate_corpus.json
     python tools/gate_corpus.py --half report --rounds 110 --out docs/results/gate_corpus.json
+    python tools/bench_quality.py --split report3d --methods "" --save-source r3d_source
+    python tools/gate_corpus.py --half report3d --rounds 40 --source r3d_source --out docs/results/gate_corpus.json
 
 The JSON is a cache: a run skips the rounds already in it, and the gate is fitted from it without
 running a round again (tools/gate_fit.py).
@@ -43,12 +45,16 @@ from mas3_edge.evaluate import evaluate  # noqa: E402
 
 # Written down before either half was run: the tuning targets of bench_quality (the synthetic
 # domains, noise and blur) with the other severity of each tuning family, and the targets of its
-# report and report2 splits. The 3-D domains are not here: they have a source domain of their own.
+# report and report2 splits. The 3-D looks have a source model of their own (trained on r3d-source,
+# --source): their tuning and report halves are bench_quality's, dusk tuning and the rest report;
+# their rounds join the tuning and report halves of the fit.
 HALVES = {"tuning": ["realistic", "night", "fog", "rain", "label-shift", "realistic+gaussian_noise@5",
                      "realistic+motion_blur@3", "realistic+gaussian_noise@3", "realistic+motion_blur@5"],
           "report": ["realistic+camera", "realistic+snow@3", "realistic+frost@3", "realistic+contrast@4",
                      "realistic+pixelate@5", "realistic+elastic_transform@5", "realistic+jpeg_compression@5",
-                     "realistic+brightness@5", "realistic+impulse_noise@3", "realistic+zoom_blur@3"]}
+                     "realistic+brightness@5", "realistic+impulse_noise@3", "realistic+zoom_blur@3"],
+          "tuning3d": bq.SPLITS["tuning"].split(",")[-1:],
+          "report3d": bq.SPLITS["report3d"].split(",")}
 ROWS = {"mas3": {}, "statistics only": {"steps": 0}, "steps always": {"choose": False},
         "tent 1e-4": {"method": "tent", "lr": 1e-4}, "tent 1e-3": {"method": "tent", "lr": 1e-3},
         "tent 3e-3": {"method": "tent", "lr": 3e-3}, "pseudo": {"method": "pseudo"},
@@ -66,7 +72,7 @@ def specs(half: str, n: int, seed: int = 0) -> list[dict]:
     targets, rows = HALVES[half], list(ROWS)
     out = []
     for i in range(n):
-        spec = {"half": half, "target": targets[i % len(targets)], "row": rows[(i // len(targets)) % len(rows)],
+        spec = {"half": half.removesuffix("3d"), "target": targets[i % len(targets)], "row": rows[(i // len(targets)) % len(rows)],
                 "steps": int(rng.choice(STEPS, p=STEP_ODDS)), "frames": int(rng.choice(FRAMES)), "start": str(rng.choice(STARTS)),
                 "offset": int(rng.integers(0, 1000))}
         spec["key"] = f"{half}/{i}"
@@ -135,19 +141,24 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
+    if args.half.endswith("3d") and args.source == ap.get_default("source"):
+        ap.error(f"--half {args.half} needs --source: a bundle trained on r3d-source (bench_quality --save-source)")
     corpus = json.loads(args.out.read_text()) if args.out.exists() else {"rounds": []}
     done = {r["key"] for r in corpus["rounds"]}
     todo = [sp for sp in specs(args.half, args.rounds) if sp["key"] not in done]
     print(f"{len(todo)} rounds to run ({len(done)} cached)", flush=True)
     if not todo:
         return corpus
-    s = bq.Setup(args.preset, targets=HALVES[args.half], source=args.source, log=lambda m: print(m, flush=True))
+    domain = bq.source_of(HALVES[args.half][0])
+    s = bq.Setup(args.preset, targets=HALVES[args.half], source=args.source, source_domain=domain,
+                 log=lambda m: print(m, flush=True))
     try:
         if s.proto.atc_threshold is None:  # fitted at the factory, on labelled source frames
             s.proto.meta["atc_threshold"] = signals.fit_atc(s.src.net, s.data["source-val"])
-            prototypes.save(s.proto, s.src.prototypes_path, s.src.meta["source_sha256"], "synth:synthetic")
+            prototypes.save(s.proto, s.src.prototypes_path, s.src.meta["source_sha256"], f"synth:{domain}")
         corpus.setdefault("setup", {"preset": args.preset, "source": str(args.source),
                                     "atc_threshold": s.proto.atc_threshold, "halves": HALVES})
+        corpus.setdefault("sources", {})[args.half] = {"source": str(args.source), "atc_threshold": s.proto.atc_threshold}
         c = Corpus(s)
         for i, spec in enumerate(todo):
             rec = c.run(spec)

@@ -13,6 +13,14 @@ follows health + gate, as the runtime does.
 
     python tools/looped_video.py --out docs/results/looped_video.json
     python tools/looped_video.py --method tent --rounds 6 --out looped_tent.json
+
+With `--video FILE` the rounds run on a real, unlabelled video read with OpenCV instead, as a robot
+running `mas3-edge run` with the gate on would: serving follows the gate's verdict. With no labels
+to score them, each round reports what the gate decided and why, the class shares of its candidate
+and of the serving model, and the candidate's pixel agreement with the source model, on a fixed
+probe of every 10th frame:
+
+    python tools/looped_video.py --video street.mp4 --out docs/results/real_video.json
 """
 from __future__ import annotations
 
@@ -28,9 +36,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mas3_edge import bundle, health, rounds, synth  # noqa: E402
+from mas3_edge import bundle, gate, health, rounds, synth  # noqa: E402
 from mas3_edge.config import AdaptConfig  # noqa: E402
-from mas3_edge.evaluate import evaluate  # noqa: E402
+from mas3_edge.evaluate import evaluate, predict  # noqa: E402
 
 SCENES = (11, 12, 13)
 
@@ -68,6 +76,73 @@ class Labelled:
         return self.x[i], self.y[i]
 
 
+def read_video(path: Path, size: tuple[int, int], every: int = 1) -> np.ndarray:
+    """Every `every`-th frame of a video file, RGB, fitted to `size` as the runtime's camera fits it."""
+    import cv2
+
+    from mas3_edge.runtime.sources import fit
+    cap, frames, i = cv2.VideoCapture(str(path)), [], 0
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        if i % every == 0:
+            frames.append(fit(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), size))
+        i += 1
+    cap.release()
+    if not frames:
+        sys.exit(f"error: no frame could be read from {path} (is it a video OpenCV can decode?)")
+    return np.stack(frames)
+
+
+def shares(net, frames: np.ndarray, names: list[str], top: int = 4) -> dict[str, float]:
+    """The `top` classes by share of all pixels `net` labels on `frames`."""
+    counts = np.bincount(np.concatenate([predict(net, frames[i:i + 8]).ravel() for i in range(0, len(frames), 8)]),
+                         minlength=len(names)).astype(float)
+    order = np.argsort(-counts)[:top]
+    return {names[c]: round(float(counts[c] / counts.sum()), 3) for c in order}
+
+
+def run_real(args) -> dict:
+    """Rounds on a real unlabelled video, the gate deciding what serves (see the module's docstring)."""
+    work = Path(tempfile.mkdtemp(prefix="mas3-real-"))
+    try:
+        root = work / "bundle"
+        shutil.copytree(bundle.PACKAGED, root)
+        source = bundle.load_version(root)
+        names = list(source.net.labels.names)
+        frames = read_video(args.video, tuple(source.net.config.input_size), args.stride)
+        probe = frames[::10]
+        stream = np.concatenate([frames] * (1 + args.rounds * args.every // len(frames)))
+        out = {"video": args.video.name, "frames": len(frames), "stride": args.stride, "method": args.method,
+               "source_shares": shares(source.net, probe, names), "rounds": []}
+        for k in range(args.rounds):
+            chunk = stream[k * args.every:(k + 1) * args.every]
+            serving = bundle.load_version(root)
+            r = rounds.run_round(root, chunk, AdaptConfig(method=args.method, steps=args.steps), serving.id,
+                                 rounds.UNGUARDED)
+            rep, cand = r.report, bundle.load_version(r.version_dir).net
+            ok = all(c["passed"] for c in rep["checks"]) and bool(rep["checks"])
+            row = {"round": k + 1, "set": rep["set"], "choice": (rep.get("choice") or {}).get("kept"),
+                   "accepted": ok, "reason": rep["reason"],
+                   "checks": {c["signal"]: [round(c["value"], 4), round(c["limit"], 4)] for c in rep["checks"]},
+                   "candidate_shares": shares(cand, probe, names),
+                   "agreement_with_source": gate.agreement(source.net, cand, probe),
+                   "agreement_with_serving": gate.agreement(serving.net, cand, probe)}
+            if ok:
+                bundle.set_serving(root, r.version_dir.name)
+            out["rounds"].append(row)
+            top = ", ".join(f"{n} {v:.0%}" for n, v in row["candidate_shares"].items())
+            print(f"round {k + 1}: set {row['set']}, {'accepted' if ok else 'rejected'} ({row['reason']}); "
+                  f"agrees with source {row['agreement_with_source']:.0%}; {top}", file=sys.stderr)
+        out["served_shares"] = shares(bundle.load_version(root).net, probe, names)
+        out["served_agreement_with_source"] = gate.agreement(source.net, bundle.load_version(root).net, probe)
+        out["summary"] = {"accepted": sum(r["accepted"] for r in out["rounds"]), "rounds": len(out["rounds"])}
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def run(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="mas3-looped-"))
     try:
@@ -75,8 +150,8 @@ def run(args) -> dict:
         shutil.copytree(bundle.PACKAGED, root)
         net = bundle.load_version(root).net
         frames, labels = video(tuple(net.config.input_size), args.pan_step)
-        if args.video:
-            write_video(args.video, frames)
+        if args.write_video:
+            write_video(args.write_video, frames)
         score_set = Labelled(frames[::10], labels[::10])
         miou = lambda n: evaluate(n, score_set)["miou"]  # noqa: E731
         stream = np.concatenate([frames] * (1 + args.rounds * args.every * args.stride // len(frames)))
@@ -134,10 +209,13 @@ def main(argv=None) -> None:
     ap.add_argument("--span", type=int, default=0, help="a round samples its frames evenly from the newest SPAN "
                     "buffered frames (default: the newest --every, as the runtime does)")
     ap.add_argument("--pan-step", type=int, default=4, help="pixels the camera pans per frame")
-    ap.add_argument("--video", type=Path, help="also write the video (MJPG) here")
+    ap.add_argument("--write-video", type=Path, help="also write the generated video (MJPG) here")
+    ap.add_argument("--video", type=Path, help="run the rounds on this real, unlabelled video file instead")
     ap.add_argument("--out", type=Path, default=Path("looped_video.json"))
     args = ap.parse_args(argv)
-    res = run(args)
+    if args.video and not args.video.is_file():
+        ap.error(f"--video {args.video}: no such file")
+    res = run_real(args) if args.video else run(args)
     args.out.write_text(json.dumps(res, indent=1))
     print(json.dumps(res["summary"]))
 
