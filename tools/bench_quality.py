@@ -195,7 +195,7 @@ def make_data(p: dict, targets: Sequence[str] | None = None, source: str = "synt
         splits[f"{t}-val"] = (domain, 4, p["n_val"], TARGETS.get(t, 0.0))
     with Pool(p["workers"]) as pool:
         out = {k: Pairs(pool.map(_render, [(d, s, i, sh) for i in range(n)], chunksize=8))
-               for k, (d, s, n, sh) in splits.items()}
+               for k, (d, s, n, sh) in splits.items() if n > 0}
         for t in (t for t in targets or () if parse_target(t)[1]):
             for part in ("adapt", "val"):
                 base = parse_target(t)[0]
@@ -209,8 +209,10 @@ class Setup:
 
     def __init__(self, preset_name: str = "small", device: str = "cpu", log=lambda msg: None,
                  targets: Sequence[str] | None = None, source: Path | None = None, arch: str = "tiny",
-                 source_domain: str = "synthetic", source_steps: int | None = None):
+                 source_domain: str = "synthetic", source_steps: int | None = None, source_train: bool = True):
         t0, self.p, self.device = time.perf_counter(), PRESETS[preset_name], device
+        if source is not None and not source_train:  # a given source model: its training frames are not rendered
+            self.p = {**self.p, "n_train": 0}
         self.source_steps = source_steps or self.p["train_steps"] * SOURCE_STEP_FACTOR[source_domain]
         self.data = make_data(self.p, targets, source_domain)
         self.root = Path(tempfile.mkdtemp(prefix="mas3-quality-"))

@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         return corpus
     domain = bq.source_of(HALVES[args.half][0])
     s = bq.Setup(args.preset, targets=HALVES[args.half], source=args.source, source_domain=domain,
+                 source_train=False,
                  log=lambda m: print(m, flush=True))
     try:
         if s.proto.atc_threshold is None:  # fitted at the factory, on labelled source frames
