@@ -73,10 +73,12 @@ def test_a_missing_input_takes_its_mean_and_a_bad_rule_file_is_one_error(tmp_pat
 
 def test_the_3d_halves_join_the_fit_halves_and_need_their_own_source(capsys):
     import gate_corpus
-    tuning, report = gate_corpus.specs("tuning3d", 3), gate_corpus.specs("report3d", 5)
+    tuning, report = gate_corpus.specs("tuning3d", 3), gate_corpus.specs("report3d", 20)
     assert {s["half"] for s in tuning} == {"tuning"} and {s["half"] for s in report} == {"report"}
     assert {s["target"] for s in tuning} == {"r3d-dusk"} and "r3d-dusk" not in {s["target"] for s in report}
     assert tuning[0]["key"] == "tuning3d/0" != gate_corpus.specs("tuning", 1)[0]["key"]  # caches do not collide
+    assert {s["row"] for s in report} == set(gate_corpus.BANK_ROWS)  # the hard case: rounds that keep the source set
+    assert all(gate_corpus.BANK_ROWS[r].get("keep_source", True) for r in gate_corpus.BANK_ROWS)
     with pytest.raises(SystemExit) as e:
         gate_corpus.main(["--half", "report3d", "--out", "unused.json"])
     assert e.value.code == 2 and "needs --source" in capsys.readouterr().err
