@@ -181,9 +181,14 @@ def test_3d_targets_are_scored_with_a_model_of_their_own_source_domain(capsys):
     assert args.source_domain == "synthetic" and args.targets == ["realistic"]
 
 
-def test_make_data_renders_the_3d_source_and_targets():
+def test_make_data_renders_the_3d_source_and_targets_once(tmp_path, monkeypatch):
     pytest.importorskip("mitsuba")
+    monkeypatch.setattr(bq, "RENDER_CACHE", tmp_path)
     d = bq.make_data(dict(n_train=1, n_adapt=1, n_val=1, workers=1), ["r3d-fog", "r3d-fog+contrast@5"], "r3d-source")
+    assert len(list(tmp_path.glob("r3d-*.npz"))) == 4  # source train/val, fog adapt/val: the corruptions are cheap
+    monkeypatch.setattr(bq, "_render", None)  # a second run reads the renders back, rendering nothing
+    again = bq.make_data(dict(n_train=1, n_adapt=1, n_val=1, workers=1), ["r3d-fog"], "r3d-source")
+    np.testing.assert_array_equal(again["r3d-fog-val"].x, d["r3d-fog-val"].x)
     assert set(d) == {"source-train", "source-val", "r3d-fog-adapt", "r3d-fog-val",
                       "r3d-fog+contrast@5-adapt", "r3d-fog+contrast@5-val"}
     assert d["source-train"].x.shape == (1, 128, 256, 3) and not np.array_equal(d["source-val"].x, d["r3d-fog-val"].x)

@@ -25,7 +25,10 @@ targets (r3d-dusk, r3d-fog, ...) are scored with a source model trained here on 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -42,7 +45,10 @@ from mas3_edge import arch as archs, bank, bundle, data, health, prototypes, rou
 from mas3_edge.config import AdaptConfig
 from mas3_edge.errors import UserError
 from mas3_edge.evaluate import evaluate
+from mas3_edge.fsutil import atomic_write
 from mas3_edge.model import SegModel
+
+RENDER_CACHE = Path(os.environ.get("MAS3_EDGE_RENDER_CACHE", Path.home() / ".cache" / "mas3-edge" / "renders"))
 
 TARGETS = {"realistic": 0.0, "night": 0.0, "fog": 0.0, "rain": 0.0, "label-shift": 0.7}
 # The 3-D street scenes (mas3_edge.synth3d, Mitsuba 3): a domain pair of their own, whose source model
@@ -164,6 +170,24 @@ def _render(args):
     return synth.render(domain, synth.scene_seed(seed, i), (128, 256), shift)
 
 
+def _rendered(pool, domain: str, seed: int, n: int, shift: float) -> Pairs:
+    """n renders of `domain`; the 3-D looks (minutes of Mitsuba per split) are kept on disk, keyed
+    by the renderer's source, so later runs of any tool read them back."""
+    jobs = [(domain, seed, i, shift) for i in range(n)]
+    if not domain.startswith("r3d-"):
+        return Pairs(pool.map(_render, jobs, chunksize=8))
+    code = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(synth3d.__file__).parent.glob("*.py"))))
+    path = RENDER_CACHE / f"{domain}-{seed}-{n}-{shift}-{code.hexdigest()[:12]}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return Pairs(list(zip(z["x"], z["y"])))
+    out = Pairs(pool.map(_render, jobs, chunksize=8))
+    buf = io.BytesIO()
+    np.savez(buf, x=out.x, y=out.y)
+    atomic_write(path, buf.getvalue())
+    return out
+
+
 def _corrupt(args):
     image, corruption, severity, seed = args
     return data.corrupt_images(image[None], corruption, severity, seed=seed)[0]
@@ -194,8 +218,7 @@ def make_data(p: dict, targets: Sequence[str] | None = None, source: str = "synt
         splits[f"{t}-adapt"] = (domain, 3, p["n_adapt"], TARGETS.get(t, 0.0))
         splits[f"{t}-val"] = (domain, 4, p["n_val"], TARGETS.get(t, 0.0))
     with Pool(p["workers"]) as pool:
-        out = {k: Pairs(pool.map(_render, [(d, s, i, sh) for i in range(n)], chunksize=8))
-               for k, (d, s, n, sh) in splits.items() if n > 0}
+        out = {k: _rendered(pool, d, s, n, sh) for k, (d, s, n, sh) in splits.items() if n > 0}
         for t in (t for t in targets or () if parse_target(t)[1]):
             for part in ("adapt", "val"):
                 base = parse_target(t)[0]
