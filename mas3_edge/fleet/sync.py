@@ -44,6 +44,7 @@ class Fleet:
         self.trust = trust or {}
         self.state = self._load_state()
         self.bytes_in = self.bytes_out = 0
+        self.pending: set[str] = set()  # verified, waiting for their judgement: not fetched again meanwhile
 
     def _load_state(self) -> dict:
         try:
@@ -60,6 +61,7 @@ class Fleet:
         """Remember what became of a set: a recorded set is never fetched or judged again."""
         self.state["sets"][key] = {"outcome": outcome, "reason": reason, "time": time.time(), **info}
         self.state["attempts"].pop(key, None)
+        self.pending.discard(key)
         self.save_state()
 
     # ------------------------------------------------------------ publish
@@ -94,7 +96,7 @@ class Fleet:
         prefix = f"{LINEAGES}/{self.lineage.id}"
         newest = self.state["newest"]
         after = f"{prefix}/{int(max(0.0, newest - SKEW_S) * 1e9):020d}" if newest else None
-        keys = [k for k in self.store.list_after(prefix, after) if k not in self.state["sets"]]
+        keys = [k for k in self.store.list_after(prefix, after) if k not in self.state["sets"] and k not in self.pending]
         self._forget(newest - 2 * SKEW_S)
         return keys
 
@@ -112,6 +114,7 @@ class Fleet:
             got = self.fetch(key)
             if got is not None:
                 out.append(got)
+                self.pending.add(key)
             self.state["newest"] = max(self.state["newest"], entry_time(key))
         self.save_state()
         return out
