@@ -74,10 +74,11 @@ class S3Store:
         if not bucket:
             raise UserError(f"store URL {url!r} names no bucket; use s3://BUCKET/PREFIX")
         self.bucket, self.prefix = bucket, prefix.strip("/")
-        self.fs = s3fs.S3FileSystem(endpoint_url=os.environ.get("AWS_ENDPOINT_URL"), retries=1,
+        self.fs = s3fs.S3FileSystem(endpoint_url=os.environ.get("AWS_ENDPOINT_URL"),
                                     config_kwargs={"connect_timeout": timeout_s, "read_timeout": timeout_s,
                                                    "retries": {"max_attempts": 1}},
                                     use_listings_cache=False, skip_instance_cache=True)
+        self.fs.retries = 1  # a class attribute of s3fs (5 tries, sleeping between them)
 
     def _path(self, key: str) -> str:
         return "/".join(p for p in (self.bucket, self.prefix, key) if p)
