@@ -38,6 +38,7 @@ class FleetConfig:
     trust: Path
     every_s: float = 30.0  # seconds between pulls
     timeout_s: float = 600.0  # a judgement that takes longer is a crashed one
+    backoff_s: float = 1.0  # the first wait after a store failure (then doubled, up to a minute)
 
     def __post_init__(self) -> None:
         if not self.every_s > 0:
@@ -57,7 +58,7 @@ class FleetRunner:
             raise UserError(f"bundle {bundle} serves no version: the fleet needs its lineage")
         lineage = objects.Lineage.of_version(self.bstore.path(serving))
         self.fleet = sync.Fleet(store, lineage, self.bundle / STATE_FILE, key, trust)
-        self.backoff = fstore.Backoff()
+        self.backoff = fstore.Backoff(first=cfg.backoff_s)
         self._tmp = self.bstore.scratch("fleet")
         self._outbox: queue.Queue = queue.Queue()  # ("publish", round outcome) / ("record", ...) / ("announce",)
         self._ready: deque = deque()  # verified sets waiting for their judgement
@@ -165,7 +166,7 @@ class FleetRunner:
                 except Exception as e:  # the store down, slow or refusing: never the serving loop's problem
                     wait = self.backoff.failed()
                     msg = str(e).splitlines()[0][:200] if str(e) else ""
-                    log.warning("fleet: store %s failed (%s: %s); retrying in %.0f s",
+                    log.warning("fleet: store %s failed (%s: %s); retrying in %.1f s",
                                 self.cfg.url, type(e).__name__, msg, wait)
             self._stop.wait(0.2)
 

@@ -21,7 +21,7 @@ from conftest import adapted_copy, domain
 from mas3_edge import bank, bundle
 from mas3_edge.data import write_png
 from mas3_edge.fleet import objects, sync
-from mas3_edge.fleet.adopt import adopt_set, round_set
+from mas3_edge.fleet.adopt import round_set
 from mas3_edge.fleet.store import Backoff, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,11 +80,16 @@ def robots(tmp_path_factory):
     d = tmp_path_factory.mktemp("fleet")
     keys = {n: objects.load_key(objects.keygen(n, d / "keys")[0]) for n in ("a", "b", "mallory")}
     (d / "trust").write_text((d / "keys/a.pub").read_text() + (d / "keys/b.pub").read_text())
+    from mas3_edge import prototypes
     torch.manual_seed(0)
     net = SegNet(SMALL).eval()
     bundle.save_version(d / "a", net)
-    shutil.copytree(d / "a", d / "b")
     base = bundle.load_version(d / "a")
+    k, dim = net.config.num_classes, net.config.embed_dim  # a GMM: one well-separated component per class
+    gmm = prototypes.Prototypes(torch.full((k,), 1 / k), torch.randn(k, dim) * 3, torch.eye(dim).repeat(k, 1, 1) * 0.5,
+                                torch.full((k,), 100.0))
+    prototypes.save(gmm, base.prototypes_path, base.meta["source_sha256"], "test")
+    shutil.copytree(d / "a", d / "b")
     report = {"accepted": True, "gate_after": {"retained": 0.9, "source": 1.0}, "reason": "gate held"}
     adapted = bundle.save_version(d / "a", adapted_copy(net, domain(0, 60)), parent=base, info={"kind": "adapted"},
                                   files={"report.json": json.dumps(report).encode()})
@@ -237,3 +242,118 @@ def test_backoff_doubles_to_its_cap_and_resets():
     assert not b.ready(now=4.0) and b.ready(now=5.0)
     b.ok()
     assert b.ready(now=0.0) and b.failed(now=0.0) == 1.0
+
+
+# ---------------------------------------------------------------- the runtime's side
+
+
+def _runner(robots, tmp_path, url: str, name: str = "b", **cfg):
+    from mas3_edge.runtime.fleet import FleetConfig, FleetRunner
+    from mas3_edge.runtime.scheduler import ScheduleConfig
+    d = robots["dir"]
+    root = tmp_path / name
+    shutil.copytree(d / name, root)
+    fc = FleetConfig(url, d / "keys" / f"{name}.key", d / "trust", every_s=0.1, **cfg)
+    return FleetRunner(fc, root, d / "frames", ScheduleConfig(min_frames=2, limit=2, export=False)), root
+
+
+def _runtime_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "mas3_edge.runtime.fleet" and r.levelno >= logging.WARNING]
+
+
+def test_a_store_that_is_down_costs_the_loop_nothing_and_is_retried_with_backoff(robots, tmp_path, caplog,
+                                                                                 monkeypatch):
+    pytest.importorskip("moto.server")
+    port = _free_port()
+    for k, v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+                 "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    caplog.set_level(logging.INFO)
+    runner, _ = _runner(robots, tmp_path, "s3://down/fleet", name="a", backoff_s=0.2)
+    runner.backoff.cap = 0.4  # the test waits for the store's return, not a minute
+    try:
+        runner.round_done({"outcome": "rejected", "version": robots["adapted"]})  # never published
+        runner.round_done({"outcome": "accepted", "version": robots["adapted"]})
+        t_end, slowest = time.monotonic() + 8.0, 0.0
+        while time.monotonic() < t_end and len(_runtime_lines(caplog)) < 2:
+            t0 = time.perf_counter()
+            runner.tick(12, round_running=False)
+            slowest = max(slowest, time.perf_counter() - t0)
+            time.sleep(0.01)
+        fails = _runtime_lines(caplog)
+        waits = [float(line.rsplit("retrying in ", 1)[1].split()[0]) for line in fails]
+        assert len(fails) >= 2 and waits[:2] == [0.2, 0.4]  # one line per failure, the wait doubling
+        assert slowest < 0.05  # the serving loop's tick never waits on the store
+        proc = _start_moto(port)
+        try:
+            open_store("s3://down").fs.mkdir("down")
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not open_store("s3://down/fleet").list_after("objects"):
+                time.sleep(0.2)
+            assert len(open_store("s3://down/fleet").list_after("objects")) == 1  # the accepted round's set only
+        finally:
+            proc.kill()
+            proc.wait()
+    finally:
+        runner.close()
+
+
+def test_a_pulled_set_is_judged_by_the_round_judgement_and_served(robots, tmp_path):
+    a, _ = _fleets(robots, str(tmp_path / "store"))
+    res = a.publish(robots["rows"], robots["report"], "cam-a")
+    runner, root = _runner(robots, tmp_path, str(tmp_path / "store"))
+    try:
+        deadline, out = time.monotonic() + 60, None
+        while out is None and time.monotonic() < deadline:
+            out = runner.tick(12, round_running=False)
+            time.sleep(0.05)
+        time.sleep(0.5)  # the thread records the outcome and announces what b serves
+    finally:
+        runner.close()
+    assert out is not None and out["outcome"] == "accepted" and out["robot"] == "a", out
+    assert bundle.serving_id(root) == out["version"] and bundle.incomplete_reason(root / "versions" / out["version"]) is None
+    v = bundle.load_version(root)
+    assert v.meta["info"]["fleet"]["robot"] == "a" and bank.count(v.net) == 2  # the source set and a's
+    assert all(np.allclose(bank.export_set(v.net)[k].numpy(), r) for k, r in robots["rows"].items())
+    state = json.loads((root / "fleet.json").read_text())["sets"]
+    assert [r["outcome"] for r in state.values()] == ["adopted"]
+    assert json.loads((tmp_path / "store/robots/b.json").read_text())["sets"] == [res["object"]]
+
+
+def _bad_rows(robots) -> dict:
+    """A set routed to b's own frames (their statistics) whose affine parameters flip every sign."""
+    from conftest import SMALL
+    from mas3_edge.frames import load_frames
+    net = bundle.load_version(robots["dir"] / "b").net
+    rows = bank.export_set(adapted_copy(net, load_frames(robots["dir"] / "frames", SMALL.input_size)))
+    return {k: np.concatenate([r[:2].numpy(), -3 * r[2:].numpy()]) for k, r in rows.items()}
+
+
+def test_a_set_that_fails_the_gate_is_rejected_and_recorded_by_pull(robots, tmp_path):
+    from typer.testing import CliRunner
+
+    from mas3_edge.cli import app
+    a, _ = _fleets(robots, str(tmp_path / "store"))
+    a.publish(_bad_rows(robots), {}, None)
+    shutil.copytree(robots["dir"] / "b", tmp_path / "b")
+    args = ["fleet", "pull", str(tmp_path / "store"), "--trust", str(robots["dir"] / "trust"), "--bundle",
+            str(tmp_path / "b"), "--buffer", str(robots["dir"] / "frames"), "--limit", "2", "--json"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    (judged,) = json.loads(res.stdout)["sets"]
+    assert judged["outcome"] == "rejected" and judged["robot"] == "a" and bundle.serving_id(tmp_path / "b") == "v0001"
+    again = CliRunner().invoke(app, args)
+    assert json.loads(again.stdout)["sets"] == []  # recorded: never judged again
+
+
+@pytest.mark.parametrize("args, says", [
+    (["fleet", "ls", "ftp://host/x"], "use a folder, file://PATH or s3://"),
+    (["fleet", "push", "{d}/store", "--key", "{d}/keys/nobody.key", "--bundle", "{d}/a"], "cannot read the fleet key"),
+    (["fleet", "pull", "{d}/store", "--trust", "{d}/keys/a.key", "--bundle", "{d}/b", "--buffer", "{d}/frames"],
+     "expected `NAME HEX`"),
+    (["run", "--camera", "synthetic://night", "--fleet", "{d}/store"], "--fleet needs --fleet-key"),
+])
+def test_console_script_exit_codes(robots, args, says):
+    d = robots["dir"]
+    res = subprocess.run(["mas3-edge", *[a.format(d=d) for a in args]], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and says in res.stderr and res.stderr.count("\n") == 1, res.stderr

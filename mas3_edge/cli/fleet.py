@@ -47,11 +47,11 @@ def push_cmd(store: StoreArg, key: KeyOpt, bundle: BundleOpt = None, version: Ve
     """Publish the set an accepted round adapted (the version's working set) to the store."""
     import json
 
-    from .. import bundle as bundles
     from ..fleet import objects, store as fstore, sync
+    st, robot_key = fstore.open_store(store), objects.load_key(key)  # before torch loads: a bad one fails fast
+    from .. import bundle as bundles
     from ..fleet.adopt import round_figures, round_set
     from .core import print_json
-    st, robot_key = fstore.open_store(store), objects.load_key(key)
     vdir = bundles.resolve(bundles.user_bundle(bundle), version)
     report_path = vdir / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
@@ -74,11 +74,11 @@ def pull_cmd(store: StoreArg, trust: TrustOpt, bundle: BundleOpt = None,
              as_json: JsonOpt = False) -> None:
     """Fetch the new sets of this bundle's lineage, verify each, judge it with this robot's round
     judgement on its own frames, and add the accepted ones to the bank (one new version each)."""
-    from .. import bundle as bundles
     from ..fleet import objects, store as fstore, sync
-    from .core import print_json, table
     st, trusted = fstore.open_store(store), objects.load_trust(trust)
     robot_key = objects.load_key(key) if key is not None else None
+    from .. import bundle as bundles  # torch: after the checks above
+    from .core import print_json, table
     root = bundles.user_bundle(bundle)
     if not buffer.is_dir():
         raise UserError(f"no frame buffer at {buffer}: a set is judged on this robot's own frames (see --buffer)")

@@ -76,7 +76,7 @@ class S3Store:
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.fs = s3fs.S3FileSystem(endpoint_url=os.environ.get("AWS_ENDPOINT_URL"),
                                     config_kwargs={"connect_timeout": timeout_s, "read_timeout": timeout_s,
-                                                   "retries": {"max_attempts": 1}},
+                                                   "retries": {"total_max_attempts": 1}},
                                     use_listings_cache=False, skip_instance_cache=True)
         self.fs.retries = 1  # a class attribute of s3fs (5 tries, sleeping between them)
 
