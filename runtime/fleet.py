@@ -62,6 +62,7 @@ class FleetRunner:
         self._tmp = self.bstore.scratch("fleet")
         self._outbox: queue.Queue = queue.Queue()  # ("publish", round outcome) / ("record", ...) / ("announce",)
         self._ready: deque = deque()  # verified sets waiting for their judgement
+        self._pending: tuple | None = None  # the outbox item whose store call failed: first when it answers again
         self._proc, self._job = None, {}
         self._stop = threading.Event()
         self._ctx = mp.get_context("spawn")
@@ -172,14 +173,13 @@ class FleetRunner:
 
     def _drain(self) -> None:
         """Do what the loop queued; an item whose store call fails stays first in line."""
-        pending = getattr(self, "_pending", None)
         while True:
-            item = pending if pending is not None else self._outbox.get_nowait() if not self._outbox.empty() else None
-            if item is None:
-                return
-            self._pending = item
-            self._do(item)
-            self._pending = pending = None
+            if self._pending is None:
+                if self._outbox.empty():
+                    return
+                self._pending = self._outbox.get_nowait()
+            self._do(self._pending)
+            self._pending = None
 
     def _do(self, item: tuple) -> None:
         if item[0] == "publish":
