@@ -357,3 +357,34 @@ def test_console_script_exit_codes(robots, args, says):
     d = robots["dir"]
     res = subprocess.run(["mas3-edge", *[a.format(d=d) for a in args]], capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and says in res.stderr and res.stderr.count("\n") == 1, res.stderr
+
+
+def test_push_publishes_only_accepted_rounds_and_ls_shows_who_serves_what(robots, tmp_path):
+    from typer.testing import CliRunner
+
+    from mas3_edge.cli import app
+    d, store = robots["dir"], str(tmp_path / "store")
+    push = ["fleet", "push", store, "--key", str(d / "keys/a.key"), "--bundle", str(d / "a")]
+    assert CliRunner().invoke(app, [*push, "--version", "v0001"]).exit_code == 1  # no round: nothing to share
+    res = CliRunner().invoke(app, [*push, "--camera-id", "cam-a", "--json"])
+    assert res.exit_code == 0, res.output
+    obj = json.loads(res.stdout)["object"]
+    sync.Fleet(open_store(store), robots["lineage"], None, robots["keys"]["b"]).announce({
+        "lineage": robots["lineage"].id, "sets": [obj], "serving": "v0002"})
+    ls = CliRunner().invoke(app, ["fleet", "ls", store, "--json", "--trust", str(d / "trust")])
+    (s,) = json.loads(ls.stdout)["lineages"][robots["lineage"].id]["sets"]
+    assert (s["object"], s["robot"], s["camera_id"], s["served_by"], s["status"]) == (obj, "a", "cam-a", ["b"], "signed")
+    assert s["gate"] == robots["report"]["gate_after"]
+
+
+def test_the_fleet_options_come_from_the_config_file_too(robots, tmp_path):
+    from typer.testing import CliRunner
+
+    from mas3_edge.cli import app
+    d = robots["dir"]
+    cfg = tmp_path / "robot.toml"
+    cfg.write_text(f'fleet = "{tmp_path / "store"}"\nfleet-key = "{d / "keys/a.key"}"\n'
+                   f'fleet-trust = "{d / "trust"}"\nfleet-every = 5.0\n')
+    res = CliRunner().invoke(app, ["run", "--camera", "synthetic://night", "--config", str(cfg), "--print-config"])
+    assert res.exit_code == 0, res.output
+    assert f'fleet = "{tmp_path / "store"}"' in res.stdout and "fleet-every = 5.0" in res.stdout
