@@ -45,6 +45,20 @@ class FleetConfig:
             raise UserError(f"--fleet-every must be more than 0 seconds, got {self.every_s}")
 
 
+def judge_set(export: bool = True, **job) -> dict:
+    """The child's work: judge the set (fleet.adopt), then export an accepted version, as a round does."""
+    from mas3_edge.fleet.adopt import adopt_set
+    out = adopt_set(**job)
+    if out["outcome"] == "accepted" and export:
+        from mas3_edge.bundle import resolve
+        from mas3_edge.export.onnx import export_onnx
+        try:
+            export_onnx(resolve(Path(job["bundle"]), out["version"]))
+        except UserError as e:
+            return {**out, "outcome": "rejected", "reason": f"export failed: {e}"}
+    return out
+
+
 class FleetRunner:
     def __init__(self, cfg: FleetConfig, bundle: Path, frames: Path, schedule: ScheduleConfig,
                  camera_id: str | None = None):
@@ -100,9 +114,8 @@ class FleetRunner:
                "entry": {k: pulled.entry[k] for k in ("object", "robot", "camera_id")},
                "adapt": dict(self.schedule.adapt), "limit": self.schedule.limit, "export": self.schedule.export,
                "threads": self.schedule.threads}
-        from mas3_edge.fleet.adopt import adopt_set
         result = self._tmp / f"{pulled.entry['object'][:16]}.json"
-        proc = self._ctx.Process(target=_child, args=(adopt_set, job, str(result), self.schedule.nice, os.getpid(), label),
+        proc = self._ctx.Process(target=_child, args=(judge_set, job, str(result), self.schedule.nice, os.getpid(), label),
                                  name="mas3-fleet-judge")
         proc.start()
         self._proc, self._job = proc, {**job, "pulled": pulled, "result": result, "label": label, "t0": time.monotonic()}

@@ -1,7 +1,7 @@
 """A pulled set on trial: add it to the serving version's bank and judge the result with the same
 round judgement the robot's own rounds face (rounds.judge_round: health, gate, the fitted rule and
 the sentinel frames when configured), on the robot's own newest buffered frames. Accepted, it is
-written as a new version (unserved: the caller moves the pointer) and exported.
+written as a new version (unserved: the caller exports it and moves the pointer).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def round_figures(report: dict) -> dict:
 
 
 def adopt_set(bundle: str | Path, frames: str | Path, version: str, object_path: str, entry: dict, adapt: dict, limit: int,
-              export: bool = True, threads: int = 1) -> dict:
+              threads: int = 1) -> dict:
     """Judge the set in `object_path` (verified by the caller) on `version`; a JSON-able outcome like a
     round's ("accepted" with the new version, or "rejected" with the reason)."""
     import torch
@@ -64,11 +64,4 @@ def adopt_set(bundle: str | Path, frames: str | Path, version: str, object_path:
                                 info={"kind": "fleet", "fleet": origin, "health": verdict["health_after"],
                                       "health_parent": verdict["health_before"], "reason": verdict["reason"]},
                                 files={"report.json": json.dumps(report, indent=2, default=str).encode()})
-    out["version"] = vdir.name
-    if export:
-        from ..export.onnx import export_onnx
-        try:
-            export_onnx(vdir)
-        except UserError as e:
-            return {**out, "outcome": "rejected", "reason": f"export failed: {e}"}
-    return out
+    return {**out, "version": vdir.name}
