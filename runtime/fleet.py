@@ -77,6 +77,9 @@ class FleetRunner:
         self._outbox: queue.Queue = queue.Queue()  # ("publish", round outcome) / ("record", ...) / ("announce",)
         self._ready: deque = deque()  # verified sets waiting for their judgement
         self._pending: tuple | None = None  # the outbox item whose store call failed: first when it answers again
+        # the status object is rewritten at most once a pull interval: a robot judging many sets in a row
+        # must not turn each into a PUT
+        self._announce_due, self._announced = True, -float("inf")
         self._proc, self._job = None, {}
         self._stop = threading.Event()
         self._ctx = mp.get_context("spawn")
@@ -176,6 +179,9 @@ class FleetRunner:
                     if time.monotonic() >= next_pull:
                         self._pull()
                         next_pull = time.monotonic() + self.cfg.every_s
+                    if self._announce_due and time.monotonic() - self._announced >= self.cfg.every_s:
+                        self.fleet.announce(self._status())
+                        self._announce_due, self._announced = False, time.monotonic()
                     self.backoff.ok()
                 except Exception as e:  # the store down, slow or refusing: never the serving loop's problem
                     wait = self.backoff.failed()
@@ -201,12 +207,12 @@ class FleetRunner:
             res = self.fleet.publish(round_set(self.bundle, done["version"]), round_figures(done), self.camera_id,
                                      version=done["version"])
             log.info("fleet: published the set of %s as %s (%d bytes)", done["version"], res["object"][:12], res["bytes"])
-            self.fleet.announce(self._status())
+            self._announce_due = True
         elif item[0] == "record":
             _, key, outcome, reason, info = item
             self.fleet.record(key, outcome, reason, **info)
         else:
-            self.fleet.announce(self._status())
+            self._announce_due = True
 
     def _pull(self) -> None:
         for pulled in self.fleet.pull():

@@ -192,13 +192,13 @@ def bench(work: Path, names: list[str], args, env: dict, port: int) -> dict:
 def paper(robots: int, rounds: float, every_s: float, measured: dict) -> None:
     """Operations and bytes per hour on the store for `robots` robots of one lineage, each with
     `rounds` accepted rounds an hour and a pull every `every_s` seconds; each robot fetches each
-    other robot's set once (entry, then object) and rewrites its status after each set it serves."""
+    other robot's set once (entry, then object) and rewrites its status at most once a pull."""
     obj = max(measured["bytes_per_set"]["object"])
     entry = max(measured["bytes_per_set"]["entry"])
     sets = robots * rounds  # published per hour, fleet-wide
     fetched = robots * (sets - rounds)  # each robot fetches every set but its own
     rows = [("PUT object + entry (publish)", 2 * sets, sets * (obj + entry)),
-            ("PUT robot status (publish, adopt)", robots * (rounds + sets - rounds), None),
+            ("PUT robot status (at most one a pull)", robots * min(3600 / every_s, sets), None),
             ("LIST new keys (one page each)", robots * 3600 / every_s, None),
             ("GET entry + object (pull)", 2 * fetched, fetched * (obj + entry))]
     print(f"{robots} robots, {rounds:g} round(s) per robot per hour, a pull every {every_s:g} s; "
