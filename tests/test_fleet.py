@@ -388,3 +388,39 @@ def test_the_fleet_options_come_from_the_config_file_too(robots, tmp_path):
     res = CliRunner().invoke(app, ["run", "--camera", "synthetic://night", "--config", str(cfg), "--print-config"])
     assert res.exit_code == 0, res.output
     assert f'fleet = "{tmp_path / "store"}"' in res.stdout and "fleet-every = 5.0" in res.stdout
+
+
+def test_a_slow_store_holds_the_thread_not_the_loop(robots, tmp_path):
+    a, _ = _fleets(robots, str(tmp_path / "store"))
+    a.publish(robots["rows"], {}, None)
+    runner, _ = _runner(robots, tmp_path, str(tmp_path / "store"))
+    real = runner.fleet.store.get
+    runner.fleet.store.get = lambda key, n: time.sleep(0.6) or real(key, n)  # every read takes 0.6 s
+    try:
+        t_end, slowest = time.monotonic() + 1.0, 0.0
+        while time.monotonic() < t_end:
+            t0 = time.perf_counter()
+            runner.tick(12, round_running=True)  # a round runs: nothing is judged meanwhile
+            slowest = max(slowest, time.perf_counter() - t0)
+            time.sleep(0.01)
+        assert slowest < 0.05 and not runner._ready  # the pull is still reading: the loop did not wait
+        deadline = time.monotonic() + 5
+        while not runner._ready and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(runner._ready) == 1  # and the set arrived all the same
+    finally:
+        runner.close()
+
+
+def test_an_imported_set_joins_the_bank_within_max_sets(robots):
+    import torch
+
+    from mas3_edge.errors import UserError
+    net = bundle.load_version(robots["dir"] / "b").net
+    rows = {k: torch.from_numpy(v) for k, v in robots["rows"].items()}
+    for scale in (1.0, 1.1, 1.2):
+        bank.import_set(net, {k: v * scale for k, v in rows.items()}, keep=2)
+    assert bank.count(net) == 3  # the source set and the two newest: the oldest import was dropped
+    assert torch.allclose(next(iter(bank.export_set(net).values())), next(iter(rows.values())) * 1.2)
+    with pytest.raises(UserError, match="layer"):
+        bank.import_set(net, {k: v[:, :1] for k, v in rows.items()}, keep=2)
