@@ -29,21 +29,23 @@ def fleet_view(store: Store, trust: dict[str, str] | None = None) -> dict:
                 sets.append({"entry": key, "status": "unreadable"})
                 continue
             gate = (entry.get("round") or {}).get("gate_after") or {}
-            sets.append({"entry": key, "object": entry.get("object"), "robot": entry.get("robot"),
+            status, robot = _status(entry, trust, lineage)
+            sets.append({"entry": key, "object": entry.get("object"), "robot": robot,
                          "camera_id": entry.get("camera_id"), "created": entry_time(key), "bytes": entry.get("size"),
                          "gate": gate, "reason": (entry.get("round") or {}).get("reason"),
-                         "status": _status(entry, trust, lineage),
+                         "status": status,
                          "served_by": sorted(n for n, r in serving.items() if entry.get("object") in r.get("sets", []))})
         view[lineage] = {"sets": sets, "robots": {n: {"serving": r.get("serving"), "sets": len(r.get("sets", [])),
                                                       "camera_id": r.get("camera_id")} for n, r in serving.items()}}
     return view
 
 
-def _status(entry: dict, trust: dict[str, str] | None, lineage: str) -> str:
+def _status(entry: dict, trust: dict[str, str] | None, lineage: str) -> tuple[str, str | None]:
+    """(signed / refused: why / unchecked, the robot: the trust file's name once the signature verifies)."""
     if trust is None:
-        return "unchecked"
+        return "unchecked", entry.get("robot")
     try:
-        objects.verify_entry(json.dumps(entry).encode(), trust, lineage)
+        verified = objects.verify_entry(json.dumps(entry).encode(), trust, lineage)
     except (objects.Refused, objects.Incomplete) as e:
-        return f"refused: {e}"
-    return "signed"
+        return f"refused: {e}", entry.get("robot")
+    return "signed", verified["robot"]
