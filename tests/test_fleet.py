@@ -355,7 +355,8 @@ def test_a_set_that_fails_the_gate_is_rejected_and_recorded_by_pull(robots, tmp_
 ])
 def test_console_script_exit_codes(robots, args, says):
     d = robots["dir"]
-    res = subprocess.run(["mas3-edge", *[a.format(d=d) for a in args]], capture_output=True, text=True, timeout=60)
+    script = Path(sys.executable).parent / "mas3-edge"  # what `pip install -e .` puts beside the interpreter
+    res = subprocess.run([str(script), *[a.format(d=d) for a in args]], capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and says in res.stderr and res.stderr.count("\n") == 1, res.stderr
 
 
