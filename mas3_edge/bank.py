@@ -9,7 +9,8 @@ frame with that set. The network's convs and weights are untouched.
 
 The functions below the layer are the bank's API, on a whole network: `select` (the set a round
 adapts), `route`, `reset_affine`, `reset_statistics`, `source_path`, `one_set`, `add_set`,
-`drop_set`, `count`, `mark_source`. Nothing outside this file touches the sets' tensors.
+`drop_set`, `count`, `mark_source`, and `export_set` / `import_set` (one set by layer name: what
+a fleet shares). Nothing outside this file touches the sets' tensors.
 """
 from __future__ import annotations
 
@@ -289,6 +290,30 @@ def drop_set(net: nn.Module, row: int) -> None:
         raise UserError(f"no adapted normalisation set {row} to drop (the bank has {banked - 1})")
     for m in norms(net):
         m.bank = torch.cat([m.bank[:row], m.bank[row + 1:]])
+
+
+@torch.no_grad()
+def export_set(net: nn.Module, s: int = -1) -> dict[str, torch.Tensor]:
+    """Set `s` of every layer (default: the working set, the one a round adapted), by layer name in
+    module order (the router first): (4, C) each, mean, var, weight and bias, float32 on the CPU."""
+    return {name: m.sets()[s].detach().float().cpu().clone()
+            for name, m in net.named_modules() if isinstance(m, DomainNorm)}
+
+
+@torch.no_grad()
+def import_set(net: nn.Module, rows: dict[str, torch.Tensor], keep: int) -> None:
+    """Add a set made elsewhere (`export_set` of a network of the same lineage) as the working set:
+    the working set before it is banked if it was adapted, past `keep` adapted sets the least
+    recently used is dropped. UserError when the layers or their widths differ."""
+    layers = {name: m for name, m in net.named_modules() if isinstance(m, DomainNorm)}
+    if list(rows) != list(layers):
+        raise UserError(f"the set names {len(rows)} norm layers, the network has {len(layers)} others")
+    bad = next((n for n, m in layers.items() if tuple(rows[n].shape) != (4, m.num_features)), None)
+    if bad is not None:
+        raise UserError(f"the set's layer {bad} is {tuple(rows[bad].shape)}, the network's {(4, layers[bad].num_features)}")
+    add_set(net, keep)
+    for name, m in layers.items():
+        m.set_working(rows[name].to(m.weight))
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from mas3_edge.labels import LABEL_SET_ID, LabelSet
 
 from . import wire
 from .camera import Camera, refit
+from .fleet import FleetConfig, FleetRunner
 from .frame_buffer import BufferPolicy, FrameBuffer
 from .publisher import DEFAULT_ADDRESS, Publisher, check_address
 from .scheduler import ScheduleConfig, Scheduler, default_round
@@ -61,6 +62,7 @@ class ServiceConfig:
     buffer_policy: BufferPolicy = field(default_factory=BufferPolicy)
     adapt: bool = True
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    fleet: FleetConfig | None = None  # share accepted rounds' sets, judge and serve the fleet's
     status_every: float = 5.0
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
@@ -73,6 +75,8 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         if self.adapt and self.buffer is None:
             raise UserError("adaptation rounds need the frame buffer; drop --no-buffer or add --no-adapt")
+        if self.fleet is not None and self.buffer is None:
+            raise UserError("--fleet judges the fleet's sets on buffered frames; drop --no-buffer")
         if not 1 <= self.jpeg_quality <= 100:
             raise UserError(f"JPEG quality must be in 1..100, got {self.jpeg_quality}")
         if not self.health_stale_s > 0:
@@ -132,6 +136,7 @@ class Service:
         self.camera = self.swapper = self.engine = self.publisher = self.buffer = None
         self._labels: dict[str, LabelSet] = {}  # version id -> its label set, read once from model.json
         self.scheduler = self.metrics = self._events = None
+        self.fleet: FleetRunner | None = None
         self.infer_errors = 0
         self.rate = RateWindow()
         self._stop = threading.Event()
@@ -197,6 +202,8 @@ class Service:
             self.buffer = FrameBuffer(c.buffer, c.buffer_policy)
         if c.adapt and self.swapper.root is not None:
             self.scheduler = Scheduler(self.swapper.root, c.buffer, c.schedule, round_fn=self.round_fn)
+        if c.fleet is not None and c.buffer is not None and self.swapper.root is not None:
+            self.fleet = FleetRunner(c.fleet, self.swapper.root, c.buffer, c.schedule, self.camera.id)
         e = self.engine
         self._emit_line(f"serving {e.version} with {e.name} on {e.provider} | camera {c.camera} "
                         f"| publishing on {self.publisher.endpoint} topic {c.topic}"
@@ -248,7 +255,7 @@ class Service:
 
         if self.swapper is not None:
             self.swapper.stop()  # now, not after the others: an export in progress is killed meanwhile
-        for name, close in (("scheduler", lambda: self.scheduler.close(left(0.5))),
+        for name, close in (("scheduler", lambda: self.scheduler.close(left(0.5))), ("fleet", lambda: self.fleet.close(left(0.3))),
                             ("camera", lambda: self.camera.disconnect(left(0.4))),
                             ("buffer", lambda: self.buffer.close(left(0.3), discard_pending=True)),
                             ("publisher", lambda: self.publisher.close()),
@@ -323,13 +330,20 @@ class Service:
             self.buffer.offer(frame.image)
 
     def _housekeeping(self) -> None:
-        if self.scheduler is not None:
+        if self.scheduler is not None and not (self.fleet is not None and self.fleet.busy):
             done = self.scheduler.tick(self.buffer.written, len(self.buffer))
             if done is not None:
                 self._emit_line(f"adaptation round {done['round']} {done['outcome']}"
                                 + (f" -> {done['version']}" if done.get("version") else "")
                                 + f" after {done['seconds']:.0f} s: {done.get('reason')}")
                 self._event("round", **done)
+                if self.fleet is not None:
+                    self.fleet.round_done(done)
+        judged = self.fleet.tick(len(self.buffer), self.scheduler is not None and self.scheduler.busy) if self.fleet else None
+        if judged is not None:
+            self._emit_line(f"fleet set {judged['set'][:12]} of {judged['robot']} {judged['outcome']}"
+                            + (f" -> {judged['version']}" if judged.get("version") else "") + f": {judged.get('reason')}")
+            self._event("fleet", **judged)
         now = time.monotonic()
         if now - self._last_status >= self.cfg.status_every:
             self._last_status = now

@@ -14,7 +14,7 @@ from typing import Annotated, Optional, cast
 import typer
 
 from ..errors import UserError
-from . import bench, core, data, export, models, runtime
+from . import bench, core, data, export, fleet, models, runtime
 
 EXIT_USER, EXIT_USAGE, EXIT_REJECTED, EXIT_INTERRUPTED = 1, 2, 3, 130
 # typer >= 0.29 bundles its own click and no longer installs `click`; reach the base class through typer.
@@ -48,6 +48,7 @@ models.register(app)
 runtime.register(app)
 app.add_typer(data.app, name="data")
 app.add_typer(bench.app, name="bench")
+app.add_typer(fleet.app, name="fleet")
 
 
 def _usage_line(e) -> str:

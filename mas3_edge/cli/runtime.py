@@ -103,7 +103,7 @@ _RUN_NUMBERS = {
     "round_every_minutes": _OFF_OR_MORE, "drift_threshold": _POSITIVE, "round_frames": (lambda v: v >= 2, "at least 2"),
     "keep_versions": (lambda v: v >= 0, "0 (all) or more"), "status_every": _POSITIVE,
     "metrics_port": (lambda v: 0 <= v <= 65535, "a port in 0..65535 (0: any free one)"),
-    "health_timeout": _POSITIVE, "max_frames": _AT_LEAST_1, "duration": _POSITIVE,
+    "health_timeout": _POSITIVE, "max_frames": _AT_LEAST_1, "duration": _POSITIVE, "fleet_every": _POSITIVE,
 }  # the settings of a round (--adapt-steps, --tau, ...) are checked by their config classes
 _SUBSCRIBE_NUMBERS = {"count": _AT_LEAST_1, "duration": _POSITIVE, "interval": _POSITIVE, "max_mb": _POSITIVE}
 
@@ -158,6 +158,15 @@ def run_cmd(
     metrics_host: Annotated[str, typer.Option(help="Host of the metrics endpoint (another than loopback needs --allow-remote).")] = "127.0.0.1",
     health_timeout: Annotated[float, typer.Option(help="/healthz fails after this many seconds without a published frame.")] = 5.0,
     events: Annotated[Optional[Path], typer.Option(help="Append status, round and swap events here (JSON lines).")] = None,
+    fleet: Annotated[Optional[str], typer.Option(
+        help="Fleet store (folder or s3://BUCKET/PREFIX): publish accepted rounds' sets; pull, judge and serve "
+             "the fleet's.", rich_help_panel="Fleet")] = None,
+    fleet_key: Annotated[Optional[Path], typer.Option(help="This robot's signing key (`mas3-edge fleet keygen`).",
+                                                      rich_help_panel="Fleet")] = None,
+    fleet_trust: Annotated[Optional[Path], typer.Option(help="Trust file: the .pub lines of the robots whose sets "
+                                                             "are accepted.", rich_help_panel="Fleet")] = None,
+    fleet_every: Annotated[float, typer.Option(help="Seconds between pulls from the fleet store.",
+                                               rich_help_panel="Fleet")] = 30.0,
     max_frames: Annotated[Optional[int], typer.Option(help="Stop after N frames.")] = None,
     duration: Annotated[Optional[float], typer.Option(help="Stop after S seconds.")] = None,
     verbose: VerboseOpt = False,
@@ -175,6 +184,7 @@ def run_cmd(
     from mas3_edge.runtime.publisher import check_address
     check_address(publish, allow_remote)  # its port too, before anything is loaded or printed
     _, _, sized = round_configs(settings or {}, cpu=True)  # validated before anything starts
+    fleet_cfg = _fleet_config(fleet, fleet_key, fleet_trust, fleet_every, no_buffer)
     if print_config:
         return typer.echo(_toml({k: ctx.params[k] for k in _option_kinds(run_cmd)})
                           + f"\n# a round on a CPU also takes, for what is unset here: {sizing_note(sized)}")
@@ -195,8 +205,25 @@ def run_cmd(
                                                    min_interval_s=buffer_interval),
                         adapt=adapt and not no_buffer, schedule=sched, status_every=status_every,
                         metrics_port=metrics_port, metrics_host=metrics_host, health_stale_s=health_timeout,
-                        camera_id=camera_id, events=events, max_frames=max_frames, duration=duration)
+                        camera_id=camera_id, events=events, max_frames=max_frames, duration=duration,
+                        fleet=fleet_cfg)
     Service(cfg).run()
+
+
+def _fleet_config(url: Optional[str], key: Optional[Path], trust: Optional[Path], every: float, no_buffer: bool):
+    """--fleet's settings, each file and the URL checked now: a bad one fails before anything starts."""
+    if url is None:
+        if key is not None or trust is not None:
+            raise UserError("--fleet-key and --fleet-trust belong to --fleet URL; add it")
+        return None
+    if key is None or trust is None:
+        raise UserError("--fleet needs --fleet-key KEY (`mas3-edge fleet keygen`) and --fleet-trust FILE")
+    if no_buffer:
+        raise UserError("--fleet judges the fleet's sets on buffered frames; drop --no-buffer")
+    from mas3_edge.fleet import objects, store
+    from mas3_edge.runtime.fleet import FleetConfig
+    store.open_store(url), objects.load_key(key), objects.load_trust(trust)
+    return FleetConfig(url, key, trust, every)
 
 
 def subscribe_cmd(

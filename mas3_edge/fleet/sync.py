@@ -1,0 +1,150 @@
+"""One robot's side of the fleet: publish a set, pull the new verified sets of its lineage, and
+remember what became of each (adopted, rejected by its gate, refused), so nothing is tried twice.
+
+No torch here: verification is bytes, hashes and signatures. Store errors (down, slow, missing
+bucket) are left to the caller, which backs off; everything about one set is decided here.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from ..fsutil import atomic_write_json
+from . import objects
+from .objects import Incomplete, Lineage, Refused
+from .store import LINEAGES, ROBOTS, Store, entry_key, entry_time, object_key
+
+log = logging.getLogger(__name__)
+
+SKEW_S = 300.0  # robots' clocks may disagree this much: entries are listed from that far before the newest seen
+MAX_ATTEMPTS = 3  # an object still truncated after this many pulls was half-written for good
+
+
+@dataclass
+class Pulled:
+    key: str  # the manifest entry's key
+    entry: dict
+    header: dict
+    rows: dict[str, np.ndarray]
+    data: bytes
+
+
+class Fleet:
+    def __init__(self, store: Store, lineage: Lineage, state_path: Path | None = None,
+                 key: tuple[str, Ed25519PrivateKey] | None = None, trust: dict[str, str] | None = None):
+        self.store, self.lineage, self.state_path = store, lineage, state_path
+        self.robot: str | None = key[0] if key is not None else None
+        self.key: Ed25519PrivateKey | None = key[1] if key is not None else None
+        self.trust = trust or {}
+        self.state = self._load_state()
+        self.bytes_in = self.bytes_out = 0
+        self.pending: set[str] = set()  # verified, waiting for their judgement: not fetched again meanwhile
+
+    def _load_state(self) -> dict:
+        try:
+            state = json.loads(self.state_path.read_text()) if self.state_path else {}
+        except (OSError, ValueError):
+            state = {}
+        return {"newest": state.get("newest", 0.0), "sets": state.get("sets", {}), "attempts": state.get("attempts", {})}
+
+    def save_state(self) -> None:
+        if self.state_path is not None:
+            atomic_write_json(self.state_path, self.state)
+
+    def record(self, key: str, outcome: str, reason: str, **info) -> None:
+        """Remember what became of a set: a recorded set is never fetched or judged again."""
+        self.state["sets"][key] = {"outcome": outcome, "reason": reason, "time": time.time(), **info}
+        self.state["attempts"].pop(key, None)
+        self.pending.discard(key)
+        self.save_state()
+
+    # ------------------------------------------------------------ publish
+
+    def publish(self, rows: dict[str, np.ndarray], figures: dict, camera_id: str | None, **info) -> dict:
+        """Write the object, then the entry that names it. -> {object, entry, bytes}."""
+        if self.key is None or self.robot is None:
+            raise ValueError("publishing needs the robot's key")
+        now = time.time()
+        header = {"lineage": asdict(self.lineage), "lineage_id": self.lineage.id, "round": figures,
+                  "camera_id": camera_id, "robot": self.robot, "created": now}
+        obj = objects.encode_set(rows, header)
+        entry = objects.make_entry(obj, header, self.robot, self.key)
+        ekey = entry_key(self.lineage.id, now, self.robot, entry["object"])
+        body = json.dumps(entry, sort_keys=True).encode()
+        self.store.put(object_key(entry["object"]), obj)  # the object first: an entry never names nothing
+        self.store.put(ekey, body)
+        self.bytes_out += len(obj) + len(body)
+        self.record(ekey, "published", "own round", object=entry["object"], robot=self.robot, **info)
+        return {"object": entry["object"], "entry": ekey, "bytes": len(obj) + len(body)}
+
+    def announce(self, status: dict) -> None:
+        """robots/ROBOT.json: what this robot serves (for `fleet ls`); only this robot writes it."""
+        if self.robot is not None:
+            self.store.put(f"{ROBOTS}/{self.robot}.json",
+                           json.dumps({**status, "robot": self.robot, "time": time.time()}, sort_keys=True).encode())
+
+    # ------------------------------------------------------------ pull
+
+    def new_keys(self) -> list[str]:
+        """Entry keys of this lineage not seen before, listed from just before the newest one seen."""
+        prefix = f"{LINEAGES}/{self.lineage.id}"
+        newest = self.state["newest"]
+        after = f"{prefix}/{int(max(0.0, newest - SKEW_S) * 1e9):020d}" if newest else None
+        keys = [k for k in self.store.list_after(prefix, after) if k not in self.state["sets"] and k not in self.pending]
+        self._forget(newest - 2 * SKEW_S)
+        return keys
+
+    def _forget(self, before: float) -> None:
+        """Records older than the listing window: never listed again, so never tried again either
+        (the sets this robot published or adopted are kept: they say what it serves)."""
+        sets = self.state["sets"]
+        for k in [k for k, r in sets.items() if entry_time(k) < before and r["outcome"] not in ("published", "adopted")]:
+            del sets[k]
+
+    def pull(self) -> list[Pulled]:
+        """The new sets that pass verification; each refused one is recorded with one log line."""
+        out = []
+        for key in self.new_keys():
+            got = self.fetch(key)
+            if got is not None:
+                out.append(got)
+                self.pending.add(key)
+            self.state["newest"] = max(self.state["newest"], entry_time(key))
+        self.save_state()
+        return out
+
+    def fetch(self, key: str) -> Pulled | None:
+        """One entry and its object, verified; None when refused (recorded) or not complete yet."""
+        try:
+            data = self.store.get(key, objects.MAX_ENTRY_BYTES)
+            self.bytes_in += len(data)
+            entry = objects.verify_entry(data, self.trust, self.lineage.id)
+            if self.key is not None and entry["signer"].lower() == objects.public_hex(self.key):
+                self.record(key, "own", "published by this robot", object=entry["object"], robot=entry["robot"])
+                return None
+            try:
+                obj = self.store.get(object_key(entry["object"]), entry["size"])
+            except FileNotFoundError:
+                raise Incomplete("its object is not in the store (yet?)") from None
+            self.bytes_in += len(obj)
+            header, rows = objects.verify_object(obj, entry, self.lineage)
+        except Refused as e:
+            log.warning("fleet: refused %s: %s", key, e)
+            self.record(key, "refused", str(e))
+            return None
+        except Incomplete as e:
+            n = self.state["attempts"].get(key, 0) + 1
+            self.state["attempts"][key] = n
+            if n >= MAX_ATTEMPTS:
+                log.warning("fleet: refused %s: %s, %d times", key, e, n)
+                self.record(key, "refused", f"{e}, {n} times")
+            else:
+                log.warning("fleet: %s: %s; will try again", key, e)
+            return None
+        return Pulled(key, entry, header, rows, obj)

@@ -1,0 +1,225 @@
+"""A simulated fleet on one machine: robot processes on different synthetic domains sharing one S3
+store (moto's S3 API server on loopback). Robot A serves night and adapts; robots B, C and D serve
+their own domains with no round of their own (--no-adapt) and pull, judge and serve A's set. Then
+B, C and D meet night frames.
+
+    python tools/bench_fleet.py                          # A night; B fog, C rain, D realistic
+    python tools/bench_fleet.py --paper 1000             # the store's load for 1,000 robots, from the JSON
+
+Reports the time from A's accepted round to A's set serving on each robot (its swap event), the
+live mIoU of B, C and D on night (their own night seed) served by the source before and by the
+pulled set after, with no round of their own, and the bytes per set (object and manifest entry).
+Every robot is a real `mas3-edge run --fleet s3://...` process. Writes docs/results/bench_fleet.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BUNDLE = ROOT / "mas3_edge" / "default_bundle"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit("moto's S3 server did not start")
+
+
+def run_cmd(name: str, camera: str, work: Path, args, fleet: str | None, adapt: bool, extra: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "mas3_edge", "run", "--camera", camera, "--bundle", str(work / name),
+           "--publish", f"ipc://{work}/{name}.sock", "--no-overlay", "--threads", "1", "--status-every", "1"]
+    if fleet:
+        cmd += ["--fleet", fleet, "--fleet-key", str(work / "keys" / f"{name}.key"),
+                "--fleet-trust", str(work / "trust"), "--fleet-every", str(args.pull_every),
+                "--buffer", str(work / f"{name}-frames"), "--buffer-every", "1", "--buffer-interval", "0",
+                "--round-frames", str(args.round_frames)]
+    return cmd + ([] if adapt else ["--no-adapt"]) + extra
+
+
+def spawn(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(["nice", "-n", "10", *cmd], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+
+
+def events(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass  # the line being written
+    return out
+
+
+def night_miou(names: list[str], work: Path, args, env: dict, tag: str) -> dict[str, float]:
+    """Each robot's bundle serving night (its own seed) for args.eval_frames frames: live mIoU."""
+    procs = {}
+    for i, n in enumerate(names):
+        ev = work / f"{n}-{tag}.events"
+        cmd = run_cmd(n, f"synthetic://night?seed={11 + i}", work, args, None, False,
+                      ["--no-buffer", "--fps", "0", "--max-frames", str(args.eval_frames), "--events", str(ev)])
+        procs[n] = (spawn(cmd, work / f"{n}-{tag}.log", env), ev)
+    out = {}
+    for n, (p, ev) in procs.items():
+        p.wait(timeout=600)
+        stop = [e for e in events(ev) if e["event"] == "stop"]  # the window holds all eval frames by then
+        out[n] = {"miou": stop[-1]["miou_window"] if stop else None, "frames": stop[-1]["frames"] if stop else None,
+                  "version": stop[-1]["version"] if stop else None}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--domains", nargs="+", default=["fog", "rain", "realistic"], help="B, C, D, ... domains")
+    ap.add_argument("--round-every", type=int, default=40, help="A's round every N buffered frames")
+    ap.add_argument("--round-frames", type=int, default=60)
+    ap.add_argument("--pull-every", type=float, default=2.0)
+    ap.add_argument("--eval-frames", type=int, default=100)
+    ap.add_argument("--timeout", type=float, default=900.0, help="give up on the fleet phase after this many s")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "bench_fleet.json")
+    ap.add_argument("--paper", type=int, metavar="ROBOTS", help="print the store's operations and bytes per hour "
+                    "for this many robots of one lineage, from the bytes per set in --out, and exit")
+    ap.add_argument("--rounds-per-hour", type=float, default=1.0)
+    ap.add_argument("--fleet-every", type=float, default=30.0, help="each robot's pull interval (s), for --paper")
+    args = ap.parse_args()
+    if args.paper:
+        return paper(args.paper, args.rounds_per_hour, args.fleet_every, json.loads(args.out.read_text()))
+    work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
+    names = ["a"] + [chr(ord("b") + i) for i in range(len(args.domains))]
+    port = free_port()
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1", "PYTHONUNBUFFERED": "1"}
+    os.environ.update({k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                           "AWS_DEFAULT_REGION")})
+    moto = start_moto(port)
+    try:
+        result = bench(work, names, args, env, port)
+    finally:
+        moto.kill()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+    print(f"wrote {args.out}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def bench(work: Path, names: list[str], args, env: dict, port: int) -> dict:
+    from mas3_edge.fleet.objects import keygen
+    from mas3_edge.fleet.store import open_store
+    for n in names:
+        shutil.copytree(DEFAULT_BUNDLE, work / n)
+        keygen(n, work / "keys")
+    (work / "trust").write_text("".join((work / "keys" / f"{n}.pub").read_text() for n in names))
+    open_store("s3://fleet").fs.mkdir("fleet")
+    url = "s3://fleet/bench"
+    pullers = names[1:]
+    before = night_miou(pullers, work, args, env, "before")
+    t0 = time.time()
+    procs = {n: spawn(run_cmd(n, f"synthetic://{d}", work, args, url, False, ["--fps", "4", "--events", str(work / f"{n}.events")]),
+                      work / f"{n}.log", env) for n, d in zip(pullers, args.domains)}
+    procs["a"] = spawn(run_cmd("a", "synthetic://night", work, args, url, True,
+                               ["--fps", "8", "--round-every-frames", str(args.round_every),
+                                "--events", str(work / "a.events")]), work / "a.log", env)
+    accepted, swapped = None, {}
+    while time.time() - t0 < args.timeout and (accepted is None or len(swapped) < len(pullers)):
+        time.sleep(1.0)
+        if accepted is None:
+            accepted = next((e for e in events(work / "a.events") if e["event"] == "round"
+                             and e.get("outcome") == "accepted"), None)
+            if accepted is not None:
+                print(f"A's round accepted after {accepted['time'] - t0:.0f} s", flush=True)
+        elif procs["a"].poll() is None and open_store(url).list_after("objects"):
+            procs["a"].send_signal(signal.SIGTERM)  # A's set is out: its later rounds would only take the CPU
+        for n in pullers:
+            ev = events(work / f"{n}.events")
+            judged = next((e for e in ev if e["event"] == "fleet" and e.get("outcome") == "accepted"), None)
+            if judged and n not in swapped:
+                swap = next((e for e in ev if e["event"] == "swap" and e["to"] == judged["version"]), None)
+                if swap:
+                    swapped[n] = {"judged": judged, "swap_time": swap["time"]}
+                    print(f"{n} serves A's set as {judged['version']}", flush=True)
+    for p in procs.values():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs.values():
+        p.wait(timeout=60)
+    after = night_miou(pullers, work, args, env, "after")
+    store = open_store(url)
+    objs = store.list_after("objects")
+    entries = [k for d in store.dirs("lineages") for k in store.list_after(f"lineages/{d}")]
+    sizes = {"object": [len(store.get(k, 1 << 24)) for k in objs], "entry": [len(store.get(k, 1 << 20)) for k in entries]}
+    rows = []
+    for i, n in enumerate(pullers):
+        s = swapped.get(n)
+        rows.append({"robot": n, "domain": args.domains[i],
+                     "seconds_to_serving": None if s is None or accepted is None else s["swap_time"] - accepted["time"],
+                     "judged_in_s": None if s is None else s["judged"]["seconds"],
+                     "judgement": None if s is None else s["judged"]["reason"],
+                     "night_miou_before": before[n]["miou"], "night_miou_after": after[n]["miou"],
+                     "version_after": after[n]["version"]})
+    return {"command": "python " + " ".join(sys.argv), "robots": len(names), "store": "moto S3 server on loopback",
+            "a_round": None if accepted is None else {"seconds_after_start": accepted["time"] - t0,
+                                                      "reason": accepted.get("reason"), "version": accepted.get("version")},
+            "sets_published": len(objs), "bytes_per_set": sizes, "fleet": rows,
+            "notes": "B, C and D run with --no-adapt: no round of their own; night mIoU is the runtime's live "
+                     f"mIoU over {args.eval_frames} labelled synthetic night frames (seeds 11..), served by the "
+                     "source version before and by the version holding A's set after."}
+
+
+def paper(robots: int, rounds: float, every_s: float, measured: dict) -> None:
+    """Operations and bytes per hour on the store for `robots` robots of one lineage, each with
+    `rounds` accepted rounds an hour and a pull every `every_s` seconds; each robot fetches each
+    other robot's set once (entry, then object) and rewrites its status at most once a pull."""
+    obj = max(measured["bytes_per_set"]["object"])
+    entry = max(measured["bytes_per_set"]["entry"])
+    sets = robots * rounds  # published per hour, fleet-wide
+    fetched = robots * (sets - rounds)  # each robot fetches every set but its own
+    rows = [("PUT object + entry (publish)", 2 * sets, sets * (obj + entry)),
+            ("PUT robot status (at most one a pull)", robots * min(3600 / every_s, sets), None),
+            ("LIST new keys (one page each)", robots * 3600 / every_s, None),
+            ("GET entry + object (pull)", 2 * fetched, fetched * (obj + entry))]
+    print(f"{robots} robots, {rounds:g} round(s) per robot per hour, a pull every {every_s:g} s; "
+          f"a set is {obj} bytes + a {entry}-byte entry (measured)")
+    print(f"{'operation':36} {'per hour':>14} {'per second':>11} {'bytes per hour':>16}")
+    for name, n, b in rows:
+        print(f"{name:36} {n:>14,.0f} {n / 3600:>11,.1f} {'-' if b is None else f'{b:,.0f}':>16}")
+    print(f"per robot: {fetched / robots:,.0f} sets fetched and judged per hour, "
+          f"{fetched * (obj + entry) / robots:,.0f} bytes in per hour")
+
+
+def print_table(r: dict) -> None:
+    print(f"\nA's round: {r['a_round']}")
+    print(f"sets published: {r['sets_published']}; bytes per set: object {r['bytes_per_set']['object']}, "
+          f"manifest entry {r['bytes_per_set']['entry']}")
+    print(f"{'robot':6} {'domain':10} {'to serving s':>12} {'judged s':>9} {'night before':>13} {'night after':>12}")
+    f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    for row in r["fleet"]:
+        print(f"{row['robot']:6} {row['domain']:10} {f(row['seconds_to_serving']):>12} {f(row['judged_in_s']):>9} "
+              f"{f(row['night_miou_before']):>13} {f(row['night_miou_after']):>12}")
+
+
+if __name__ == "__main__":
+    main()
