@@ -21,6 +21,12 @@ and of the serving model, and the candidate's pixel agreement with the source mo
 probe of every 10th frame:
 
     python tools/looped_video.py --video street.mp4 --out docs/results/real_video.json
+
+A few frames can be labelled the way a team labels sentinel frames, with boxes of the video's
+pixels that hold one class in every frame (a camera fixed on a vehicle: sky above, road below; the
+rest is ignored): `--label-boxes "sky:130,0,630,200+road:100,400,600,540"`. Those frames are held
+out of the rounds; every candidate is scored on them, and `--decide-with-sentinel` lets the rounds'
+decisions use them too.
 """
 from __future__ import annotations
 
@@ -37,7 +43,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mas3_edge import bundle, gate, health, rounds, synth  # noqa: E402
-from mas3_edge.config import AdaptConfig  # noqa: E402
+from mas3_edge.config import AdaptConfig, RoundConfig  # noqa: E402
+from mas3_edge.decide import Sentinel  # noqa: E402
 from mas3_edge.evaluate import evaluate, predict  # noqa: E402
 
 SCENES = (11, 12, 13)
@@ -76,23 +83,59 @@ class Labelled:
         return self.x[i], self.y[i]
 
 
-def read_video(path: Path, size: tuple[int, int], every: int = 1) -> np.ndarray:
-    """Every `every`-th frame of a video file, RGB, fitted to `size` as the runtime's camera fits it."""
+def read_video(path: Path, size: tuple[int, int], every: int = 1) -> tuple[np.ndarray, tuple[int, int]]:
+    """Every `every`-th frame of a video file, RGB, fitted to `size` as the runtime's camera fits
+    it, and the video's own (H, W)."""
     import cv2
 
     from mas3_edge.runtime.sources import fit
-    cap, frames, i = cv2.VideoCapture(str(path)), [], 0
+    cap, frames, i, shape = cv2.VideoCapture(str(path)), [], 0, (0, 0)
     while True:
         ok, bgr = cap.read()
         if not ok:
             break
         if i % every == 0:
             frames.append(fit(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), size))
+            shape = bgr.shape[:2]
         i += 1
     cap.release()
     if not frames:
         sys.exit(f"error: no frame could be read from {path} (is it a video OpenCV can decode?)")
-    return np.stack(frames)
+    return np.stack(frames), shape
+
+
+def parse_boxes(spec: str, names: list[str]) -> list[tuple[int, tuple[int, int, int, int]]]:
+    """"sky:130,0,630,200+road:100,400,600,540" -> [(class id, (x0, y0, x1, y1)), ...]."""
+    out = []
+    for part in spec.split("+"):
+        name, _, coords = part.partition(":")
+        xy = coords.split(",")
+        if name not in names or len(xy) != 4 or not all(v.strip().isdigit() for v in xy):
+            sys.exit(f"error: --label-boxes part {part!r} must be CLASS:x0,y0,x1,y1 with a class of {names}")
+        out.append((names.index(name), tuple(int(v) for v in xy)))
+    return out  # type: ignore[return-value]
+
+
+def box_labels(boxes: list, shape: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """A label map of the video's frame (255 outside the boxes), cropped and resized as the frames are."""
+    import cv2
+
+    from mas3_edge.runtime.sources import crop_box
+    lbl = np.full(shape, 255, np.uint8)
+    for c, (x0, y0, x1, y1) in boxes:
+        lbl[y0:y1, x0:x1] = c
+    x, y, w, h = crop_box(shape, size)
+    return cv2.resize(lbl[y:y + h, x:x + w], (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+
+
+def write_sentinel(folder: Path, frames: np.ndarray, label: np.ndarray) -> Path:
+    import cv2
+    for sub in ("images", "labels"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(frames):
+        cv2.imwrite(str(folder / "images" / f"{i:02d}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(folder / "labels" / f"{i:02d}.png"), label)
+    return folder
 
 
 def shares(net, frames: np.ndarray, names: list[str], top: int = 4) -> dict[str, float]:
@@ -110,37 +153,64 @@ def run_real(args) -> dict:
         root = work / "bundle"
         shutil.copytree(bundle.PACKAGED, root)
         source = bundle.load_version(root)
-        names = list(source.net.labels.names)
-        frames = read_video(args.video, tuple(source.net.config.input_size), args.stride)
+        names, size = list(source.net.labels.names), tuple(source.net.config.input_size)
+        frames, shape = read_video(args.video, size, args.stride)
+        sentinel, rcfg = None, rounds.UNGUARDED
+        if args.label_boxes:  # frames spread over the video, held out of the rounds
+            held = np.linspace(0, len(frames) - 1, args.sentinel_frames + 2).astype(int)[1:-1]
+            folder = write_sentinel(work / "sentinel", frames[held], box_labels(parse_boxes(args.label_boxes, names),
+                                                                                shape, size))
+            frames, sentinel = np.delete(frames, held, axis=0), Sentinel(folder, source.net)
+            if args.decide_with_sentinel:
+                rcfg = RoundConfig(guard=False, sentinel=str(folder))
         probe = frames[::10]
         stream = np.concatenate([frames] * (1 + args.rounds * args.every // len(frames)))
         out = {"video": args.video.name, "frames": len(frames), "stride": args.stride, "method": args.method,
+               "label_boxes": args.label_boxes, "sentinel_frames": len(sentinel) if sentinel else 0,
+               "decided_with_sentinel": rcfg.sentinel is not None,
                "source_shares": shares(source.net, probe, names), "rounds": []}
         for k in range(args.rounds):
             chunk = stream[k * args.every:(k + 1) * args.every]
             serving = bundle.load_version(root)
-            r = rounds.run_round(root, chunk, AdaptConfig(method=args.method, steps=args.steps), serving.id,
-                                 rounds.UNGUARDED)
-            rep, cand = r.report, bundle.load_version(r.version_dir).net
-            ok = all(c["passed"] for c in rep["checks"]) and bool(rep["checks"])
-            row = {"round": k + 1, "set": rep["set"], "choice": (rep.get("choice") or {}).get("kept"),
-                   "accepted": ok, "reason": rep["reason"],
-                   "checks": {c["signal"]: [round(c["value"], 4), round(c["limit"], 4)] for c in rep["checks"]},
-                   "candidate_shares": shares(cand, probe, names),
-                   "agreement_with_source": gate.agreement(source.net, cand, probe),
-                   "agreement_with_serving": gate.agreement(serving.net, cand, probe)}
-            if ok:
+            r = rounds.run_round(root, chunk, AdaptConfig(method=args.method, steps=args.steps), serving.id, rcfg)
+            out["rounds"].append(real_row(k + 1, r.report, serving.net, bundle.load_version(r.version_dir).net,
+                                          source.net, probe, names, sentinel))
+            if out["rounds"][-1]["accepted"]:
                 bundle.set_serving(root, r.version_dir.name)
-            out["rounds"].append(row)
-            top = ", ".join(f"{n} {v:.0%}" for n, v in row["candidate_shares"].items())
-            print(f"round {k + 1}: set {row['set']}, {'accepted' if ok else 'rejected'} ({row['reason']}); "
-                  f"agrees with source {row['agreement_with_source']:.0%}; {top}", file=sys.stderr)
-        out["served_shares"] = shares(bundle.load_version(root).net, probe, names)
-        out["served_agreement_with_source"] = gate.agreement(source.net, bundle.load_version(root).net, probe)
+            print(describe(out["rounds"][-1]), file=sys.stderr)
+        served = bundle.load_version(root).net
+        out["served_shares"] = shares(served, probe, names)
+        out["served_agreement_with_source"] = gate.agreement(source.net, served, probe)
         out["summary"] = {"accepted": sum(r["accepted"] for r in out["rounds"]), "rounds": len(out["rounds"])}
+        if sentinel:
+            out["summary"].update(source_sentinel_miou=sentinel.miou(source.net), served_sentinel_miou=sentinel.miou(served))
         return out
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def real_row(k: int, rep: dict, serving, cand, source, probe: np.ndarray, names: list[str], sentinel) -> dict:
+    """One round on real footage: the verdict and its checks, what the candidate labels, how far it
+    agrees with the source and serving models, and (with labelled frames) its mIoU on them."""
+    row = {"round": k, "set": rep["set"], "choice": (rep.get("choice") or {}).get("kept"),
+           "accepted": bool(rep["checks"]) and all(c["passed"] for c in rep["checks"]), "reason": rep["reason"],
+           "checks": {c["signal"]: [round(c["value"], 4), round(c["limit"], 4)] for c in rep["checks"]},
+           "candidate_shares": shares(cand, probe, names),
+           "agreement_with_source": gate.agreement(source, cand, probe),
+           "agreement_with_serving": gate.agreement(serving, cand, probe)}
+    if sentinel is not None:
+        before, after = sentinel.miou(serving), sentinel.miou(cand)
+        row.update(sentinel_before=before, sentinel_after=after,
+                   kind="good" if after - before > 0.5 else "harmful" if after - before < -0.5 else "neutral")
+    return row
+
+
+def describe(row: dict) -> str:
+    top = ", ".join(f"{n} {v:.0%}" for n, v in row["candidate_shares"].items())
+    labelled = (f"; labelled frames {row['sentinel_before']:.1f} -> {row['sentinel_after']:.1f} ({row['kind']})"
+                if "kind" in row else "")
+    return (f"round {row['round']}: set {row['set']}, {'accepted' if row['accepted'] else 'rejected'} "
+            f"({row['reason']}); agrees with source {row['agreement_with_source']:.0%}; {top}{labelled}")
 
 
 def run(args) -> dict:
@@ -211,6 +281,10 @@ def main(argv=None) -> None:
     ap.add_argument("--pan-step", type=int, default=4, help="pixels the camera pans per frame")
     ap.add_argument("--write-video", type=Path, help="also write the generated video (MJPG) here")
     ap.add_argument("--video", type=Path, help="run the rounds on this real, unlabelled video file instead")
+    ap.add_argument("--label-boxes", help="with --video: CLASS:x0,y0,x1,y1 boxes (joined by +) of the video's "
+                    "pixels that hold that class in every frame; labels --sentinel-frames held-out frames")
+    ap.add_argument("--sentinel-frames", type=int, default=8)
+    ap.add_argument("--decide-with-sentinel", action="store_true", help="the rounds' decisions use the labelled frames")
     ap.add_argument("--out", type=Path, default=Path("looped_video.json"))
     args = ap.parse_args(argv)
     if args.video and not args.video.is_file():
