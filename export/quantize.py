@@ -94,10 +94,25 @@ def quantize_graph(model: bytes | Path, frames: np.ndarray, *, exclude: list[str
                       # the histograms take STRIDE frames' tensors at a time (bounded memory)
                       extra_options={"CalibStridedMinMax": min(STRIDE, len(frames)), "CalibPercentile": PERCENTILE})
         chatter = io.StringIO()  # the calibrators print progress: keep stdout clean for --json
-        with contextlib.redirect_stdout(chatter):
+        with contextlib.redirect_stdout(chatter), _quiet_root():
             quantize_static(str(src), str(dst), _Reader(FrameReader(frames)), **{**kwargs, **options})
         log.debug("quantize_static: %s", chatter.getvalue().strip())
         return dst.read_bytes()
+
+
+@contextlib.contextmanager
+def _quiet_root():
+    """Drop ORT's root-logger advice to run its pre-processing: the graph it gets is already
+    shape-complete and folded by export (onnxslim), which is what that pre-processing does."""
+    root = logging.getLogger()
+
+    def advice(record: logging.LogRecord) -> bool:
+        return "pre-processing" not in record.getMessage()
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
 
 
 def _Reader(inner: FrameReader):
@@ -222,6 +237,18 @@ def int8_graphs(vdir: Path, report: dict) -> tuple[Path, dict[str, Path]]:
             raise UserError(f"{path} is missing or not the file calibration checked; {fix}")
         paths[g["from"]] = path
     return paths.pop(report["onnx"]["file"]), paths
+
+
+def int8_or_fp32(vdir: Path, report: dict, path: Path, graphs: list[Path]) -> tuple[Path, list[Path], str]:
+    """The INT8 graphs in place of the fp32 `path` and per-set `graphs`, and "" - or the fp32 ones
+    and why they are served instead (for the engine's one log line)."""
+    try:
+        main, sets = int8_graphs(vdir, report)
+        return main, [sets[g.relative_to(vdir).as_posix()] for g in graphs], ""
+    except UserError as e:
+        return path, graphs, str(e)
+    except KeyError as e:  # a per-set graph that calibration did not cover
+        return path, graphs, f"no INT8 graph of {e.args[0]}"
 
 
 def quantize_buffer(vdir: Path, frames_dir: Path, limit: int = CALIBRATION_FRAMES) -> dict:
