@@ -45,7 +45,7 @@ MIN_FRAMES = 4
 # the ops quantised: the convolutions and what joins them (activations, residual adds, the pooling
 # branch); the upsampling of the logits, the softmax and the argmax stay fp32
 OPS = ["Conv", "Clip", "Relu", "Add", "Mul", "Concat", "GlobalAveragePool", "MaxPool", "AveragePool", "MatMul", "Gemm"]
-STRIDE = 4  # frames whose intermediate tensors calibration holds at once (whole strides only)
+STRIDE = 1  # frames whose every intermediate tensor calibration holds at once (the round's peak memory)
 CALIBRATION_FRAMES = 32  # newest buffered frames a round calibrates and judges on (time and memory)
 # reduce_range (7-bit weights): a CPU without VNNI multiplies u8 x s8 with AVX2's vpmaddubsw, whose
 # 16-bit pair sums saturate with 8-bit weights; percentile ranges ignore the rare extreme activation.

@@ -10,7 +10,8 @@ size (their parity figures are printed, but say little about an untrained networ
 count times fp32 and every INT8 variant in alternating rounds of single frames, so machine noise
 falls on all of them alike; the ratio is p50(INT8) / p50(fp32), the floor INT8 <= 0.55x fp32.
 Resident memory: a fresh process per graph and thread count reads its VmRSS before the session is
-created, after, and after the first frame (first-run allocations).
+created, after, and after the first frame (first-run allocations). A round's calibration (the
+frame cap of export/quantize.py) runs in another fresh process: its time and peak RSS.
 
 Variants (quantize_static options on top of export/quantize.py's settings):
   qdq          the shipped settings: QDQ, per-channel int8 weights (7-bit range), percentile ranges
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="also print ONNX Runtime's time per op type (1 thread)")
     p.add_argument("--keep", type=Path, help="keep the graphs in this folder (default: a temporary one)")
     p.add_argument("--_rss", nargs=2, help=argparse.SUPPRESS)  # internal: GRAPH THREADS -> RSS figures
+    p.add_argument("--_calibrate", help=argparse.SUPPRESS)  # internal: VERSION_DIR -> a round's calibration
     return p.parse_args(argv)
 
 
@@ -168,6 +170,22 @@ def rss_child(path: str, threads: int, size: tuple[int, int]) -> dict:
     return {"session_mb": (created - before) / 1024, "after_first_frame_mb": (first - before) / 1024}
 
 
+def calibrate_child(vdir: Path, size: tuple[int, int]) -> dict:
+    """In this (fresh) process: a round's calibration (quantize_version on its frame cap), its
+    wall time and how far it raised the process's peak RSS."""
+    import resource
+
+    from mas3_edge import synth
+    from mas3_edge.export import quantize
+    n = quantize.CALIBRATION_FRAMES
+    frames = np.stack([np.asarray(synth.render(synth.DOMAINS[i % 5], 9000 + i, size)[0]) for i in range(n)])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    entry = quantize.quantize_version(vdir, frames)
+    return {"frames": entry["calibration"], "seconds": round(time.perf_counter() - t0, 1),
+            "peak_rss_before_mb": round(before), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
 def measure_rss(path: str, threads: int, size: tuple[int, int]) -> dict:
     out = subprocess.run([sys.executable, __file__, "--size", f"{size[0]}x{size[1]}", "--_rss", path, str(threads)],
                          capture_output=True, text=True, check=True)
@@ -195,6 +213,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args._rss:
         print(json.dumps(rss_child(args._rss[0], int(args._rss[1]), size)))
         return None
+    if args._calibrate:
+        print(json.dumps(calibrate_child(Path(args._calibrate), size)))
+        return None
     import onnxruntime
     flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "").split()
     res: dict = {"preset": args.preset, "size": list(size), "onnxruntime": onnxruntime.__version__,
@@ -208,12 +229,19 @@ def main(argv: list[str] | None = None) -> dict | None:
         for t in (int(v) for v in args.threads.split(",")):
             res["threads"][t] = {"latency": time_graphs(res["graphs"], t, size, args.rounds, args.runs),
                                  "rss": {n: measure_rss(g["path"], t, size) for n, g in res["graphs"].items()}}
+        vdir = Path(res["graphs"]["fp32"]["path"]).parent
+        out = subprocess.run([sys.executable, __file__, "--size", args.size, "--_calibrate", str(vdir)],
+                             capture_output=True, text=True, check=True)
+        res["round_calibration"] = json.loads(out.stdout.strip().splitlines()[-1])
         if args.profile:
             res["profile_ms"] = {n: profile(g["path"], size) for n, g in res["graphs"].items()}
     for g in res["graphs"].values():
         g.pop("path")
     res["load_average_end"] = os.getloadavg()
     print(table(res))
+    c = res["round_calibration"]
+    print(f"a round's calibration ({c['frames']}): {c['seconds']} s, peak RSS {c['peak_rss_before_mb']} -> "
+          f"{c['peak_rss_mb']} MB")
     for name, ops in res.get("profile_ms", {}).items():
         print(f"{name}: " + ", ".join(f"{k} {v} ms" for k, v in ops.items()))
     if args.out:
