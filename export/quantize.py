@@ -7,12 +7,13 @@
 
 What: QDQ format (QuantizeLinear/DequantizeLinear pairs around each quantised op, which ONNX
 Runtime fuses into its integer kernels), weights int8 per output channel, activations uint8 per
-tensor, ranges from MinMax calibration, all with onnxruntime.quantization's own quantize_static.
+tensor, ranges from percentile calibration, all with onnxruntime.quantization's own quantize_static.
 Only the convolutions and the ops between them are quantised: the normalisation at the input and
 the softmax, argmax and upsampling at the output stay fp32, so the confidence keeps its precision.
 
 Calibration takes the frames the device has seen (a round's own buffered frames): no source data,
-and the newest statistics. A quarter of them (the newest) are held out of calibration and judge it.
+and the newest statistics; one frame at a time, so the round's peak memory grows by one frame's
+tensors. A quarter of them (the newest) are held out of calibration and judge it.
 
 Parity, before an INT8 graph may be served: pixel-label agreement with the fp32 graph on the
 held-out frames >= 99 %, and, where the caller has labelled frames, mIoU within 0.3 points of the

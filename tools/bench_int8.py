@@ -152,9 +152,9 @@ def profile(path: str, size: tuple[int, int], n: int = 4) -> dict[str, float]:
     return {"total": round(sum(ops.values()), 1), **{k: round(v, 1) for k, v in ops.most_common(8)}}
 
 
-def rss_kb() -> int:
+def rss_kb(field: str = "VmRSS") -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
 
@@ -171,19 +171,19 @@ def rss_child(path: str, threads: int, size: tuple[int, int]) -> dict:
 
 
 def calibrate_child(vdir: Path, size: tuple[int, int]) -> dict:
-    """In this (fresh) process: a round's calibration (quantize_version on its frame cap), its
-    wall time and how far it raised the process's peak RSS."""
-    import resource
-
+    """In this (fresh) process: a round's calibration (quantize_version on its frame cap), its wall
+    time, and its peak RSS above the process's RSS when it began (the kernel's high-water mark is
+    reset first, so the rendering of the frames does not count)."""
     from mas3_edge import synth
     from mas3_edge.export import quantize
     n = quantize.CALIBRATION_FRAMES
     frames = np.stack([np.asarray(synth.render(synth.DOMAINS[i % 5], 9000 + i, size)[0]) for i in range(n)])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    before = rss_kb("VmRSS")
     t0 = time.perf_counter()
     entry = quantize.quantize_version(vdir, frames)
     return {"frames": entry["calibration"], "seconds": round(time.perf_counter() - t0, 1),
-            "peak_rss_before_mb": round(before), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+            "rss_before_mb": round(before / 1024), "peak_rss_mb": round(rss_kb("VmHWM") / 1024)}
 
 
 def measure_rss(path: str, threads: int, size: tuple[int, int]) -> dict:
@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     res["load_average_end"] = os.getloadavg()
     print(table(res))
     c = res["round_calibration"]
-    print(f"a round's calibration ({c['frames']}): {c['seconds']} s, peak RSS {c['peak_rss_before_mb']} -> "
-          f"{c['peak_rss_mb']} MB")
+    print(f"a round's calibration ({c['frames']}): {c['seconds']} s, RSS {c['rss_before_mb']} MB before, "
+          f"peak {c['peak_rss_mb']} MB")
     for name, ops in res.get("profile_ms", {}).items():
         print(f"{name}: " + ", ".join(f"{k} {v} ms" for k, v in ops.items()))
     if args.out:
