@@ -327,7 +327,8 @@ class OrtEngine(Engine):
         self.version, self.input_size = report["version"], tuple(report["onnx"]["input"]["shape"][1:3])
         # an adapted model's per-set graphs where export wrote them and a GPU runs them; on a CPU the
         # blended model.onnx is as fast (tools/bench_sets.py) and one session instead of S + 1
-        per_set = bool(report.get("sets")) and device != "cpu" if per_set is None else per_set
+        # INT8 on a CPU too: the blended graph's per-frame scale and shift cannot fold into its convs
+        per_set = bool(report.get("sets")) and (device != "cpu" or precision == "int8") if per_set is None else per_set
         router, graphs = check_sets(vdir, report) if per_set else (None, [])
         int8 = precision == "int8" and device == "cpu"
         if int8:

@@ -94,7 +94,7 @@ def default_round(bundle: str, frames: str, version: str, adapt: dict, limit: in
         if export:
             from mas3_edge.export.onnx import export_onnx
             try:
-                export_onnx(res.version_dir)
+                export_onnx(res.version_dir, per_set=True if int8 else None)  # INT8 serves the folded set graphs
             except UserError as e:
                 return {**out, "outcome": "rejected", "reason": f"export failed: {e}"}
             if int8:
