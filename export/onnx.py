@@ -28,6 +28,7 @@ leaves model.onnx and export.json as they were; the numbers land in export.json.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import io
 import logging
@@ -45,7 +46,7 @@ from onnx import helper
 from mas3_edge.bundle import (ONNX_FILE, atomic_write, atomic_write_json, load_version, read_meta, resolve,
                               sha256_bytes, sha256_file)
 from mas3_edge.errors import UserError
-from mas3_edge.model import Deployed, SegModel
+from mas3_edge.model import Deployed, SegModel, fold_batchnorm
 
 from . import parity, passes
 
@@ -171,7 +172,10 @@ def _torch_export(net: SegModel, opset: int) -> onnx.ModelProto:
     """Trace Deployed(net) with the TorchScript exporter (the dynamo one needs onnxscript), in memory:
     a temporary file would outlive a kill -9 of the export."""
     h, w = net.config.input_size
-    model = Deployed(net).eval()
+    # batch norm folded into the convs wherever a layer's sets are all equal (a source model, a set
+    # graph): traced as it is, every DomainNorm exports its per-frame routing (Gather, Mul, Add), which
+    # doubled a one-set model's CPU latency and leaves INT8 with unquantisable work between its convs
+    model = Deployed(fold_batchnorm(copy.deepcopy(net).eval())).eval()
     names = list(OUTPUTS)
     kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     dummy = torch.zeros((2, h, w, 3), dtype=torch.uint8)  # batch 2: a batch of 1 can hide a baked-in size

@@ -41,6 +41,7 @@ from mas3_edge.errors import UserError
 
 log = logging.getLogger(__name__)
 
+PRECISIONS = ("fp32", "fp16", "int8")
 KINDS = ("tensorrt", "onnxruntime", "torch", "torch-fp16", "torch-cudagraph", "torch-compile")
 _ALIASES = {"trt": "tensorrt", "ort": "onnxruntime", "onnx": "onnxruntime", "pytorch": "torch", "torch-fp32": "torch"}
 _TORCH_MODES = {"torch": "eager", "torch-fp16": "fp16", "torch-cudagraph": "cudagraph"}
@@ -51,7 +52,8 @@ class Engine:
 
     name: str = "engine"  # the kind, e.g. "onnxruntime"
     provider: str = ""  # what actually runs, e.g. "CPUExecutionProvider" or "TensorRT 10.3 fp16 on ..."
-    precision: str = "fp32"
+    precision: str = "fp32"  # what it serves
+    precision_note: str = ""  # why it serves another precision than the one asked for
     version: str = ""  # the bundle version id
     input_size: tuple[int, int] = (0, 0)  # (H, W)
 
@@ -78,12 +80,15 @@ class Engine:
 
 
 def load_engine(version_dir: Path, kind: str = "auto", device: str | None = None, *,
-                precision: str = "fp16", batch_sizes: tuple[int, ...] = (1, 8),
+                precision: str | None = None, batch_sizes: tuple[int, ...] = (1, 8),
                 threads: int | None = None, per_set: bool | None = None) -> Engine:
     """Load a version (a version directory, or a bundle root: its serving version) as an engine.
 
-    `device`: None picks "cuda" when torch sees a GPU, else "cpu". `precision` applies to GPU
-    engines that can lower it (TensorRT, ONNX Runtime's TensorRT provider). `batch_sizes` are
+    `device`: None picks "cuda" when torch sees a GPU, else "cpu". `precision` (fp32, fp16, int8;
+    None: fp16 where a GPU engine can lower to it, else fp32): fp16 applies to GPU engines that can
+    lower it (TensorRT, ONNX Runtime's TensorRT provider, torch-compile); int8 to ONNX Runtime on a
+    CPU, which serves the version's INT8 graph (export/quantize.py) if it passed its parity check.
+    An engine that serves another precision than the one asked for says so in one log line. `batch_sizes` are
     the sizes to prepare for (TensorRT profiles, CUDA graphs); others still work, slower.
     `threads`: ONNX Runtime intra-op threads (default: its own, the physical cores).
     `per_set`: ONNX Runtime / TensorRT on an adapted model's per-set graphs (True), its blended
@@ -93,11 +98,13 @@ def load_engine(version_dir: Path, kind: str = "auto", device: str | None = None
     vdir = resolve(Path(version_dir))
     dev = _resolve_device(device)
     kind = _ALIASES.get(kind, kind)
+    if precision not in (None, *PRECISIONS):
+        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     opts = {"precision": precision, "batch_sizes": tuple(batch_sizes), "threads": threads, "per_set": per_set}
     if kind != "auto":
         if kind not in KINDS:
             raise UserError(f"unknown engine kind {kind!r}; choose auto or one of {', '.join(KINDS)}")
-        return _announce(_build(kind, vdir, dev, opts), "asked for")
+        return _announce(_build(kind, vdir, dev, opts), "asked for", precision)
     reasons = []
     for candidate in _auto_order(dev):
         try:
@@ -111,7 +118,7 @@ def load_engine(version_dir: Path, kind: str = "auto", device: str | None = None
             reasons.append(f"{candidate}: {why}")
             log.warning("auto: %s failed to load (%s); trying the next engine", candidate, why)
             continue
-        return _announce(engine, "auto picked")
+        return _announce(engine, "auto picked", precision)
     raise UserError("no inference engine could be loaded (" + "; ".join(reasons) + ")")
 
 
@@ -137,12 +144,20 @@ def _resolve_device(device: str | None) -> str:
     return device if ":" in device else f"{device}:0"
 
 
-def _announce(engine: Engine, how: str) -> Engine:
+def _announce(engine: Engine, how: str, precision: str | None = None) -> Engine:
     log.info("%s the %s engine for %s: %s, %s", how, engine.name, engine.version, engine.provider, engine.precision)
+    if precision and engine.precision != precision:  # one line: what was asked, what serves, why
+        why = engine.precision_note or (f"{engine.name} has no {precision} path on {engine.provider}"
+                                        if precision != "int8" else "INT8 graphs are served by onnxruntime on a CPU")
+        log.warning("precision %s asked for; %s serves %s: %s", precision, engine.name, engine.precision, why)
     return engine
 
 
 def _build(kind: str, vdir: Path, dev: str, opts: dict) -> Engine:
+    # the GPU engines lower to fp16 unless fp32 is asked for; int8 is ONNX Runtime's (on a CPU)
+    opts = {**opts, "precision": opts["precision"] or "fp16"}
+    if kind != "onnxruntime" and opts["precision"] == "int8":
+        opts["precision"] = "fp16"
     if kind == "tensorrt":
         if dev == "cpu":
             raise UserError("the tensorrt engine needs a CUDA device, not cpu")
@@ -304,6 +319,7 @@ class OrtEngine(Engine):
     def __init__(self, vdir: Path, device: str = "cpu", precision: str = "fp16",
                  batch_sizes: tuple[int, ...] = (1, 8), threads: int | None = None, gpu_only: bool = False,
                  per_set: bool | None = None):
+        # precision: fp16 lowers on the TensorRT provider; int8 on a CPU serves the INT8 graphs
         import onnxruntime as ort
         from mas3_edge.export.onnx import check_onnx
         from mas3_edge.export.sets import check_sets
@@ -311,8 +327,18 @@ class OrtEngine(Engine):
         self.version, self.input_size = report["version"], tuple(report["onnx"]["input"]["shape"][1:3])
         # an adapted model's per-set graphs where export wrote them and a GPU runs them; on a CPU the
         # blended model.onnx is as fast (tools/bench_sets.py) and one session instead of S + 1
-        per_set = bool(report.get("sets")) and device != "cpu" if per_set is None else per_set
+        # INT8 on a CPU too: the blended graph's per-frame scale and shift cannot fold into its convs
+        per_set = bool(report.get("sets")) and (device != "cpu" or precision == "int8") if per_set is None else per_set
         router, graphs = check_sets(vdir, report) if per_set else (None, [])
+        int8 = precision == "int8" and device == "cpu"
+        if int8:
+            from mas3_edge.export.quantize import int8_or_fp32
+            path, graphs, self.precision_note = int8_or_fp32(Path(vdir), report, path, graphs)
+            int8 = not self.precision_note
+        elif precision == "int8":
+            self.precision_note = "INT8 graphs are calibrated for the CPU provider; a GPU serves fp16"
+        elif precision == "fp16" and device == "cpu":
+            self.precision_note = "the CPU provider has no fp16 kernels worth serving; the fp32 graph runs"
         opts = lambda p: self._providers(ort, Path(vdir), device, precision, tuple(batch_sizes), _sha(report, p))  # noqa: E731
         first = opts(router if per_set else path)
         self._sess = _ort_session(ort, path, first, threads) if not per_set else None
@@ -325,8 +351,8 @@ class OrtEngine(Engine):
         if gpu_only and self.provider not in _GPU_PROVIDERS:
             raise UserError(f"onnxruntime has no usable GPU provider here (it would run on {self.provider})")
         self.provider += f", {len(graphs)} per-set graphs and a router" if per_set else ""
-        trt_fp16 = self.provider.startswith("TensorrtExecutionProvider") and precision == "fp16"
-        self.precision = "fp16" if trt_fp16 else "fp32"
+        trt_fp16 = self.provider.startswith("TensorrtExecutionProvider") and precision in ("fp16", "int8")
+        self.precision = "int8" if int8 else "fp16" if trt_fp16 else "fp32"
         for b in (batch_sizes if not self.provider.startswith("CPU") else (1,)):  # TensorRT EP builds at first run
             for sess in self._sets or [self._sess]:  # every set's graph, not only the one zeros route to
                 sess.run(["classes", "confidence"], {"images": np.zeros((b, *self.input_size, 3), np.uint8)})

@@ -51,6 +51,7 @@ class ScheduleConfig:
     limit: int = 150  # a round adapts on the newest `limit` buffered frames
     timeout_s: float = 1800.0
     export: bool = True  # export the accepted version to ONNX before it is served
+    int8: bool = False  # then calibrate its INT8 graphs on the round's frames (served with --precision int8)
     threads: int = 1  # torch threads in the round process (leave cores to serving)
     nice: int = 10
     adapt: dict = field(default_factory=dict)  # explicit AdaptConfig and RoundConfig settings (config.round_configs)
@@ -68,8 +69,9 @@ class ScheduleConfig:
 
 
 def default_round(bundle: str, frames: str, version: str, adapt: dict, limit: int, export: bool,
-                  drift_threshold: float | None = None, threads: int = 1) -> dict:
-    """One round in the child: [drift check], MAS3 + health checks, export. Returns a JSON-able dict."""
+                  drift_threshold: float | None = None, threads: int = 1, int8: bool = False) -> dict:
+    """One round in the child: [drift check], MAS3 + health checks, export [, INT8 calibration].
+    Returns a JSON-able dict."""
     import torch
     torch.set_num_threads(threads)
     from mas3_edge.config import round_configs
@@ -92,10 +94,24 @@ def default_round(bundle: str, frames: str, version: str, adapt: dict, limit: in
         if export:
             from mas3_edge.export.onnx import export_onnx
             try:
-                export_onnx(res.version_dir)
+                export_onnx(res.version_dir, per_set=True if int8 else None)  # INT8 serves the folded set graphs
             except UserError as e:
                 return {**out, "outcome": "rejected", "reason": f"export failed: {e}"}
+            if int8:
+                out["int8"] = _calibrate(res.version_dir, frames, limit)
     return out
+
+
+def _calibrate(vdir: Path, frames: str, limit: int) -> dict:
+    """The new version's INT8 graphs, calibrated on this round's newest frames. A failure never
+    rejects the round: the version is served in fp32, and the outcome says why."""
+    from mas3_edge.export.quantize import quantize_buffer
+    try:
+        entry = quantize_buffer(vdir, Path(frames), limit)
+    except Exception as e:  # calibration is an optimisation: the adapted fp32 model still serves
+        log.warning("INT8 calibration of %s failed (%s); fp32 is served", vdir.name, e)
+        return {"passed": False, "reason": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
+    return {k: entry[k] for k in ("passed", "reason", "seconds")}
 
 
 def _drift(bundle: str, frames: str, version: str, limit: int) -> float:
@@ -214,7 +230,8 @@ class Scheduler:
         label = f"{self._tmp.name}/round-{n}"  # names the versions this round writes, in their marks
         job = {"bundle": str(self.bundle), "frames": str(self.frames), "version": version, "adapt": dict(self.cfg.adapt),
                "limit": self.cfg.limit, "export": self.cfg.export, "threads": self.cfg.threads,
-               "drift_threshold": self.cfg.drift_threshold if drift else None}
+               "drift_threshold": self.cfg.drift_threshold if drift else None,
+               **({"int8": True} if self.cfg.int8 else {})}  # only then: a custom round_fn need not take it
         proc = self._ctx.Process(target=_child, args=(self.round_fn, job, str(result), self.cfg.nice, os.getpid(), label),
                                  name=f"mas3-round-{n}")  # not daemonic: a round may use worker processes
         proc.start()

@@ -49,6 +49,7 @@ class ServiceConfig:
     engine: str = "auto"
     device: str | None = None
     threads: int | None = None  # ONNX Runtime intra-op threads
+    precision: str | None = None  # fp32, fp16, int8 (None: each engine's default; engines.load_engine)
     publish: str = DEFAULT_ADDRESS
     topic: str = wire.DEFAULT_TOPIC
     camera_id: str | None = None  # the stream header's camera id (None: derived from the source)
@@ -77,6 +78,8 @@ class ServiceConfig:
             raise UserError("adaptation rounds need the frame buffer; drop --no-buffer or add --no-adapt")
         if self.fleet is not None and self.buffer is None:
             raise UserError("--fleet judges the fleet's sets on buffered frames; drop --no-buffer")
+        if self.precision not in (None, "fp32", "fp16", "int8"):
+            raise UserError(f"--precision must be fp32, fp16 or int8, got {self.precision!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise UserError(f"JPEG quality must be in 1..100, got {self.jpeg_quality}")
         if not self.health_stale_s > 0:
@@ -183,7 +186,7 @@ class Service:
         if c.events is not None:
             c.events.parent.mkdir(parents=True, exist_ok=True)
             self._events = open(c.events, "a", buffering=1)
-        self.swapper = EngineSwapper(c.bundle, kind=c.engine, device=c.device)
+        self.swapper = EngineSwapper(c.bundle, kind=c.engine, device=c.device, precision=c.precision)
         size = self._input_size()
         # the camera first: "no camera" must fail in a second, before any engine is loaded. Its frames
         # are numbered from the first one served (start() in _loop): none is used up while loading.
@@ -205,10 +208,11 @@ class Service:
         if c.fleet is not None and c.buffer is not None and self.swapper.root is not None:
             self.fleet = FleetRunner(c.fleet, self.swapper.root, c.buffer, c.schedule, self.camera.id)
         e = self.engine
-        self._emit_line(f"serving {e.version} with {e.name} on {e.provider} | camera {c.camera} "
+        self._emit_line(f"serving {e.version} with {e.name} {e.precision} on {e.provider} | camera {c.camera} "
                         f"| publishing on {self.publisher.endpoint} topic {c.topic}"
                         + (f" | metrics on {self.metrics.url}/metrics" if self.metrics else ""))
-        self._event("start", version=e.version, engine=e.name, provider=e.provider, endpoint=self.publisher.endpoint)
+        self._event("start", version=e.version, engine=e.name, precision=e.precision, provider=e.provider,
+                    endpoint=self.publisher.endpoint)
 
     def _threads(self) -> int:
         """CPU threads for inference. More threads than free cores is a disaster on a small CPU: torch

@@ -7,7 +7,8 @@ the service would refuse: weights that fail their sha256, or a round that never 
 The state column: ok, incomplete (its adaptation round was killed or rejected after writing it),
 corrupt (unreadable model.json, or weights that fail their hash), missing (SERVING names a version
 that is not there). `*` marks the serving version; `!` a pointer at a version that cannot be served
-(the service serves the last good one instead).
+(the service serves the last good one instead). The onnx column says whether the version also has
+an INT8 graph that passed its parity check (what `--precision int8` serves) or one that failed.
 """
 from __future__ import annotations
 
@@ -34,14 +35,23 @@ def _health(vdir: Path, meta: dict) -> dict:
 
 
 def _onnx_state(vdir: Path) -> str:
+    """verified, and the INT8 graph's state where it was calibrated: "+int8" (servable with
+    --precision int8), "int8 failed" (its parity check failed: fp32 is served), "int8 stale"."""
     if not (vdir / bundles.ONNX_FILE).is_file():
         return "-"
     from mas3_edge.export.onnx import check_onnx
+    from mas3_edge.export.quantize import int8_graphs
     try:
-        check_onnx(vdir)
+        _, report = check_onnx(vdir)
     except UserError:
         return "stale/corrupt"
-    return "verified"
+    if not report.get("int8"):
+        return "verified"
+    try:
+        int8_graphs(vdir, report)
+    except UserError:
+        return "verified, int8 " + ("failed" if not report["int8"].get("passed") else "stale")
+    return "verified+int8"
 
 
 def _fmt(v) -> str:

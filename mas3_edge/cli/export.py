@@ -9,6 +9,7 @@ import typer
 
 from ..errors import UserError
 from .core import JsonOpt, VerboseOpt, VersionOpt, note, print_json, set_verbose
+from .options import PrecisionOpt, check_precision
 
 ENGINES = ("onnx", "tensorrt", "all")
 
@@ -18,7 +19,11 @@ def export_cmd(
         "--bundle", "-b", help="Bundle directory (or a version directory); default: the packaged one.")] = None,
     version: VersionOpt = None,
     engine: Annotated[str, typer.Option("--engine", "-e", help="onnx, tensorrt, or all (every engine this machine can build).")] = "onnx",
-    fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="TensorRT precision.")] = True,
+    fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="TensorRT precision (--precision overrides it).")] = True,
+    precision: PrecisionOpt = None,
+    frames: Annotated[Optional[Path], typer.Option(
+        help="With --precision int8: calibrate on the newest images of this folder or bag (e.g. the run's "
+             "buffer); default: the synthetic check images.")] = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="TensorRT optimisation profiles, e.g. 1,8.")] = "1,8",
     force: Annotated[bool, typer.Option("--force", help="Re-export even if model.onnx is up to date.")] = False,
     as_json: JsonOpt = False, verbose: VerboseOpt = False,
@@ -28,6 +33,10 @@ def export_cmd(
     Nothing is replaced unless the new artifact passes its check; the numbers go to export.json and to the engine's sidecar in engines/.
     """
     set_verbose(verbose)
+    check_precision(precision)
+    fp16 = fp16 if precision is None else precision != "fp32"  # int8: TensorRT engines stay fp16
+    if frames is not None and not frames.exists():
+        raise UserError(f"--frames {frames}: no such folder or bag")
     if engine not in ENGINES:
         raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     sizes = _batch_sizes(batch_sizes)
@@ -44,6 +53,11 @@ def export_cmd(
         res = export_onnx(vdir, force=force)
     rows = [_onnx_row(res)]
     notes = [f"onnx: {res.path} (graph: {res.report['onnx']['graph']})"]
+    int8 = _int8(vdir, frames, console) if precision == "int8" else None
+    if int8 is not None:
+        rows.append(_int8_row(int8))
+        notes.append(f"int8: calibrated on {int8['calibration']['source']}; " + (
+            "served with --precision int8" if int8["passed"] else f"not served (fp32 is): {int8['reason']}"))
     if engine != "onnx":
         if trt_ok:
             with console.status("building the TensorRT engine (minutes on small devices) and checking it"):
@@ -56,11 +70,30 @@ def export_cmd(
     if as_json:
         cols = ("engine", "precision", "classes_agree", "logit_diff", "conf_diff", "size", "status")
         print_json({"version": res.report["version"], "engines": [dict(zip(cols, r)) for r in rows],
-                    "onnx": str(res.path), "parity": res.report["parity"], "notes": notes})
+                    "onnx": str(res.path), "parity": res.report["parity"], "int8": int8, "notes": notes})
     else:
         _print_table(f"export of {res.report['version']}", rows)
     for line in notes:
         note(line, as_json)
+
+
+def _int8(vdir: Path, frames: Optional[Path], console) -> dict:
+    """Calibrate and check the version's INT8 graphs on `frames` (or the check images)."""
+    from mas3_edge.bundle import read_meta
+    from mas3_edge.export import quantize
+    size = tuple(read_meta(vdir)["input_size"])
+    with console.status("calibrating the INT8 graphs and checking them against fp32"):
+        if frames is not None:
+            return quantize.quantize_buffer(vdir, frames)
+        from mas3_edge.export.parity import check_images
+        images, source = check_images(size, n_random=0, n_frames=16)
+        return quantize.quantize_version(vdir, images, source=f"16 {source} check images")
+
+
+def _int8_row(entry: dict) -> list[str]:
+    main = entry["graphs"][0]
+    status = "written" if entry["passed"] else "failed parity: fp32 is served"
+    return ["onnx int8", "int8", f"{main['parity']['agreement']:.4%}", "", "", f"{main['bytes'] / 1e6:.2f} MB", status]
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:

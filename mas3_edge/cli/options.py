@@ -47,6 +47,21 @@ def with_settings(*classes, aliases: dict[str, str] | None = None):
     return wrap
 
 
+PrecisionOpt = Annotated[Optional[str], typer.Option(
+    help="fp32, fp16 or int8. int8: ONNX Runtime on a CPU serves the version's INT8 graph (calibrated on "
+         "the frames it has seen, checked against fp32), fp32 where there is none or it failed its check; "
+         "fp16: GPU engines (default there). An engine that serves another precision says so in one line.")]
+
+
+def check_precision(value: str | None) -> str | None:
+    """The --precision value, or one error line naming the choices."""
+    from mas3_edge.errors import UserError
+    from mas3_edge.runtime.engines import PRECISIONS
+    if value is not None and value not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {value!r}")
+    return value
+
+
 def sizing_note(changed: dict) -> str:
     """What the CPU sizing changes, as one line."""
     return ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())

@@ -21,7 +21,7 @@ else:  # pragma: no cover - Python 3.10
 from ..config import AdaptConfig, RoundConfig, round_configs
 from ..errors import UserError
 from .core import JsonOpt, VerboseOpt
-from .options import sizing_note, with_settings
+from .options import PrecisionOpt, check_precision, sizing_note, with_settings
 
 BundleOpt = Annotated[Optional[Path], typer.Option(
     "--bundle", "-b", help="Bundle directory (versions + SERVING pointer); default: the packaged one.")]
@@ -128,6 +128,7 @@ def run_cmd(
     engine: Annotated[str, typer.Option(help="auto, onnxruntime, tensorrt, torch, torch-fp16, torch-cudagraph, torch-compile.")] = "auto",
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda[:N]; default: a GPU if there is one.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU inference threads (default: half the cores while adapting, else all but one).")] = None,
+    precision: PrecisionOpt = None,
     publish: Annotated[str, typer.Option(help="Where to publish: tcp://127.0.0.1:PORT or ipc://PATH.")] = "tcp://127.0.0.1:5555",
     topic: TopicOpt = "mas3/seg",
     allow_remote: Annotated[bool, typer.Option(help="Allow a non-loopback publish address or metrics host.")] = False,
@@ -181,6 +182,7 @@ def run_cmd(
     The round settings are those of `mas3-edge adapt`; on a CPU, rounds take the CPU sizing for the
     ones left unset (--print-config shows it)."""
     _check_numbers(ctx.params, _RUN_NUMBERS)
+    check_precision(precision)
     from mas3_edge.runtime.publisher import check_address
     check_address(publish, allow_remote)  # its port too, before anything is loaded or printed
     _, _, sized = round_configs(settings or {}, cpu=True)  # validated before anything starts
@@ -196,9 +198,10 @@ def run_cmd(
     set_verbose(verbose)
     sched = ScheduleConfig(every_frames=round_every_frames, every_minutes=round_every_minutes,
                            drift_threshold=drift_threshold, limit=round_frames, min_frames=min(40, round_frames),
-                           adapt=settings or {}, keep_versions=keep_versions)
+                           adapt=settings or {}, keep_versions=keep_versions, int8=precision == "int8")
     from mas3_edge.bundle import user_bundle
     cfg = ServiceConfig(camera=camera, bundle=user_bundle(bundle), engine=engine, device=device, threads=threads,
+                        precision=precision,
                         publish=publish, topic=topic, allow_remote=allow_remote, confidence=confidence,
                         overlay=overlay, loop=loop, fps=fps, buffer=None if no_buffer else buffer,
                         buffer_policy=BufferPolicy(max_frames=buffer_frames, max_mb=buffer_mb, every_n=buffer_every,
