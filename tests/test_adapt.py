@@ -116,6 +116,8 @@ def test_round_writes_an_unserved_child_version_with_a_report(proto_bundle, tmp_
     report = json.loads((res.version_dir / "report.json").read_text())
     assert report["parent"] == "v0001" and len(report["steps"]) == 3
     assert set(report["health_before"]) == {"swd", "swd_class", "entropy", "prior_kl"}
+    assert list(res.report["parts"]) == ["load", "adapt", "judge", "write"]  # each part's time and peak RSS
+    assert all(p["seconds"] > 0 and p["peak_rss_mb"] > 0 for p in res.report["parts"].values())
     child = bundle.load_version(proto_bundle, "v0002")
     P.load(child.prototypes_path, child.meta)  # the GMM travels with the lineage and still validates
 
