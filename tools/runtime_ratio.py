@@ -100,8 +100,11 @@ def phase_ratio(work: Path, bundle: Path, video: Path, stream, threads: int, sec
         run.append(s["fps"])
         served.append(s)
     ratio = float(np.median(run) / np.median(engine))
+    # a cross-check that the neighbours' load does not move: the share of the loop's time inside the
+    # engine, from each run's own rate and inference p50
+    share = float(np.median([s["fps"] * (s["service"].get("infer_p50_ms") or 0) / 1e3 for s in served]))
     return {"threads": threads, "seconds": seconds, "engine_fps": engine, "run_fps": run,
-            "ratio": ratio, "floor": FLOOR, "passed": ratio >= FLOOR, "run": served[-1]}
+            "ratio": ratio, "floor": FLOOR, "passed": ratio >= FLOOR, "infer_share": share, "run": served[-1]}
 
 
 def markdown_rows(res: dict) -> list[tuple[str, str, str]]:
@@ -113,6 +116,7 @@ def markdown_rows(res: dict) -> list[tuple[str, str, str]]:
                          f"{r['ratio']:.2f} ({'pass' if r['passed'] else 'FAIL'}, floor {r['floor']:.2f})",
                          f"run {', '.join(f'{v:.1f}' for v in r['run_fps'])} fps; engine "
                          f"{', '.join(f'{v:.1f}' for v in r['engine_fps'])} fps; {r['threads']} intra-op thread(s), "
-                         f"alternating, {r['seconds']:g} s each"
+                         f"alternating, {r['seconds']:g} s each; inside run, rate x inference p50 "
+                         f"{r.get('infer_share', float('nan')):.2f}"
                          + (f"; background rounds finished meanwhile: {r['rounds_finished']}" if "rounds_finished" in r else "")))
     return rows
