@@ -46,8 +46,8 @@ def _jitter(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def _views(net: SegModel, x: torch.Tensor, images: torch.Tensor, gen: torch.Generator) -> Iterator[torch.Tensor]:
-    """The logits (B, K, H, W) under flip, 0.75x scale and jitter, one at a time (a round's judge
-    held all three at once: 80 MB each for 8 frames at 256x512, 19 classes)."""
+    """The logits (B, K, H, W) under flip, 0.75x scale and jitter, one at a time: each is 80 MB for
+    8 frames at 256x512 and 19 classes, and a small device's round has no room for three."""
     h, w = x.shape[2:]
     k = net.config.multiple  # the network takes multiples of k
     yield net(x.flip(3)).flip(3)

@@ -65,8 +65,8 @@ def _libc():
 def tame_heap(mmap_threshold_mb: int = 4) -> bool:
     """For a process that allocates and frees big tensors part after part (a round): glibc serves
     every block under its mmap threshold from the heap and keeps it when freed, and it raises that
-    threshold after each big free (up to 32 MB), so a round's activations stayed resident after
-    the part that needed them. A fixed threshold maps big blocks on their own and unmaps them at
+    threshold after each big free (up to 32 MB), so a round's activations would stay resident
+    after the part that needed them. A fixed threshold maps big blocks on their own and unmaps them at
     free. False where this is not glibc."""
     libc = _libc()
     if libc is None:

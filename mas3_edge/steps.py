@@ -44,8 +44,8 @@ def freeze(net: SegModel) -> None:
 @contextmanager
 def recomputing(net: SegModel) -> Iterator[None]:
     """Recompute the encoder's activations block by block in the backward pass instead of keeping
-    them: the edge model kept 616 MB for one batch of two 256x512 frames, most of a round's peak
-    memory on a small device, for about half again the time of a step (tools/bench_round.py). The
+    them: the edge model keeps 616 MB for one batch of two 256x512 frames, most of a round's peak
+    memory on a small device (tools/bench_round.py), for one more forward of the encoder per step. The
     gradients are the same: a block's forward runs again on the same input, and the running
     statistics it moves twice in batch-stats mode are put back after the steps (stats.stepping).
     Networks without such an encoder keep all their activations."""

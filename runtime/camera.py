@@ -229,7 +229,8 @@ class Camera:
     @property
     def _hold(self) -> bool:
         """An unpaced file or synthetic source is read one frame ahead of the consumer: decoding frames
-        only to replace them unread took a whole core from inference on a 2-core CPU (profiled)."""
+        only to replace them unread takes a whole core from inference on a 2-core CPU
+        (tools/profile_run.py)."""
         return not self._period and not self.live
 
     def _wait_taken(self) -> bool:
