@@ -330,22 +330,6 @@ def phase_stalled(work, bundle, video, engine, messages) -> dict:
             "growth_mb": float(rss[-max(1, n // 10):].mean() - warm), "publish_dropped": stop.get("publish_dropped")}
 
 
-def ratio_phase(work, bundle, video, a, rounds: bool) -> dict:
-    import runtime_ratio
-    threads = a.threads or runtime_ratio.default_threads()
-    bg = runtime_ratio.start_rounds(work, bundle, video, a.video_size, a.adapt_steps, a.round_frames) if rounds else None
-    try:
-        res = runtime_ratio.phase_ratio(work, bundle, video, phase_stream, threads, a.seconds, a.ratio_reps,
-                                        name="ratio-round" if rounds else "ratio")
-        if rounds:  # the background really adapted: rounds it finished, and that it was still running
-            res.update(rounds_finished=len(list((work / "round-bundle").glob("round-*.json"))), round_alive=bg.poll() is None)
-        return res
-    finally:
-        if bg is not None:
-            bg.kill()
-            bg.wait()
-
-
 # ---------------------------------------------------------------- report
 
 def hardware() -> dict:
@@ -428,7 +412,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         for phase in ("ratio", "ratio-round"):
             if phase in a.phases:
                 print(f"{phase}: engine alone against run unpaced, {a.ratio_reps} times ...", file=sys.stderr)
-                res[phase.replace("-", "_")] = ratio_phase(work, bundle, video, a, rounds=phase == "ratio-round")
+                import runtime_ratio
+                res[phase.replace("-", "_")] = runtime_ratio.run_phase(work, bundle, video, a, phase_stream,
+                                                                       rounds=phase == "ratio-round")
         if "round" in a.phases:
             print(f"one adaptation round ({a.adapt_steps} steps on {a.round_frames} frames) ...", file=sys.stderr)
             res["round"] = phase_round(work, bundle, video, a.engine, a.fps, a.adapt_steps, a.round_frames, a.round_timeout)

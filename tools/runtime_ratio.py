@@ -107,6 +107,23 @@ def phase_ratio(work: Path, bundle: Path, video: Path, stream, threads: int, sec
             "ratio": ratio, "floor": FLOOR, "passed": ratio >= FLOOR, "infer_share": share, "run": served[-1]}
 
 
+def run_phase(work: Path, bundle: Path, video: Path, a, stream, rounds: bool) -> dict:
+    """One ratio phase of bench_runtime (its arguments `a`), with the round loop around it if `rounds`."""
+    threads = a.threads or default_threads()
+    bg = start_rounds(work, bundle, video, a.video_size, a.adapt_steps, a.round_frames) if rounds else None
+    try:
+        res = phase_ratio(work, bundle, video, stream, threads, a.seconds, a.ratio_reps,
+                          name="ratio-round" if rounds else "ratio")
+        if bg is not None:  # the background really adapted: rounds it finished, and that it still ran
+            res.update(rounds_finished=len(list((work / "round-bundle").glob("round-*.json"))),
+                       round_alive=bg.poll() is None)
+        return res
+    finally:
+        if bg is not None:
+            bg.kill()
+            bg.wait()
+
+
 def markdown_rows(res: dict) -> list[tuple[str, str, str]]:
     rows = []
     for key, what in (("ratio", "no round"), ("ratio_round", "a round adapting in the background")):
