@@ -7,7 +7,7 @@ the serving path, in milliseconds of CPU per served frame.
 Runs `mas3-edge run` unpaced (--fps 0, --no-buffer --no-adapt unless --buffer) under
 `py-spy record --native --threads` twice: once counting the samples where a thread is on the CPU,
 once (--gil) those where it holds the GIL. Start-up (imports, engine load) is counted apart.
-py-spy must be installed (pip install py-spy) and allowed to trace its child (ptrace).
+py-spy must be installed (`pip install -e .[profile]`) and allowed to trace its child (ptrace).
 """
 from __future__ import annotations
 
