@@ -21,7 +21,7 @@ SIGNALS = ("swd", "swd_class", "entropy", "prior_kl")
 
 
 @torch.no_grad()
-def embed_frames(net: SegModel, frames: np.ndarray, batch_size: int = 8):
+def embed_frames(net: SegModel, frames: np.ndarray, batch_size: int = 2):
     """-> embeddings (N*h*w, D), predicted class (N*h*w,), probabilities (N*h*w, K)."""
     zs, ps = [], []
     for i in range(0, len(frames), batch_size):

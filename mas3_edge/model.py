@@ -66,8 +66,12 @@ class Encoder(nn.Module):
                 cin = cout
         self.layers = nn.Sequential(*layers)
         self.out_channels = cin
+        self.recompute = 0  # > 0: keep only this many segments' inputs for backward (steps.recomputing)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, C, H/8, W/8)
+        if self.recompute and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint_sequential
+            return checkpoint_sequential(self.layers, self.recompute, x, use_reentrant=False)
         return self.layers(x)
 
 

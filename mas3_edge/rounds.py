@@ -35,6 +35,7 @@ from .decide import Sentinel
 from .errors import UserError
 from .frames import load_frames
 from .model import SegModel
+from .parts import Parts
 from .prototypes import Prototypes, load as load_prototypes
 from .steps import freeze, gradient_steps
 
@@ -72,29 +73,36 @@ class RoundResult:
 
 def run_round(bundle, frames, cfg: AdaptConfig, version: str | None = None, rcfg: RoundConfig = RoundConfig(), *,
               limit: int | None = None, progress=None, device: str = "cpu",
-              pick: Callable[..., tuple[str, AdaptConfig]] | None = None) -> RoundResult:
+              pick: Callable[..., tuple[str, AdaptConfig]] | None = None, parts: Parts | None = None) -> RoundResult:
     """Adapt a bundle version on unlabeled frames (a folder or an array) and write the result as a
     new, unserved version when the round is accepted (or `rcfg.guard` is off). `pick` replaces
-    step 1 (the benchmarks' ablations)."""
-    base = bundles.load_version(bundle, version)
-    proto = load_prototypes(base.prototypes_path, base.meta)
-    if not isinstance(frames, np.ndarray):
-        frames = load_frames(frames, base.net.config.input_size, limit)
-    sentinel = Sentinel(rcfg.sentinel, base.net) if rcfg.sentinel else None
-    train, chooser, held, holdout = split_holdout(frames, rcfg)
-    serving = base.net.to(device)
-    net = bundles.load_version(bundle, base.id).net.to(device)  # a fresh copy to adapt
-    chosen, cfg = (pick or pick_set)(net, train, cfg)                           # 1
-    cands = candidates(net, proto, train, cfg, progress)                       # 2
-    winner, choice = choose(cands, chooser, cfg, rcfg)                         # 3
-    verdict = judge_round(serving, winner.net, _source(bundle, base).to(device), proto, held, rcfg, sentinel,
-                          plain=cands[0].net if winner is not cands[0] else None)                   # 4
+    step 1 (the benchmarks' ablations). The report's `parts` has each part's time and peak RSS."""
+    parts = parts or Parts()
+    with parts("load"):
+        base = bundles.load_version(bundle, version)
+        proto = load_prototypes(base.prototypes_path, base.meta)
+        if not isinstance(frames, np.ndarray):
+            frames = load_frames(frames, base.net.config.input_size, limit)
+        sentinel = Sentinel(rcfg.sentinel, base.net) if rcfg.sentinel else None
+        train, chooser, held, holdout = split_holdout(frames, rcfg)
+        serving = base.net.to(device)
+        net = bundles.load_version(bundle, base.id).net.to(device)  # a fresh copy to adapt
+    with parts("adapt"):
+        chosen, cfg = (pick or pick_set)(net, train, cfg)                       # 1
+        cands = candidates(net, proto, train, cfg, progress)                   # 2
+    with parts("judge"):
+        winner, choice = choose(cands, chooser, cfg, rcfg)                     # 3
+        verdict = judge_round(serving, winner.net, _source(bundle, base).to(device), proto, held, rcfg, sentinel,
+                              plain=cands[0].net if winner is not cands[0] else None)               # 4
     accepted = verdict["accepted"] or not rcfg.guard
     report = {"parent": base.id, "method": cfg.method, "config": cfg.to_dict(), "round": rcfg.to_dict(),
               "frames": {"adapt": len(train), "choice": len(chooser), "holdout": len(held)}, "holdout": holdout,
               "set": chosen, **verdict, "accepted": accepted, "warnings": _warnings(holdout, cands[-1].log, cfg),
               **cands[-1].log, **({"choice": choice} if choice else {})}
-    vdir = write(bundle, base, winner.net, report) if accepted else None                   # 5
+    del cands, serving, net  # the loser's weights and its optimiser state go before the write
+    with parts("write"):
+        vdir = write(bundle, base, winner.net, {**report, "parts": parts.rows}) if accepted else None  # 5
+    report["parts"] = parts.rows
     return RoundResult(accepted, report["reason"], vdir, report)
 
 

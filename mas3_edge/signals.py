@@ -83,7 +83,7 @@ def newest(frames: np.ndarray, max_frames: int = MAX_FRAMES) -> np.ndarray:
 
 
 @torch.no_grad()
-def outputs(net: SegModel, frames: np.ndarray, max_pixels: int = MAX_PIXELS, batch_size: int = 8,
+def outputs(net: SegModel, frames: np.ndarray, max_pixels: int = MAX_PIXELS, batch_size: int = 2,
             seed: int = SEED) -> Outputs:
     """Run `net` (in eval mode) over all of `frames`; the grid positions sampled for z depend only
     on the frames' shape and the seed, so two models are sampled alike."""

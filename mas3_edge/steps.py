@@ -3,7 +3,8 @@ parameters a round updates, and Adam on random batches of the round's frames."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 from . import stats
 from .config import AdaptConfig
-from .model import SegModel
+from .model import Encoder, SegModel
 from .torchutil import to_device
 
 # loss(net, images uint8 (B, H, W, 3), generator) -> (loss, what to log of the step)
@@ -40,6 +41,25 @@ def freeze(net: SegModel) -> None:
         p.requires_grad_(False)
 
 
+@contextmanager
+def recomputing(net: SegModel) -> Iterator[None]:
+    """Recompute the encoder's activations block by block in the backward pass instead of keeping
+    them: the edge model keeps 616 MB for one batch of two 256x512 frames, most of a round's peak
+    memory on a small device (tools/bench_round.py), for one more forward of the encoder per step. The
+    gradients are the same: a block's forward runs again on the same input, and the running
+    statistics it moves twice in batch-stats mode are put back after the steps (stats.stepping).
+    Networks without such an encoder keep all their activations."""
+    encoder = getattr(net, "encoder", None)
+    if not isinstance(encoder, Encoder):
+        yield
+        return
+    encoder.recompute = len(encoder.layers)  # one block a segment: the least kept at once
+    try:
+        yield
+    finally:
+        encoder.recompute = 0
+
+
 def gradient_steps(net: SegModel, frames: np.ndarray, cfg: AdaptConfig, loss: Loss, progress=None) -> dict:
     """cfg.steps Adam steps in place on batches of cfg.batch_size frames drawn with cfg.seed."""
     torch.manual_seed(cfg.seed)
@@ -47,7 +67,7 @@ def gradient_steps(net: SegModel, frames: np.ndarray, cfg: AdaptConfig, loss: Lo
     t0 = time.perf_counter()
     opt = torch.optim.Adam(configure(net, cfg.params), lr=cfg.lr)
     log = []
-    with stats.stepping(net, cfg.batch_stats):
+    with stats.stepping(net, cfg.batch_stats), recomputing(net):
         for step in range(cfg.steps):
             idx = torch.randint(0, len(frames), (cfg.batch_size,), generator=gen)
             value, parts = loss(net, to_device(frames[idx.numpy()], net), gen)

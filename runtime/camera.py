@@ -8,7 +8,9 @@ frames are in runtime/sources.py.
 
 A background thread reads as fast as the source gives frames and keeps only the newest one: the
 serving loop never waits on I/O it does not need and never sees a stale frame (a frame replaced
-before it was read is counted in `stats.dropped`). A live source that gives no good frame for
+before it was read is counted in `stats.dropped`). A file or synthetic source read unpaced
+(fps=0) is the exception: it is read one frame ahead of the consumer and loses none, so the next
+frame is decoded while the current one is served and no core decodes frames nobody takes. A live source that gives no good frame for
 `stall_s` seconds (on the clock, however its reads fail: at once, after a network timeout, or with
 garbage) is closed and reopened with exponential backoff; a file ends or loops. Corrupt frames are
 skipped and counted; grey, 16-bit, BGRA and odd-sized frames are converted, centre-cropped to the
@@ -179,6 +181,7 @@ class Camera:
             frame, self._fresh = self._fresh, None
             if frame is not None:
                 self.stats.delivered += 1
+                self._cond.notify_all()  # an unpaced file's reader decodes the next one now
             return frame
 
     def disconnect(self, timeout: float = 1.0) -> None:
@@ -204,6 +207,8 @@ class Camera:
     def _run(self) -> None:
         failures, next_t = 0, self._pace(time.monotonic())  # the first frame was read by connect()
         while not self._stop.is_set():
+            if self._hold and not self._wait_taken():
+                break
             status = self._grab_one()
             if status == OK:
                 failures = 0
@@ -220,6 +225,20 @@ class Camera:
         with self._cond:
             self._done = True
             self._cond.notify_all()
+
+    @property
+    def _hold(self) -> bool:
+        """An unpaced file or synthetic source is read one frame ahead of the consumer: decoding frames
+        only to replace them unread takes a whole core from inference on a 2-core CPU
+        (tools/profile_run.py)."""
+        return not self._period and not self.live
+
+    def _wait_taken(self) -> bool:
+        """Wait until the frame in hand was taken (True) or we are stopped (False)."""
+        with self._cond:
+            while self._fresh is not None and not self._stop.is_set():
+                self._cond.wait(0.1)
+        return not self._stop.is_set()
 
     def _why_reconnect(self, failures: int) -> str | None:
         """Why to reopen the source after this many failed reads in a row; None to read on. The clock

@@ -75,6 +75,7 @@ def default_round(bundle: str, frames: str, version: str, adapt: dict, limit: in
     import torch
     torch.set_num_threads(threads)
     from mas3_edge.config import round_configs
+    from mas3_edge.parts import Parts
     from mas3_edge.rounds import run_round
     gpu = torch.cuda.is_available()
     cfg, rcfg, sized = round_configs(adapt, cpu=not gpu)  # explicit settings win over the CPU sizing
@@ -83,22 +84,25 @@ def default_round(bundle: str, frames: str, version: str, adapt: dict, limit: in
         out["drift"] = _drift(bundle, frames, version, limit)
         if out["drift"] < drift_threshold:
             return {**out, "outcome": "skipped", "reason": f"no drift (SWD {out['drift']:.4f} < {drift_threshold})"}
+    parts = Parts()
     try:
-        res = run_round(bundle, frames, cfg, version, rcfg, limit=limit, device="cuda" if gpu else "cpu")
+        res = run_round(bundle, frames, cfg, version, rcfg, limit=limit, device="cuda" if gpu else "cpu", parts=parts)
     except UserError as e:  # e.g. the loss became NaN: the round failed, the service did not
-        return {**out, "outcome": "rejected", "reason": str(e)}
-    out.update(outcome="accepted" if res.accepted else "rejected", reason=res.reason,
+        return {**out, "outcome": "rejected", "reason": str(e), "parts": parts.rows}
+    out.update(outcome="accepted" if res.accepted else "rejected", reason=res.reason, parts=parts.rows,
                **{k: res.report.get(k) for k in ("health_before", "health_after", "gate_after", "checks", "used_labels")})
     if res.accepted:
         out["version"] = res.version_dir.name
         if export:
             from mas3_edge.export.onnx import export_onnx
             try:
-                export_onnx(res.version_dir, per_set=True if int8 else None)  # INT8 serves the folded set graphs
+                with parts("export"):
+                    export_onnx(res.version_dir, per_set=True if int8 else None)  # INT8 serves the folded set graphs
             except UserError as e:
                 return {**out, "outcome": "rejected", "reason": f"export failed: {e}"}
             if int8:
-                out["int8"] = _calibrate(res.version_dir, frames, limit)
+                with parts("int8 calibrate"):
+                    out["int8"] = _calibrate(res.version_dir, frames, limit)
     return out
 
 
@@ -134,6 +138,8 @@ def _child(round_fn: Callable[..., dict], job: dict, result: str, nice: int, par
     BundleStore(job["bundle"]).begin_round(owner=parent_pid, label=label)
     if nice and hasattr(os, "nice"):
         os.nice(nice)
+    from mas3_edge.parts import tame_heap
+    tame_heap()  # what a part of the round frees goes back to the system, not to the next part's peak
     try:
         out = round_fn(**job)
         if out.get("outcome") == "accepted":

@@ -1,5 +1,6 @@
 """Adaptation: Algorithm 1's pieces, the round on a bundle, and the no-label-read guarantee."""
 import builtins
+import contextlib
 import copy
 import json
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mas3_edge import adapt, bundle, prototypes as P, rounds, stats, bank
+from mas3_edge import adapt, bundle, prototypes as P, rounds, stats, steps, bank
 from mas3_edge.config import AdaptConfig
 from mas3_edge.errors import UserError
 from mas3_edge.model import DomainNorm
@@ -84,8 +85,23 @@ def test_batch_statistics_in_the_steps_leave_frozen_statistics_alone(small_net, 
     cfg = AdaptConfig(method="mas3", bn="frozen", batch_stats=batch_stats, steps=3, tau=0.0, swd_pixels=256,
                       gmm_samples=512)
     adapt.adapt(small_net, proto, frames, cfg)
-    assert modes == [batch_stats] * 3  # each step normalised with its batch's statistics, or the running ones
+    # each step normalised with its batch's statistics, or the running ones, also where the backward
+    # runs a block's forward again (steps.recomputing): 3 steps, twice each
+    assert modes == [batch_stats] * 6
     assert torch.equal(_bn_means(small_net), before)  # and bn="frozen" keeps them as they were
+
+
+def test_recomputing_the_encoder_in_the_backward_changes_no_weight(small_net, monkeypatch):
+    proto = _fit_proto(small_net)
+    frames = np.random.default_rng(7).integers(0, 255, (4, 64, 128, 3), dtype=np.uint8)
+    cfg = AdaptConfig(method="mas3", steps=2, tau=0.0, swd_pixels=256, gmm_samples=512)
+    recomputed, kept = copy.deepcopy(small_net), copy.deepcopy(small_net)
+    adapt.adapt(recomputed, proto, frames, cfg)
+    monkeypatch.setattr(steps, "recomputing", lambda net: contextlib.nullcontext())
+    adapt.adapt(kept, proto, frames, cfg)
+    a, b = recomputed.state_dict(), kept.state_dict()
+    assert any(not torch.equal(a[k], small_net.state_dict()[k]) for k in a)  # the steps did move the weights
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_only_confident_target_pixels_enter_the_swd(small_net, monkeypatch):
@@ -116,6 +132,8 @@ def test_round_writes_an_unserved_child_version_with_a_report(proto_bundle, tmp_
     report = json.loads((res.version_dir / "report.json").read_text())
     assert report["parent"] == "v0001" and len(report["steps"]) == 3
     assert set(report["health_before"]) == {"swd", "swd_class", "entropy", "prior_kl"}
+    assert list(res.report["parts"]) == ["load", "adapt", "judge", "write"]  # each part's time and peak RSS
+    assert all(p["seconds"] > 0 and p["peak_rss_mb"] > 0 for p in res.report["parts"].values())
     child = bundle.load_version(proto_bundle, "v0002")
     P.load(child.prototypes_path, child.meta)  # the GMM travels with the lineage and still validates
 

@@ -55,18 +55,27 @@ def test_video_frames_arrive_rgb_at_model_size(tmp_path):
 
 def test_only_the_newest_frame_is_kept_and_drops_are_counted(tmp_path):
     video = write_video(tmp_path / "v.avi", 60)
-    with Camera(str(video), SIZE, fps=0) as cam:
-        frames = drain(cam, pause=0.03)  # a consumer slower than the source
+    with Camera(str(video), SIZE, fps=400) as cam:  # paced like a camera, faster than its consumer
+        frames = drain(cam, pause=0.03)
     s = cam.stats
     assert s.dropped > 0
     assert s.delivered + s.dropped == s.grabbed == 60
     assert all(b.id > a.id for a, b in zip(frames, frames[1:]))
 
 
+def test_an_unpaced_file_is_read_one_frame_ahead_and_loses_none(tmp_path):
+    video = write_video(tmp_path / "v.avi", 12)
+    with Camera(str(video), SIZE, fps=0) as cam:
+        time.sleep(0.3)  # a slow consumer: the reader must wait for it, not decode on
+        assert cam.stats.grabbed == 1
+        frames = drain(cam, pause=0.01)
+    assert [f.id for f in frames] == list(range(12)) and cam.stats.dropped == 0
+
+
 def test_file_loops_when_asked(tmp_path):
     video = write_video(tmp_path / "v.avi", 5)
     with Camera(str(video), SIZE, fps=0, loop=True) as cam:
-        time.sleep(0.3)
+        drain(cam, seconds=0.3)  # an unpaced file is read only as fast as it is consumed
         assert not cam.ended
     assert cam.stats.loops >= 1 and cam.stats.grabbed > 5
 

@@ -19,6 +19,8 @@ Phases (each a fresh `run` process, adaptation off so the numbers are the servin
               round of --adapt-steps steps on --round-frames frames in its child process; the
               RSS of the service and of each child (read from /proc, no psutil), sampled every
               0.25 s, and the latency while the round runs
+  ratio       engine alone against `run` unpaced, alternating, same threads: run/engine, floor 0.85
+  ratio-round the same with a round adapting in a loop in the background (tools/runtime_ratio.py)
 Prints a markdown table with the hardware; --out writes everything as JSON.
 """
 from __future__ import annotations
@@ -38,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # runtime_ratio, beside this file
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,7 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", default=None, help="its input size HxW (default: the preset's)")
     p.add_argument("--video-size", default="256x512", help="frame size of the generated camera video (default 256x512)")
     p.add_argument("--phases", default="throughput,latency,swaps,stalled",
-                   help="comma list of throughput, latency, swaps, stalled, round (default: all but round)")
+                   help="comma list of throughput, latency, swaps, stalled, round, ratio, ratio-round "
+                        "(default: the first four)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads of the ratio phases (default: the service's own, cores - 1)")
+    p.add_argument("--ratio-reps", type=int, default=2, help="alternations of engine and run in a ratio phase")
     p.add_argument("--adapt-steps", type=int, default=5, help="steps of the round phase's round (default 5)")
     p.add_argument("--round-frames", type=int, default=20, help="frames buffered before, and adapted on by, that round")
     p.add_argument("--round-timeout", type=float, default=600.0, help="give up on the round phase after this many seconds")
@@ -185,10 +192,12 @@ def stop_event(events: Path) -> dict:
     return next((r for r in reversed(recs) if r["event"] == "stop"), {})
 
 
-def phase_stream(work, bundle, video, name, engine, seconds, fps, swaps: list[str] | None = None) -> dict:
+def phase_stream(work, bundle, video, name, engine, seconds, fps, swaps: list[str] | None = None,
+                 extra: list[str] | None = None) -> dict:
     record = work / f"{name}.json"
     sub = py(__file__, "--_listen", f"ipc://{work}/{name}.sock", "--_record", str(record))
-    proc, _addr, events = serve(work, bundle, video, name, engine, ["--fps", str(fps), "--duration", str(seconds)])
+    proc, _addr, events = serve(work, bundle, video, name, engine, ["--fps", str(fps), "--duration", str(seconds),
+                                                                    *(extra or [])])
     swap_times = []
     if swaps:
         from mas3_edge.runtime.versions import rollback  # what `mas3-edge rollback VERSION` does, minus its start-up
@@ -367,6 +376,8 @@ def markdown(res: dict) -> str:
                      + (f"; multiprocessing's resource tracker {kids['tracker']:.0f} MB" if "tracker" in kids else "")))
         rows.append((f"latency while adapting, camera at {fps:g} fps", f"p50 {r['latency_p50_ms']:.1f} ms, p99 {r['latency_p99_ms']:.1f} ms",
                      f"{r['messages']} messages, {r['fps']:.1f} fps; {r['dropped']} dropped"))
+    import runtime_ratio
+    rows += runtime_ratio.markdown_rows(res)
     lines = ["| measurement | result | notes |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines.append(f"\nHardware: {hw['cpu']}, {hw['cores']} cores, {hw['memory_gib']} GiB, GPU {hw['gpu'] or 'none'}; "
                  f"Python {hw['python']}, torch {hw['torch']}, onnxruntime {hw['onnxruntime']}; "
@@ -398,6 +409,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         if "stalled" in a.phases:
             print(f"stalled subscriber, {a.messages} messages ...", file=sys.stderr)
             res["stalled"] = phase_stalled(work, bundle, video, a.engine, a.messages)
+        for phase in ("ratio", "ratio-round"):
+            if phase in a.phases:
+                print(f"{phase}: engine alone against run unpaced, {a.ratio_reps} times ...", file=sys.stderr)
+                import runtime_ratio
+                res[phase.replace("-", "_")] = runtime_ratio.run_phase(work, bundle, video, a, phase_stream,
+                                                                       rounds=phase == "ratio-round")
         if "round" in a.phases:
             print(f"one adaptation round ({a.adapt_steps} steps on {a.round_frames} frames) ...", file=sys.stderr)
             res["round"] = phase_round(work, bundle, video, a.engine, a.fps, a.adapt_steps, a.round_frames, a.round_timeout)

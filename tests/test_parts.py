@@ -1,0 +1,47 @@
+"""The per-part time and memory record of a round (mas3_edge.parts)."""
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from mas3_edge.parts import Parts
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-part peaks need /proc/self/clear_refs")
+def test_each_part_reports_its_own_peak_not_the_one_before():
+    parts = Parts()
+    with parts("big"):
+        block = np.ones(200 * 2**20 // 8)  # 200 MB, touched
+        del block
+    with parts("small"):
+        time.sleep(0.01)
+    big, small = parts.rows["big"], parts.rows["small"]
+    assert parts.peak_is_per_part
+    assert big["peak_rss_mb"] - small["peak_rss_mb"] > 150  # the first part's peak is not carried over
+    assert small["seconds"] >= 0.01 and big["rss_after_mb"] < big["peak_rss_mb"] - 150
+
+
+_HEAP = """
+import sys, numpy as np
+from mas3_edge.parts import _status_mb, tame_heap
+if sys.argv[1] == "tame":
+    assert tame_heap()
+np.ones(2 * 2**20)  # one 16 MB block freed: glibc raises its mmap threshold past the blocks below
+before, keep = _status_mb("VmRSS"), []
+blocks = []
+for _ in range(25):  # 200 MB in 8 MB blocks, each followed by a small block that stays
+    blocks.append(np.ones(2**20))
+    keep.append(np.ones(1000))
+del blocks
+print(_status_mb("VmRSS") - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_a_tamed_heap_returns_freed_blocks_at_once():
+    grown = {how: float(subprocess.run([sys.executable, "-c", _HEAP, how], capture_output=True, text=True,
+                                       check=True).stdout) for how in ("plain", "tame")}
+    assert grown["plain"] > 150  # what a round's parts left resident for the next one
+    assert grown["tame"] < 30
