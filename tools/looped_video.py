@@ -195,7 +195,7 @@ def real_row(k: int, rep: dict, serving, cand, source, probe: np.ndarray, names:
     row = {"round": k, "set": rep["set"], "choice": (rep.get("choice") or {}).get("kept"),
            "accepted": bool(rep["checks"]) and all(c["passed"] for c in rep["checks"]), "reason": rep["reason"],
            "checks": {c["signal"]: [round(c["value"], 4), round(c["limit"], 4)] for c in rep["checks"]},
-           "candidate_shares": shares(cand, probe, names),
+           "signals": rep.get("signals"), "candidate_shares": shares(cand, probe, names),
            "agreement_with_source": gate.agreement(source, cand, probe),
            "agreement_with_serving": gate.agreement(serving, cand, probe)}
     if sentinel is not None:
