@@ -303,7 +303,7 @@ def test_a_pulled_set_is_judged_by_the_round_judgement_and_served(robots, tmp_pa
     res = a.publish(robots["rows"], robots["report"], "cam-a")
     runner, root = _runner(robots, tmp_path, str(tmp_path / "store"))
     try:
-        deadline, out = time.monotonic() + 60, None
+        deadline, out = time.monotonic() + 300, None
         while out is None and time.monotonic() < deadline:
             out = runner.tick(12, round_running=False)
             time.sleep(0.05)
