@@ -41,16 +41,20 @@ def freeze(net: SegModel) -> None:
         p.requires_grad_(False)
 
 
+RECOMPUTE_PIXELS = 2 * 256 * 256  # a step batch at least this large recomputes (2 frames of 256x256)
+
+
 @contextmanager
-def recomputing(net: SegModel) -> Iterator[None]:
+def recomputing(net: SegModel, batch_pixels: int) -> Iterator[None]:
     """Recompute the encoder's activations block by block in the backward pass instead of keeping
     them: the edge model keeps 616 MB for one batch of two 256x512 frames, most of a round's peak
     memory on a small device (tools/bench_round.py), for one more forward of the encoder per step. The
     gradients are the same: a block's forward runs again on the same input, and the running
     statistics it moves twice in batch-stats mode are put back after the steps (stats.stepping).
-    Networks without such an encoder keep all their activations."""
+    Networks without such an encoder keep all their activations, and so do small batches (below
+    RECOMPUTE_PIXELS), whose activations are a few tens of MB: the extra forward would buy nothing."""
     encoder = getattr(net, "encoder", None)
-    if not isinstance(encoder, Encoder):
+    if not isinstance(encoder, Encoder) or batch_pixels < RECOMPUTE_PIXELS:
         yield
         return
     encoder.recompute = len(encoder.layers)  # one block a segment: the least kept at once
@@ -67,7 +71,7 @@ def gradient_steps(net: SegModel, frames: np.ndarray, cfg: AdaptConfig, loss: Lo
     t0 = time.perf_counter()
     opt = torch.optim.Adam(configure(net, cfg.params), lr=cfg.lr)
     log = []
-    with stats.stepping(net, cfg.batch_stats), recomputing(net):
+    with stats.stepping(net, cfg.batch_stats), recomputing(net, cfg.batch_size * frames.shape[1] * frames.shape[2]):
         for step in range(cfg.steps):
             idx = torch.randint(0, len(frames), (cfg.batch_size,), generator=gen)
             value, parts = loss(net, to_device(frames[idx.numpy()], net), gen)

@@ -76,7 +76,8 @@ def test_steps_reduce_the_adaptation_loss(small_net, method):
 
 
 @pytest.mark.parametrize("batch_stats", [True, False])
-def test_batch_statistics_in_the_steps_leave_frozen_statistics_alone(small_net, batch_stats):
+def test_batch_statistics_in_the_steps_leave_frozen_statistics_alone(small_net, batch_stats, monkeypatch):
+    monkeypatch.setattr(steps, "RECOMPUTE_PIXELS", 0)  # these small frames recompute too
     proto = _fit_proto(small_net)
     frames = np.random.default_rng(5).integers(0, 255, (4, 64, 128, 3), dtype=np.uint8)
     modes, before = [], _bn_means(small_net).clone()
@@ -96,12 +97,23 @@ def test_recomputing_the_encoder_in_the_backward_changes_no_weight(small_net, mo
     frames = np.random.default_rng(7).integers(0, 255, (4, 64, 128, 3), dtype=np.uint8)
     cfg = AdaptConfig(method="mas3", steps=2, tau=0.0, swd_pixels=256, gmm_samples=512)
     recomputed, kept = copy.deepcopy(small_net), copy.deepcopy(small_net)
+    monkeypatch.setattr(steps, "RECOMPUTE_PIXELS", 0)
     adapt.adapt(recomputed, proto, frames, cfg)
-    monkeypatch.setattr(steps, "recomputing", lambda net: contextlib.nullcontext())
+    monkeypatch.setattr(steps, "recomputing", lambda net, pixels: contextlib.nullcontext())
     adapt.adapt(kept, proto, frames, cfg)
     a, b = recomputed.state_dict(), kept.state_dict()
     assert any(not torch.equal(a[k], small_net.state_dict()[k]) for k in a)  # the steps did move the weights
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_small_step_batches_keep_their_activations(small_net):
+    modes = []
+    next(m for m in small_net.modules() if isinstance(m, DomainNorm)).register_forward_pre_hook(
+        lambda m, x: modes.append(m.training))
+    frames = np.random.default_rng(8).integers(0, 255, (4, 64, 128, 3), dtype=np.uint8)
+    adapt.adapt(small_net, _fit_proto(small_net), frames, AdaptConfig(method="mas3", bn="frozen", steps=2, tau=0.0,
+                                                                      swd_pixels=256, gmm_samples=512))
+    assert len(modes) == 2  # one forward a step: 2 x 64 x 128 pixels are below steps.RECOMPUTE_PIXELS
 
 
 def test_only_confident_target_pixels_enter_the_swd(small_net, monkeypatch):
