@@ -126,6 +126,13 @@ def test_every_imported_package_is_declared():
         assert dist in runtime | extras, f"tests/tools import {name} but no extra of pyproject.toml declares {dist}"
 
 
+def test_every_subpackage_is_installed():
+    """An editable install finds every folder; a wheel holds only the packages pyproject lists."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "mas3_edge").rglob("__init__.py")}
+    assert found <= listed, f"subpackages missing from pyproject.toml's packages: {sorted(found - listed)}"
+
+
 def test_eval_subset_scores_only_its_classes(tmp_path, tiny_bundle):
     synth.write_folder(tmp_path / "val", "synthetic", 2, seed=3, size=(64, 128))
     doc = json.loads(mas3("eval", "--data", tmp_path / "val", "--bundle", tiny_bundle, "--subset", "synthia13",
