@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -24,30 +23,13 @@ from mas3_edge.fleet import objects, sync
 from mas3_edge.fleet.adopt import round_set
 from mas3_edge.fleet.store import Backoff, open_store
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from bench_fleet import free_port as _free_port, start_moto as _start_moto  # noqa: E402  the benchmark's S3 server
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_moto(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    pytest.fail("moto's S3 server did not start")
 
 
 @pytest.fixture(scope="module")
