@@ -1,26 +1,33 @@
 """The per-part time and memory record of a round (mas3_edge.parts)."""
+import json
 import subprocess
 import sys
-import time
 
-import numpy as np
 import pytest
 
-from mas3_edge.parts import Parts
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-part peaks need /proc/self/clear_refs")
 def test_each_part_reports_its_own_peak_not_the_one_before():
-    parts = Parts()
-    with parts("big"):
-        block = np.ones(200 * 2**20 // 8)  # 200 MB, touched
-        del block
-    with parts("small"):
-        time.sleep(0.01)
-    big, small = parts.rows["big"], parts.rows["small"]
-    assert parts.peak_is_per_part
+    # in a fresh process: the suite's own heap (earlier tests' frees and mallopt) must not decide it
+    out = subprocess.run([sys.executable, "-c", _PEAKS], capture_output=True, text=True, check=True).stdout
+    peak_is_per_part, big, small = json.loads(out)
+    assert peak_is_per_part
     assert big["peak_rss_mb"] - small["peak_rss_mb"] > 150  # the first part's peak is not carried over
     assert small["seconds"] >= 0.01 and big["rss_after_mb"] < big["peak_rss_mb"] - 150
+
+
+_PEAKS = """
+import json, time, numpy as np
+from mas3_edge.parts import Parts
+parts = Parts()
+with parts("big"):
+    block = np.ones(200 * 2**20 // 8)  # 200 MB, touched
+    del block
+with parts("small"):
+    time.sleep(0.01)
+print(json.dumps([parts.peak_is_per_part, parts.rows["big"], parts.rows["small"]]))
+"""
 
 
 _HEAP = """
