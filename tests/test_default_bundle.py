@@ -12,6 +12,7 @@ def test_packaged_bundle_is_small_and_loads_with_matching_prototypes_and_onnx():
     ver = bundle.load_version(bundle.PACKAGED)  # verifies the weights' sha256
     proto = prototypes.load(ver.prototypes_path, ver.meta)
     assert proto.k == 19 and (proto.alpha > 0).sum() >= 5
+    assert 0.3 < proto.atc_threshold < 1  # the device's accuracy estimate (ATC) works out of the box
     onnx_path, _ = check_onnx(ver.path)
     image, _ = render("synthetic", 123, ver.net.config.input_size)
     out = run_onnx(onnx_path, image[None], ["classes"])
