@@ -1,6 +1,14 @@
 """One robot's side of the fleet: publish a set, pull the new verified sets of its lineage, and
 remember what became of each (adopted, rejected by its gate, refused), so nothing is tried twice.
 
+Pulls are lazy when the caller says which router keys concern it (`concerns`: would this robot's
+newest frames route to a set with this key?). A set whose signed entry carries a key that does not
+concern the robot is recorded `pending`: its object is not fetched and it is not judged. Pending
+sets are weighed again when the caller says the frames changed (`recheck`), and fetched, verified
+and handed over for judgement once they concern it. At most MAX_PENDING are kept, the newest by
+publish time; an older one is recorded `dropped` and never reconsidered. An entry made before
+entries carried a router key is fetched as before.
+
 No torch here: verification is bytes, hashes and signatures. Store errors (down, slow, missing
 bucket) are left to the caller, which backs off; everything about one set is decided here.
 """
@@ -11,6 +19,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -24,6 +33,10 @@ log = logging.getLogger(__name__)
 
 SKEW_S = 300.0  # robots' clocks may disagree this much: entries are listed from that far before the newest seen
 MAX_ATTEMPTS = 3  # an object still truncated after this many pulls was half-written for good
+MAX_PENDING = 128  # sets kept pending (newest first): ~1.5 KB each in fleet.json
+PENDING = "its router key is not near this robot's newest frames: not fetched nor judged until they are"
+
+Concerns = Callable[[np.ndarray, np.ndarray], bool]  # (router mean, router var) -> is the set for these frames?
 
 
 @dataclass
@@ -44,7 +57,8 @@ class Fleet:
         self.trust = trust or {}
         self.state = self._load_state()
         self.bytes_in = self.bytes_out = 0
-        self.pending: set[str] = set()  # verified, waiting for their judgement: not fetched again meanwhile
+        self.gets = 0  # objects read from the store
+        self.waiting: set[str] = set()  # verified, waiting for their judgement: not fetched again meanwhile
 
     def _load_state(self) -> dict:
         try:
@@ -61,7 +75,7 @@ class Fleet:
         """Remember what became of a set: a recorded set is never fetched or judged again."""
         self.state["sets"][key] = {"outcome": outcome, "reason": reason, "time": time.time(), **info}
         self.state["attempts"].pop(key, None)
-        self.pending.discard(key)
+        self.waiting.discard(key)
         self.save_state()
 
     # ------------------------------------------------------------ publish
@@ -74,7 +88,7 @@ class Fleet:
         header = {"lineage": asdict(self.lineage), "lineage_id": self.lineage.id, "round": figures,
                   "camera_id": camera_id, "robot": self.robot, "created": now}
         obj = objects.encode_set(rows, header)
-        entry = objects.make_entry(obj, header, self.robot, self.key)
+        entry = objects.make_entry(obj, header, self.robot, self.key, objects.router_key(rows))
         ekey = entry_key(self.lineage.id, now, self.robot, entry["object"])
         body = json.dumps(entry, sort_keys=True).encode()
         self.store.put(object_key(entry["object"]), obj)  # the object first: an entry never names nothing
@@ -96,43 +110,77 @@ class Fleet:
         prefix = f"{LINEAGES}/{self.lineage.id}"
         newest = self.state["newest"]
         after = f"{prefix}/{int(max(0.0, newest - SKEW_S) * 1e9):020d}" if newest else None
-        keys = [k for k in self.store.list_after(prefix, after) if k not in self.state["sets"] and k not in self.pending]
+        keys = [k for k in self.store.list_after(prefix, after) if k not in self.state["sets"] and k not in self.waiting]
         self._forget(newest - 2 * SKEW_S)
         return keys
 
     def _forget(self, before: float) -> None:
         """Records older than the listing window: never listed again, so never tried again either
-        (the sets this robot published or adopted are kept: they say what it serves)."""
+        (the sets this robot published or adopted are kept: they say what it serves; pending ones
+        are bounded by MAX_PENDING instead)."""
         sets = self.state["sets"]
-        for k in [k for k, r in sets.items() if entry_time(k) < before and r["outcome"] not in ("published", "adopted")]:
+        kept = ("published", "adopted", "pending")
+        for k in [k for k, r in sets.items() if entry_time(k) < before and r["outcome"] not in kept]:
             del sets[k]
 
-    def pull(self) -> list[Pulled]:
-        """The new sets that pass verification; each refused one is recorded with one log line."""
+    def pending(self) -> list[str]:
+        """Entry keys of the sets recorded pending, newest first (a set fetched for its judgement stays
+        recorded pending until judged, so a restart meanwhile weighs it again; it is not listed here)."""
+        sets = self.state["sets"]
+        return sorted((k for k, r in sets.items() if r["outcome"] == "pending" and k not in self.waiting),
+                      key=entry_time, reverse=True)
+
+    def pull(self, concerns: Concerns | None = None, recheck: bool = False) -> list[Pulled]:
+        """The new sets that pass verification (and concern this robot, with `concerns`); each refused
+        one is recorded with one log line. With `recheck` (or no `concerns`: every set concerns this
+        robot) the pending sets are weighed again first."""
         out = []
+        if recheck or concerns is None:
+            for key in self.pending():
+                got = self.fetch(key, concerns, json.dumps(self.state["sets"][key]["entry"]).encode())
+                out += [got] if got is not None else []
         for key in self.new_keys():
-            got = self.fetch(key)
-            if got is not None:
-                out.append(got)
-                self.pending.add(key)
+            got = self.fetch(key, concerns)
+            out += [got] if got is not None else []
             self.state["newest"] = max(self.state["newest"], entry_time(key))
+        self.waiting.update(p.key for p in out)
+        self._bound_pending()
         self.save_state()
         return out
 
-    def fetch(self, key: str) -> Pulled | None:
-        """One entry and its object, verified; None when refused (recorded) or not complete yet."""
+    def _defer(self, key: str, entry_json: bytes, entry: dict) -> None:
+        if self.state["sets"].get(key, {}).get("outcome") != "pending":
+            log.debug("fleet: %s pending: %s", key, PENDING)
+            self.state["sets"][key] = {"outcome": "pending", "reason": PENDING, "time": time.time(),
+                                       "object": entry["object"], "robot": entry["robot"], "entry": json.loads(entry_json)}
+
+    def _bound_pending(self) -> None:
+        for key in self.pending()[MAX_PENDING:]:
+            r = self.state["sets"][key]
+            self.state["sets"][key] = {"outcome": "dropped", "reason": f"{MAX_PENDING} newer sets pending",
+                                       "time": time.time(), "object": r["object"], "robot": r["robot"]}
+
+    def fetch(self, key: str, concerns: Concerns | None = None, data: bytes | None = None) -> Pulled | None:
+        """One entry (read from the store, or `data`) and its object, verified; None when refused
+        (recorded), not complete yet, or pending: its router key does not concern this robot."""
         try:
-            data = self.store.get(key, objects.MAX_ENTRY_BYTES)
-            self.bytes_in += len(data)
+            if data is None:
+                data = self.store.get(key, objects.MAX_ENTRY_BYTES)
+                self.bytes_in += len(data)
             entry = objects.verify_entry(data, self.trust, self.lineage.id)
             if self.key is not None and entry["signer"].lower() == objects.public_hex(self.key):
                 self.record(key, "own", "published by this robot", object=entry["object"], robot=entry["robot"])
+                return None
+            router = objects.entry_router(entry)
+            if concerns is not None and router is not None and not concerns(*router):
+                self._defer(key, data, entry)
                 return None
             try:
                 obj = self.store.get(object_key(entry["object"]), entry["size"])
             except FileNotFoundError:
                 raise Incomplete("its object is not in the store (yet?)") from None
             self.bytes_in += len(obj)
+            self.gets += 1
             header, rows = objects.verify_object(obj, entry, self.lineage)
         except Refused as e:
             log.warning("fleet: refused %s: %s", key, e)
