@@ -370,7 +370,7 @@ class ChunkDomain:
     def routes_to(self, key_mean: np.ndarray, key_var: np.ndarray, same_domain: float) -> bool:
         """Whether the chunk is of the domain of a set with this router key, by `select`'s test: the set
         nearer than every set held, and within `same_domain` times the chunk's spread."""
-        mean, var = (torch.as_tensor(np.asarray(a, np.float32)).to(self.mean)[None] for a in (key_mean, key_var))
+        mean, var = (torch.as_tensor(np.array(a, np.float32)).to(self.mean)[None] for a in (key_mean, key_var))
         if mean.shape != self.mean.shape or var.shape != self.var.shape:
             return False  # not this network's router: the judgement would refuse it anyway
         dist = float(gaussian_kl(self.mean, self.var, mean, var + self.eps)[0, 0])

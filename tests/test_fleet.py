@@ -280,12 +280,30 @@ def test_a_store_that_is_down_costs_the_loop_nothing_and_is_retried_with_backoff
         runner.close()
 
 
-def test_a_pulled_set_is_judged_by_the_round_judgement_and_served(robots, tmp_path):
+def test_a_set_for_other_frames_stays_pending_unfetched_then_is_judged_and_served_when_they_arrive(
+        robots, tmp_path, monkeypatch):
+    from mas3_edge.runtime import fleet as rfleet
+    monkeypatch.setattr(rfleet, "DOMAIN_FRAMES", 8)
     a, _ = _fleets(robots, str(tmp_path / "store"))
-    res = a.publish(robots["rows"], robots["report"], "cam-a")
+    rows = _dark_keyed_rows(robots)
+    res = a.publish(rows, robots["report"], "cam-a")  # a's set is for dark frames
+    frames = tmp_path / "frames"
+    shutil.copytree(robots["dir"] / "frames", frames)  # b sees its own bright domain
     runner, root = _runner(robots, tmp_path, str(tmp_path / "store"))
+    runner.frames = frames
+    status = tmp_path / "store/robots/b.json"
     try:
-        deadline, out = time.monotonic() + 300, None
+        t_end, out = time.monotonic() + 1.5, None
+        while time.monotonic() < t_end and out is None:
+            out = runner.tick(12, round_running=False)
+            time.sleep(0.05)
+        sets = json.loads((root / "fleet.json").read_text())["sets"]
+        assert out is None and not runner.busy and [r["outcome"] for r in sets.values()] == ["pending"]
+        assert runner.fleet.gets == 0  # the object was never read: the signed entry's key said "not for you"
+        assert json.loads(status.read_text())["pending"] == [res["object"][:16]]
+        for i, f in enumerate(domain(0, 60, n=8, seed=5)):  # then b meets a's domain
+            write_png(frames / f"{100 + i:04d}.png", f)
+        deadline = time.monotonic() + 300
         while out is None and time.monotonic() < deadline:
             out = runner.tick(12, round_running=False)
             time.sleep(0.05)
@@ -293,13 +311,58 @@ def test_a_pulled_set_is_judged_by_the_round_judgement_and_served(robots, tmp_pa
     finally:
         runner.close()
     assert out is not None and out["outcome"] == "accepted" and out["robot"] == "a", out
+    assert runner.fleet.gets == 1
     assert bundle.serving_id(root) == out["version"] and bundle.incomplete_reason(root / "versions" / out["version"]) is None
     v = bundle.load_version(root)
     assert v.meta["info"]["fleet"]["robot"] == "a" and bank.count(v.net) == 2  # the source set and a's
-    assert all(np.allclose(bank.export_set(v.net)[k].numpy(), r) for k, r in robots["rows"].items())
+    assert all(np.allclose(bank.export_set(v.net)[k].numpy(), r) for k, r in rows.items())
     state = json.loads((root / "fleet.json").read_text())["sets"]
     assert [r["outcome"] for r in state.values()] == ["adopted"]
-    assert json.loads((tmp_path / "store/robots/b.json").read_text())["sets"] == [res["object"]]
+    assert json.loads(status.read_text())["sets"] == [res["object"]]
+
+
+def _dark_keyed_rows(robots) -> dict:
+    """A set whose router key is a's dark set's, and which segments exactly as the source set does
+    (the first layer's affine undoes its statistics): the untrained test network's gate accepts it."""
+    net = bundle.load_version(robots["dir"] / "b").net
+    rows = {k: r.numpy().astype(np.float64) for k, r in bank.export_set(net, 0).items()}
+    name, eps = next(iter(rows)), bank.lead(net).eps
+    m0, v0, w0, b0 = rows[name]
+    m, v = robots["rows"][name][:2]
+    w = w0 * np.sqrt(v + eps) / np.sqrt(v0 + eps)
+    rows[name] = np.stack([m, v, w, b0 + w * (m - m0) / np.sqrt(v + eps)])
+    return {k: r.astype(np.float32) for k, r in rows.items()}
+
+
+def test_the_pending_list_keeps_the_newest_and_takes_them_once_they_concern_the_robot(robots, tmp_path, monkeypatch):
+    monkeypatch.setattr(sync, "MAX_PENDING", 3)
+    a, b = _fleets(robots, str(tmp_path / "store"), tmp_path / "b.json")
+    published = [a.publish({k: v * (1 + i / 100) for k, v in robots["rows"].items()}, {}, None)["entry"]
+                 for i in range(5)]
+    seen: list[tuple] = []
+    assert b.pull(lambda m, v: seen.append((m, v)) or False) == [] and b.gets == 0
+    assert np.array_equal(seen[0][0], robots["rows"][next(iter(robots["rows"]))][0])  # the entry's key, exact
+    assert b.pending() == published[:1:-1]  # the newest three
+    dropped = [k for k, r in json.loads((tmp_path / "b.json").read_text())["sets"].items() if r["outcome"] == "dropped"]
+    assert dropped == published[:2]
+    got = b.pull(lambda m, v: True, recheck=True)
+    assert sorted(p.key for p in got) == published[2:] and b.gets == 3 and b.pending() == []
+
+
+def test_a_tampered_or_mismatched_router_key_is_refused(robots, tmp_path, caplog):
+    a, b = _fleets(robots, str(tmp_path / "store"), tmp_path / "b.json")
+    res = a.publish(robots["rows"], {}, None)
+    path = tmp_path / "store" / res["entry"]
+    entry = json.loads(path.read_text())
+    other = objects.router_key({k: v + 1 for k, v in robots["rows"].items()})
+    path.write_text(json.dumps({**entry, "router": other}))  # a key that would route b's frames to it
+    caplog.set_level(logging.INFO)
+    assert b.pull(lambda m, v: True) == [] and "tampered manifest entry" in _fleet_lines(caplog)[0]
+    signed = objects.make_entry((tmp_path / "store" / "objects" / f"{res['object']}.safetensors").read_bytes(),
+                                {"lineage_id": robots["lineage"].id}, "a", robots["keys"]["a"][1], other)
+    path.write_text(json.dumps(signed))  # signed, but the key is not the object's
+    _, c = _fleets(robots, str(tmp_path / "store"))
+    assert c.pull(lambda m, v: True) == [] and "not the one its entry signs" in _fleet_lines(caplog)[-1]
 
 
 def _bad_rows(robots) -> dict:
@@ -376,7 +439,7 @@ def test_the_fleet_options_come_from_the_config_file_too(robots, tmp_path):
 def test_a_slow_store_holds_the_thread_not_the_loop(robots, tmp_path):
     a, _ = _fleets(robots, str(tmp_path / "store"))
     a.publish(robots["rows"], {}, None)
-    runner, _ = _runner(robots, tmp_path, str(tmp_path / "store"))
+    runner, _ = _runner(robots, tmp_path, str(tmp_path / "store"), lazy=False)  # every set is b's to judge
     real = runner.fleet.store.get
     runner.fleet.store.get = lambda key, n: time.sleep(0.6) or real(key, n)  # every read takes 0.6 s
     try:
