@@ -380,15 +380,17 @@ def test_a_set_that_fails_the_gate_is_rejected_and_recorded_by_pull(robots, tmp_
     from mas3_edge.cli import app
     a, _ = _fleets(robots, str(tmp_path / "store"))
     a.publish(_bad_rows(robots), {}, None)
+    dark = a.publish(robots["rows"], {}, None)["object"]  # not for b's frames: pending under --lazy
     shutil.copytree(robots["dir"] / "b", tmp_path / "b")
     args = ["fleet", "pull", str(tmp_path / "store"), "--trust", str(robots["dir"] / "trust"), "--bundle",
-            str(tmp_path / "b"), "--buffer", str(robots["dir"] / "frames"), "--limit", "2", "--json"]
+            str(tmp_path / "b"), "--buffer", str(robots["dir"] / "frames"), "--limit", "2", "--json", "--lazy"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     (judged,) = json.loads(res.stdout)["sets"]
     assert judged["outcome"] == "rejected" and judged["robot"] == "a" and bundle.serving_id(tmp_path / "b") == "v0001"
+    assert json.loads(res.stdout)["pending"] == [dark]
     again = CliRunner().invoke(app, args)
-    assert json.loads(again.stdout)["sets"] == []  # recorded: never judged again
+    assert json.loads(again.stdout)["sets"] == [] and json.loads(again.stdout)["pending"] == [dark]  # recorded
 
 
 @pytest.mark.parametrize("args, says", [
@@ -417,9 +419,14 @@ def test_push_publishes_only_accepted_rounds_and_ls_shows_who_serves_what(robots
     obj = json.loads(res.stdout)["object"]
     sync.Fleet(open_store(store), robots["lineage"], None, robots["keys"]["b"]).announce({
         "lineage": robots["lineage"].id, "sets": [obj], "serving": "v0002"})
+    sync.Fleet(open_store(store), robots["lineage"], None, robots["keys"]["mallory"]).announce({
+        "lineage": robots["lineage"].id, "sets": [], "pending": [obj[:16]], "serving": "v0001"})
     ls = CliRunner().invoke(app, ["fleet", "ls", store, "--json", "--trust", str(d / "trust")])
     (s,) = json.loads(ls.stdout)["lineages"][robots["lineage"].id]["sets"]
     assert (s["object"], s["robot"], s["camera_id"], s["served_by"], s["status"]) == (obj, "a", "cam-a", ["b"], "signed")
+    assert s["pending_on"] == ["mallory"]
+    table = CliRunner().invoke(app, ["fleet", "ls", store])
+    assert "pending on" in table.stdout and "mallory" in table.stdout
     assert s["gate"] == robots["report"]["gate_after"]
 
 
