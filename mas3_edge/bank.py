@@ -358,7 +358,7 @@ def select(net: SegModel, frames: np.ndarray, keep: int, same_domain: float = Ad
 class ChunkDomain:
     """What the router makes of a chunk of frames, against the sets a network holds: enough to
     tell, from a set's router key alone (its first layer's mean and var), whether the chunk would
-    route to that set were it added to the bank (`routes_to`)."""
+    route to that set were it added to the bank (`route_distance`)."""
 
     @torch.no_grad()
     def __init__(self, net: SegModel, frames: np.ndarray):
@@ -367,14 +367,15 @@ class ChunkDomain:
         self.nearest = float(distances(net, self.mean, self.var)[0].min())  # the source set's included
 
     @torch.no_grad()
-    def routes_to(self, key_mean: np.ndarray, key_var: np.ndarray, same_domain: float) -> bool:
-        """Whether the chunk is of the domain of a set with this router key, by `select`'s test: the set
-        nearer than every set held, and within `same_domain` times the chunk's spread."""
+    def route_distance(self, key_mean: np.ndarray, key_var: np.ndarray, same_domain: float) -> float | None:
+        """The Gaussian KL from the chunk to a set with this router key when the chunk is of that set's
+        domain by `select`'s test (the set nearer than every set held, and within `same_domain` times
+        the chunk's spread); None otherwise."""
         mean, var = (torch.as_tensor(np.array(a, np.float32)).to(self.mean)[None] for a in (key_mean, key_var))
         if mean.shape != self.mean.shape or var.shape != self.var.shape:
-            return False  # not this network's router: the judgement would refuse it anyway
+            return None  # not this network's router: the judgement would refuse it anyway
         dist = float(gaussian_kl(self.mean, self.var, mean, var + self.eps)[0, 0])
-        return of_domain(dist, self.nearest, self.spread, same_domain)
+        return dist if of_domain(dist, self.nearest, self.spread, same_domain) else None
 
 
 @torch.no_grad()

@@ -226,6 +226,7 @@ class FleetRunner:
         elif item[0] == "record":
             _, key, outcome, reason, info = item
             self.fleet.record(key, outcome, reason, **info)
+            self._weighed = None  # a judgement ended: the pending sets are weighed again at the next pull
         else:
             self._announce_due = True
 
@@ -251,13 +252,14 @@ class FleetRunner:
             newest = None
         return self.bstore.serving(), newest
 
-    def _concerns(self, mean: np.ndarray, var: np.ndarray) -> bool:
-        """Whether this robot's newest buffered frames would route to a set with this router key."""
+    def _concerns(self, mean: np.ndarray, var: np.ndarray) -> float | None:
+        """The distance from this robot's newest buffered frames to a set with this router key when
+        they would route to it; None when not."""
         at = self._weighed  # this pull's: the buffer is listed once a pull, not once a set
         if self._domain[0] != at:
             self._domain = (at, self._chunk_domain(*at))
         domain = self._domain[1]
-        return domain is not None and domain.routes_to(mean, var, self._same_domain)
+        return None if domain is None else domain.route_distance(mean, var, self._same_domain)
 
     def _chunk_domain(self, version: str | None, newest: str | None):
         from mas3_edge import bank, bundle as bundles

@@ -334,19 +334,23 @@ def _dark_keyed_rows(robots) -> dict:
     return {k: r.astype(np.float32) for k, r in rows.items()}
 
 
-def test_the_pending_list_keeps_the_newest_and_takes_them_once_they_concern_the_robot(robots, tmp_path, monkeypatch):
+def test_the_pending_list_keeps_the_newest_and_the_frames_take_the_nearest(robots, tmp_path, monkeypatch):
     monkeypatch.setattr(sync, "MAX_PENDING", 3)
     a, b = _fleets(robots, str(tmp_path / "store"), tmp_path / "b.json")
     published = [a.publish({k: v * (1 + i / 100) for k, v in robots["rows"].items()}, {}, None)["entry"]
                  for i in range(5)]
     seen: list[tuple] = []
-    assert b.pull(lambda m, v: seen.append((m, v)) or False) == [] and b.gets == 0
+    assert b.pull(lambda m, v: seen.append((m, v)) or None) == [] and b.gets == 0
     assert np.array_equal(seen[0][0], robots["rows"][next(iter(robots["rows"]))][0])  # the entry's key, exact
     assert b.pending() == published[:1:-1]  # the newest three
     dropped = [k for k, r in json.loads((tmp_path / "b.json").read_text())["sets"].items() if r["outcome"] == "dropped"]
     assert dropped == published[:2]
-    got = b.pull(lambda m, v: True, recheck=True)
-    assert sorted(p.key for p in got) == published[2:] and b.gets == 3 and b.pending() == []
+    target = float(seen[0][0].sum()) * 1.031  # nearest the 4th published set, then the 5th
+    near = lambda m, v: abs(float(m.sum()) - target)  # noqa: E731
+    assert [p.key for p in b.pull(near, recheck=True)] == [published[3]] and b.gets == 1
+    assert b.pull(near, recheck=True) == [] and b.gets == 1  # one judgement at a time
+    b.record(published[3], "adopted", "test")
+    assert [p.key for p in b.pull(near, recheck=True)] == [published[4]] and b.pending() == [published[2]]
 
 
 def test_a_tampered_or_mismatched_router_key_is_refused(robots, tmp_path, caplog):
@@ -357,12 +361,12 @@ def test_a_tampered_or_mismatched_router_key_is_refused(robots, tmp_path, caplog
     other = objects.router_key({k: v + 1 for k, v in robots["rows"].items()})
     path.write_text(json.dumps({**entry, "router": other}))  # a key that would route b's frames to it
     caplog.set_level(logging.INFO)
-    assert b.pull(lambda m, v: True) == [] and "tampered manifest entry" in _fleet_lines(caplog)[0]
+    assert b.pull(lambda m, v: 0.0) == [] and "tampered manifest entry" in _fleet_lines(caplog)[0]
     signed = objects.make_entry((tmp_path / "store" / "objects" / f"{res['object']}.safetensors").read_bytes(),
                                 {"lineage_id": robots["lineage"].id}, "a", robots["keys"]["a"][1], other)
     path.write_text(json.dumps(signed))  # signed, but the key is not the object's
     _, c = _fleets(robots, str(tmp_path / "store"))
-    assert c.pull(lambda m, v: True) == [] and "not the one its entry signs" in _fleet_lines(caplog)[-1]
+    assert c.pull(lambda m, v: 0.0) == [] and "not the one its entry signs" in _fleet_lines(caplog)[-1]
 
 
 def _bad_rows(robots) -> dict:
@@ -443,12 +447,14 @@ def test_the_fleet_options_come_from_the_config_file_too(robots, tmp_path):
     assert f'fleet = "{tmp_path / "store"}"' in res.stdout and "fleet-every = 5.0" in res.stdout
 
 
-def test_a_slow_store_holds_the_thread_not_the_loop(robots, tmp_path):
+def test_a_slow_store_holds_the_thread_not_the_loop(robots, tmp_path, monkeypatch):
+    from mas3_edge.fleet.store import FolderStore
     a, _ = _fleets(robots, str(tmp_path / "store"))
     a.publish(robots["rows"], {}, None)
+    real = FolderStore.get
+    # every read takes 0.6 s, from the thread's first pull on
+    monkeypatch.setattr(FolderStore, "get", lambda self, key, n: time.sleep(0.6) or real(self, key, n))
     runner, _ = _runner(robots, tmp_path, str(tmp_path / "store"), lazy=False)  # every set is b's to judge
-    real = runner.fleet.store.get
-    runner.fleet.store.get = lambda key, n: time.sleep(0.6) or real(key, n)  # every read takes 0.6 s
     try:
         t_end, slowest = time.monotonic() + 1.0, 0.0
         while time.monotonic() < t_end:

@@ -101,7 +101,8 @@ def pull_cmd(store: StoreArg, trust: TrustOpt, bundle: BundleOpt = None,
 
 
 def _concerns(root: Path, buffer: Path):
-    """Whether the buffer's newest frames would route to a set with a given router key (bank.ChunkDomain)."""
+    """The distance from the buffer's newest frames to a set with a given router key when they would route
+    to it (bank.ChunkDomain), else None."""
     from .. import bundle as bundles
     from ..bank import ChunkDomain
     from ..config import AdaptConfig
@@ -109,7 +110,7 @@ def _concerns(root: Path, buffer: Path):
     from ..runtime.fleet import DOMAIN_FRAMES
     net = bundles.load_version(root).net
     domain = ChunkDomain(net, load_frames(buffer, net.config.input_size, DOMAIN_FRAMES))
-    return lambda mean, var: domain.routes_to(mean, var, AdaptConfig.same_domain)
+    return lambda mean, var: domain.route_distance(mean, var, AdaptConfig.same_domain)
 
 
 def _judge(fleet, pulled, root: Path, buffer: Path, limit: int, serve: bool) -> dict:

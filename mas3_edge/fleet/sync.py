@@ -2,10 +2,11 @@
 remember what became of each (adopted, rejected by its gate, refused), so nothing is tried twice.
 
 Pulls are lazy when the caller says which router keys concern it (`concerns`: would this robot's
-newest frames route to a set with this key?). A set whose signed entry carries a key that does not
-concern the robot is recorded `pending`: its object is not fetched and it is not judged. Pending
-sets are weighed again when the caller says the frames changed (`recheck`), and fetched, verified
-and handed over for judgement once they concern it. At most MAX_PENDING are kept, the newest by
+newest frames route to a set with this key?). A set whose signed entry carries a key is recorded
+`pending`: its object is not fetched and it is not judged until the frames would route to it, and
+then only if it is the nearest such set and no other waits for its judgement. Pending sets are
+weighed again when the caller says the frames or the bank changed (`recheck`), and are fetched,
+verified and handed over for judgement exactly as an eager pull's. At most MAX_PENDING are kept, the newest by
 publish time; an older one is recorded `dropped` and never reconsidered. An entry made before
 entries carried a router key is fetched as before.
 
@@ -17,9 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Callable
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -34,9 +35,11 @@ log = logging.getLogger(__name__)
 SKEW_S = 300.0  # robots' clocks may disagree this much: entries are listed from that far before the newest seen
 MAX_ATTEMPTS = 3  # an object still truncated after this many pulls was half-written for good
 MAX_PENDING = 128  # sets kept pending (newest first): ~1.5 KB each in fleet.json
-PENDING = "its router key is not near this robot's newest frames: not fetched nor judged until they are"
+PENDING = "waits until this robot's newest frames would route to it (its signed router key): not fetched nor judged"
 
-Concerns = Callable[[np.ndarray, np.ndarray], bool]  # (router mean, router var) -> is the set for these frames?
+# (router mean, router var) -> the distance from this robot's frames to a set with that key when they
+# would route to it (the bank's test), None when they would not
+Concerns = Callable[[np.ndarray, np.ndarray], "float | None"]
 
 
 @dataclass
@@ -131,22 +134,41 @@ class Fleet:
                       key=entry_time, reverse=True)
 
     def pull(self, concerns: Concerns | None = None, recheck: bool = False) -> list[Pulled]:
-        """The new sets that pass verification (and concern this robot, with `concerns`); each refused
-        one is recorded with one log line. With `recheck` (or no `concerns`: every set concerns this
-        robot) the pending sets are weighed again first."""
-        out = []
-        if recheck or concerns is None:
-            for key in self.pending():
-                got = self.fetch(key, concerns, json.dumps(self.state["sets"][key]["entry"]).encode())
-                out += [got] if got is not None else []
-        for key in self.new_keys():
-            got = self.fetch(key, concerns)
-            out += [got] if got is not None else []
-            self.state["newest"] = max(self.state["newest"], entry_time(key))
-        self.waiting.update(p.key for p in out)
+        """The new sets that pass verification; each refused one is recorded with one log line.
+
+        With `concerns`, a set whose entry carries a router key is recorded pending, and of those the
+        frames would route to (`concerns` gives their distance) only the nearest is fetched, and only
+        when no set fetched before still waits for its judgement: frames route to one set, and once
+        it has joined the bank the others must be nearer still. With `recheck` the pending sets are
+        weighed again first. Without `concerns` every set is this robot's to judge, pending ones too."""
+        todo: list[tuple[str, bytes | None]] = [
+            (k, json.dumps(self.state["sets"][k]["entry"]).encode())
+            for k in (self.pending() if recheck or concerns is None else [])]
+        todo += [(k, None) for k in self.new_keys()]
+        out, routed = [], []
+        for key, data in todo:
+            if data is None:
+                self.state["newest"] = max(self.state["newest"], entry_time(key))
+            got = self._entry(key, data)
+            if got is None:
+                continue
+            entry, raw = got
+            router = objects.entry_router(entry)
+            if concerns is None or router is None:  # every set concerns this robot, or an entry made before keys
+                out.append(self._object(key, entry))
+                continue
+            self._defer(key, raw, entry)
+            dist = concerns(*router)
+            if dist is not None:
+                routed.append((dist, key, entry))
+        if routed and not self.waiting:
+            _, key, entry = min(routed, key=lambda r: r[0])
+            out.append(self._object(key, entry))
+        pulled = [p for p in out if p is not None]
+        self.waiting.update(p.key for p in pulled)
         self._bound_pending()
         self.save_state()
-        return out
+        return pulled
 
     def _defer(self, key: str, entry_json: bytes, entry: dict) -> None:
         if self.state["sets"].get(key, {}).get("outcome") != "pending":
@@ -160,21 +182,25 @@ class Fleet:
             self.state["sets"][key] = {"outcome": "dropped", "reason": f"{MAX_PENDING} newer sets pending",
                                        "time": time.time(), "object": r["object"], "robot": r["robot"]}
 
-    def fetch(self, key: str, concerns: Concerns | None = None, data: bytes | None = None) -> Pulled | None:
-        """One entry (read from the store, or `data`) and its object, verified; None when refused
-        (recorded), not complete yet, or pending: its router key does not concern this robot."""
+    def _entry(self, key: str, data: bytes | None) -> tuple[dict, bytes] | None:
+        """A manifest entry (read from the store, or `data`), verified, with its bytes; None when
+        refused (recorded), not complete yet, or this robot's own."""
         try:
             if data is None:
                 data = self.store.get(key, objects.MAX_ENTRY_BYTES)
                 self.bytes_in += len(data)
             entry = objects.verify_entry(data, self.trust, self.lineage.id)
-            if self.key is not None and entry["signer"].lower() == objects.public_hex(self.key):
-                self.record(key, "own", "published by this robot", object=entry["object"], robot=entry["robot"])
-                return None
-            router = objects.entry_router(entry)
-            if concerns is not None and router is not None and not concerns(*router):
-                self._defer(key, data, entry)
-                return None
+        except (Refused, Incomplete) as e:
+            self._failed(key, e)
+            return None
+        if self.key is not None and entry["signer"].lower() == objects.public_hex(self.key):
+            self.record(key, "own", "published by this robot", object=entry["object"], robot=entry["robot"])
+            return None
+        return entry, data
+
+    def _object(self, key: str, entry: dict) -> Pulled | None:
+        """The object a verified entry names, fetched and verified; None when refused or not complete."""
+        try:
             try:
                 obj = self.store.get(object_key(entry["object"]), entry["size"])
             except FileNotFoundError:
@@ -182,17 +208,21 @@ class Fleet:
             self.bytes_in += len(obj)
             self.gets += 1
             header, rows = objects.verify_object(obj, entry, self.lineage)
-        except Refused as e:
-            log.warning("fleet: refused %s: %s", key, e)
-            self.record(key, "refused", str(e))
-            return None
-        except Incomplete as e:
-            n = self.state["attempts"].get(key, 0) + 1
-            self.state["attempts"][key] = n
-            if n >= MAX_ATTEMPTS:
-                log.warning("fleet: refused %s: %s, %d times", key, e, n)
-                self.record(key, "refused", f"{e}, {n} times")
-            else:
-                log.warning("fleet: %s: %s; will try again", key, e)
+        except (Refused, Incomplete) as e:
+            self._failed(key, e)
             return None
         return Pulled(key, entry, header, rows, obj)
+
+    def _failed(self, key: str, e: Exception) -> None:
+        """A refused set is recorded for good; an incomplete one is tried again, MAX_ATTEMPTS times."""
+        if isinstance(e, Refused):
+            log.warning("fleet: refused %s: %s", key, e)
+            self.record(key, "refused", str(e))
+            return
+        n = self.state["attempts"].get(key, 0) + 1
+        self.state["attempts"][key] = n
+        if n >= MAX_ATTEMPTS:
+            log.warning("fleet: refused %s: %s, %d times", key, e, n)
+            self.record(key, "refused", f"{e}, {n} times")
+        else:
+            log.warning("fleet: %s: %s; will try again", key, e)
