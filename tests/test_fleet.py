@@ -351,6 +351,8 @@ def test_the_pending_list_keeps_the_newest_and_the_frames_take_the_nearest(robot
     assert b.pull(near, recheck=True) == [] and b.gets == 1  # one judgement at a time
     b.record(published[3], "adopted", "test")
     assert [p.key for p in b.pull(near, recheck=True)] == [published[4]] and b.pending() == [published[2]]
+    b.record(published[4], "rejected", "test")  # its key stays: a farther set is not judged for these frames
+    assert b.pull(near, recheck=True) == [] and b.pending() == [published[2]] and b.gets == 2
 
 
 def test_a_tampered_or_mismatched_router_key_is_refused(robots, tmp_path, caplog):

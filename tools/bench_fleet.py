@@ -4,7 +4,7 @@ their own domains with no round of their own (--no-adapt) and pull, judge and se
 B, C and D meet night frames.
 
     python tools/bench_fleet.py                          # A night; B fog, C rain, D realistic
-    python tools/bench_fleet.py --paper 1000             # the store's load for 1,000 robots, from the JSON
+    python tools/bench_fleet.py --paper 1000             # the store's and the robots' load for 1,000 robots
 
 Reports the time from A's accepted round to A's set serving on each robot (its swap event), the
 live mIoU of B, C and D on night (their own night seed) served by the source before and by the
@@ -104,9 +104,11 @@ def main() -> None:
                     "for this many robots of one lineage, from the bytes per set in --out, and exit")
     ap.add_argument("--rounds-per-hour", type=float, default=1.0)
     ap.add_argument("--fleet-every", type=float, default=30.0, help="each robot's pull interval (s), for --paper")
+    ap.add_argument("--met-per-hour", type=int, default=2, help="distinct domains a robot meets per hour, for --paper")
+    ap.add_argument("--fleet-domains", type=int, default=10, help="distinct domains the fleet's sets are of, for --paper")
     args = ap.parse_args()
     if args.paper:
-        return paper(args.paper, args.rounds_per_hour, args.fleet_every, json.loads(args.out.read_text()))
+        return paper(args, json.loads(args.out.read_text()))
     work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     names = ["a"] + [chr(ord("b") + i) for i in range(len(args.domains))]
     port = free_port()
@@ -189,25 +191,49 @@ def bench(work: Path, names: list[str], args, env: dict, port: int) -> dict:
                      "source version before and by the version holding A's set after."}
 
 
-def paper(robots: int, rounds: float, every_s: float, measured: dict) -> None:
-    """Operations and bytes per hour on the store for `robots` robots of one lineage, each with
-    `rounds` accepted rounds an hour and a pull every `every_s` seconds; each robot fetches each
-    other robot's set once (entry, then object) and rewrites its status at most once a pull."""
+def router_key_bytes() -> tuple[int, int]:
+    """(bytes the router key adds to a manifest entry, its channels) for the packaged model's lineage."""
+    from mas3_edge import bank, bundle
+    from mas3_edge.fleet.objects import router_key
+    rows = {k: v.numpy() for k, v in bank.export_set(bundle.load_version(DEFAULT_BUNDLE).net).items()}
+    return len(', "router": ' + json.dumps(router_key(rows), sort_keys=True)), next(iter(rows.values())).shape[1]
+
+
+def paper(args, measured: dict) -> None:
+    """Operations and bytes per hour on the store, and judgements per robot, for `args.paper` robots
+    of one lineage, each with `args.rounds_per_hour` accepted rounds and a pull every `args.fleet_every`
+    seconds. Every robot reads every other robot's entry; under lazy judging it fetches and judges a
+    set only when its newest frames would route to it: a set of a domain it meets, nearer to its
+    frames than every set it holds or its gate rejected, one at a time. If the sets of one domain come
+    in no particular order of nearness, that is H(n) = 1 + 1/2 + ... + 1/n of the n sets of that
+    domain an hour; at worst (each set nearer than all before it) all n."""
+    robots, rounds, every_s = args.paper, args.rounds_per_hour, args.fleet_every
     obj = max(measured["bytes_per_set"]["object"])
-    entry = max(measured["bytes_per_set"]["entry"])
+    key, channels = router_key_bytes()
+    entry = max(measured["bytes_per_set"]["entry"]) + key
     sets = robots * rounds  # published per hour, fleet-wide
-    fetched = robots * (sets - rounds)  # each robot fetches every set but its own
+    others = sets - rounds  # each robot reads every set but its own
+    per_domain = others / args.fleet_domains
+    lazy = args.met_per_hour * sum(1 / i for i in range(1, int(round(per_domain)) + 1))
+    worst = args.met_per_hour * per_domain
+    judged_s = max((r["judged_in_s"] or 0.0) for r in measured["fleet"])
     rows = [("PUT object + entry (publish)", 2 * sets, sets * (obj + entry)),
             ("PUT robot status (at most one a pull)", robots * min(3600 / every_s, sets), None),
             ("LIST new keys (one page each)", robots * 3600 / every_s, None),
-            ("GET entry + object (pull)", 2 * fetched, fetched * (obj + entry))]
-    print(f"{robots} robots, {rounds:g} round(s) per robot per hour, a pull every {every_s:g} s; "
-          f"a set is {obj} bytes + a {entry}-byte entry (measured)")
-    print(f"{'operation':36} {'per hour':>14} {'per second':>11} {'bytes per hour':>16}")
+            ("GET entry (every robot, every set)", robots * others, robots * others * entry),
+            ("GET object (lazy: expected)", robots * lazy, robots * lazy * obj),
+            ("GET object (eager: every set)", robots * others, robots * others * obj)]
+    print(f"{robots} robots, {rounds:g} round(s) per robot per hour, a pull every {every_s:g} s; a set is {obj} bytes "
+          f"+ an entry of {entry} bytes ({entry - key} measured + {key} for the router key of {channels} channels)")
+    print(f"lazy judging: a robot meets {args.met_per_hour} domain(s) an hour; the fleet's sets are of "
+          f"{args.fleet_domains} domains, so {per_domain:,.1f} sets of each an hour")
+    print(f"{'operation':38} {'per hour':>14} {'per second':>11} {'bytes per hour':>16}")
     for name, n, b in rows:
-        print(f"{name:36} {n:>14,.0f} {n / 3600:>11,.1f} {'-' if b is None else f'{b:,.0f}':>16}")
-    print(f"per robot: {fetched / robots:,.0f} sets fetched and judged per hour, "
-          f"{fetched * (obj + entry) / robots:,.0f} bytes in per hour")
+        print(f"{name:38} {n:>14,.0f} {n / 3600:>11,.1f} {'-' if b is None else f'{b:,.0f}':>16}")
+    print(f"per robot per hour: {others:,.0f} entries read ({others * entry:,.0f} bytes); sets fetched and judged: "
+          f"{lazy:.1f} expected, {worst:,.0f} at worst (lazy), {others:,.0f} (eager)")
+    print(f"judging at the measured {judged_s:.1f} s a set (three at once on 2 cores): {lazy * judged_s / 60:.1f} "
+          f"min an hour expected, {worst * judged_s / 60:,.0f} min at worst, {others * judged_s / 60:,.0f} min eager")
 
 
 def print_table(r: dict) -> None:

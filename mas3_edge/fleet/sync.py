@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 SKEW_S = 300.0  # robots' clocks may disagree this much: entries are listed from that far before the newest seen
 MAX_ATTEMPTS = 3  # an object still truncated after this many pulls was half-written for good
 MAX_PENDING = 128  # sets kept pending (newest first): ~1.5 KB each in fleet.json
+MAX_REJECTED_KEYS = 32  # router keys of the newest sets this robot's gate rejected: a set farther than one is not judged
 PENDING = "waits until this robot's newest frames would route to it (its signed router key): not fetched nor judged"
 
 # (router mean, router var) -> the distance from this robot's frames to a set with that key when they
@@ -68,14 +69,19 @@ class Fleet:
             state = json.loads(self.state_path.read_text()) if self.state_path else {}
         except (OSError, ValueError):
             state = {}
-        return {"newest": state.get("newest", 0.0), "sets": state.get("sets", {}), "attempts": state.get("attempts", {})}
+        return {"newest": state.get("newest", 0.0), "sets": state.get("sets", {}), "attempts": state.get("attempts", {}),
+                "rejected_keys": state.get("rejected_keys", [])}
 
     def save_state(self) -> None:
         if self.state_path is not None:
             atomic_write_json(self.state_path, self.state)
 
     def record(self, key: str, outcome: str, reason: str, **info) -> None:
-        """Remember what became of a set: a recorded set is never fetched or judged again."""
+        """Remember what became of a set: a recorded set is never fetched or judged again. A rejected
+        set's router key is kept: frames that would route to it must be nearer another set to judge it."""
+        router = (self.state["sets"].get(key) or {}).get("entry", {}).get("router")
+        if outcome == "rejected" and router is not None:
+            self.state["rejected_keys"] = [router, *self.state["rejected_keys"]][:MAX_REJECTED_KEYS]
         self.state["sets"][key] = {"outcome": outcome, "reason": reason, "time": time.time(), **info}
         self.state["attempts"].pop(key, None)
         self.waiting.discard(key)
@@ -161,6 +167,9 @@ class Fleet:
             dist = concerns(*router)
             if dist is not None:
                 routed.append((dist, key, entry))
+        if routed and concerns is not None:
+            floor = self._rejected_floor(concerns)
+            routed = [r for r in routed if r[0] < floor]  # nearer than every set rejected here for these frames
         if routed and not self.waiting:
             _, key, entry = min(routed, key=lambda r: r[0])
             out.append(self._object(key, entry))
@@ -169,6 +178,14 @@ class Fleet:
         self._bound_pending()
         self.save_state()
         return pulled
+
+    def _rejected_floor(self, concerns: Concerns) -> float:
+        """The distance from the frames to the nearest set this robot's gate rejected that they would
+        route to: a set judged for these frames counts as held, adopted or not, so the judgements a
+        domain costs do not grow with the sets the gate turns down."""
+        keys = (objects.entry_router({"router": r}) for r in self.state["rejected_keys"])
+        dists = (concerns(*k) for k in keys if k is not None)
+        return min((d for d in dists if d is not None), default=float("inf"))
 
     def _defer(self, key: str, entry_json: bytes, entry: dict) -> None:
         if self.state["sets"].get(key, {}).get("outcome") != "pending":
