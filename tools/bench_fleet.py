@@ -1,13 +1,14 @@
 """A simulated fleet on one machine: robot processes on different synthetic domains sharing one S3
 store (moto's S3 API server on loopback). Robot A serves night and adapts; robots B, C and D serve
-their own domains with no round of their own (--no-adapt) and pull, judge and serve A's set. Then
-B, C and D meet night frames.
+their own domains with no round of their own (--no-adapt), where A's set stays pending on them
+(lazy judging: not fetched, not judged). Then B, C and D meet night frames: A's set concerns them,
+and they fetch, judge and serve it.
 
     python tools/bench_fleet.py                          # A night; B fog, C rain, D realistic
     python tools/bench_fleet.py --paper 1000             # the store's and the robots' load for 1,000 robots
 
-Reports the time from A's accepted round to A's set serving on each robot (its swap event), the
-live mIoU of B, C and D on night (their own night seed) served by the source before and by the
+Reports whether A's set stayed pending on each robot while it served its own domain, the time
+from its meeting night (the night run's start) to A's set serving (its swap event), the live mIoU of B, C and D on night (their own night seed) served by the source before and by the
 pulled set after, with no round of their own, and the bytes per set (object and manifest entry).
 Every robot is a real `mas3-edge run --fleet s3://...` process. Writes docs/results/bench_fleet.json.
 """
@@ -139,35 +140,8 @@ def bench(work: Path, names: list[str], args, env: dict, port: int) -> dict:
     url = "s3://fleet/bench"
     pullers = names[1:]
     before = night_miou(pullers, work, args, env, "before")
-    t0 = time.time()
-    procs = {n: spawn(run_cmd(n, f"synthetic://{d}", work, args, url, False, ["--fps", "4", "--events", str(work / f"{n}.events")]),
-                      work / f"{n}.log", env) for n, d in zip(pullers, args.domains)}
-    procs["a"] = spawn(run_cmd("a", "synthetic://night", work, args, url, True,
-                               ["--fps", "8", "--round-every-frames", str(args.round_every),
-                                "--events", str(work / "a.events")]), work / "a.log", env)
-    accepted, swapped = None, {}
-    while time.time() - t0 < args.timeout and (accepted is None or len(swapped) < len(pullers)):
-        time.sleep(1.0)
-        if accepted is None:
-            accepted = next((e for e in events(work / "a.events") if e["event"] == "round"
-                             and e.get("outcome") == "accepted"), None)
-            if accepted is not None:
-                print(f"A's round accepted after {accepted['time'] - t0:.0f} s", flush=True)
-        elif procs["a"].poll() is None and open_store(url).list_after("objects"):
-            procs["a"].send_signal(signal.SIGTERM)  # A's set is out: its later rounds would only take the CPU
-        for n in pullers:
-            ev = events(work / f"{n}.events")
-            judged = next((e for e in ev if e["event"] == "fleet" and e.get("outcome") == "accepted"), None)
-            if judged and n not in swapped:
-                swap = next((e for e in ev if e["event"] == "swap" and e["to"] == judged["version"]), None)
-                if swap:
-                    swapped[n] = {"judged": judged, "swap_time": swap["time"]}
-                    print(f"{n} serves A's set as {judged['version']}", flush=True)
-    for p in procs.values():
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs.values():
-        p.wait(timeout=60)
+    accepted, pending = own_domains(work, pullers, args, env, url)
+    swapped = meet_night(work, pullers, args, env, url)
     after = night_miou(pullers, work, args, env, "after")
     store = open_store(url)
     objs = store.list_after("objects")
@@ -176,19 +150,92 @@ def bench(work: Path, names: list[str], args, env: dict, port: int) -> dict:
     rows = []
     for i, n in enumerate(pullers):
         s = swapped.get(n)
-        rows.append({"robot": n, "domain": args.domains[i],
-                     "seconds_to_serving": None if s is None or accepted is None else s["swap_time"] - accepted["time"],
+        rows.append({"robot": n, "domain": args.domains[i], "pending_on_own_domain": pending.get(n),
+                     "seconds_to_serving": None if s is None else s["swap_time"] - s["night_start"],
                      "judged_in_s": None if s is None else s["judged"]["seconds"],
                      "judgement": None if s is None else s["judged"]["reason"],
                      "night_miou_before": before[n]["miou"], "night_miou_after": after[n]["miou"],
                      "version_after": after[n]["version"]})
     return {"command": "python " + " ".join(sys.argv), "robots": len(names), "store": "moto S3 server on loopback",
-            "a_round": None if accepted is None else {"seconds_after_start": accepted["time"] - t0,
+            "a_round": None if accepted is None else {"seconds_after_start": accepted["seconds_after_start"],
                                                       "reason": accepted.get("reason"), "version": accepted.get("version")},
             "sets_published": len(objs), "bytes_per_set": sizes, "fleet": rows,
-            "notes": "B, C and D run with --no-adapt: no round of their own; night mIoU is the runtime's live "
+            "notes": "B, C and D run with --no-adapt: no round of their own. While they serve their own domains "
+                     "A's set stays pending on them (not fetched, not judged); then they serve night frames "
+                     "(seeds 21..) and 'to serving' runs from that run's start to the swap to A's set. Night mIoU "
+                     "is the runtime's live "
                      f"mIoU over {args.eval_frames} labelled synthetic night frames (seeds 11..), served by the "
                      "source version before and by the version holding A's set after."}
+
+
+def own_domains(work: Path, pullers: list[str], args, env: dict, url: str) -> tuple[dict | None, dict]:
+    """A adapts to night while B, C, D serve their own domains: A's set must stay pending on them.
+    -> (A's accepted round event, {robot: whether A's set is recorded pending in its fleet.json})."""
+    from mas3_edge.fleet.store import open_store
+    t0 = time.time()
+    procs = {n: spawn(run_cmd(n, f"synthetic://{d}", work, args, url, False, ["--fps", "4", "--events", str(work / f"{n}.events")]),
+                      work / f"{n}.log", env) for n, d in zip(pullers, args.domains)}
+    procs["a"] = spawn(run_cmd("a", "synthetic://night", work, args, url, True,
+                               ["--fps", "8", "--round-every-frames", str(args.round_every),
+                                "--events", str(work / "a.events")]), work / "a.log", env)
+    accepted, pending, published = None, {}, None
+    while time.time() - t0 < args.timeout:
+        time.sleep(1.0)
+        if accepted is None:
+            accepted = next((e for e in events(work / "a.events") if e["event"] == "round"
+                             and e.get("outcome") == "accepted"), None)
+            if accepted is not None:
+                accepted = {**accepted, "seconds_after_start": accepted["time"] - t0}
+                print(f"A's round accepted after {accepted['seconds_after_start']:.0f} s", flush=True)
+            continue
+        store = open_store(url)
+        objs = store.list_after("objects")
+        if not objs:
+            continue
+        if published is None:
+            published = time.time()
+            procs["a"].send_signal(signal.SIGTERM)  # A's set is out: its later rounds would only take the CPU
+        short = objs[0].rsplit("/", 1)[-1][:16]
+        for n in pullers:  # what `fleet ls` shows: A's set pending on the robot (its status object)
+            try:
+                pending[n] = short in json.loads(store.get(f"robots/{n}.json", 1 << 20)).get("pending", [])
+            except (FileNotFoundError, ValueError):
+                pass
+        if all(pending.get(n) for n in pullers) or time.time() - published > 60:
+            break
+    stop(procs)
+    return accepted, pending
+
+
+def meet_night(work: Path, pullers: list[str], args, env: dict, url: str) -> dict:
+    """B, C, D serve night frames (no round of their own): A's pending set concerns them now.
+    -> {robot: {"judged": fleet event, "night_start": start event time, "swap_time": swap event time}}."""
+    t0 = time.time()
+    procs = {n: spawn(run_cmd(n, f"synthetic://night?seed={21 + i}", work, args, url, False,
+                              ["--fps", "4", "--events", str(work / f"{n}-night.events")]), work / f"{n}-night.log", env)
+             for i, n in enumerate(pullers)}
+    swapped: dict = {}
+    while time.time() - t0 < args.timeout and len(swapped) < len(pullers):
+        time.sleep(1.0)
+        for n in pullers:
+            ev = events(work / f"{n}-night.events")
+            judged = next((e for e in ev if e["event"] == "fleet" and e.get("outcome") == "accepted"), None)
+            swap = judged and next((e for e in ev if e["event"] == "swap" and e["to"] == judged["version"]), None)
+            if swap and n not in swapped:
+                start = next(e["time"] for e in ev if e["event"] == "start")
+                swapped[n] = {"judged": judged, "night_start": start, "swap_time": swap["time"]}
+                print(f"{n} serves A's set as {judged['version']}, {swap['time'] - start:.0f} s after meeting night",
+                      flush=True)
+    stop(procs)
+    return swapped
+
+
+def stop(procs: dict) -> None:
+    for p in procs.values():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs.values():
+        p.wait(timeout=60)
 
 
 def router_key_bytes() -> tuple[int, int]:
@@ -240,10 +287,12 @@ def print_table(r: dict) -> None:
     print(f"\nA's round: {r['a_round']}")
     print(f"sets published: {r['sets_published']}; bytes per set: object {r['bytes_per_set']['object']}, "
           f"manifest entry {r['bytes_per_set']['entry']}")
-    print(f"{'robot':6} {'domain':10} {'to serving s':>12} {'judged s':>9} {'night before':>13} {'night after':>12}")
+    print(f"{'robot':6} {'domain':10} {'pending':>8} {'to serving s':>12} {'judged s':>9} {'night before':>13} "
+          f"{'night after':>12}")
     f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     for row in r["fleet"]:
-        print(f"{row['robot']:6} {row['domain']:10} {f(row['seconds_to_serving']):>12} {f(row['judged_in_s']):>9} "
+        print(f"{row['robot']:6} {row['domain']:10} {str(row.get('pending_on_own_domain', '-')):>8} "
+              f"{f(row['seconds_to_serving']):>12} {f(row['judged_in_s']):>9} "
               f"{f(row['night_miou_before']):>13} {f(row['night_miou_after']):>12}")
 
 
