@@ -6,9 +6,9 @@ newest frames route to a set with this key?). A set whose signed entry carries a
 `pending`: its object is not fetched and it is not judged until the frames would route to it, and
 then only if it is the nearest such set and no other waits for its judgement. Pending sets are
 weighed again when the caller says the frames or the bank changed (`recheck`), and are fetched,
-verified and handed over for judgement exactly as an eager pull's. At most MAX_PENDING are kept, the newest by
-publish time; an older one is recorded `dropped` and never reconsidered. An entry made before
-entries carried a router key is fetched as before.
+verified and handed over for judgement exactly as an eager pull's. At most MAX_PENDING are kept,
+the newest by publish time; an older one is recorded `dropped` and never reconsidered. An entry
+made before entries carried a router key is fetched as before.
 
 No torch here: verification is bytes, hashes and signatures. Store errors (down, slow, missing
 bucket) are left to the caller, which backs off; everything about one set is decided here.
