@@ -159,7 +159,7 @@ def bench(work: Path, names: list[str], args, env: dict, port: int) -> dict:
     return {"command": "python " + " ".join(sys.argv), "robots": len(names), "store": "moto S3 server on loopback",
             "a_round": None if accepted is None else {"seconds_after_start": accepted["seconds_after_start"],
                                                       "reason": accepted.get("reason"), "version": accepted.get("version")},
-            "sets_published": len(objs), "bytes_per_set": sizes, "fleet": rows,
+            "sets_published": len(objs), "bytes_per_set": sizes, "entry_has_router_key": True, "fleet": rows,
             "notes": "B, C and D run with --no-adapt: no round of their own. While they serve their own domains "
                      "A's set stays pending on them (not fetched, not judged); then they serve night frames "
                      "(seeds 21..) and 'to serving' runs from that run's start to the swap to A's set. Night mIoU "
@@ -257,7 +257,8 @@ def paper(args, measured: dict) -> None:
     robots, rounds, every_s = args.paper, args.rounds_per_hour, args.fleet_every
     obj = max(measured["bytes_per_set"]["object"])
     key, channels = router_key_bytes()
-    entry = max(measured["bytes_per_set"]["entry"]) + key
+    added = 0 if measured.get("entry_has_router_key") else key  # a run before entries carried the key
+    entry = max(measured["bytes_per_set"]["entry"]) + added
     sets = robots * rounds  # published per hour, fleet-wide
     others = sets - rounds  # each robot reads every set but its own
     per_domain = others / args.fleet_domains
@@ -271,7 +272,8 @@ def paper(args, measured: dict) -> None:
             ("GET object (lazy: expected)", robots * lazy, robots * lazy * obj),
             ("GET object (eager: every set)", robots * others, robots * others * obj)]
     print(f"{robots} robots, {rounds:g} round(s) per robot per hour, a pull every {every_s:g} s; a set is {obj} bytes "
-          f"+ an entry of {entry} bytes ({entry - key} measured + {key} for the router key of {channels} channels)")
+          f"+ an entry of {entry} bytes ({entry - added} measured, {key} of them the router key of {channels} channels"
+          + (" added to a run without it)" if added else ")"))
     print(f"lazy judging: a robot meets {args.met_per_hour} domain(s) an hour; the fleet's sets are of "
           f"{args.fleet_domains} domains, so {per_domain:,.1f} sets of each an hour")
     print(f"{'operation':38} {'per hour':>14} {'per second':>11} {'bytes per hour':>16}")
