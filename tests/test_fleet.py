@@ -369,6 +369,11 @@ def test_a_tampered_or_mismatched_router_key_is_refused(robots, tmp_path, caplog
     path.write_text(json.dumps(signed))  # signed, but the key is not the object's
     _, c = _fleets(robots, str(tmp_path / "store"))
     assert c.pull(lambda m, v: 0.0) == [] and "not the one its entry signs" in _fleet_lines(caplog)[-1]
+    signed = objects.make_entry((tmp_path / "store" / "objects" / f"{res['object']}.safetensors").read_bytes(),
+                                {"lineage_id": robots["lineage"].id}, "a", robots["keys"]["a"][1])
+    path.write_text(json.dumps(signed))  # an entry made before entries carried a key: fetched as before
+    _, d = _fleets(robots, str(tmp_path / "store"))
+    assert [p.key for p in d.pull(lambda m, v: None)] == [res["entry"]] and d.gets == 1
 
 
 def _bad_rows(robots) -> dict:
