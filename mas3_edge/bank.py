@@ -9,7 +9,8 @@ frame with that set. The network's convs and weights are untouched.
 
 The functions below the layer are the bank's API, on a whole network: `select` (the set a round
 adapts), `route`, `reset_affine`, `reset_statistics`, `source_path`, `one_set`, `add_set`,
-`drop_set`, `count`, `mark_source`, and `export_set` / `import_set` (one set by layer name: what
+`drop_set`, `count`, `mark_source`, `ChunkDomain` (would a chunk route to a set
+made elsewhere?), and `export_set` / `import_set` (one set by layer name: what
 a fleet shares). Nothing outside this file touches the sets' tensors.
 """
 from __future__ import annotations
@@ -317,27 +318,64 @@ def import_set(net: nn.Module, rows: dict[str, torch.Tensor], keep: int) -> None
 
 
 @torch.no_grad()
-def select(net: SegModel, frames: np.ndarray, keep: int, same_domain: float = AdaptConfig.same_domain,
-           batch_size: int = 8) -> str:
-    """Before a round that keeps the source set: make the set of this chunk's domain the working
-    set, or start a new one from the source's. The chunk's pooled stem statistics are compared
-    (Gaussian KL) with every set's: it is of the nearest adapted set's domain unless the source set
-    is nearer still, or that set is farther than `same_domain` times the spread of the chunk's own
-    frames around their pool. Returns which it chose ("working", "banked N" or "new")."""
+def chunk_stats(net: SegModel, frames: np.ndarray, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(mean, var, spread) of a chunk as the router sees it: its frames' stem statistics pooled,
+    (1, C) each, and the median Gaussian KL of its frames around that pool."""
     net.eval()
     stats = [stem_stats(net, net.stem(to_device(frames[i:i + batch_size], net)))
              for i in range(0, len(frames), batch_size)]
     m, v = (torch.cat(t) for t in zip(*stats))  # (N, C) each
     mu = m.mean(0, keepdim=True)
     var = (v + m ** 2).mean(0, keepdim=True) - mu ** 2  # the chunk pooled: (1, C)
-    spread = gaussian_kl(m, v, mu, var).median()
+    return mu, var, float(gaussian_kl(m, v, mu, var).median())
+
+
+def of_domain(dist: float, nearest_other: float, spread: float, same_domain: float) -> bool:
+    """The bank's test that a chunk is of a set's domain: that set (at Gaussian KL `dist` from the
+    chunk's pool) is nearer than the source set and every other set it is weighed against
+    (`nearest_other`), and no farther than `same_domain` times the chunk's own spread."""
+    return dist < nearest_other and dist <= same_domain * spread
+
+
+@torch.no_grad()
+def select(net: SegModel, frames: np.ndarray, keep: int, same_domain: float = AdaptConfig.same_domain,
+           batch_size: int = 8) -> str:
+    """Before a round that keeps the source set: make the set of this chunk's domain the working
+    set, or start a new one from the source's. The chunk's pooled stem statistics are compared
+    (Gaussian KL) with every set's: it is of the nearest adapted set's domain unless the source set
+    is nearer still, or that set is farther than `same_domain` times the spread of the chunk's own
+    frames around their pool (`of_domain`). Returns which it chose ("working", "banked N" or "new")."""
+    mu, var, spread = chunk_stats(net, frames, batch_size)
     dist = distances(net, mu, var)[0]  # (S + 1,): source, banked adapted sets, the working set
     row: int | None = int(dist[1:].argmin()) + 1
-    log.info("set distances %s, spread %.4f", [round(float(d), 4) for d in dist], float(spread))
-    if dist[row] >= dist[0] or dist[row] > same_domain * spread:
+    log.info("set distances %s, spread %.4f", [round(float(d), 4) for d in dist], spread)
+    if not of_domain(float(dist[row]), float(dist[0]), spread, same_domain):
         row = None
     activate(net, row, keep)
     return "new" if row is None else "working" if row == len(dist) - 1 else f"banked {row}"
+
+
+class ChunkDomain:
+    """What the router makes of a chunk of frames, against the sets a network holds: enough to
+    tell, from a set's router key alone (its first layer's mean and var), whether the chunk would
+    route to that set were it added to the bank (`route_distance`)."""
+
+    @torch.no_grad()
+    def __init__(self, net: SegModel, frames: np.ndarray):
+        self.mean, self.var, self.spread = chunk_stats(net, frames)
+        self.eps = _router(net).eps
+        self.nearest = float(distances(net, self.mean, self.var)[0].min())  # the source set's included
+
+    @torch.no_grad()
+    def route_distance(self, key_mean: np.ndarray, key_var: np.ndarray, same_domain: float) -> float | None:
+        """The Gaussian KL from the chunk to a set with this router key when the chunk is of that set's
+        domain by `select`'s test (the set nearer than every set held, and within `same_domain` times
+        the chunk's spread); None otherwise."""
+        mean, var = (torch.as_tensor(np.array(a, np.float32)).to(self.mean)[None] for a in (key_mean, key_var))
+        if mean.shape != self.mean.shape or var.shape != self.var.shape:
+            return None  # not this network's router: the judgement would refuse it anyway
+        dist = float(gaussian_kl(self.mean, self.var, mean, var + self.eps)[0, 0])
+        return dist if of_domain(dist, self.nearest, self.spread, same_domain) else None
 
 
 @torch.no_grad()

@@ -6,6 +6,12 @@ the serving loop nothing. A verified set waits for the loop's `tick`, which judg
 process like a round (the same child entry, the same judgement, the same begin/commit marks on the
 version it writes) while no round runs, and moves the SERVING pointer when the set was accepted.
 The thread alone touches the fleet's state file: the loop hands it outcomes through a queue.
+
+Judging is lazy: the thread fetches and hands over only the sets whose router key (signed, in the
+manifest entry) the robot's newest buffered frames would route to, by the bank's own test
+(bank.ChunkDomain: nearer than every set the serving version holds, within `same_domain` times the
+frames' spread). The others stay pending, and are weighed again at a pull after the buffer's newest
+frame or the serving version changed: the stem of DOMAIN_FRAMES frames and a distance per set.
 """
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from mas3_edge.errors import UserError
 from mas3_edge.store import BundleStore
 
@@ -29,6 +37,7 @@ from .scheduler import ScheduleConfig, _child
 log = logging.getLogger(__name__)
 
 STATE_FILE = "fleet.json"  # in the bundle: what became of each set this robot saw
+DOMAIN_FRAMES = 32  # the newest buffered frames whose domain decides which sets concern this robot
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,7 @@ class FleetConfig:
     every_s: float = 30.0  # seconds between pulls
     timeout_s: float = 600.0  # a judgement that takes longer is a crashed one
     backoff_s: float = 1.0  # the first wait after a store failure (then doubled, up to a minute)
+    lazy: bool = True  # judge only the sets this robot's frames would route to (False: every set)
 
     def __post_init__(self) -> None:
         if not self.every_s > 0:
@@ -80,6 +90,11 @@ class FleetRunner:
         # the status object is rewritten at most once a pull interval: a robot judging many sets in a row
         # must not turn each into a PUT
         self._announce_due, self._announced = True, -float("inf")
+        self._weighed: tuple | None = None  # (serving version, newest frame) the pending sets were last weighed on
+        self._domain: tuple = (None, None)  # (that pair, bank.ChunkDomain of those frames or None), computed on need
+        self._nets: dict = {}  # serving version -> its network, for the router's distances
+        from mas3_edge.config import round_configs
+        self._same_domain = round_configs(dict(schedule.adapt))[0].same_domain  # the robot's own rounds' threshold
         self._proc, self._job = None, {}
         self._stop = threading.Event()
         self._ctx = mp.get_context("spawn")
@@ -211,14 +226,54 @@ class FleetRunner:
         elif item[0] == "record":
             _, key, outcome, reason, info = item
             self.fleet.record(key, outcome, reason, **info)
+            self._weighed = None  # a judgement ended: the pending sets are weighed again at the next pull
         else:
             self._announce_due = True
 
     def _pull(self) -> None:
-        for pulled in self.fleet.pull():
+        at = self._frames_at()
+        recheck, self._weighed = at != self._weighed, at
+        before = len(self.fleet.pending())
+        for pulled in self.fleet.pull(self._concerns if self.cfg.lazy else None, recheck):
             self._ready.append(pulled)
             log.info("fleet: pulled set %s of %s (%d bytes), verified", pulled.entry["object"][:12],
                      pulled.entry["robot"], len(pulled.data))
+        now = len(self.fleet.pending())
+        if now != before:
+            self._announce_due = True
+            log.info("fleet: %d sets pending: not for this robot's newest frames, neither fetched nor judged", now)
+
+    def _frames_at(self) -> tuple:
+        """(serving version, newest buffered frame): what a set's concern for this robot depends on."""
+        from mas3_edge.data import list_images
+        try:
+            newest = list_images(self.frames)[-1].name
+        except (UserError, IndexError, OSError):
+            newest = None
+        return self.bstore.serving(), newest
+
+    def _concerns(self, mean: np.ndarray, var: np.ndarray) -> float | None:
+        """The distance from this robot's newest buffered frames to a set with this router key when
+        they would route to it; None when not."""
+        at = self._weighed  # this pull's: the buffer is listed once a pull, not once a set
+        if self._domain[0] != at:
+            self._domain = (at, self._chunk_domain(*at))
+        domain = self._domain[1]
+        return None if domain is None else domain.route_distance(mean, var, self._same_domain)
+
+    def _chunk_domain(self, version: str | None, newest: str | None):
+        from mas3_edge import bank, bundle as bundles
+        from mas3_edge.frames import load_frames
+        if version is None or newest is None:
+            return None  # no frames yet: nothing concerns this robot, everything waits
+        if version not in self._nets:
+            self._nets = {version: bundles.load_version(self.bundle, version).net}  # the served one only
+        net = self._nets[version]
+        try:
+            frames = load_frames(self.frames, net.config.input_size, DOMAIN_FRAMES)
+        except UserError:
+            return None
+        return bank.ChunkDomain(net, frames)
 
     def _status(self) -> dict:
         """What this robot serves: the sets published or adopted along its serving version's ancestry."""
@@ -228,5 +283,6 @@ class FleetRunner:
             vid = self.bstore.parent(vid)
         sets = sorted({r["object"] for r in self.fleet.state["sets"].values()
                        if r["outcome"] in ("published", "adopted") and r.get("version") in chain})
-        return {"serving": self.bstore.serving(), "sets": sets, "lineage": self.fleet.lineage.id,
+        pending = sorted(self.fleet.state["sets"][k]["object"][:16] for k in self.fleet.pending())
+        return {"serving": self.bstore.serving(), "sets": sets, "pending": pending, "lineage": self.fleet.lineage.id,
                 "camera_id": self.camera_id}

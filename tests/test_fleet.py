@@ -280,12 +280,30 @@ def test_a_store_that_is_down_costs_the_loop_nothing_and_is_retried_with_backoff
         runner.close()
 
 
-def test_a_pulled_set_is_judged_by_the_round_judgement_and_served(robots, tmp_path):
+def test_a_set_for_other_frames_stays_pending_unfetched_then_is_judged_and_served_when_they_arrive(
+        robots, tmp_path, monkeypatch):
+    from mas3_edge.runtime import fleet as rfleet
+    monkeypatch.setattr(rfleet, "DOMAIN_FRAMES", 8)
     a, _ = _fleets(robots, str(tmp_path / "store"))
-    res = a.publish(robots["rows"], robots["report"], "cam-a")
+    rows = _dark_keyed_rows(robots)
+    res = a.publish(rows, robots["report"], "cam-a")  # a's set is for dark frames
+    frames = tmp_path / "frames"
+    shutil.copytree(robots["dir"] / "frames", frames)  # b sees its own bright domain
     runner, root = _runner(robots, tmp_path, str(tmp_path / "store"))
+    runner.frames = frames
+    status = tmp_path / "store/robots/b.json"
     try:
-        deadline, out = time.monotonic() + 300, None
+        t_end, out = time.monotonic() + 1.5, None
+        while time.monotonic() < t_end and out is None:
+            out = runner.tick(12, round_running=False)
+            time.sleep(0.05)
+        sets = json.loads((root / "fleet.json").read_text())["sets"]
+        assert out is None and not runner.busy and [r["outcome"] for r in sets.values()] == ["pending"]
+        assert runner.fleet.gets == 0  # the object was never read: the signed entry's key said "not for you"
+        assert json.loads(status.read_text())["pending"] == [res["object"][:16]]
+        for i, f in enumerate(domain(0, 60, n=8, seed=5)):  # then b meets a's domain
+            write_png(frames / f"{100 + i:04d}.png", f)
+        deadline = time.monotonic() + 300
         while out is None and time.monotonic() < deadline:
             out = runner.tick(12, round_running=False)
             time.sleep(0.05)
@@ -293,13 +311,69 @@ def test_a_pulled_set_is_judged_by_the_round_judgement_and_served(robots, tmp_pa
     finally:
         runner.close()
     assert out is not None and out["outcome"] == "accepted" and out["robot"] == "a", out
+    assert runner.fleet.gets == 1
     assert bundle.serving_id(root) == out["version"] and bundle.incomplete_reason(root / "versions" / out["version"]) is None
     v = bundle.load_version(root)
     assert v.meta["info"]["fleet"]["robot"] == "a" and bank.count(v.net) == 2  # the source set and a's
-    assert all(np.allclose(bank.export_set(v.net)[k].numpy(), r) for k, r in robots["rows"].items())
+    assert all(np.allclose(bank.export_set(v.net)[k].numpy(), r) for k, r in rows.items())
     state = json.loads((root / "fleet.json").read_text())["sets"]
     assert [r["outcome"] for r in state.values()] == ["adopted"]
-    assert json.loads((tmp_path / "store/robots/b.json").read_text())["sets"] == [res["object"]]
+    assert json.loads(status.read_text())["sets"] == [res["object"]]
+
+
+def _dark_keyed_rows(robots) -> dict:
+    """A set whose router key is a's dark set's, and which segments exactly as the source set does
+    (the first layer's affine undoes its statistics): the untrained test network's gate accepts it."""
+    net = bundle.load_version(robots["dir"] / "b").net
+    rows = {k: r.numpy().astype(np.float64) for k, r in bank.export_set(net, 0).items()}
+    name, eps = next(iter(rows)), bank.lead(net).eps
+    m0, v0, w0, b0 = rows[name]
+    m, v = robots["rows"][name][:2]
+    w = w0 * np.sqrt(v + eps) / np.sqrt(v0 + eps)
+    rows[name] = np.stack([m, v, w, b0 + w * (m - m0) / np.sqrt(v + eps)])
+    return {k: r.astype(np.float32) for k, r in rows.items()}
+
+
+def test_the_pending_list_keeps_the_newest_and_the_frames_take_the_nearest(robots, tmp_path, monkeypatch):
+    monkeypatch.setattr(sync, "MAX_PENDING", 3)
+    a, b = _fleets(robots, str(tmp_path / "store"), tmp_path / "b.json")
+    published = [a.publish({k: v * (1 + i / 100) for k, v in robots["rows"].items()}, {}, None)["entry"]
+                 for i in range(5)]
+    seen: list[tuple] = []
+    assert b.pull(lambda m, v: seen.append((m, v)) or None) == [] and b.gets == 0
+    assert np.array_equal(seen[0][0], robots["rows"][next(iter(robots["rows"]))][0])  # the entry's key, exact
+    assert b.pending() == published[:1:-1]  # the newest three
+    dropped = [k for k, r in json.loads((tmp_path / "b.json").read_text())["sets"].items() if r["outcome"] == "dropped"]
+    assert dropped == published[:2]
+    target = float(seen[0][0].sum()) * 1.031  # nearest the 4th published set, then the 5th
+    near = lambda m, v: abs(float(m.sum()) - target)  # noqa: E731
+    assert [p.key for p in b.pull(near, recheck=True)] == [published[3]] and b.gets == 1
+    assert b.pull(near, recheck=True) == [] and b.gets == 1  # one judgement at a time
+    b.record(published[3], "adopted", "test")
+    assert [p.key for p in b.pull(near, recheck=True)] == [published[4]] and b.pending() == [published[2]]
+    b.record(published[4], "rejected", "test")  # its key stays: a farther set is not judged for these frames
+    assert b.pull(near, recheck=True) == [] and b.pending() == [published[2]] and b.gets == 2
+
+
+def test_a_tampered_or_mismatched_router_key_is_refused(robots, tmp_path, caplog):
+    a, b = _fleets(robots, str(tmp_path / "store"), tmp_path / "b.json")
+    res = a.publish(robots["rows"], {}, None)
+    path = tmp_path / "store" / res["entry"]
+    entry = json.loads(path.read_text())
+    other = objects.router_key({k: v + 1 for k, v in robots["rows"].items()})
+    path.write_text(json.dumps({**entry, "router": other}))  # a key that would route b's frames to it
+    caplog.set_level(logging.INFO)
+    assert b.pull(lambda m, v: 0.0) == [] and "tampered manifest entry" in _fleet_lines(caplog)[0]
+    signed = objects.make_entry((tmp_path / "store" / "objects" / f"{res['object']}.safetensors").read_bytes(),
+                                {"lineage_id": robots["lineage"].id}, "a", robots["keys"]["a"][1], other)
+    path.write_text(json.dumps(signed))  # signed, but the key is not the object's
+    _, c = _fleets(robots, str(tmp_path / "store"))
+    assert c.pull(lambda m, v: 0.0) == [] and "not the one its entry signs" in _fleet_lines(caplog)[-1]
+    signed = objects.make_entry((tmp_path / "store" / "objects" / f"{res['object']}.safetensors").read_bytes(),
+                                {"lineage_id": robots["lineage"].id}, "a", robots["keys"]["a"][1])
+    path.write_text(json.dumps(signed))  # an entry made before entries carried a key: fetched as before
+    _, d = _fleets(robots, str(tmp_path / "store"))
+    assert [p.key for p in d.pull(lambda m, v: None)] == [res["entry"]] and d.gets == 1
 
 
 def _bad_rows(robots) -> dict:
@@ -317,15 +391,17 @@ def test_a_set_that_fails_the_gate_is_rejected_and_recorded_by_pull(robots, tmp_
     from mas3_edge.cli import app
     a, _ = _fleets(robots, str(tmp_path / "store"))
     a.publish(_bad_rows(robots), {}, None)
+    dark = a.publish(robots["rows"], {}, None)["object"]  # not for b's frames: pending under --lazy
     shutil.copytree(robots["dir"] / "b", tmp_path / "b")
     args = ["fleet", "pull", str(tmp_path / "store"), "--trust", str(robots["dir"] / "trust"), "--bundle",
-            str(tmp_path / "b"), "--buffer", str(robots["dir"] / "frames"), "--limit", "2", "--json"]
+            str(tmp_path / "b"), "--buffer", str(robots["dir"] / "frames"), "--limit", "2", "--json", "--lazy"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     (judged,) = json.loads(res.stdout)["sets"]
     assert judged["outcome"] == "rejected" and judged["robot"] == "a" and bundle.serving_id(tmp_path / "b") == "v0001"
+    assert json.loads(res.stdout)["pending"] == [dark]
     again = CliRunner().invoke(app, args)
-    assert json.loads(again.stdout)["sets"] == []  # recorded: never judged again
+    assert json.loads(again.stdout)["sets"] == [] and json.loads(again.stdout)["pending"] == [dark]  # recorded
 
 
 @pytest.mark.parametrize("args, says", [
@@ -354,9 +430,14 @@ def test_push_publishes_only_accepted_rounds_and_ls_shows_who_serves_what(robots
     obj = json.loads(res.stdout)["object"]
     sync.Fleet(open_store(store), robots["lineage"], None, robots["keys"]["b"]).announce({
         "lineage": robots["lineage"].id, "sets": [obj], "serving": "v0002"})
+    sync.Fleet(open_store(store), robots["lineage"], None, robots["keys"]["mallory"]).announce({
+        "lineage": robots["lineage"].id, "sets": [], "pending": [obj[:16]], "serving": "v0001"})
     ls = CliRunner().invoke(app, ["fleet", "ls", store, "--json", "--trust", str(d / "trust")])
     (s,) = json.loads(ls.stdout)["lineages"][robots["lineage"].id]["sets"]
     assert (s["object"], s["robot"], s["camera_id"], s["served_by"], s["status"]) == (obj, "a", "cam-a", ["b"], "signed")
+    assert s["pending_on"] == ["mallory"]
+    table = CliRunner().invoke(app, ["fleet", "ls", store])
+    assert "pending on" in table.stdout and "mallory" in table.stdout
     assert s["gate"] == robots["report"]["gate_after"]
 
 
@@ -373,12 +454,14 @@ def test_the_fleet_options_come_from_the_config_file_too(robots, tmp_path):
     assert f'fleet = "{tmp_path / "store"}"' in res.stdout and "fleet-every = 5.0" in res.stdout
 
 
-def test_a_slow_store_holds_the_thread_not_the_loop(robots, tmp_path):
+def test_a_slow_store_holds_the_thread_not_the_loop(robots, tmp_path, monkeypatch):
+    from mas3_edge.fleet.store import FolderStore
     a, _ = _fleets(robots, str(tmp_path / "store"))
     a.publish(robots["rows"], {}, None)
-    runner, _ = _runner(robots, tmp_path, str(tmp_path / "store"))
-    real = runner.fleet.store.get
-    runner.fleet.store.get = lambda key, n: time.sleep(0.6) or real(key, n)  # every read takes 0.6 s
+    real = FolderStore.get
+    # every read takes 0.6 s, from the thread's first pull on
+    monkeypatch.setattr(FolderStore, "get", lambda self, key, n: time.sleep(0.6) or real(self, key, n))
+    runner, _ = _runner(robots, tmp_path, str(tmp_path / "store"), lazy=False)  # every set is b's to judge
     try:
         t_end, slowest = time.monotonic() + 1.0, 0.0
         while time.monotonic() < t_end:

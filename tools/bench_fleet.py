@@ -1,13 +1,14 @@
 """A simulated fleet on one machine: robot processes on different synthetic domains sharing one S3
 store (moto's S3 API server on loopback). Robot A serves night and adapts; robots B, C and D serve
-their own domains with no round of their own (--no-adapt) and pull, judge and serve A's set. Then
-B, C and D meet night frames.
+their own domains with no round of their own (--no-adapt), where A's set stays pending on them
+(lazy judging: not fetched, not judged). Then B, C and D meet night frames: A's set concerns them,
+and they fetch, judge and serve it.
 
     python tools/bench_fleet.py                          # A night; B fog, C rain, D realistic
-    python tools/bench_fleet.py --paper 1000             # the store's load for 1,000 robots, from the JSON
+    python tools/bench_fleet.py --paper 1000             # the store's and the robots' load for 1,000 robots
 
-Reports the time from A's accepted round to A's set serving on each robot (its swap event), the
-live mIoU of B, C and D on night (their own night seed) served by the source before and by the
+Reports whether A's set stayed pending on each robot while it served its own domain, the time
+from its meeting night (the night run's start) to A's set serving (its swap event), the live mIoU of B, C and D on night (their own night seed) served by the source before and by the
 pulled set after, with no round of their own, and the bytes per set (object and manifest entry).
 Every robot is a real `mas3-edge run --fleet s3://...` process. Writes docs/results/bench_fleet.json.
 """
@@ -104,9 +105,11 @@ def main() -> None:
                     "for this many robots of one lineage, from the bytes per set in --out, and exit")
     ap.add_argument("--rounds-per-hour", type=float, default=1.0)
     ap.add_argument("--fleet-every", type=float, default=30.0, help="each robot's pull interval (s), for --paper")
+    ap.add_argument("--met-per-hour", type=int, default=2, help="distinct domains a robot meets per hour, for --paper")
+    ap.add_argument("--fleet-domains", type=int, default=10, help="distinct domains the fleet's sets are of, for --paper")
     args = ap.parse_args()
     if args.paper:
-        return paper(args.paper, args.rounds_per_hour, args.fleet_every, json.loads(args.out.read_text()))
+        return paper(args, json.loads(args.out.read_text()))
     work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     names = ["a"] + [chr(ord("b") + i) for i in range(len(args.domains))]
     port = free_port()
@@ -137,35 +140,8 @@ def bench(work: Path, names: list[str], args, env: dict, port: int) -> dict:
     url = "s3://fleet/bench"
     pullers = names[1:]
     before = night_miou(pullers, work, args, env, "before")
-    t0 = time.time()
-    procs = {n: spawn(run_cmd(n, f"synthetic://{d}", work, args, url, False, ["--fps", "4", "--events", str(work / f"{n}.events")]),
-                      work / f"{n}.log", env) for n, d in zip(pullers, args.domains)}
-    procs["a"] = spawn(run_cmd("a", "synthetic://night", work, args, url, True,
-                               ["--fps", "8", "--round-every-frames", str(args.round_every),
-                                "--events", str(work / "a.events")]), work / "a.log", env)
-    accepted, swapped = None, {}
-    while time.time() - t0 < args.timeout and (accepted is None or len(swapped) < len(pullers)):
-        time.sleep(1.0)
-        if accepted is None:
-            accepted = next((e for e in events(work / "a.events") if e["event"] == "round"
-                             and e.get("outcome") == "accepted"), None)
-            if accepted is not None:
-                print(f"A's round accepted after {accepted['time'] - t0:.0f} s", flush=True)
-        elif procs["a"].poll() is None and open_store(url).list_after("objects"):
-            procs["a"].send_signal(signal.SIGTERM)  # A's set is out: its later rounds would only take the CPU
-        for n in pullers:
-            ev = events(work / f"{n}.events")
-            judged = next((e for e in ev if e["event"] == "fleet" and e.get("outcome") == "accepted"), None)
-            if judged and n not in swapped:
-                swap = next((e for e in ev if e["event"] == "swap" and e["to"] == judged["version"]), None)
-                if swap:
-                    swapped[n] = {"judged": judged, "swap_time": swap["time"]}
-                    print(f"{n} serves A's set as {judged['version']}", flush=True)
-    for p in procs.values():
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs.values():
-        p.wait(timeout=60)
+    accepted, pending = own_domains(work, pullers, args, env, url)
+    swapped = meet_night(work, pullers, args, env, url)
     after = night_miou(pullers, work, args, env, "after")
     store = open_store(url)
     objs = store.list_after("objects")
@@ -174,50 +150,151 @@ def bench(work: Path, names: list[str], args, env: dict, port: int) -> dict:
     rows = []
     for i, n in enumerate(pullers):
         s = swapped.get(n)
-        rows.append({"robot": n, "domain": args.domains[i],
-                     "seconds_to_serving": None if s is None or accepted is None else s["swap_time"] - accepted["time"],
+        rows.append({"robot": n, "domain": args.domains[i], "pending_on_own_domain": pending.get(n),
+                     "seconds_to_serving": None if s is None else s["swap_time"] - s["night_start"],
                      "judged_in_s": None if s is None else s["judged"]["seconds"],
                      "judgement": None if s is None else s["judged"]["reason"],
                      "night_miou_before": before[n]["miou"], "night_miou_after": after[n]["miou"],
                      "version_after": after[n]["version"]})
     return {"command": "python " + " ".join(sys.argv), "robots": len(names), "store": "moto S3 server on loopback",
-            "a_round": None if accepted is None else {"seconds_after_start": accepted["time"] - t0,
+            "a_round": None if accepted is None else {"seconds_after_start": accepted["seconds_after_start"],
                                                       "reason": accepted.get("reason"), "version": accepted.get("version")},
-            "sets_published": len(objs), "bytes_per_set": sizes, "fleet": rows,
-            "notes": "B, C and D run with --no-adapt: no round of their own; night mIoU is the runtime's live "
+            "sets_published": len(objs), "bytes_per_set": sizes, "entry_has_router_key": True, "fleet": rows,
+            "notes": "B, C and D run with --no-adapt: no round of their own. While they serve their own domains "
+                     "A's set stays pending on them (not fetched, not judged); then they serve night frames "
+                     "(seeds 21..) and 'to serving' runs from that run's start to the swap to A's set. Night mIoU "
+                     "is the runtime's live "
                      f"mIoU over {args.eval_frames} labelled synthetic night frames (seeds 11..), served by the "
                      "source version before and by the version holding A's set after."}
 
 
-def paper(robots: int, rounds: float, every_s: float, measured: dict) -> None:
-    """Operations and bytes per hour on the store for `robots` robots of one lineage, each with
-    `rounds` accepted rounds an hour and a pull every `every_s` seconds; each robot fetches each
-    other robot's set once (entry, then object) and rewrites its status at most once a pull."""
+def own_domains(work: Path, pullers: list[str], args, env: dict, url: str) -> tuple[dict | None, dict]:
+    """A adapts to night while B, C, D serve their own domains: A's set must stay pending on them.
+    -> (A's accepted round event, {robot: whether A's set is recorded pending in its fleet.json})."""
+    from mas3_edge.fleet.store import open_store
+    t0 = time.time()
+    procs = {n: spawn(run_cmd(n, f"synthetic://{d}", work, args, url, False, ["--fps", "4", "--events", str(work / f"{n}.events")]),
+                      work / f"{n}.log", env) for n, d in zip(pullers, args.domains)}
+    procs["a"] = spawn(run_cmd("a", "synthetic://night", work, args, url, True,
+                               ["--fps", "8", "--round-every-frames", str(args.round_every),
+                                "--events", str(work / "a.events")]), work / "a.log", env)
+    accepted, pending, published = None, {}, None
+    while time.time() - t0 < args.timeout:
+        time.sleep(1.0)
+        if accepted is None:
+            accepted = next((e for e in events(work / "a.events") if e["event"] == "round"
+                             and e.get("outcome") == "accepted"), None)
+            if accepted is not None:
+                accepted = {**accepted, "seconds_after_start": accepted["time"] - t0}
+                print(f"A's round accepted after {accepted['seconds_after_start']:.0f} s", flush=True)
+            continue
+        store = open_store(url)
+        objs = store.list_after("objects")
+        if not objs:
+            continue
+        if published is None:
+            published = time.time()
+            procs["a"].send_signal(signal.SIGTERM)  # A's set is out: its later rounds would only take the CPU
+        short = objs[0].rsplit("/", 1)[-1][:16]
+        for n in pullers:  # what `fleet ls` shows: A's set pending on the robot (its status object)
+            try:
+                pending[n] = short in json.loads(store.get(f"robots/{n}.json", 1 << 20)).get("pending", [])
+            except (FileNotFoundError, ValueError):
+                pass
+        if all(pending.get(n) for n in pullers) or time.time() - published > 60:
+            break
+    stop(procs)
+    return accepted, pending
+
+
+def meet_night(work: Path, pullers: list[str], args, env: dict, url: str) -> dict:
+    """B, C, D serve night frames (no round of their own): A's pending set concerns them now.
+    -> {robot: {"judged": fleet event, "night_start": start event time, "swap_time": swap event time}}."""
+    t0 = time.time()
+    procs = {n: spawn(run_cmd(n, f"synthetic://night?seed={21 + i}", work, args, url, False,
+                              ["--fps", "4", "--events", str(work / f"{n}-night.events")]), work / f"{n}-night.log", env)
+             for i, n in enumerate(pullers)}
+    swapped: dict = {}
+    while time.time() - t0 < args.timeout and len(swapped) < len(pullers):
+        time.sleep(1.0)
+        for n in pullers:
+            ev = events(work / f"{n}-night.events")
+            judged = next((e for e in ev if e["event"] == "fleet" and e.get("outcome") == "accepted"), None)
+            swap = judged and next((e for e in ev if e["event"] == "swap" and e["to"] == judged["version"]), None)
+            if swap and n not in swapped:
+                start = next(e["time"] for e in ev if e["event"] == "start")
+                swapped[n] = {"judged": judged, "night_start": start, "swap_time": swap["time"]}
+                print(f"{n} serves A's set as {judged['version']}, {swap['time'] - start:.0f} s after meeting night",
+                      flush=True)
+    stop(procs)
+    return swapped
+
+
+def stop(procs: dict) -> None:
+    for p in procs.values():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs.values():
+        p.wait(timeout=60)
+
+
+def router_key_bytes() -> tuple[int, int]:
+    """(bytes the router key adds to a manifest entry, its channels) for the packaged model's lineage."""
+    from mas3_edge import bank, bundle
+    from mas3_edge.fleet.objects import router_key
+    rows = {k: v.numpy() for k, v in bank.export_set(bundle.load_version(DEFAULT_BUNDLE).net).items()}
+    return len(', "router": ' + json.dumps(router_key(rows), sort_keys=True)), next(iter(rows.values())).shape[1]
+
+
+def paper(args, measured: dict) -> None:
+    """Operations and bytes per hour on the store, and judgements per robot, for `args.paper` robots
+    of one lineage, each with `args.rounds_per_hour` accepted rounds and a pull every `args.fleet_every`
+    seconds. Every robot reads every other robot's entry; under lazy judging it fetches and judges a
+    set only when its newest frames would route to it: a set of a domain it meets, nearer to its
+    frames than every set it holds or its gate rejected, one at a time. If the sets of one domain come
+    in no particular order of nearness, that is H(n) = 1 + 1/2 + ... + 1/n of the n sets of that
+    domain an hour; at worst (each set nearer than all before it) all n."""
+    robots, rounds, every_s = args.paper, args.rounds_per_hour, args.fleet_every
     obj = max(measured["bytes_per_set"]["object"])
-    entry = max(measured["bytes_per_set"]["entry"])
+    key, channels = router_key_bytes()
+    added = 0 if measured.get("entry_has_router_key") else key  # a run before entries carried the key
+    entry = max(measured["bytes_per_set"]["entry"]) + added
     sets = robots * rounds  # published per hour, fleet-wide
-    fetched = robots * (sets - rounds)  # each robot fetches every set but its own
+    others = sets - rounds  # each robot reads every set but its own
+    per_domain = others / args.fleet_domains
+    lazy = args.met_per_hour * sum(1 / i for i in range(1, int(round(per_domain)) + 1))
+    worst = args.met_per_hour * per_domain
+    judged_s = max((r["judged_in_s"] or 0.0) for r in measured["fleet"])
     rows = [("PUT object + entry (publish)", 2 * sets, sets * (obj + entry)),
             ("PUT robot status (at most one a pull)", robots * min(3600 / every_s, sets), None),
             ("LIST new keys (one page each)", robots * 3600 / every_s, None),
-            ("GET entry + object (pull)", 2 * fetched, fetched * (obj + entry))]
-    print(f"{robots} robots, {rounds:g} round(s) per robot per hour, a pull every {every_s:g} s; "
-          f"a set is {obj} bytes + a {entry}-byte entry (measured)")
-    print(f"{'operation':36} {'per hour':>14} {'per second':>11} {'bytes per hour':>16}")
+            ("GET entry (every robot, every set)", robots * others, robots * others * entry),
+            ("GET object (lazy: expected)", robots * lazy, robots * lazy * obj),
+            ("GET object (eager: every set)", robots * others, robots * others * obj)]
+    print(f"{robots} robots, {rounds:g} round(s) per robot per hour, a pull every {every_s:g} s; a set is {obj} bytes "
+          f"+ an entry of {entry} bytes ({entry - added} measured, {key} of them the router key of {channels} channels"
+          + (" added to a run without it)" if added else ")"))
+    print(f"lazy judging: a robot meets {args.met_per_hour} domain(s) an hour; the fleet's sets are of "
+          f"{args.fleet_domains} domains, so {per_domain:,.1f} sets of each an hour")
+    print(f"{'operation':38} {'per hour':>14} {'per second':>11} {'bytes per hour':>16}")
     for name, n, b in rows:
-        print(f"{name:36} {n:>14,.0f} {n / 3600:>11,.1f} {'-' if b is None else f'{b:,.0f}':>16}")
-    print(f"per robot: {fetched / robots:,.0f} sets fetched and judged per hour, "
-          f"{fetched * (obj + entry) / robots:,.0f} bytes in per hour")
+        print(f"{name:38} {n:>14,.0f} {n / 3600:>11,.1f} {'-' if b is None else f'{b:,.0f}':>16}")
+    print(f"per robot per hour: {others:,.0f} entries read ({others * entry:,.0f} bytes); sets fetched and judged: "
+          f"{lazy:.1f} expected, {worst:,.0f} at worst (lazy), {others:,.0f} (eager)")
+    print(f"judging at the measured {judged_s:.1f} s a set (three at once on 2 cores): {lazy * judged_s / 60:.1f} "
+          f"min an hour expected, {worst * judged_s / 60:,.0f} min at worst, {others * judged_s / 60:,.0f} min eager")
 
 
 def print_table(r: dict) -> None:
     print(f"\nA's round: {r['a_round']}")
     print(f"sets published: {r['sets_published']}; bytes per set: object {r['bytes_per_set']['object']}, "
           f"manifest entry {r['bytes_per_set']['entry']}")
-    print(f"{'robot':6} {'domain':10} {'to serving s':>12} {'judged s':>9} {'night before':>13} {'night after':>12}")
+    print(f"{'robot':6} {'domain':10} {'pending':>8} {'to serving s':>12} {'judged s':>9} {'night before':>13} "
+          f"{'night after':>12}")
     f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     for row in r["fleet"]:
-        print(f"{row['robot']:6} {row['domain']:10} {f(row['seconds_to_serving']):>12} {f(row['judged_in_s']):>9} "
+        print(f"{row['robot']:6} {row['domain']:10} {str(row.get('pending_on_own_domain', '-')):>8} "
+              f"{f(row['seconds_to_serving']):>12} {f(row['judged_in_s']):>9} "
               f"{f(row['night_miou_before']):>13} {f(row['night_miou_after']):>12}")
 
 

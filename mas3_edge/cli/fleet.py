@@ -71,9 +71,14 @@ def pull_cmd(store: StoreArg, trust: TrustOpt, bundle: BundleOpt = None,
              key: Annotated[Optional[Path], typer.Option("--key", help="This robot's key (its own sets are skipped).")] = None,
              serve: Annotated[bool, typer.Option(help="Serve the last accepted set's version.")] = True,
              limit: Annotated[int, typer.Option(help="Judge on the newest N buffered frames.")] = 150,
+             lazy: Annotated[bool, typer.Option(help="Fetch and judge only the sets the newest buffered frames would "
+                                                     "route to; leave the others pending (as `run --fleet` does). "
+                                                     "Without it every set is judged, pending ones too.")] = False,
              as_json: JsonOpt = False) -> None:
     """Fetch the new sets of this bundle's lineage, verify each, judge it with this robot's round
-    judgement on its own frames, and add the accepted ones to the bank (one new version each)."""
+    judgement on its own frames, and add the accepted ones to the bank (one new version each).
+    With --lazy, a set whose router key the buffer's newest frames would not route to is recorded
+    pending, neither fetched nor judged."""
     from ..fleet import objects, store as fstore, sync
     st, trusted = fstore.open_store(store), objects.load_trust(trust)
     robot_key = objects.load_key(key) if key is not None else None
@@ -83,12 +88,29 @@ def pull_cmd(store: StoreArg, trust: TrustOpt, bundle: BundleOpt = None,
     if not buffer.is_dir():
         raise UserError(f"no frame buffer at {buffer}: a set is judged on this robot's own frames (see --buffer)")
     fleet = sync.Fleet(st, objects.Lineage.of_version(bundles.resolve(root)), root / "fleet.json", robot_key, trusted)
-    pulled = _store_call(st, fleet.pull)
+    concerns = _concerns(root, buffer) if lazy else None
+    pulled = _store_call(st, lambda: fleet.pull(concerns, recheck=True))
     rows = [_judge(fleet, p, root, buffer, limit, serve) for p in pulled]
+    pending = [fleet.state["sets"][k]["object"] for k in fleet.pending()]
     if as_json:
-        return print_json({"lineage": fleet.lineage.id, "sets": rows})
+        return print_json({"lineage": fleet.lineage.id, "sets": rows, "pending": pending})
     table(f"fleet sets pulled from {store}", ["set", "robot", "outcome", "version", "reason"],
           [[r["set"][:12], r["robot"], r["outcome"], r.get("version") or "-", r["reason"]] for r in rows])
+    if pending:
+        typer.echo(f"{len(pending)} sets pending: not for the newest frames of {buffer}; neither fetched nor judged")
+
+
+def _concerns(root: Path, buffer: Path):
+    """The distance from the buffer's newest frames to a set with a given router key when they would route
+    to it (bank.ChunkDomain), else None."""
+    from .. import bundle as bundles
+    from ..bank import ChunkDomain
+    from ..config import AdaptConfig
+    from ..frames import load_frames
+    from ..runtime.fleet import DOMAIN_FRAMES
+    net = bundles.load_version(root).net
+    domain = ChunkDomain(net, load_frames(buffer, net.config.input_size, DOMAIN_FRAMES))
+    return lambda mean, var: domain.route_distance(mean, var, AdaptConfig.same_domain)
 
 
 def _judge(fleet, pulled, root: Path, buffer: Path, limit: int, serve: bool) -> dict:
@@ -115,7 +137,8 @@ def ls_cmd(store: StoreArg,
            trust: Annotated[Optional[Path], typer.Option("--trust", help="Check each set's signature against "
                                                                          "this trust file.")] = None,
            as_json: JsonOpt = False) -> None:
-    """Per lineage: the sets, who made them, their gate figures, and which robots serve them."""
+    """Per lineage: the sets, who made them, their gate figures, which robots serve them and on which
+    they are pending (not for those robots' frames yet)."""
     from ..fleet import objects, store as fstore
     from ..fleet.view import fleet_view
     from .core import print_json, table
@@ -127,10 +150,11 @@ def ls_cmd(store: StoreArg,
         return typer.echo(f"no sets in {store} yet")
     for lineage, v in view.items():
         table(f"lineage {lineage}: {len(v['sets'])} sets, robots {', '.join(sorted(v['robots'])) or '-'}",
-              ["set", "robot", "camera", "published", "bytes", "retained", "source", "served by", "status"],
+              ["set", "robot", "camera", "published", "bytes", "retained", "source", "served by", "pending on",
+               "status"],
               [[s.get("object", "?")[:12], s.get("robot", "?"), s.get("camera_id") or "-", _when(s.get("created")),
                 s.get("bytes", "-"), _fig(s, "retained"), _fig(s, "source"), ", ".join(s.get("served_by", [])) or "-",
-                s["status"]] for s in v["sets"]])
+                ", ".join(s.get("pending_on", [])) or "-", s["status"]] for s in v["sets"]])
 
 
 def _fig(s: dict, name: str) -> str:

@@ -4,14 +4,17 @@ A set object is one normalisation set of the bank (every layer's mean, var, weig
 router's first: its mean and var are the router key) as safetensors, with a JSON header in the
 file's metadata: the lineage it belongs to, the round's health and gate figures, the camera, the
 robot and the time. It is addressed by the sha256 of its bytes. A manifest entry (JSON) names an
-object by that digest and size and is signed with the publisher's Ed25519 key; the signature
-covers the digest, so it binds the object's bytes too.
+object by that digest and size, carries the set's router key (a few hundred bytes: a robot tells
+from the entry alone whether its frames would route to the set) and is signed with the
+publisher's Ed25519 key; the signature covers the digest and the key, so it binds the object's
+bytes too, and the object's router must be the entry's key.
 
 Verification never raises anything but `Refused` (and `Incomplete`, for an object that may still
 be arriving): one line each, and nothing is loaded.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -169,11 +172,37 @@ def _canonical(entry: dict) -> bytes:
                       separators=(",", ":")).encode()
 
 
-def make_entry(obj: bytes, header: dict, robot: str, key: Ed25519PrivateKey) -> dict:
-    """The signed manifest entry that names `obj`."""
+def router_key(rows: dict[str, np.ndarray]) -> dict:
+    """The entry's form of a set's router key: its first layer's mean and var, float32 little-endian
+    in base64 (exact, so the object's own key can be checked against it)."""
+    router = next(iter(rows.values()))[:2].astype("<f4")
+    return {"mean": base64.b64encode(router[0].tobytes()).decode(), "var": base64.b64encode(router[1].tobytes()).decode()}
+
+
+def entry_router(entry: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mean, var) of an entry's router key; None for an entry made before entries carried one.
+    Refused when the key is there but malformed, not finite, or has a variance <= 0."""
+    key = entry.get("router")
+    if key is None:
+        return None
+    try:
+        mean, var = (np.frombuffer(base64.b64decode(key[k], validate=True), "<f4") for k in ("mean", "var"))
+    except (ValueError, TypeError, KeyError):
+        raise Refused("the entry's router key does not decode") from None
+    if mean.shape != var.shape or not mean.size:
+        raise Refused("the entry's router key has a mean and a var of different lengths")
+    if not (np.isfinite(mean).all() and np.isfinite(var).all()) or (var <= 0).any():
+        raise Refused("the set's router key is not finite (NaN or inf) or has a variance <= 0")
+    return mean, var
+
+
+def make_entry(obj: bytes, header: dict, robot: str, key: Ed25519PrivateKey, router: dict | None = None) -> dict:
+    """The signed manifest entry that names `obj` (with `router`, router_key of its rows)."""
     entry = {"format": FORMAT, "object": sha256(obj), "size": len(obj), "lineage": header["lineage_id"],
              "robot": robot, "camera_id": header.get("camera_id"), "created": header.get("created", time.time()),
              "round": header.get("round", {}), "signer": public_hex(key)}
+    if router is not None:
+        entry["router"] = router
     return {**entry, "signature": key.sign(_canonical(entry)).hex()}
 
 
@@ -196,6 +225,7 @@ def verify_entry(data: bytes, trust: dict[str, str], lineage_id: str) -> dict:
         raise Refused(f"wrong lineage {entry.get('lineage')} (this robot's is {lineage_id})")
     if not isinstance(entry.get("size"), int) or not 0 < entry["size"] <= MAX_OBJECT_BYTES:
         raise Refused(f"oversized object ({entry.get('size')} bytes, at most {MAX_OBJECT_BYTES})")
+    entry_router(entry)  # a malformed or NaN key: refused before anything is fetched
     return {**entry, "robot": trust[signer.lower()]}
 
 
@@ -213,6 +243,8 @@ def verify_object(data: bytes, entry: dict, lineage: Lineage) -> tuple[dict, dic
     router = next(iter(rows.values()))[:2]
     if not np.isfinite(router).all():
         raise Refused("the set's router key is not finite (NaN or inf)")
+    if entry.get("router") is not None and entry["router"] != router_key(rows):
+        raise Refused("the object's router key is not the one its entry signs")
     if not all(np.isfinite(r).all() for r in rows.values()) or (router[1] <= 0).any():
         raise Refused("the set holds non-finite values or a non-positive variance")
     return header, rows

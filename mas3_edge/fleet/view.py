@@ -1,5 +1,6 @@
-"""`mas3-edge fleet ls`: per lineage, the sets published, who made them, their gate figures, and
-which robots serve them (from the robots' own status objects)."""
+"""`mas3-edge fleet ls`: per lineage, the sets published, who made them, their gate figures, which
+robots serve them and on which robots they wait, pending (not for those robots' frames yet), from
+the robots' own status objects."""
 from __future__ import annotations
 
 import json
@@ -34,8 +35,11 @@ def fleet_view(store: Store, trust: dict[str, str] | None = None) -> dict:
                          "camera_id": entry.get("camera_id"), "created": entry_time(key), "bytes": entry.get("size"),
                          "gate": gate, "reason": (entry.get("round") or {}).get("reason"),
                          "status": status,
-                         "served_by": sorted(n for n, r in serving.items() if entry.get("object") in r.get("sets", []))})
+                         "served_by": sorted(n for n, r in serving.items() if entry.get("object") in r.get("sets", [])),
+                         "pending_on": sorted(n for n, r in serving.items()
+                                              if str(entry.get("object"))[:16] in r.get("pending", []))})
         view[lineage] = {"sets": sets, "robots": {n: {"serving": r.get("serving"), "sets": len(r.get("sets", [])),
+                                                      "pending": len(r.get("pending", [])),
                                                       "camera_id": r.get("camera_id")} for n, r in serving.items()}}
     return view
 
