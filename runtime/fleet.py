@@ -49,6 +49,7 @@ class FleetConfig:
     timeout_s: float = 600.0  # a judgement that takes longer is a crashed one
     backoff_s: float = 1.0  # the first wait after a store failure (then doubled, up to a minute)
     lazy: bool = True  # judge only the sets this robot's frames would route to (False: every set)
+    judge_gap_s: float = 300.0  # between the starts of two judgements: a bound on judging, whatever is published
 
     def __post_init__(self) -> None:
         if not self.every_s > 0:
@@ -95,7 +96,7 @@ class FleetRunner:
         self._nets: dict = {}  # serving version -> its network, for the router's distances
         from mas3_edge.config import round_configs
         self._same_domain = round_configs(dict(schedule.adapt))[0].same_domain  # the robot's own rounds' threshold
-        self._proc, self._job = None, {}
+        self._proc, self._job, self._judged_at = None, {}, -float("inf")
         self._stop = threading.Event()
         self._ctx = mp.get_context("spawn")
         self._thread = threading.Thread(target=self._work, name="mas3-fleet", daemon=True)
@@ -117,7 +118,8 @@ class FleetRunner:
         """Start judging a pulled set when no round runs; return a finished judgement (once)."""
         if self._proc is not None:
             return self._poll()
-        if round_running or not self._ready or in_buffer < self.schedule.min_frames:
+        if round_running or not self._ready or in_buffer < self.schedule.min_frames \
+                or time.monotonic() - self._judged_at < self.cfg.judge_gap_s:
             return None
         version = self.bstore.serving()
         if version is not None:
@@ -136,6 +138,7 @@ class FleetRunner:
         proc = self._ctx.Process(target=_child, args=(judge_set, job, str(result), self.schedule.nice, os.getpid(), label),
                                  name="mas3-fleet-judge")
         proc.start()
+        self._judged_at = time.monotonic()
         self._proc, self._job = proc, {**job, "pulled": pulled, "result": result, "label": label, "t0": time.monotonic()}
         log.info("fleet: judging set %s of %s on %s", pulled.entry["object"][:12], pulled.entry["robot"], version)
 

@@ -235,7 +235,7 @@ def _runner(robots, tmp_path, url: str, name: str = "b", **cfg):
     d = robots["dir"]
     root = tmp_path / name
     shutil.copytree(d / name, root)
-    fc = FleetConfig(url, d / "keys" / f"{name}.key", d / "trust", every_s=0.1, **cfg)
+    fc = FleetConfig(url, d / "keys" / f"{name}.key", d / "trust", every_s=0.1, **{"judge_gap_s": 0.0, **cfg})
     return FleetRunner(fc, root, d / "frames", ScheduleConfig(min_frames=2, limit=2, export=False)), root
 
 
@@ -319,6 +319,17 @@ def test_a_set_for_other_frames_stays_pending_unfetched_then_is_judged_and_serve
     state = json.loads((root / "fleet.json").read_text())["sets"]
     assert [r["outcome"] for r in state.values()] == ["adopted"]
     assert json.loads(status.read_text())["sets"] == [res["object"]]
+
+
+def test_judgements_start_at_most_one_a_gap(robots, tmp_path):
+    runner, _ = _runner(robots, tmp_path, str(tmp_path / "store"), judge_gap_s=3600.0)
+    try:
+        runner._judged_at = time.monotonic()  # a judgement started just now
+        runner._ready.append("a verified set")
+        assert runner.tick(12, round_running=False) is None and not runner.busy
+        assert list(runner._ready) == ["a verified set"]  # it waits for the gap, it is not dropped
+    finally:
+        runner.close()
 
 
 def _dark_keyed_rows(robots) -> dict:

@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--rounds-per-hour", type=float, default=1.0)
     ap.add_argument("--fleet-every", type=float, default=30.0, help="each robot's pull interval (s), for --paper")
     ap.add_argument("--met-per-hour", type=int, default=2, help="distinct domains a robot meets per hour, for --paper")
+    ap.add_argument("--judge-gap", type=float, default=300.0, help="run --fleet-judge-gap (s), for --paper")
     ap.add_argument("--fleet-domains", type=int, default=10, help="distinct domains the fleet's sets are of, for --paper")
     args = ap.parse_args()
     if args.paper:
@@ -253,7 +254,8 @@ def paper(args, measured: dict) -> None:
     set only when its newest frames would route to it: a set of a domain it meets, nearer to its
     frames than every set it holds or its gate rejected, one at a time. If the sets of one domain come
     in no particular order of nearness, that is H(n) = 1 + 1/2 + ... + 1/n of the n sets of that
-    domain an hour; at worst (each set nearer than all before it) all n."""
+    domain an hour; at worst (each set nearer than all before it) all n, or 3600 / judge gap if
+    fewer: `run` starts at most one judgement a gap."""
     robots, rounds, every_s = args.paper, args.rounds_per_hour, args.fleet_every
     obj = max(measured["bytes_per_set"]["object"])
     key, channels = router_key_bytes()
@@ -263,7 +265,7 @@ def paper(args, measured: dict) -> None:
     others = sets - rounds  # each robot reads every set but its own
     per_domain = others / args.fleet_domains
     lazy = args.met_per_hour * sum(1 / i for i in range(1, int(round(per_domain)) + 1))
-    worst = args.met_per_hour * per_domain
+    worst = min(args.met_per_hour * per_domain, 3600 / args.judge_gap) if args.judge_gap > 0 else args.met_per_hour * per_domain
     judged_s = max((r["judged_in_s"] or 0.0) for r in measured["fleet"])
     rows = [("PUT object + entry (publish)", 2 * sets, sets * (obj + entry)),
             ("PUT robot status (at most one a pull)", robots * min(3600 / every_s, sets), None),
@@ -280,7 +282,8 @@ def paper(args, measured: dict) -> None:
     for name, n, b in rows:
         print(f"{name:38} {n:>14,.0f} {n / 3600:>11,.1f} {'-' if b is None else f'{b:,.0f}':>16}")
     print(f"per robot per hour: {others:,.0f} entries read ({others * entry:,.0f} bytes); sets fetched and judged: "
-          f"{lazy:.1f} expected, {worst:,.0f} at worst (lazy), {others:,.0f} (eager)")
+          f"{lazy:.1f} expected, {worst:,.0f} at worst (lazy, one judgement a {args.judge_gap:g} s at most), "
+          f"{others:,.0f} (eager)")
     print(f"judging at the measured {judged_s:.1f} s a set (three at once on 2 cores): {lazy * judged_s / 60:.1f} "
           f"min an hour expected, {worst * judged_s / 60:,.0f} min at worst, {others * judged_s / 60:,.0f} min eager")
 

@@ -12,13 +12,19 @@ What varies: the target (every tuning family and severity, or the report half's)
 mas3-paper, AdaBN with one set, CoTTA), steps (10-300), frames (20-192) and the starting version
 (the source, or one adapted once or twice on other frames of the same target).
 
+Looped-video rounds: a camera panning along wide scenes and back (tools/looped_video.py), so a
+round's frames are consecutive near-copies, as a robot's buffer holds them. Its sentinel frames are
+spread over the video; its effect is scored on a pan of other scenes of the same look.
+
 The two halves: the rule is chosen on `tuning` rounds and judged once on `report` rounds, whose
 targets no choice of the project has seen (bench_quality's report and report2 splits).
 
     python tools/gate_corpus.py --half tuning --rounds 120 --out docs/results/gate_corpus.json
     python tools/gate_corpus.py --half report --rounds 110 --out docs/results/gate_corpus.json
     python tools/bench_quality.py --split report3d --methods "" --save-source r3d_source
-    python tools/gate_corpus.py --half report3d --rounds 40 --source r3d_source --out docs/results/gate_corpus.json
+    python tools/gate_corpus.py --half report3d --rounds 60 --source r3d_source --out docs/results/gate_corpus.json
+    python tools/gate_corpus.py --half tuningloop --rounds 40 --out docs/results/gate_corpus.json
+    python tools/gate_corpus.py --half reportloop --rounds 40 --out docs/results/gate_corpus.json
 
 The JSON is a cache: a run skips the rounds already in it, and the gate is fitted from it without
 running a round again (tools/gate_fit.py).
@@ -36,6 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quality as bq  # noqa: E402
+import looped_video as lv  # noqa: E402
 
 from mas3_edge import bundle, prototypes, rounds, signals  # noqa: E402
 from mas3_edge.bundle import atomic_write_json  # noqa: E402
@@ -54,7 +61,12 @@ HALVES = {"tuning": ["realistic", "night", "fog", "rain", "label-shift", "realis
                      "realistic+pixelate@5", "realistic+elastic_transform@5", "realistic+jpeg_compression@5",
                      "realistic+brightness@5", "realistic+impulse_noise@3", "realistic+zoom_blur@3"],
           "tuning3d": bq.SPLITS["tuning"].split(",")[-1:],
-          "report3d": bq.SPLITS["report3d"].split(",")}
+          "report3d": bq.SPLITS["report3d"].split(","),
+          # the looped video's own scenes and look for tuning; other scenes, under report shifts, for report
+          "tuningloop": ["loop:realistic", "loop:realistic+gaussian_noise@3"],
+          "reportloop": ["loop:realistic+snow@3", "loop:realistic+contrast@4"]}
+LOOP_SCENES = {"tuning": (11, 12, 13), "report": (21, 22, 23)}  # the val pan: the same seeds + 100
+PAN_STEP = 16  # pixels per frame: 288 frames per video at the small preset's 128 x 256
 ROWS = {"mas3": {}, "statistics only": {"steps": 0}, "steps always": {"choose": False},
         "tent 1e-4": {"method": "tent", "lr": 1e-4}, "tent 1e-3": {"method": "tent", "lr": 1e-3},
         "tent 3e-3": {"method": "tent", "lr": 3e-3}, "pseudo": {"method": "pseudo"},
@@ -75,15 +87,38 @@ def specs(half: str, n: int, seed: int = 0) -> list[dict]:
     """n round specifications, the same for the same half and seed: targets and rows in turn, the
     rest drawn."""
     rng = np.random.default_rng(seed + (0 if half == "tuning" else 1000))
-    targets, rows = HALVES[half], list(BANK_ROWS if half.endswith("3d") else ROWS)
+    targets, rows = HALVES[half], list(ROWS if half in ("tuning", "report") else BANK_ROWS)
     out = []
     for i in range(n):
-        spec = {"half": half.removesuffix("3d"), "target": targets[i % len(targets)], "row": rows[(i // len(targets)) % len(rows)],
+        spec = {"half": half_of(half), "target": targets[i % len(targets)], "row": rows[(i // len(targets)) % len(rows)],
                 "steps": int(rng.choice(STEPS, p=STEP_ODDS)), "frames": int(rng.choice(FRAMES)), "start": str(rng.choice(STARTS)),
                 "offset": int(rng.integers(0, 1000))}
         spec["key"] = f"{half}/{i}"
         out.append(spec)
     return out
+
+
+def half_of(name: str) -> str:
+    return "tuning" if name.startswith("tuning") else "report"
+
+
+def loop_data(target: str, scenes: tuple[int, ...], size: tuple[int, int]) -> dict[str, bq.Pairs]:
+    """{target}-adapt: the panning video of `scenes`, SENTINEL frames spread over it first, then
+    the rest in order; {target}-val: every 4th frame of a pan of other scenes; both under the
+    target's shift ("loop:realistic+snow@3")."""
+    def video(seeds: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        parts = [lv.pan(s, size, PAN_STEP) for s in seeds]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    x, y = video(scenes)
+    spread = np.linspace(0, len(x) - 1, SENTINEL).round().astype(int)
+    order = np.r_[spread, np.setdiff1d(np.arange(len(x)), spread)]
+    vx, vy = video(tuple(s + 100 for s in scenes))
+    out = {"adapt": bq.Pairs(list(zip(x[order], y[order]))), "val": bq.Pairs(list(zip(vx[::4], vy[::4])))}
+    shift = target.removeprefix("loop:")
+    if bq.parse_target(shift)[1]:
+        with bq.Pool(2) as pool:
+            out = {part: bq.shift_pairs(shift, pairs, seed, pool) for (part, pairs), seed in zip(out.items(), (3, 4))}
+    return {f"{target}-{part}": pairs for part, pairs in out.items()}
 
 
 class Corpus:
@@ -155,11 +190,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{len(todo)} rounds to run ({len(done)} cached)", flush=True)
     if not todo:
         return corpus
-    domain = bq.source_of(HALVES[args.half][0])
-    s = bq.Setup(args.preset, targets=HALVES[args.half], source=args.source, source_domain=domain,
+    loops = args.half.endswith("loop")
+    domain = bq.source_of(HALVES[args.half][0].removeprefix("loop:"))
+    s = bq.Setup(args.preset, targets=[] if loops else HALVES[args.half], source=args.source, source_domain=domain,
                  source_train=False,
                  log=lambda m: print(m, flush=True))
     try:
+        for t in HALVES[args.half] if loops else ():
+            s.data.update(loop_data(t, LOOP_SCENES[half_of(args.half)], tuple(s.src.net.config.input_size)))
         if s.proto.atc_threshold is None:  # fitted at the factory, on labelled source frames
             s.proto.meta["atc_threshold"] = signals.fit_atc(s.src.net, s.data["source-val"])
             prototypes.save(s.proto, s.src.prototypes_path, s.src.meta["source_sha256"], f"synth:{domain}")

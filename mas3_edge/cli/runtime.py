@@ -104,6 +104,7 @@ _RUN_NUMBERS = {
     "keep_versions": (lambda v: v >= 0, "0 (all) or more"), "status_every": _POSITIVE,
     "metrics_port": (lambda v: 0 <= v <= 65535, "a port in 0..65535 (0: any free one)"),
     "health_timeout": _POSITIVE, "max_frames": _AT_LEAST_1, "duration": _POSITIVE, "fleet_every": _POSITIVE,
+    "fleet_judge_gap": (lambda v: v >= 0, "0 or more"),
 }  # the settings of a round (--adapt-steps, --tau, ...) are checked by their config classes
 _SUBSCRIBE_NUMBERS = {"count": _AT_LEAST_1, "duration": _POSITIVE, "interval": _POSITIVE, "max_mb": _POSITIVE}
 
@@ -168,6 +169,9 @@ def run_cmd(
                                                              "are accepted.", rich_help_panel="Fleet")] = None,
     fleet_every: Annotated[float, typer.Option(help="Seconds between pulls from the fleet store.",
                                                rich_help_panel="Fleet")] = 30.0,
+    fleet_judge_gap: Annotated[float, typer.Option(
+        help="Seconds between the starts of two judgements of the fleet's sets: at most 3600/GAP an hour, "
+             "whatever the fleet publishes.", rich_help_panel="Fleet")] = 300.0,
     max_frames: Annotated[Optional[int], typer.Option(help="Stop after N frames.")] = None,
     duration: Annotated[Optional[float], typer.Option(help="Stop after S seconds.")] = None,
     verbose: VerboseOpt = False,
@@ -186,7 +190,7 @@ def run_cmd(
     from mas3_edge.runtime.publisher import check_address
     check_address(publish, allow_remote)  # its port too, before anything is loaded or printed
     _, _, sized = round_configs(settings or {}, cpu=True)  # validated before anything starts
-    fleet_cfg = _fleet_config(fleet, fleet_key, fleet_trust, fleet_every, no_buffer)
+    fleet_cfg = _fleet_config(fleet, fleet_key, fleet_trust, fleet_every, fleet_judge_gap, no_buffer)
     if print_config:
         return typer.echo(_toml({k: ctx.params[k] for k in _option_kinds(run_cmd)})
                           + f"\n# a round on a CPU also takes, for what is unset here: {sizing_note(sized)}")
@@ -213,7 +217,8 @@ def run_cmd(
     Service(cfg).run()
 
 
-def _fleet_config(url: Optional[str], key: Optional[Path], trust: Optional[Path], every: float, no_buffer: bool):
+def _fleet_config(url: Optional[str], key: Optional[Path], trust: Optional[Path], every: float, judge_gap: float,
+                  no_buffer: bool):
     """--fleet's settings, each file and the URL checked now: a bad one fails before anything starts."""
     if url is None:
         if key is not None or trust is not None:
@@ -226,7 +231,7 @@ def _fleet_config(url: Optional[str], key: Optional[Path], trust: Optional[Path]
     from mas3_edge.fleet import objects, store
     from mas3_edge.runtime.fleet import FleetConfig
     store.open_store(url), objects.load_key(key), objects.load_trust(trust)
-    return FleetConfig(url, key, trust, every)
+    return FleetConfig(url, key, trust, every, judge_gap_s=judge_gap)
 
 
 def subscribe_cmd(
