@@ -16,7 +16,8 @@ from mas3_edge.export.onnx import export_onnx
 from mas3_edge.export.tensorrt import tensorrt_status
 from mas3_edge import bundle
 from mas3_edge.errors import UserError
-from mas3_edge.runtime.engines import Engine, OrtEngine, TorchEngine, load_engine
+from mas3_edge.runtime.engines import Engine, TorchEngine, load_engine
+from mas3_edge.runtime.ort_engine import OrtEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -238,11 +239,11 @@ def test_auto_never_picks_tensorrt_but_it_can_be_asked_for():
 
 
 def test_any_error_of_an_engine_falls_through_to_the_next_with_one_line(two_versions, monkeypatch, caplog):
-    from mas3_edge.runtime import engines
+    from mas3_edge.runtime import ort_engine
 
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA driver version is insufficient\nsecond line of the driver's story")
-    monkeypatch.setattr(engines, "OrtEngine", broken)
+    monkeypatch.setattr(ort_engine, "OrtEngine", broken)
     with caplog.at_level(logging.INFO, logger="mas3_edge.runtime.engines"):
         engine = load_engine(two_versions[0], device="cpu")
     assert engine.name == "torch"

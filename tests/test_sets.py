@@ -16,7 +16,8 @@ from mas3_edge.errors import UserError
 from mas3_edge.export import onnx as xonnx
 from mas3_edge.export import sets as xsets
 from mas3_edge.export import tensorrt as xtrt
-from mas3_edge.runtime.engines import OrtEngine, load_engine
+from mas3_edge.runtime.engines import load_engine
+from mas3_edge.runtime.ort_engine import OrtEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 
