@@ -32,7 +32,7 @@ import numpy as np
 from mas3_edge.errors import UserError
 from mas3_edge.store import BundleStore
 
-from .scheduler import ScheduleConfig, _child
+from .scheduler import ScheduleConfig, round_child
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class FleetRunner:
                "adapt": dict(self.schedule.adapt), "limit": self.schedule.limit, "export": self.schedule.export,
                "threads": self.schedule.threads}
         result = self._tmp / f"{pulled.entry['object'][:16]}.json"
-        proc = self._ctx.Process(target=_child, args=(judge_set, job, str(result), self.schedule.nice, os.getpid(), label),
+        proc = self._ctx.Process(target=round_child, args=(judge_set, job, str(result), self.schedule.nice, os.getpid(), label),
                                  name="mas3-fleet-judge")
         proc.start()
         self._judged_at = time.monotonic()

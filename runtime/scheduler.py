@@ -127,8 +127,8 @@ def _drift(bundle: str, frames: str, version: str, limit: int) -> float:
     return health.drift_score(ver.net, proto, load_frames(Path(frames), ver.net.config.input_size, min(limit, 32)))
 
 
-def _child(round_fn: Callable[..., dict], job: dict, result: str, nice: int, parent_pid: int, label: str) -> None:
-    """Entry point of the round process: run, then write the outcome atomically."""
+def round_child(round_fn: Callable[..., dict], job: dict, result: str, nice: int, parent_pid: int, label: str) -> None:
+    """Entry point of a round process (and of a fleet judgement): run, then write the outcome atomically."""
     from mas3_edge.runtime.children import die_with_parent
     die_with_parent(parent_pid)  # an orphaned round must not go on writing versions
     # spawn hands the parent's sys.path over with "" made the working directory, where a stray onnx.py or
@@ -238,7 +238,7 @@ class Scheduler:
                "limit": self.cfg.limit, "export": self.cfg.export, "threads": self.cfg.threads,
                "drift_threshold": self.cfg.drift_threshold if drift else None,
                **({"int8": True} if self.cfg.int8 else {})}  # only then: a custom round_fn need not take it
-        proc = self._ctx.Process(target=_child, args=(self.round_fn, job, str(result), self.cfg.nice, os.getpid(), label),
+        proc = self._ctx.Process(target=round_child, args=(self.round_fn, job, str(result), self.cfg.nice, os.getpid(), label),
                                  name=f"mas3-round-{n}")  # not daemonic: a round may use worker processes
         proc.start()
         with self._lock:
