@@ -6,7 +6,7 @@
 An untrained model (a sharpened head and prototypes fitted on its own predictions, so the steps
 run; speed and memory do not depend on the weights) and `--frames` synthetic night frames written
 as a buffer folder. The round runs in a spawned child exactly as the scheduler starts it
-(runtime.scheduler._child with default_round, 1 torch thread, nice 10), with the guard off so that
+(runtime.scheduler.round_child with default_round, 1 torch thread, nice 10), with the guard off so that
 it writes and exports a version like an accepted round. The parent samples the child's RSS from
 /proc every 0.05 s; the child reports each part's wall time and its peak RSS within the part
 (mas3_edge.parts). `swap` is the service's side: loading the exported version's ONNX Runtime
