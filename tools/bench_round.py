@@ -76,11 +76,11 @@ def run_child(root: Path, frames: Path, a: argparse.Namespace) -> tuple[dict, fl
     """The round in a spawned child as the scheduler runs it -> (its result, peak RSS MB, wall s)."""
     from bench_runtime import rss_mb
 
-    from mas3_edge.runtime.scheduler import _child, default_round
+    from mas3_edge.runtime.scheduler import default_round, round_child
     job = {"bundle": str(root), "frames": str(frames), "version": "v0001", "adapt": {"steps": a.steps, "guard": False, "tau": a.tau},
            "limit": a.frames, "export": True, "threads": a.threads}
     result = root.parent / "round.json"
-    proc = mp.get_context("spawn").Process(target=_child, args=(default_round, job, str(result), 10, os.getpid(), "bench"))
+    proc = mp.get_context("spawn").Process(target=round_child, args=(default_round, job, str(result), 10, os.getpid(), "bench"))
     t0, peak = time.monotonic(), 0.0
     proc.start()
     while proc.is_alive():
