@@ -60,13 +60,13 @@ def engine_alone(vdir: str, video: str, threads: str, seconds: str, record: str)
 def round_loop(bundle: str, frames: str, steps: str, limit: str) -> None:
     """Entry of the background round process: the service's round, again and again until killed."""
     os.nice(10)  # the scheduler's default nice and thread count
-    from mas3_edge.runtime.scheduler import _child, default_round
+    from mas3_edge.runtime.scheduler import default_round, round_child
     n = 0
     while True:
         n += 1
         job = {"bundle": bundle, "frames": frames, "version": "v0001", "adapt": {"steps": int(steps)},
                "limit": int(limit), "export": False, "threads": 1}
-        _child(default_round, job, f"{bundle}/round-{n}.json", 0, os.getppid(), f"bench/round-{n}")
+        round_child(default_round, job, f"{bundle}/round-{n}.json", 0, os.getppid(), f"bench/round-{n}")
 
 
 def _spawn(fn: str, *args: str) -> subprocess.Popen:
