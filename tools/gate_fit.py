@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"corpus": str(args.corpus), "rule": rule.to_dict(), "sentinel_tolerance": tol,
                     "outcomes": {h: {k: sum(outcome(r) == k for r in rs) for k in ("harmful", "good", "neutral")}
                                  for h, rs in halves.items()},
-                    "auroc": {}, "rules": {}}
+                    "auroc": {}, "rules": {}, "roc": {}}
     for h, rs in halves.items():
         if not rs:
             continue
@@ -157,11 +157,12 @@ def main(argv: list[str] | None = None) -> dict:
         result["auroc"][h] = {n: auroc(x[:, i], kinds == "harmful") for i, n in enumerate(names)}
         result["auroc"][h]["fitted"] = auroc(np.array([rule.harm(features(r)) for r in rs]), kinds == "harmful")
         result["rules"][h] = {name: rates(acc, kinds) for name, acc in decisions(rs, rule, tol).items()}
-        # the hard cases: rounds that kept the source set (a one-set round that loses the source is
-        # caught by the source floor alone)
-        bank = np.array([r.get("set") != "one set" for r in rs])
-        result["rules"][f"{h}, bank rounds"] = {name: rates(acc[bank], kinds[bank])
-                                                for name, acc in decisions(rs, rule, tol).items()}
+        for part, keep in SUBSETS.items():
+            sub = np.array([keep(r) for r in rs])
+            if sub.any():
+                result["rules"][f"{h}, {part}"] = {name: rates(acc[sub], kinds[sub])
+                                                   for name, acc in decisions(rs, rule, tol).items()}
+        result["roc"][h] = roc(np.array([rule.harm(features(r)) for r in rs]), kinds)
     result["floors"] = {**floor_checks(result["rules"].get("report", {})),
                         **{f"{k} (bank rounds)": v for k, v in floor_checks(result["rules"].get("report, bank rounds", {})).items()}}
     report(result)
@@ -171,6 +172,24 @@ def main(argv: list[str] | None = None) -> dict:
                 f"({len(halves['tuning'])} rounds); sentinel tolerance {tol}")
         atomic_write_json(args.rule, {**rule.to_dict(), "note": note})
     return result
+
+
+# the hard cases: rounds that kept the source set (a one-set round that loses the source is caught by
+# the source floor alone); the 3-D looks (a source model that is partly right after the shift); the
+# looped video (consecutive near-copies of frames)
+SUBSETS = {"bank rounds": lambda r: r.get("set") != "one set",
+           "3-D rounds": lambda r: r["target"].startswith("r3d-"),
+           "looped-video rounds": lambda r: r["target"].startswith("loop:")}
+
+
+def roc(harm: np.ndarray, kinds: np.ndarray, points: int = 11) -> list[dict]:
+    """The fitted rule's error rates as its threshold moves: (threshold, harmful accepted, good rejected)."""
+    out = []
+    for t in np.quantile(harm, np.linspace(0, 1, points)):
+        acc = harm < t
+        r = rates(acc, kinds)
+        out.append({"threshold": float(t), "harmful_accepted": r["harmful_accepted"], "good_rejected": r["good_rejected"]})
+    return out
 
 
 def floor_checks(report_rules: dict) -> dict:
@@ -197,6 +216,10 @@ def report(result: dict) -> None:
         for name, r in rules.items():
             out.write(f"| {name} | {h} | {r['harmful_accepted']:.0%} of {r['harmful']} | "
                       f"{r['good_rejected']:.0%} of {r['good']} | {r['accepted']} / {r['rounds']} |\n")
+    for h, points in result["roc"].items():
+        out.write(f"\nthe fitted rule's ROC on the {h} half (threshold: harmful accepted / good rejected): "
+                  + ", ".join(f"{p['threshold']:.2f}: {p['harmful_accepted']:.0%}/{p['good_rejected']:.0%}" for p in points)
+                  + f"; the rule's threshold is {result['rule']['threshold']:.2f}\n")
     out.write(f"\nsentinel tolerance (chosen on tuning): {result['sentinel_tolerance']} mIoU points\n")
     for name, ok in result["floors"].items():
         out.write(f"floor {name}: {'pass' if ok else 'FAIL'}\n")
