@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
 # the source floor alone); the 3-D looks (a source model that is partly right after the shift); the
 # looped video (consecutive near-copies of frames)
 SUBSETS = {"bank rounds": lambda r: r.get("set") != "one set",
-           "3-D rounds": lambda r: r["target"].startswith("r3d-"),
-           "looped-video rounds": lambda r: r["target"].startswith("loop:")}
+           "3-D rounds": lambda r: r.get("target", "").startswith("r3d-"),
+           "looped-video rounds": lambda r: r.get("target", "").startswith("loop:")}
 
 
 def roc(harm: np.ndarray, kinds: np.ndarray, points: int = 11) -> list[dict]:
