@@ -211,7 +211,7 @@ class RoundConfig:
     source_floor: float = setting(0.97, "Gate: pixel agreement of the new source path with the source model.")
     consistency_frames: int = setting(24, "Held-out frames scored for augmentation consistency (4 passes each).")
     guard: bool = setting(True, "Reject a round that fails the health check or the gate.", flag="--guard/--no-guard")
-    gate_rule: str = setting("none", "A fitted gate (tools/gate_fit.py) the round must also pass: shipped (the "
+    gate_rule: str = setting("shipped", "A fitted gate (tools/gate_fit.py) the round must also pass: shipped (the "
                                      "packaged one), none, or a rule file.")
     sentinel: str | None = setting(None, "Folder of a few labelled frames of this camera (images/ + labels/); a "
                                          "candidate must also not be worse than the serving model on them.")

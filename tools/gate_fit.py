@@ -8,8 +8,8 @@ rates: the share of harmful rounds it accepts and the share of good rounds it re
 The rules, each chosen on the tuning half only:
 - floors: today's checks (health signals within their tolerance, retained and source floors);
 - fitted: a small logistic model of P(harmful) on the label-free features that separate harmful
-  rounds on the tuning half (|AUROC - 0.5| >= 0.1), at the operating point where at most 5 % of
-  the tuning half's harmful rounds pass;
+  rounds on the tuning half (|AUROC - 0.5| >= 0.1) and whose scale is not the model's, at the
+  operating point where at most 5 % of the tuning half's harmful rounds pass;
 - floors + fitted: both must pass;
 - + sentinel: the candidate also must not lose more than a tolerance of mIoU on 8 labelled frames
   of the camera; the tolerance is the largest on a grid with which floors + sentinel lets no
@@ -34,6 +34,10 @@ HARM_TARGET, HARM_SOURCE, GOOD_TARGET = -0.5, -1.0, 0.5
 MAX_HARM_ACCEPTED, MAX_GOOD_REJECTED, MAX_GOOD_REJECTED_SENTINEL = 0.05, 0.30, 0.20
 SENTINEL_TOLERANCES = (0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0)
 SEPARATES = 0.1  # |AUROC - 0.5| on the tuning half for a feature to enter the fitted rule
+# The shipped rule judges every model's rounds: a feature whose scale is the model's (a log-likelihood
+# in D dimensions under its own prototypes) would place another model's rounds anywhere; the rest are
+# shares, relative changes and differences of shares.
+MODEL_SCALED = ("gmm_loglik_new", "gmm_loglik_delta")
 
 
 def outcome(rec: dict) -> str:
@@ -96,7 +100,8 @@ def fit(tuning: list[dict]) -> tuple[GateRule, dict]:
     fill = {n: float(np.mean([v for v in raw[n] if v is not None])) for n in names}
     x = matrix(tuning, names, fill)
     aucs = {n: auroc(x[:, i], harm) for i, n in enumerate(names)}
-    keep = [n for n in names if abs(aucs[n] - 0.5) >= SEPARATES and np.mean([v is not None for v in raw[n]]) >= 0.5]
+    keep = [n for n in names if abs(aucs[n] - 0.5) >= SEPARATES and np.mean([v is not None for v in raw[n]]) >= 0.5
+            and n not in MODEL_SCALED]
     cols = [names.index(n) for n in keep]
     mean, std = x[:, cols].mean(0), x[:, cols].std(0) + 1e-9
     w, b = fit_logistic((x[:, cols] - mean) / std, harm.astype(float))
