@@ -107,6 +107,12 @@ METHODS = {
     "mas3 (choice margin 0)": dict(method="mas3", choice_margin=0.0),  # the steps kept when as consistent (before)
     "mas3 (steps compound)": dict(method="mas3"),  # refining rounds continue the set's steps (PICKS)
     "mas3": dict(method="mas3"),
+    # statistics with a source prior (alpha-BN, Schneider et al. 2020): a new set's statistics are
+    # (1 - a) * source + a * target, a the weight of the target's
+    "mas3 (α-BN 0.5)": dict(method="mas3", bn_mix=0.5),
+    "mas3 (α-BN 0.8)": dict(method="mas3", bn_mix=0.8),
+    "mas3 (zero steps; α-BN 0.5)": dict(method="mas3", steps=0, bn_mix=0.5),
+    "mas3 (zero steps; α-BN 0.8)": dict(method="mas3", steps=0, bn_mix=0.8),
 }
 
 
