@@ -113,6 +113,12 @@ METHODS = {
     "mas3 (α-BN 0.8)": dict(method="mas3", bn_mix=0.8),
     "mas3 (zero steps; α-BN 0.5)": dict(method="mas3", steps=0, bn_mix=0.5),
     "mas3 (zero steps; α-BN 0.8)": dict(method="mas3", steps=0, bn_mix=0.8),
+    # self-training inside the bank on the statistics-only teacher's denoised pseudo-labels (selftrain.py)
+    "mas3-st": dict(method="mas3-st"),
+    "mas3-st (steps always)": dict(method="mas3-st", choose=False),
+    "mas3-st (steps always; lr 1e-4)": dict(method="mas3-st", choose=False, lr=1e-4),
+    "mas3-st (steps always; keep 0.2)": dict(method="mas3-st", choose=False, st_keep=0.2),
+    "mas3-st (steps always; T 3)": dict(method="mas3-st", choose=False, st_temperature=3.0),
 }
 
 
