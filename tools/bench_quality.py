@@ -116,7 +116,9 @@ METHODS = {
     # self-training inside the bank on the statistics-only teacher's denoised pseudo-labels (selftrain.py)
     "mas3-st": dict(method="mas3-st"),
     "mas3-st (steps always)": dict(method="mas3-st", choose=False),
-    "mas3-st (steps always; lr 1e-4)": dict(method="mas3-st", choose=False, lr=1e-4),
+    "mas3-st (steps always; lr 3e-3)": dict(method="mas3-st", choose=False, lr=3e-3),
+    "mas3-st (steps always; lr 1e-2)": dict(method="mas3-st", choose=False, lr=1e-2),
+    "mas3-st (steps always; lr 3e-2)": dict(method="mas3-st", choose=False, lr=3e-2),
     "mas3-st (steps always; keep 0.2)": dict(method="mas3-st", choose=False, st_keep=0.2),
     "mas3-st (steps always; T 3)": dict(method="mas3-st", choose=False, st_temperature=3.0),
 }
