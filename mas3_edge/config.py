@@ -95,7 +95,7 @@ _ROWS = {  # method:  lr      params  bn        bn_mix class_cond keep_source ba
     "bn":           (1e-4,   "norm", "adapt",  1.0,   False,     False,      False,      0.0,        False),
     "none":         (1e-4,   "norm", "frozen", 1.0,   False,     False,      False,      0.0,        False),
     # self-training inside the bank on the statistics-only model's denoised pseudo-labels (selftrain.py)
-    "mas3-st":      (1e-3,   "norm", "adapt",  1.0,   False,     True,       False,      0.0,        True),
+    "mas3-st":      (1e-2,   "norm", "adapt",  1.0,   False,     True,       False,      0.0,        True),
 }
 METHOD_DEFAULTS: dict[str, dict] = {m: dict(zip(METHOD_FIELDS, row)) for m, row in _ROWS.items()}
 METHODS = tuple(METHOD_DEFAULTS)
