@@ -47,12 +47,18 @@ def row(s: bq.Setup, cfg: AdaptConfig, targets: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--split", choices=sorted(bq.SPLITS), default="tuning")
-    ap.add_argument("--source-bundle", type=Path, required=True, help="the source model's bundle (serving version)")
-    ap.add_argument("--methods", required=True, help="comma list of bench_quality rows")
+    ap.add_argument("--source-bundle", type=Path, help="the source model's bundle (serving version)")
+    ap.add_argument("--methods", default="", help="comma list of bench_quality rows")
     ap.add_argument("--steps", type=int, default=100, help="adaptation steps per round")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=Path("tune_rows.json"))
+    ap.add_argument("--show", type=Path, nargs="+", help="join these runs (a later run's row replaces an earlier "
+                    "one of the same name) into --out and print the table; no adaptation")
     args = ap.parse_args(argv)
+    if args.show:
+        return print(table(join(args.show, args.out)["results"]))
+    if not args.source_bundle or not args.methods:
+        ap.error("give --source-bundle and --methods (or --show)")
     methods = [m for m in args.methods.split(",") if m]
     if unknown := [m for m in methods if m not in bq.METHODS]:
         ap.error(f"unknown rows {unknown}; choose from {list(bq.METHODS)}")
@@ -70,6 +76,26 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         s.close()
     print(table(report["results"]))
+
+
+def join(paths: list[Path], out: Path) -> dict:
+    """Runs on the same targets and source model as one report, each row with the run it came from."""
+    try:
+        runs = [json.loads(p.read_text()) for p in paths]
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the runs to join: {e}") from e
+    base = runs[0]["results"]["source-only"]
+    for p, r in zip(paths, runs):
+        if r["targets"] != runs[0]["targets"] or any(abs(r["results"]["source-only"][t]["target"] - base[t]["target"])
+                                                     > 0.01 for t in base):
+            raise UserError(f"{p} holds other targets or another source model than {paths[0]}")
+    joined = {**runs[0], "runs": [str(p) for p in paths], "results": {"source-only": base}, "row_run": {}}
+    for p, r in zip(paths, runs):
+        rows = {n: row for n, row in r["results"].items() if n != "source-only"}
+        joined["results"].update(rows)
+        joined["row_run"].update(dict.fromkeys(rows, p.name))
+    atomic_write(out, json.dumps(joined, indent=1).encode())
+    return joined
 
 
 def table(results: dict) -> str:
