@@ -158,7 +158,7 @@ class AdaptConfig:
     # mas3-st: the denoising of the teacher's pseudo-labels (selftrain.py)
     st_keep: float = setting(0.5, "mas3-st: fraction of each class's pseudo-labelled pixels kept, the most "
                                   "confident (class-balanced thresholds).")
-    st_temperature: float = setting(1.0, "mas3-st: temperature of the prototype weights softmax(-distance / T).")
+    st_temperature: float = setting(3.0, "mas3-st: temperature of the prototype weights softmax(-distance / T).")
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {METHODS}")

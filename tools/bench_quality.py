@@ -122,7 +122,7 @@ METHODS = {
     "mas3-st (steps always; keep 0.2)": dict(method="mas3-st", choose=False, st_keep=0.2),
     "mas3-st (steps always; keep 0.8)": dict(method="mas3-st", choose=False, st_keep=0.8),
     "mas3-st (steps always; T 0.3)": dict(method="mas3-st", choose=False, st_temperature=0.3),
-    "mas3-st (steps always; T 3)": dict(method="mas3-st", choose=False, st_temperature=3.0),
+    "mas3-st (steps always; T 1)": dict(method="mas3-st", choose=False, st_temperature=1.0),
     "mas3-st (steps always; batch stats)": dict(method="mas3-st", choose=False, batch_stats=True),
 }
 
