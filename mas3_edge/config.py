@@ -94,6 +94,8 @@ _ROWS = {  # method:  lr      params  bn        bn_mix class_cond keep_source ba
     "cotta":        (7.5e-6, "all",  "adapt",  1.0,   False,     False,      True,       0.0,        False),  # 6e-5 / 8
     "bn":           (1e-4,   "norm", "adapt",  1.0,   False,     False,      False,      0.0,        False),
     "none":         (1e-4,   "norm", "frozen", 1.0,   False,     False,      False,      0.0,        False),
+    # self-training inside the bank on the statistics-only model's denoised pseudo-labels (selftrain.py)
+    "mas3-st":      (1e-2,   "norm", "adapt",  1.0,   False,     True,       False,      0.0,        True),
 }
 METHOD_DEFAULTS: dict[str, dict] = {m: dict(zip(METHOD_FIELDS, row)) for m, row in _ROWS.items()}
 METHODS = tuple(METHOD_DEFAULTS)
@@ -106,7 +108,7 @@ class AdaptConfig:
     None are the method's choices (METHOD_DEFAULTS, above): None given to the constructor takes the
     method's value, so once made every field holds a value of its annotated type."""
 
-    method: str = setting("mas3", "mas3 (default), mas3-paper, bn, tent, pseudo, cotta or none.")
+    method: str = setting("mas3", "mas3 (default), mas3-paper, mas3-st, bn, tent, pseudo, cotta or none.")
     steps: int = setting(100, "Gradient steps of the round.")
     batch_size: int = setting(2, "Frames per step.")
     lr: float = setting(None, "Adam learning rate.")
@@ -153,6 +155,10 @@ class AdaptConfig:
     cotta_confidence: float = setting(0.69, "cotta: teacher confidence under which the augmentation average is "
                                             "the pseudo-label (published).")
     seed: int = setting(0, "Random seed of the round.")
+    # mas3-st: the denoising of the teacher's pseudo-labels (selftrain.py)
+    st_keep: float = setting(0.5, "mas3-st: fraction of each class's pseudo-labelled pixels kept, the most "
+                                  "confident (class-balanced thresholds).")
+    st_temperature: float = setting(3.0, "mas3-st: temperature of the prototype weights softmax(-distance / T).")
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {METHODS}")
@@ -181,6 +187,8 @@ class AdaptConfig:
         _check(self.min_class_pixels >= 2, f"min class pixels must be >= 2, got {self.min_class_pixels}")
         for name in ("pseudo_threshold", "cotta_momentum", "cotta_restore", "cotta_confidence"):
             _check(0 <= getattr(self, name) <= 1, f"{name.replace('_', ' ')} must be in [0, 1], got {getattr(self, name)}")
+        _check(0 < self.st_keep <= 1, f"st keep must be in (0, 1], got {self.st_keep}")
+        _check(self.st_temperature > 0, f"st temperature must be > 0, got {self.st_temperature}")
         _check(not self.batch_stats or self.batch_size >= 2,
                f"{self.method} normalises each step's batch with its own statistics: --batch-size must be >= 2")
 

@@ -37,6 +37,7 @@ from .frames import load_frames
 from .model import SegModel
 from .parts import Parts
 from .prototypes import Prototypes, load as load_prototypes
+from .selftrain import selftrain
 from .steps import freeze, gradient_steps
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ STEPS: dict[str, Steps | None] = {  # each method's step objective (None: statis
     "pseudo": lambda net, _p, frames, cfg, progress: gradient_steps(
         net, frames, cfg, baselines.self_training(cfg.pseudo_threshold), progress),
     "cotta": lambda net, _p, frames, cfg, progress: cotta_steps(net, frames, cfg, progress),
+    "mas3-st": selftrain,
     "bn": None,
     "none": None,
 }
