@@ -107,6 +107,9 @@ METHODS = {
     "mas3 (choice margin 0)": dict(method="mas3", choice_margin=0.0),  # the steps kept when as consistent (before)
     "mas3 (steps compound)": dict(method="mas3"),  # refining rounds continue the set's steps (PICKS)
     "mas3": dict(method="mas3"),
+    # the prototypes' GMM fused with the network's softmax in the served model (DIGA's weight, and a heavier one)
+    "mas3 + gmm classifier": dict(method="mas3", gmm_weight=0.2),
+    "mas3 + gmm classifier (w 0.5)": dict(method="mas3", gmm_weight=0.5),
 }
 
 
