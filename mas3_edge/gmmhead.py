@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .model import SegModel
     from .prototypes import Prototypes
 
+FLOOR = -60.0  # lowest fused log-probability served (GmmHead.fuse)
 ABSENT = -1e30  # log-weight of a component with α = 0 (finite, so the log-sum-exp never sees inf - inf)
 
 
@@ -82,27 +83,42 @@ class GmmHead(nn.Module):
 
     def log_posterior(self, z: torch.Tensor, route: torch.Tensor | None) -> torch.Tensor:
         """log p_gmm(c | z): z (B, D, h, w), route (B,) index into sets() or None (the working set)."""
-        b, d, h, w = z.shape
-        x = z.reshape(b, d, h * w)  # (B, D, N)
+        b, _, h, w = z.shape
+        return self._log_posterior(z, route).transpose(1, 2).reshape(b, -1, h, w)
+
+    def _log_posterior(self, z: torch.Tensor, route: torch.Tensor | None) -> torch.Tensor:
+        """log p_gmm(c | z) as (B, N, K), classes last: ONNX Runtime's CPU reductions and softmax
+        run several times faster over the last axis."""
+        b, d = z.shape[:2]
+        x = z.flatten(2).transpose(1, 2)  # (B, N, D)
+        ones = torch.ones_like(x[:, :, :1])
         mu = self.sets()[route] if route is not None else self.mean.expand(b, -1, -1)  # (B, K, D)
-        sm = self.scale * mu  # (B, K, D)
-        maha = self.scale @ (x * x) - 2 * (sm @ x) + (sm * mu).sum(-1, keepdim=True)  # (B, K, N)
+        k = mu.shape[1]
+        maha = torch.zeros_like(x[:, :, :1])
+        if not self.plus.shape[1]:  # Σ s ⊙ (z − μ)², as one product with each frame's means folded in
+            sm = self.scale * mu
+            wd = torch.cat([self.scale.expand(b, -1, -1), -2 * sm, (sm * mu).sum(-1, keepdim=True)], -1)
+            maha = torch.cat([x * x, x, ones], -1) @ wd.transpose(1, 2)  # (B, N, 2D + 1) @ (B, 2D + 1, K)
         for mat, sign in ((self.plus, 1.0), (self.minus, -1.0)):
-            if mat.shape[1]:  # the structure decides which terms the graph holds
-                k, r, _ = mat.shape
-                proj = (mat.reshape(k * r, d) @ x).reshape(b, k, r, h * w)  # F_c z
-                proj = proj - (mat @ mu.unsqueeze(-1))  # − F_c μ_c: (B, K, r, 1)
-                maha = maha + sign * (proj * proj).sum(2)
-        log_joint = self.log_norm[:, None] - 0.5 * maha  # (B, K, N)
-        return torch.log_softmax(log_joint, 1).reshape(b, -1, h, w)
+            if mat.shape[1]:  # ‖F_c (z − μ_c)‖²: one product of (z, 1) with (F_c, −F_c μ_c) per frame
+                r = mat.shape[1]
+                shift = -(mat @ mu.unsqueeze(-1))  # (B, K, r, 1)
+                wm = torch.cat([mat.expand(b, -1, -1, -1), shift], -1).reshape(b, k * r, d + 1)
+                proj = (torch.cat([x, ones], -1) @ wm.transpose(1, 2)).reshape(b, -1, k, r)  # (B, N, K, r)
+                maha = maha + sign * (proj * proj).sum(-1)
+        return torch.log_softmax(self.log_norm - 0.5 * maha, -1)  # (B, N, K)
 
     def fuse(self, logits: torch.Tensor, z: torch.Tensor, route: torch.Tensor | None) -> torch.Tensor:
-        """log((1 − w) softmax(logits) + w p_gmm) (B, K, h, w), by log-sum-exp (no exp of a large number)."""
-        w = self.weight.clamp(1e-12, 1 - 1e-12)
-        a = torch.log_softmax(logits, 1) + torch.log1p(-w)
-        g = self.log_posterior(z, route) + torch.log(w)
+        """log((1 − w) softmax(logits) + w p_gmm) (B, K, h, w), by log-sum-exp (no exp of a large
+        number), floored at FLOOR: the served model's softmax then never meets a denormal number
+        (ONNX Runtime's CPU kernels slow down many times on them), and p moves by < K · e^FLOOR."""
+        b, k, h, w = logits.shape
+        wt = self.weight.clamp(1e-12, 1 - 1e-12)
+        a = torch.log_softmax(logits.flatten(2).transpose(1, 2), -1) + torch.log1p(-wt)  # (B, N, K)
+        g = self._log_posterior(z, route) + torch.log(wt)
         top = torch.maximum(a, g)
-        return top + torch.log(torch.exp(a - top) + torch.exp(g - top))
+        fused = (top + torch.log(torch.exp(a - top) + torch.exp(g - top))).clamp(min=FLOOR)
+        return fused.transpose(1, 2).reshape(b, k, h, w)
 
     # --- the set operations bank.py applies to every banked layer (DomainNorm's, for the means)
 
