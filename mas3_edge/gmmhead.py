@@ -111,7 +111,7 @@ class GmmHead(nn.Module):
     def fuse(self, logits: torch.Tensor, z: torch.Tensor, route: torch.Tensor | None) -> torch.Tensor:
         """log((1 − w) softmax(logits) + w p_gmm) (B, K, h, w), by log-sum-exp (no exp of a large
         number), floored at FLOOR: the served model's softmax then never meets a denormal number
-        (ONNX Runtime's CPU kernels slow down many times on them), and p moves by < K · e^FLOOR."""
+        (slow arithmetic on most CPUs), and p moves by < K · e^FLOOR."""
         b, k, h, w = logits.shape
         wt = self.weight.clamp(1e-12, 1 - 1e-12)
         a = torch.log_softmax(logits.flatten(2).transpose(1, 2), -1) + torch.log1p(-wt)  # (B, N, K)
