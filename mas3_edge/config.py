@@ -154,6 +154,10 @@ class AdaptConfig:
     cotta_restore: float = setting(0.01, "cotta: stochastic-restore probability per weight and step (published).")
     cotta_confidence: float = setting(0.69, "cotta: teacher confidence under which the augmentation average is "
                                             "the pseudo-label (published).")
+    gmm_weight: float = setting(0.0, "Weight w of the prototypes' classifier fused with the network's softmax in "
+                                     "the served model, (1 - w) p_net + w p_gmm (0: off).")
+    gmm_conf: float = setting(0.9, "With --gmm-weight: softmax confidence a pixel needs to move its class's mean.")
+    gmm_momentum: float = setting(0.1, "With --gmm-weight: EMA step of the set's class means per batch of frames.")
     seed: int = setting(0, "Random seed of the round.")
     # mas3-st: the denoising of the teacher's pseudo-labels (selftrain.py)
     st_keep: float = setting(0.5, "mas3-st: fraction of each class's pseudo-labelled pixels kept, the most "
@@ -183,6 +187,9 @@ class AdaptConfig:
         _check(0 <= self.choice_margin < 1, f"choice margin must be in [0, 1), got {self.choice_margin}")
         _check(0 < self.refine_mix <= 1, f"refine mix must be in (0, 1], got {self.refine_mix}")
         _check(0 <= self.target_conf < 1, f"target confidence must be in [0, 1), got {self.target_conf}")
+        _check(0 <= self.gmm_weight < 1, f"gmm weight must be in [0, 1), got {self.gmm_weight}")
+        _check(0 <= self.gmm_conf < 1 and 0 < self.gmm_momentum <= 1,
+               f"gmm conf must be in [0, 1) and gmm momentum in (0, 1], got {self.gmm_conf}, {self.gmm_momentum}")
         _check(self.same_domain > 0, f"same domain must be > 0, got {self.same_domain}")
         _check(self.min_class_pixels >= 2, f"min class pixels must be >= 2, got {self.min_class_pixels}")
         for name in ("pseudo_threshold", "cotta_momentum", "cotta_restore", "cotta_confidence"):

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import adapt, bank, baselines, bundle as bundles, decide, gate, health, signals, stats
+from . import adapt, bank, baselines, bundle as bundles, decide, gate, gmmhead, health, signals, stats
 from .config import AdaptConfig, RoundConfig
 from .cotta import cotta_steps
 from .decide import Sentinel
@@ -163,6 +163,9 @@ def candidates(net: SegModel, proto: Prototypes, frames: np.ndarray, cfg: AdaptC
                 stats.settle(stepped, frames, start, cfg.bn_mix)
             out = ([plain] if cfg.choose else []) + [Candidate("steps", stepped, log_)]
     for c in out:
+        gmmhead.install(c.net, proto, cfg.gmm_weight)
+        if c.net.gmm is not None:  # before mark_source: a one-set model's only set carries the means
+            c.log.update(gmmhead.adapt_means(c.net, frames, cfg))
         if not cfg.keep_source:  # one set, no per-frame routing: the baselines as published
             bank.mark_source(c.net)
         freeze(c.net)

@@ -124,6 +124,9 @@ METHODS = {
     "mas3-st (steps always; T 0.3)": dict(method="mas3-st", choose=False, st_temperature=0.3),
     "mas3-st (steps always; T 1)": dict(method="mas3-st", choose=False, st_temperature=1.0),
     "mas3-st (steps always; batch stats)": dict(method="mas3-st", choose=False, batch_stats=True),
+    # the prototypes' GMM fused with the network's softmax in the served model (DIGA's weight, and a heavier one)
+    "mas3 + gmm classifier": dict(method="mas3", gmm_weight=0.2),
+    "mas3 + gmm classifier (w 0.5)": dict(method="mas3", gmm_weight=0.5),
 }
 
 
