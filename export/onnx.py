@@ -16,6 +16,9 @@ Graph passes (export/passes.py: onnxslim, classes-last, uint8-via-float) are kep
 parity check passes on their result; the first candidate that passes ships, the raw torch export
 is the last resort, and export.json names the one that shipped.
 
+A model with the fused prototypes' classifier (mas3_edge/gmmhead.py) has it inside the graph,
+each frame with its set's class means; the parity check's logits are then the fused scores.
+
 An adapted model (several normalisation sets) blends its sets per frame inside model.onnx; with
 `per_set` (by default where a GPU is present) the export also writes sets/: a router and one
 graph per set with that set folded, each checked (export/sets.py), listed in export.json.

@@ -105,22 +105,19 @@ def check_images(size: tuple[int, int], n_random: int = 2, n_frames: int = 4,
 def torch_reference(net: SegModel, images: np.ndarray, batch: int = 2) -> dict[str, np.ndarray]:
     """PyTorch fp32 CPU outputs: classes (N,H,W) uint8, confidence (N,H,W), logits (N,K,H,W).
 
-    One pass of Deployed per batch; the logits are its head output caught by a hook and upsampled
-    with the same call Deployed makes (Deployed does not return them).
+    classes and confidence from Deployed; logits are the softmax input Deployed computes (the
+    head's output, or the fused classifier's scores when the network has one: SegModel.scores),
+    upsampled with the same call, so the check covers the fusion too.
     """
-    deployed = Deployed(net.eval()).eval()
-    low: list[torch.Tensor] = []
-    hook = net.head.register_forward_hook(lambda _m, _i, out: low.append(out))
+    net = net.eval()
+    deployed = Deployed(net).eval()
     out: dict[str, list] = {"classes": [], "confidence": [], "logits": []}
-    try:
-        for i in range(0, len(images), batch):
-            x = torch.from_numpy(images[i:i + batch])
-            classes, conf = deployed(x)
-            logits = net.upsample(low.pop(), x.shape[1:3])
-            for k, v in zip(out, (classes, conf, logits)):
-                out[k].append(v.numpy())
-    finally:
-        hook.remove()
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(images[i:i + batch])
+        classes, conf = deployed(x)
+        logits = net.upsample(net.scores(*net.embed_route(net.normalize(x))), x.shape[1:3])
+        for k, v in zip(out, (classes, conf, logits)):
+            out[k].append(v.numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
 
 

@@ -9,8 +9,9 @@ frame with that set. The network's convs and weights are untouched.
 
 The functions below the layer are the bank's API, on a whole network: `select` (the set a round
 adapts), `route`, `reset_affine`, `reset_statistics`, `source_path`, `one_set`, `add_set`,
-`drop_set`, `count`, `mark_source`, `ChunkDomain` (would a chunk route to a set
-made elsewhere?), and `export_set` / `import_set` (one set by layer name: what
+`drop_set`, `count`, `mark_source` (each also moves the fused classifier's per-set class means,
+`banked`), `ChunkDomain` (would a chunk route to a set made elsewhere?), and `export_set` /
+`import_set` (one set by layer name: what
 a fleet shares). Nothing outside this file touches the sets' tensors.
 """
 from __future__ import annotations
@@ -238,6 +239,19 @@ def using_route(net: nn.Module, active: bool, capture: bool = False):
         state.active, state.capture, state.route = False, False, None
 
 
+def current_route(net: nn.Module) -> torch.Tensor | None:
+    """Inside `using_route`, after the first norm layer ran: each frame's set (B,), or None."""
+    first = lead(net)
+    return None if first is None or first.state is None else first.state.route
+
+
+def banked(net: nn.Module) -> list:
+    """Every layer that keeps one row per set: the norms, and the fused classifier's class means
+    (model.SegModel.gmm) when the network has one, so its rows follow every change of the sets."""
+    head = getattr(net, "gmm", None)
+    return [*norms(net), *([head] if head is not None else [])]
+
+
 def capture_stem(net: nn.Module, features, x: torch.Tensor) -> torch.Tensor | None:
     """Run `features(x)` up to the first norm layer and return that layer's input (None: never reached)."""
     try:
@@ -272,7 +286,7 @@ def activate(net: nn.Module, row: int | None, keep: int) -> None:
     """Make bank row `row` (None: a fresh copy of the source row) the working set in every layer. The
     working set is banked only if it was adapted (differs from the source row somewhere), the same in
     every layer; past `keep` adapted sets the least recently used is dropped."""
-    layers = norms(net)
+    layers = banked(net)
     adapted = any(not torch.equal(m.bank[0], m.working()) for m in layers)
     for m in layers:
         m.activate(row, adapted, keep)
@@ -286,10 +300,10 @@ def add_set(net: nn.Module, keep: int) -> None:
 @torch.no_grad()
 def drop_set(net: nn.Module, row: int) -> None:
     """Remove banked adapted set `row` (1..S-1) from every layer."""
-    banked = len(_router(net).bank)
-    if not 1 <= row < banked:
-        raise UserError(f"no adapted normalisation set {row} to drop (the bank has {banked - 1})")
-    for m in norms(net):
+    rows = len(_router(net).bank)
+    if not 1 <= row < rows:
+        raise UserError(f"no adapted normalisation set {row} to drop (the bank has {rows - 1})")
+    for m in banked(net):
         m.bank = torch.cat([m.bank[:row], m.bank[row + 1:]])
 
 
@@ -396,7 +410,7 @@ def reset_statistics(net: nn.Module) -> None:
 def mark_source(net: nn.Module) -> None:
     """One set: the current working set becomes the source set (a freshly trained or imported
     model, or a one-set baseline's round)."""
-    for m in norms(net):
+    for m in banked(net):
         m.mark_source()
 
 
@@ -404,7 +418,7 @@ def mark_source(net: nn.Module) -> None:
 def one_set(net: M, s: int) -> M:
     """A copy of `net` whose every layer holds set `s` of its sets() and nothing else."""
     net = copy.deepcopy(net)
-    for m in norms(net):
+    for m in banked(net):
         m.set_working(m.sets()[s])
         m.mark_source()
     return net
@@ -419,6 +433,9 @@ def size_banks(net: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torc
     """Size each layer's bank as the weight file's, so that load_state_dict fits. A file of plain
     batch norms (no bank: the packaged bundle, a network's own weights) holds one set, its own."""
     state = dict(state)
+    head = getattr(net, "gmm", None)
+    if head is not None and "gmm.bank" in state:
+        head.bank = torch.empty_like(state["gmm.bank"])
     for name, m in net.named_modules():
         if isinstance(m, DomainNorm):
             key, own = f"{name}.bank", [f"{name}.{k}" for k in ("running_mean", "running_var", "weight", "bias")]

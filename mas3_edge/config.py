@@ -94,6 +94,8 @@ _ROWS = {  # method:  lr      params  bn        bn_mix class_cond keep_source ba
     "cotta":        (7.5e-6, "all",  "adapt",  1.0,   False,     False,      True,       0.0,        False),  # 6e-5 / 8
     "bn":           (1e-4,   "norm", "adapt",  1.0,   False,     False,      False,      0.0,        False),
     "none":         (1e-4,   "norm", "frozen", 1.0,   False,     False,      False,      0.0,        False),
+    # self-training inside the bank on the statistics-only model's denoised pseudo-labels (selftrain.py)
+    "mas3-st":      (1e-2,   "norm", "adapt",  1.0,   False,     True,       False,      0.0,        True),
 }
 METHOD_DEFAULTS: dict[str, dict] = {m: dict(zip(METHOD_FIELDS, row)) for m, row in _ROWS.items()}
 METHODS = tuple(METHOD_DEFAULTS)
@@ -106,7 +108,7 @@ class AdaptConfig:
     None are the method's choices (METHOD_DEFAULTS, above): None given to the constructor takes the
     method's value, so once made every field holds a value of its annotated type."""
 
-    method: str = setting("mas3", "mas3 (default), mas3-paper, bn, tent, pseudo, cotta or none.")
+    method: str = setting("mas3", "mas3 (default), mas3-paper, mas3-st, bn, tent, pseudo, cotta or none.")
     steps: int = setting(100, "Gradient steps of the round.")
     batch_size: int = setting(2, "Frames per step.")
     lr: float = setting(None, "Adam learning rate.")
@@ -152,7 +154,15 @@ class AdaptConfig:
     cotta_restore: float = setting(0.01, "cotta: stochastic-restore probability per weight and step (published).")
     cotta_confidence: float = setting(0.69, "cotta: teacher confidence under which the augmentation average is "
                                             "the pseudo-label (published).")
+    gmm_weight: float = setting(0.0, "Weight w of the prototypes' classifier fused with the network's softmax in "
+                                     "the served model, (1 - w) p_net + w p_gmm (0: off).")
+    gmm_conf: float = setting(0.9, "With --gmm-weight: softmax confidence a pixel needs to move its class's mean.")
+    gmm_momentum: float = setting(0.1, "With --gmm-weight: EMA step of the set's class means per batch of frames.")
     seed: int = setting(0, "Random seed of the round.")
+    # mas3-st: the denoising of the teacher's pseudo-labels (selftrain.py)
+    st_keep: float = setting(0.5, "mas3-st: fraction of each class's pseudo-labelled pixels kept, the most "
+                                  "confident (class-balanced thresholds).")
+    st_temperature: float = setting(3.0, "mas3-st: temperature of the prototype weights softmax(-distance / T).")
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"unknown method {self.method!r}; choose one of {METHODS}")
@@ -177,10 +187,15 @@ class AdaptConfig:
         _check(0 <= self.choice_margin < 1, f"choice margin must be in [0, 1), got {self.choice_margin}")
         _check(0 < self.refine_mix <= 1, f"refine mix must be in (0, 1], got {self.refine_mix}")
         _check(0 <= self.target_conf < 1, f"target confidence must be in [0, 1), got {self.target_conf}")
+        _check(0 <= self.gmm_weight < 1, f"gmm weight must be in [0, 1), got {self.gmm_weight}")
+        _check(0 <= self.gmm_conf < 1 and 0 < self.gmm_momentum <= 1,
+               f"gmm conf must be in [0, 1) and gmm momentum in (0, 1], got {self.gmm_conf}, {self.gmm_momentum}")
         _check(self.same_domain > 0, f"same domain must be > 0, got {self.same_domain}")
         _check(self.min_class_pixels >= 2, f"min class pixels must be >= 2, got {self.min_class_pixels}")
         for name in ("pseudo_threshold", "cotta_momentum", "cotta_restore", "cotta_confidence"):
             _check(0 <= getattr(self, name) <= 1, f"{name.replace('_', ' ')} must be in [0, 1], got {getattr(self, name)}")
+        _check(0 < self.st_keep <= 1, f"st keep must be in (0, 1], got {self.st_keep}")
+        _check(self.st_temperature > 0, f"st temperature must be > 0, got {self.st_temperature}")
         _check(not self.batch_stats or self.batch_size >= 2,
                f"{self.method} normalises each step's batch with its own statistics: --batch-size must be >= 2")
 

@@ -17,6 +17,7 @@ from .config import ModelConfig
 from . import bank
 from .bank import DomainNorm
 from .errors import UserError
+from .gmmhead import GmmHead
 from .labels import CITYSCAPES, LabelSet
 
 M = TypeVar("M", bound=nn.Module)
@@ -114,6 +115,7 @@ class SegModel(nn.Module):
                             f"{config.num_classes} outputs")
         self.config, self.labels = config, labels
         self.routing = True  # per-frame choice of normalisation statistics in eval (off while adapting)
+        self.gmm: GmmHead | None = None  # the prototypes' classifier fused with h (gmmhead.py), when enabled
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1) * 255, persistent=False)
 
@@ -137,15 +139,29 @@ class SegModel(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised -> z (B, D, h, w), each frame normalised with its routed set in eval."""
+        return self.embed_route(x)[0]
+
+    def embed_route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """embed, and the set each frame was routed to (B,), None when no frame was (the working set)."""
         k = self.config.multiple
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % k or x.shape[3] % k:
             raise UserError(f"expected input (B, 3, H, W) with H and W multiples of {k}, got {tuple(x.shape)}")
         with bank.using_route(self, self.routing and not self.training):
-            return self.features(x)
+            return self.features(x), bank.current_route(self)
+
+    def scores(self, z: torch.Tensor, route: torch.Tensor | None = None) -> torch.Tensor:
+        """What the served model upsamples and takes the softmax of, at z's resolution (B, K, h, w):
+        h(z), or with the fused classifier log((1 - w) softmax(h(z)) + w p_gmm), whose softmax after
+        upsampling is the fused probability (the log-softmax only subtracts a per-pixel constant)."""
+        logits = self.head(z)
+        return logits if self.gmm is None else self.gmm.fuse(logits, z, route)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised -> logits (B, K, H, W)."""
-        return self.upsample(self.head(self.embed(x)), x.shape[-2:])  # (B, K, h, w) -> (B, K, H, W)
+        """(B, 3, H, W) normalised -> logits (B, K, H, W); in eval, the served model's scores (the
+        fused classifier's when there is one), so every evaluation scores what is served."""
+        if self.training or self.gmm is None:
+            return self.upsample(self.head(self.embed(x)), x.shape[-2:])  # (B, K, h, w) -> (B, K, H, W)
+        return self.upsample(self.scores(*self.embed_route(x)), x.shape[-2:])
 
     def upsample(self, logits: torch.Tensor, size) -> torch.Tensor:
         """Logits at z's resolution -> at the input's (bilinear, as the network was trained)."""
@@ -160,7 +176,9 @@ class SegModel(nn.Module):
         return h
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """load_state_dict, sizing each bank of normalisation sets as the file's."""
+        """load_state_dict, sizing each bank of normalisation sets as the file's; a file that holds
+        the fused classifier's tensors gets the head (a file without them, none)."""
+        self.gmm = GmmHead.sized_as(state).to(self.head.weight.device) if "gmm.scale" in state else None
         self.load_state_dict(bank.size_banks(self, state))
 
 
@@ -181,7 +199,8 @@ class SegNet(SegModel):
 class Deployed(nn.Module):
     """What the runtime runs: uint8 RGB (B, H, W, 3) -> class ids uint8 (B, H, W), confidence (B, H, W).
 
-    Normalisation, argmax and max-softmax live inside the graph, so the caller does no per-pixel work.
+    Normalisation, argmax and max-softmax live inside the graph, so the caller does no per-pixel work;
+    so does the fused prototypes' classifier when the network has one (SegModel.scores).
     """
 
     def __init__(self, net: SegModel):
@@ -189,8 +208,8 @@ class Deployed(nn.Module):
         self.net = net
 
     def forward(self, images: torch.Tensor):
-        z = self.net.embed(self.net.normalize(images))
-        logits = self.net.upsample(self.net.head(z), images.shape[1:3])
+        z, route = self.net.embed_route(self.net.normalize(images))
+        logits = self.net.upsample(self.net.scores(z, route), images.shape[1:3])
         conf, classes = torch.softmax(logits, dim=1).max(dim=1)
         return classes.to(torch.uint8), conf
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import adapt, bank, baselines, bundle as bundles, decide, gate, health, signals, stats
+from . import adapt, bank, baselines, bundle as bundles, decide, gate, gmmhead, health, signals, stats
 from .config import AdaptConfig, RoundConfig
 from .cotta import cotta_steps
 from .decide import Sentinel
@@ -37,6 +37,7 @@ from .frames import load_frames
 from .model import SegModel
 from .parts import Parts
 from .prototypes import Prototypes, load as load_prototypes
+from .selftrain import selftrain
 from .steps import freeze, gradient_steps
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ STEPS: dict[str, Steps | None] = {  # each method's step objective (None: statis
     "pseudo": lambda net, _p, frames, cfg, progress: gradient_steps(
         net, frames, cfg, baselines.self_training(cfg.pseudo_threshold), progress),
     "cotta": lambda net, _p, frames, cfg, progress: cotta_steps(net, frames, cfg, progress),
+    "mas3-st": selftrain,
     "bn": None,
     "none": None,
 }
@@ -161,6 +163,9 @@ def candidates(net: SegModel, proto: Prototypes, frames: np.ndarray, cfg: AdaptC
                 stats.settle(stepped, frames, start, cfg.bn_mix)
             out = ([plain] if cfg.choose else []) + [Candidate("steps", stepped, log_)]
     for c in out:
+        gmmhead.install(c.net, proto, cfg.gmm_weight)
+        if c.net.gmm is not None:  # before mark_source: a one-set model's only set carries the means
+            c.log.update(gmmhead.adapt_means(c.net, frames, cfg))
         if not cfg.keep_source:  # one set, no per-frame routing: the baselines as published
             bank.mark_source(c.net)
         freeze(c.net)

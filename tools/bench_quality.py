@@ -107,6 +107,26 @@ METHODS = {
     "mas3 (choice margin 0)": dict(method="mas3", choice_margin=0.0),  # the steps kept when as consistent (before)
     "mas3 (steps compound)": dict(method="mas3"),  # refining rounds continue the set's steps (PICKS)
     "mas3": dict(method="mas3"),
+    # statistics with a source prior (alpha-BN, Schneider et al. 2020): a new set's statistics are
+    # (1 - a) * source + a * target, a the weight of the target's
+    "mas3 (α-BN 0.5)": dict(method="mas3", bn_mix=0.5),
+    "mas3 (α-BN 0.8)": dict(method="mas3", bn_mix=0.8),
+    "mas3 (zero steps; α-BN 0.5)": dict(method="mas3", steps=0, bn_mix=0.5),
+    "mas3 (zero steps; α-BN 0.8)": dict(method="mas3", steps=0, bn_mix=0.8),
+    # self-training inside the bank on the statistics-only teacher's denoised pseudo-labels (selftrain.py)
+    "mas3-st": dict(method="mas3-st"),
+    "mas3-st (steps always)": dict(method="mas3-st", choose=False),
+    "mas3-st (steps always; lr 3e-3)": dict(method="mas3-st", choose=False, lr=3e-3),
+    "mas3-st (steps always; lr 1e-3)": dict(method="mas3-st", choose=False, lr=1e-3),
+    "mas3-st (steps always; lr 3e-2)": dict(method="mas3-st", choose=False, lr=3e-2),
+    "mas3-st (steps always; keep 0.2)": dict(method="mas3-st", choose=False, st_keep=0.2),
+    "mas3-st (steps always; keep 0.8)": dict(method="mas3-st", choose=False, st_keep=0.8),
+    "mas3-st (steps always; T 0.3)": dict(method="mas3-st", choose=False, st_temperature=0.3),
+    "mas3-st (steps always; T 1)": dict(method="mas3-st", choose=False, st_temperature=1.0),
+    "mas3-st (steps always; batch stats)": dict(method="mas3-st", choose=False, batch_stats=True),
+    # the prototypes' GMM fused with the network's softmax in the served model (DIGA's weight, and a heavier one)
+    "mas3 + gmm classifier": dict(method="mas3", gmm_weight=0.2),
+    "mas3 + gmm classifier (w 0.5)": dict(method="mas3", gmm_weight=0.5),
 }
 
 
