@@ -55,7 +55,44 @@ class _Stem(Exception):
         self.h = h
 
 
-class DomainNorm(nn.BatchNorm2d):
+class BankedRows:
+    """The set operations of a layer that keeps one row per normalisation set: `bank` (S, ...) holds
+    the source's row (0) and the adapted domains' (1..), `working()` / `set_working()` the working
+    set's. DomainNorm keeps its statistics and affine parameters so; the fused classifier
+    (gmmhead.GmmHead) its class means, so that they follow every change of the sets."""
+
+    bank: torch.Tensor
+
+    def working(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def set_working(self, row: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def sets(self) -> torch.Tensor:
+        """(S + 1, ...): the bank's rows, then the working set."""
+        return torch.cat([self.bank, self.working()[None]])
+
+    @torch.no_grad()
+    def activate(self, row: int | None, bank_working: bool, keep: int) -> None:
+        """Make bank row `row` (None: a fresh copy of the source row) the working set. The old
+        working set is banked when `bank_working`; past `keep` adapted sets (working included)
+        the least recently used is dropped."""
+        if row == len(self.bank):  # the working set already
+            return
+        rows = list(self.bank) + ([self.working()] if bank_working else [])
+        new = (rows[0] if row is None else rows.pop(row)).clone()
+        rows = rows[:1] + rows[1:][max(0, len(rows) - keep):]
+        self.bank = torch.stack(rows)
+        self.set_working(new)
+
+    @torch.no_grad()
+    def mark_source(self) -> None:
+        """One set: the working set becomes the source row, and the bank holds nothing else."""
+        self.bank = self.working()[None].clone()
+
+
+class DomainNorm(BankedRows, nn.BatchNorm2d):
     """Batch norm with a bank of sets beside its own. Its own set (running_mean/var, weight, bias)
     is the working set, the one training steps update; `bank` (S, 4, C) holds the mean, var, weight
     and bias of the source model (row 0) and of domains adapted before (rows 1..). In eval each
@@ -79,10 +116,6 @@ class DomainNorm(nn.BatchNorm2d):
 
     def working(self) -> torch.Tensor:
         return torch.stack([self.running_mean, self.running_var, self.weight, self.bias])  # (4, C)
-
-    def sets(self) -> torch.Tensor:
-        """(S + 1, 4, C): the bank's rows, then the working set."""
-        return torch.cat([self.bank, self.working()[None]])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.normalise(x)
@@ -119,28 +152,10 @@ class DomainNorm(nn.BatchNorm2d):
             return self.distances(*self.input_stats(h)).argmin(1)
 
     @torch.no_grad()
-    def activate(self, row: int | None, bank_working: bool, keep: int) -> None:
-        """Make bank row `row` (None: a fresh copy of the source row) the working set. The old
-        working set is banked when `bank_working`; past `keep` adapted sets (working included)
-        the least recently used is dropped."""
-        if row == len(self.bank):  # the working set already
-            return
-        rows = list(self.bank) + ([self.working()] if bank_working else [])
-        new = (rows[0] if row is None else rows.pop(row)).clone()
-        rows = rows[:1] + rows[1:][max(0, len(rows) - keep):]
-        self.bank = torch.stack(rows)
-        self.set_working(new)
-
-    @torch.no_grad()
     def set_working(self, row: torch.Tensor) -> None:
         """Copy a (4, C) set into the working set."""
         for field, value in zip((self.running_mean, self.running_var, self.weight, self.bias), row):
             field.copy_(value)
-
-    @torch.no_grad()
-    def mark_source(self) -> None:
-        """One set: the working set becomes the source row, and the bank holds nothing else."""
-        self.bank = self.working()[None].clone()
 
     def routed(self) -> bool:
         """Whether any banked set differs from the working set; otherwise it folds like plain batch norm."""

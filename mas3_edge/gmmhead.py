@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .bank import BankedRows
 from .torchutil import to_device
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ FLOOR = -60.0  # lowest fused log-probability served (GmmHead.fuse)
 ABSENT = -1e30  # log-weight of a component with α = 0 (finite, so the log-sum-exp never sees inf - inf)
 
 
-class GmmHead(nn.Module):
+class GmmHead(BankedRows, nn.Module):
     """z (B, D, h, w) and each frame's set (B,) -> log p_gmm(c | z) (B, K, h, w), and the fusion.
 
     Buffers (saved with the weights): `weight` () the fusion weight w, `log_norm` (K,) log α_c −
@@ -120,33 +121,14 @@ class GmmHead(nn.Module):
         fused = (top + torch.log(torch.exp(a - top) + torch.exp(g - top))).clamp(min=FLOOR)
         return fused.transpose(1, 2).reshape(b, k, h, w)
 
-    # --- the set operations bank.py applies to every banked layer (DomainNorm's, for the means)
+    # --- the rows bank.py moves with every banked layer's (BankedRows): the class means, (K, D) a set
 
     def working(self) -> torch.Tensor:
         return self.mean
 
-    def sets(self) -> torch.Tensor:
-        """(S + 1, K, D): the banked sets' means, then the working set's."""
-        return torch.cat([self.bank, self.mean[None]])
-
     @torch.no_grad()
     def set_working(self, row: torch.Tensor) -> None:
         self.mean.copy_(row)
-
-    @torch.no_grad()
-    def mark_source(self) -> None:
-        self.bank = self.mean[None].clone()
-
-    @torch.no_grad()
-    def activate(self, row: int | None, bank_working: bool, keep: int) -> None:
-        """As DomainNorm.activate, on the means: the rows stay aligned with the norms' sets."""
-        if row == len(self.bank):
-            return
-        rows = list(self.bank) + ([self.mean.clone()] if bank_working else [])
-        new = (rows[0] if row is None else rows.pop(row)).clone()
-        rows = rows[:1] + rows[1:][max(0, len(rows) - keep):]
-        self.bank = torch.stack(rows)
-        self.mean.copy_(new)
 
 
 def factors(proto: Prototypes) -> dict[str, torch.Tensor]:
