@@ -155,6 +155,8 @@ def test_eval_subset_scores_only_its_classes(tmp_path, tiny_bundle):
     (["--status-every", "nan"], "--status-every must be more than 0"),
     (["--health-timeout", "inf"], "--health-timeout must be more than 0"),
     (["--round-frames", "1"], "--round-frames must be at least 2"),
+    (["--fleet-judge-gap", "-1"], "--fleet-judge-gap must be 0 or more"),
+    (["--gmm-weight", "1.5"], "gmm weight must be in [0, 1)"),
 ])
 def test_bad_numbers_of_run_are_one_line_and_exit_1(args, message, tmp_path, tiny_bundle):
     res = mas3("run", "--camera", "synthetic://night", "--bundle", tiny_bundle, "--no-buffer", "--no-adapt",
