@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tau", type=float, default=0.5, help="the round's tau: low, so that the untrained model's GMM "
                    "samples pass it and the steps run (default 0.5)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the round (the scheduler's default 1)")
+    p.add_argument("--int8", action="store_true", help="the round also calibrates and checks the INT8 graphs "
+                   "(as `run --precision int8`)")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     a.size = tuple(int(v) for v in a.size.lower().split("x"))
@@ -78,7 +80,7 @@ def run_child(root: Path, frames: Path, a: argparse.Namespace) -> tuple[dict, fl
 
     from mas3_edge.runtime.scheduler import default_round, round_child
     job = {"bundle": str(root), "frames": str(frames), "version": "v0001", "adapt": {"steps": a.steps, "guard": False, "tau": a.tau},
-           "limit": a.frames, "export": True, "threads": a.threads}
+           "limit": a.frames, "export": True, "threads": a.threads, "int8": a.int8}
     result = root.parent / "round.json"
     proc = mp.get_context("spawn").Process(target=round_child, args=(default_round, job, str(result), 10, os.getpid(), "bench"))
     t0, peak = time.monotonic(), 0.0
@@ -94,13 +96,13 @@ def run_child(root: Path, frames: Path, a: argparse.Namespace) -> tuple[dict, fl
     return json.loads(result.read_text()), peak, wall
 
 
-def swap(root: Path, version: str) -> dict:
+def swap(root: Path, version: str, precision: str = "fp32") -> dict:
     """What the service does on its side: load the new version's engine (and its first frame)."""
     import numpy as np
 
     from mas3_edge.runtime.engines import load_engine
     t0 = time.perf_counter()
-    engine = load_engine(root / "versions" / version, "onnxruntime", "cpu", threads=1)
+    engine = load_engine(root / "versions" / version, "onnxruntime", "cpu", precision=precision, threads=1)
     engine.infer(np.zeros((1, *engine.input_size, 3), np.uint8))
     return {"seconds": time.perf_counter() - t0, "peak_rss_mb": None, "note": "in the serving process"}
 
@@ -118,7 +120,7 @@ def markdown(res: dict) -> str:
     lines.append(f"\nround child: peak RSS {c['peak_rss_mb']:.0f} MB (floor < {FLOOR_MB:.0f} MB: "
                  f"{'pass' if c['peak_rss_mb'] < FLOOR_MB else 'FAIL'}), wall {c['wall_s']:.1f} s from spawn to exit, "
                  f"outcome {c['outcome']}; {res['frames']} frames, {res['steps_run']} of {res['steps']} steps run, {res['threads']} torch thread(s), "
-                 f"{res['size'][0]}x{res['size'][1]}; load average at start {res['load_average']}")
+                 f"{res['size'][0]}x{res['size'][1]}; torch {res['torch']}; load average at start {res['load_average']}")
     return "\n".join(lines)
 
 
@@ -132,17 +134,19 @@ def main(argv: list[str] | None = None) -> dict:
         print("the round ...", file=sys.stderr)
         out, peak, wall = run_child(root, frames, a)
         parts = dict(out.get("parts") or {})
-        parts.setdefault("int8 calibrate", None)  # measured when the round runs with --precision int8
+        parts.setdefault("int8 calibrate", None)  # measured with --int8
         print(f"round: {out.get('outcome')} ({out.get('reason')})", file=sys.stderr)
         steps = None
         if out.get("version"):
             report = json.loads((root / "versions" / out["version"] / "report.json").read_text())
             steps = len(report.get("steps") or [])  # 0: the GMM samples failed tau, no step ran
             if (root / "versions" / out["version"] / "model.onnx").is_file():
-                parts["swap"] = swap(root, out["version"])
+                parts["swap"] = swap(root, out["version"], "int8" if (out.get("int8") or {}).get("passed") else "fp32")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    import torch  # which build: a CUDA build maps about 300 MB more at import than a CPU-only one
     res = {"preset": a.preset, "size": list(a.size), "frames": a.frames, "steps": a.steps, "threads": a.threads,
+           "torch": torch.__version__, "int8": a.int8,
            "load_average": load, "parts": {k: v for k, v in parts.items() if v is not None},
            "steps_run": steps, "result": out,
            "child": {"peak_rss_mb": peak, "wall_s": wall, "outcome": out.get("outcome"), "reason": out.get("reason"),
