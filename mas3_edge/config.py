@@ -1,6 +1,7 @@
 """Frozen, validated configuration: the model architecture and the adaptation round."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -230,8 +231,9 @@ class RoundConfig:
                                      "packaged one), none, or a rule file.")
     sentinel: str | None = setting(None, "Folder of a few labelled frames of this camera (images/ + labels/); a "
                                          "candidate must also not be worse than the serving model on them.")
-    sentinel_tolerance: float = setting(0.0, "With --sentinel: mIoU points the candidate may lose on the sentinel "
-                                             "frames.")
+    sentinel_margin: float | None = setting(None, "With --sentinel: mIoU points the candidate must gain over the "
+                                                  "serving model on the sentinel frames (negative: may lose); "
+                                                  "default: the gate rule's (shipped: 3), 0 without one.")
 
     def __post_init__(self) -> None:
         _check(0 < self.holdout < 1, f"holdout must be in (0, 1), got {self.holdout}")
@@ -241,7 +243,8 @@ class RoundConfig:
                f"the sentinel folder {self.sentinel} does not exist; give a folder of labelled frames (images/ + labels/)")
         _check(self.gate_rule in ("shipped", "none") or Path(self.gate_rule).is_file(),
                f"gate rule must be shipped, none or a rule file, got {self.gate_rule!r}")
-        _check(self.sentinel_tolerance >= 0, f"sentinel tolerance must be >= 0, got {self.sentinel_tolerance}")
+        _check(self.sentinel_margin is None or math.isfinite(self.sentinel_margin),
+               f"sentinel margin must be a number, got {self.sentinel_margin}")
         _check(self.min_frames >= 2, f"min frames must be >= 2, got {self.min_frames}")
         _check(self.health_tolerance >= 0, f"health tolerance must be >= 0, got {self.health_tolerance}")
         _check(0 <= self.retained_floor <= 1, f"retained floor must be in [0, 1], got {self.retained_floor}")

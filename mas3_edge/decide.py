@@ -8,8 +8,9 @@ Three kinds of check, in the order they are applied:
 - gate: signals no method optimises (gate.py): the share of the serving model's confident pixels
   that kept their label, and the source path's agreement with the source model;
 - labels: with sentinel frames (a few labelled frames of the robot's own camera), the candidate's
-  mIoU on them must not fall more than the tolerance below the serving model's. A decision that
-  used them says so.
+  mIoU on them must beat the serving model's by a margin. A decision that used them says so. With
+  them the fitted gate is held to its own, looser threshold: both were chosen together on the
+  tuning half of the gate corpus (tools/gate_fit.py).
 """
 from __future__ import annotations
 
@@ -58,13 +59,13 @@ def gate_checks(gate_after: dict, rcfg: RoundConfig) -> list[Check]:
                   f"the source path changed: {s:.1%} pixel agreement (floor {rcfg.source_floor:.0%})")]
 
 
-def sentinel_check(serving_miou: float, new_miou: float, tolerance: float, frames: int) -> Check:
-    """The candidate's mIoU on the sentinel frames against the serving model's, less `tolerance` points."""
-    limit = serving_miou - tolerance
+def sentinel_check(serving_miou: float, new_miou: float, margin: float, frames: int) -> Check:
+    """The candidate's mIoU on the sentinel frames against the serving model's plus `margin` points."""
+    limit = serving_miou + margin
     ok = math.isfinite(new_miou) and new_miou >= limit
     return Check("sentinel_miou", "labels", new_miou, limit, ok,
-                 "" if ok else f"worse on the {frames} sentinel frames: mIoU {serving_miou:.1f} -> {new_miou:.1f} "
-                               f"(tolerance {tolerance:g})")
+                 "" if ok else f"not better enough on the {frames} sentinel frames: mIoU {serving_miou:.1f} -> "
+                               f"{new_miou:.1f} (must gain {margin:g})")
 
 
 def verdict(checks: list[Check]) -> tuple[bool, str]:
@@ -139,7 +140,8 @@ def features(report: dict) -> dict[str, float | None]:
 @dataclass(frozen=True)
 class GateRule:
     """P(harmful) = sigmoid(bias + Σ w_i (x_i - mean_i) / std_i); a round passes when it is below
-    `threshold`. An input a round could not compute takes its mean (a neutral value)."""
+    `threshold`, or below `sentinel_threshold` when sentinel frames must also vouch for it (by
+    `sentinel_margin` mIoU points). An input a round could not compute takes its mean (a neutral value)."""
 
     inputs: tuple[str, ...]
     mean: tuple[float, ...]
@@ -147,6 +149,8 @@ class GateRule:
     weights: tuple[float, ...]
     bias: float
     threshold: float
+    sentinel_threshold: float | None = None
+    sentinel_margin: float = 0.0
     note: str = ""
 
     def harm(self, x: dict[str, float | None]) -> float:
@@ -156,11 +160,12 @@ class GateRule:
             z += w * ((m if v is None else float(v)) - m) / s
         return float(1 / (1 + math.exp(-max(-60.0, min(60.0, z)))))
 
-    def check(self, report: dict) -> Check:
+    def check(self, report: dict, sentinel: bool = False) -> Check:
         p = self.harm(features(report))
-        ok = p < self.threshold
-        return Check("fitted_gate", "gate", p, self.threshold, ok,
-                     "" if ok else f"the fitted gate puts its chance of harm at {p:.0%} (limit {self.threshold:.0%})")
+        limit = self.sentinel_threshold if sentinel and self.sentinel_threshold is not None else self.threshold
+        ok = p < limit
+        return Check("fitted_gate", "gate", p, limit, ok,
+                     "" if ok else f"the fitted gate puts its chance of harm at {p:.0%} (limit {limit:.0%})")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -201,15 +201,16 @@ def judge_round(serving: SegModel, net: SegModel, source: SegModel, proto: Proto
     after = health.signals(net, proto, held)
     gate_after = gate.gate_signals(serving, net, source, held, rcfg)
     checks = decide.health_checks(before, after, rcfg.health_tolerance) + decide.gate_checks(gate_after, rcfg)
-    if sentinel is not None:
-        scores = {"frames": len(sentinel), "serving_miou": sentinel.miou(serving), "new_miou": sentinel.miou(net)}
-        checks.append(decide.sentinel_check(scores["serving_miou"], scores["new_miou"], rcfg.sentinel_tolerance,
-                                            len(sentinel)))
-        out["sentinel"] = scores
     out.update(health_after=after, gate_after=gate_after, signals=signals.round_signals(serving, net, held, proto,
                                                                                        plain=plain))
-    if rcfg.gate_rule != "none":
-        checks.insert(len(checks) - (sentinel is not None), decide.GateRule.load(decide.rule_path(rcfg.gate_rule)).check(out))
+    rule = decide.GateRule.load(decide.rule_path(rcfg.gate_rule)) if rcfg.gate_rule != "none" else None
+    if rule is not None:
+        checks.append(rule.check(out, sentinel=sentinel is not None))
+    if sentinel is not None:
+        scores = {"frames": len(sentinel), "serving_miou": sentinel.miou(serving), "new_miou": sentinel.miou(net)}
+        margin = rcfg.sentinel_margin if rcfg.sentinel_margin is not None else rule.sentinel_margin if rule else 0.0
+        checks.append(decide.sentinel_check(scores["serving_miou"], scores["new_miou"], margin, len(sentinel)))
+        out["sentinel"] = scores
     ok, reason = decide.verdict(checks)
     return {**out, "checks": decide.describe(checks), "accepted": ok, "reason": reason}
 

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mas3_edge import bundle, synth
+from mas3_edge.decide import SHIPPED_RULE, GateRule
 from mas3_edge.cli import app
 
 runner = CliRunner()
@@ -72,7 +73,9 @@ def test_sentinel_frames_join_the_decision_and_the_report_says_labels_were_used(
     out = json.loads(res.stdout)
     assert out["used_labels"] is True and out["sentinel"]["frames"] == 6
     check = next(c for c in out["checks"] if c["signal"] == "sentinel_miou")
-    assert check["kind"] == "labels" and check["limit"] == out["sentinel"]["serving_miou"]  # tolerance 0
+    rule = GateRule.load(SHIPPED_RULE)  # with sentinel frames: the rule's margin and its own threshold
+    assert check["kind"] == "labels" and check["limit"] == pytest.approx(out["sentinel"]["serving_miou"] + rule.sentinel_margin)
+    assert next(c for c in out["checks"] if c["signal"] == "fitted_gate")["limit"] == pytest.approx(rule.sentinel_threshold)
     assert [c["kind"] for c in out["checks"]][:4] == ["health"] * 4
     bad = _cli("adapt", "--buffer", workflow / "frames", "--bundle", b, "--sentinel", workflow / "nowhere")
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "sentinel folder" in bad.stderr

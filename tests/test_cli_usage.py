@@ -157,6 +157,7 @@ def test_eval_subset_scores_only_its_classes(tmp_path, tiny_bundle):
     (["--round-frames", "1"], "--round-frames must be at least 2"),
     (["--fleet-judge-gap", "-1"], "--fleet-judge-gap must be 0 or more"),
     (["--gmm-weight", "1.5"], "gmm weight must be in [0, 1)"),
+    (["--sentinel-margin", "nan"], "sentinel margin must be a number"),
 ])
 def test_bad_numbers_of_run_are_one_line_and_exit_1(args, message, tmp_path, tiny_bundle):
     res = mas3("run", "--camera", "synthetic://night", "--bundle", tiny_bundle, "--no-buffer", "--no-adapt",

@@ -27,16 +27,26 @@ def test_the_first_failure_decides_in_order_health_gate_labels():
     assert not ok and "kept their label" in why  # retained comes before source
     nan = decide.health_checks(BEFORE, {**BEFORE, "swd": math.nan}, 0.02)
     assert decide.verdict(nan + bad_gate) == (False, "swd is not finite after adaptation")
-    labels = [decide.sentinel_check(40.0, 38.0, 1.0, 8)]
+    labels = [decide.sentinel_check(40.0, 42.0, 3.0, 8)]  # a gain, but not by the margin
     ok, why = decide.verdict(decide.health_checks(BEFORE, BEFORE, 0.02) + decide.gate_checks(GATE, RoundConfig()) + labels)
-    assert not ok and "worse on the 8 sentinel frames: mIoU 40.0 -> 38.0" in why
+    assert not ok and "not better enough on the 8 sentinel frames: mIoU 40.0 -> 42.0 (must gain 3)" in why
 
 
 def test_a_passing_verdict_says_whether_labels_were_used():
     checks = decide.health_checks(BEFORE, BEFORE, 0.0) + decide.gate_checks(GATE, RoundConfig())
     assert decide.verdict(checks) == (True, "health signals and gate held")
-    assert decide.verdict(checks + [decide.sentinel_check(40.0, 39.5, 1.0, 8)])[1].endswith("and the sentinel frames")
-    assert not decide.sentinel_check(40.0, math.nan, 1.0, 8).passed
+    assert decide.verdict(checks + [decide.sentinel_check(40.0, 43.0, 3.0, 8)])[1].endswith("and the sentinel frames")
+    assert decide.sentinel_check(40.0, 39.5, -1.0, 8).passed  # a negative margin lets it lose that much
+    assert not decide.sentinel_check(40.0, math.nan, -1.0, 8).passed
+
+
+def test_with_sentinel_frames_the_fitted_rule_has_its_own_threshold():
+    rule = decide.GateRule(("retained",), (0.5,), (0.1,), (-1.0,), 0.0, 0.2, sentinel_threshold=0.4, sentinel_margin=3.0)
+    report = {"gate_after": {"retained": 0.5}}
+    assert rule.check(report).limit == 0.2 and rule.check(report, sentinel=True).limit == 0.4
+    assert decide.GateRule(*(("retained",), (0.5,), (0.1,), (-1.0,), 0.0, 0.2)).check(report, sentinel=True).limit == 0.2
+    shipped = decide.GateRule.load(decide.SHIPPED_RULE)  # gate_fit chose the pair on the tuning half
+    assert shipped.sentinel_threshold is not None and shipped.sentinel_threshold > shipped.threshold
 
 
 def test_sentinel_frames_score_a_model_and_an_empty_folder_is_refused(tmp_path, small_net):

@@ -45,7 +45,7 @@ def test_the_rule_is_fitted_on_tuning_and_judged_on_report(corpus, tmp_path, cap
     tuning, report = res["rules"]["tuning"]["floors + fitted"], res["rules"]["report"]["floors + fitted"]
     assert tuning["harmful_accepted"] <= 0.05 and report["harmful"] == 30 and report["good"] == 40
     assert res["floors"]["fitted: harmful accepted <= 5%"] == (report["harmful_accepted"] <= 0.05)
-    assert res["sentinel_tolerance"] in gate_fit.SENTINEL_TOLERANCES
+    assert res["rule"]["sentinel_margin"] in gate_fit.SENTINEL_MARGINS and res["rule"]["sentinel_threshold"] is not None
     assert res["rules"]["report"]["floors + fitted + sentinel"]["harmful_accepted"] == 0
     rule = GateRule.load(tmp_path / "r.json")
     assert rule.inputs == tuple(res["rule"]["inputs"]) and "tuning half" in rule.note

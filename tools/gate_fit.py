@@ -11,9 +11,11 @@ The rules, each chosen on the tuning half only:
   rounds on the tuning half (|AUROC - 0.5| >= 0.1) and whose scale is not the model's, at the
   operating point where at most 5 % of the tuning half's harmful rounds pass;
 - floors + fitted: both must pass;
-- + sentinel: the candidate also must not lose more than a tolerance of mIoU on 8 labelled frames
-  of the camera; the tolerance is the largest on a grid with which floors + sentinel lets no
-  harmful tuning round through.
+- + sentinel: the candidate also must gain a margin of mIoU on 8 labelled frames of the camera,
+  and with them the fitted rule is held to a looser threshold of its own: the margin and that
+  threshold are chosen together on the tuning half, the pair with which floors + fitted +
+  sentinel lets no harmful tuning round through and rejects the fewest good ones (ties: the
+  stricter pair).
 
     python tools/gate_fit.py --corpus docs/results/gate_corpus.json --out docs/results/gate_fit.json \\
         --rule mas3_edge/gate_rule.json
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +35,8 @@ from mas3_edge.decide import GateRule, features
 
 HARM_TARGET, HARM_SOURCE, GOOD_TARGET = -0.5, -1.0, 0.5
 MAX_HARM_ACCEPTED, MAX_GOOD_REJECTED, MAX_GOOD_REJECTED_SENTINEL = 0.05, 0.30, 0.20
-SENTINEL_TOLERANCES = (0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0)
+SENTINEL_MARGINS = (-0.5, 0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)  # mIoU points the candidate must gain
+SENTINEL_THRESHOLDS = 41  # the fitted rule's thresholds tried with sentinel frames: quantiles of its tuning scores
 SEPARATES = 0.1  # |AUROC - 0.5| on the tuning half for a feature to enter the fitted rule
 # The shipped rule judges every model's rounds: a feature whose scale is the model's (a log-likelihood
 # in D dimensions under its own prototypes) would place another model's rounds anywhere; the rest are
@@ -114,26 +118,38 @@ def fit(tuning: list[dict]) -> tuple[GateRule, dict]:
     return GateRule(rule.inputs, rule.mean, rule.std, rule.weights, rule.bias, threshold), aucs
 
 
-def decisions(recs: list[dict], rule: GateRule, tolerance: float | None) -> dict[str, np.ndarray]:
+def decisions(recs: list[dict], rule: GateRule) -> dict[str, np.ndarray]:
     floors = np.array([floors_pass(r) for r in recs])
-    fitted = np.array([rule.harm(features(r)) < rule.threshold for r in recs])
+    harm = np.array([rule.harm(features(r)) for r in recs])
+    fitted = harm < rule.threshold
     out = {"floors": floors, "fitted": fitted, "floors + fitted": floors & fitted}
-    if tolerance is not None:
-        sent = np.array([sentinel_delta(r) >= -tolerance for r in recs])
-        out.update({"floors + sentinel": floors & sent, "floors + fitted + sentinel": floors & fitted & sent})
+    if rule.sentinel_threshold is not None:
+        sent = np.array([sentinel_delta(r) >= rule.sentinel_margin for r in recs])
+        out.update({"floors + sentinel": floors & sent,
+                    "floors + fitted + sentinel": floors & (harm < rule.sentinel_threshold) & sent})
     return out
 
 
-def choose_tolerance(tuning: list[dict], rule: GateRule) -> float:
-    """The largest tolerance on the grid with which the sentinel frames alone (beside the floors)
-    let no harmful tuning round through: the labels must carry the decision on their own, not lean
-    on the fitted rule having caught the same rounds."""
+def choose_sentinel(tuning: list[dict], rule: GateRule) -> GateRule:
+    """`rule` with the sentinel margin and threshold chosen on the tuning half: no harmful round
+    through floors + fitted + sentinel, then the fewest good rounds rejected, then the stricter pair
+    (the larger margin, the lower threshold). The labels vouch for a round, so the fitted rule may
+    let more through: on the tuning half a fixed threshold with a 0-point margin rejected 57 % of
+    the good rounds."""
     kinds = np.array([outcome(r) for r in tuning])
-    best = SENTINEL_TOLERANCES[0]
-    for tol in SENTINEL_TOLERANCES:
-        if not decisions(tuning, rule, tol)["floors + sentinel"][kinds == "harmful"].any():
-            best = tol
-    return best
+    harm = np.array([rule.harm(features(r)) for r in tuning])
+    delta, floors = np.array([sentinel_delta(r) for r in tuning]), np.array([floors_pass(r) for r in tuning])
+    grid = [(margin, float(t)) for margin in SENTINEL_MARGINS
+            for t in sorted({*np.quantile(harm, np.linspace(0, 1, SENTINEL_THRESHOLDS)), rule.threshold})]
+    scored = []
+    for margin, t in grid:
+        acc = floors & (harm < t) & (delta >= margin)
+        if not acc[kinds == "harmful"].any():
+            scored.append((float((~acc[kinds == "good"]).mean()) if (kinds == "good").any() else 0.0, -margin, t))
+    if not scored:  # no pair keeps every harmful tuning round out: the strictest there is
+        scored = [(1.0, -SENTINEL_MARGINS[-1], rule.threshold)]
+    _, neg_margin, t = min(scored)
+    return replace(rule, sentinel_threshold=t, sentinel_margin=-neg_margin)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -147,8 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
     if len(halves["tuning"]) < 10:
         ap.error(f"{args.corpus} has {len(halves['tuning'])} scored tuning rounds; run tools/gate_corpus.py first")
     rule, aucs = fit(halves["tuning"])
-    tol = choose_tolerance(halves["tuning"], rule)
-    result: dict = {"corpus": str(args.corpus), "rule": rule.to_dict(), "sentinel_tolerance": tol,
+    rule = choose_sentinel(halves["tuning"], rule)
+    result: dict = {"corpus": str(args.corpus), "rule": rule.to_dict(),
                     "outcomes": {h: {k: sum(outcome(r) == k for r in rs) for k in ("harmful", "good", "neutral")}
                                  for h, rs in halves.items()},
                     "auroc": {}, "rules": {}, "roc": {}}
@@ -161,20 +177,19 @@ def main(argv: list[str] | None = None) -> dict:
         x = matrix(rs, names, {n: fill.get(n, 0.0) for n in names})
         result["auroc"][h] = {n: auroc(x[:, i], kinds == "harmful") for i, n in enumerate(names)}
         result["auroc"][h]["fitted"] = auroc(np.array([rule.harm(features(r)) for r in rs]), kinds == "harmful")
-        result["rules"][h] = {name: rates(acc, kinds) for name, acc in decisions(rs, rule, tol).items()}
+        result["rules"][h] = {name: rates(acc, kinds) for name, acc in decisions(rs, rule).items()}
         for part, keep in SUBSETS.items():
             sub = np.array([keep(r) for r in rs])
             if sub.any():
                 result["rules"][f"{h}, {part}"] = {name: rates(acc[sub], kinds[sub])
-                                                   for name, acc in decisions(rs, rule, tol).items()}
+                                                   for name, acc in decisions(rs, rule).items()}
         result["roc"][h] = roc(np.array([rule.harm(features(r)) for r in rs]), kinds)
     result["floors"] = {**floor_checks(result["rules"].get("report", {})),
                         **{f"{k} (bank rounds)": v for k, v in floor_checks(result["rules"].get("report, bank rounds", {})).items()}}
     report(result)
     atomic_write_json(args.out, result)
     if args.rule:
-        note = (f"fitted by tools/gate_fit.py on the tuning half of {args.corpus.name} "
-                f"({len(halves['tuning'])} rounds); sentinel tolerance {tol}")
+        note = f"fitted by tools/gate_fit.py on the tuning half of {args.corpus.name} ({len(halves['tuning'])} rounds)"
         atomic_write_json(args.rule, {**rule.to_dict(), "note": note})
     return result
 
@@ -225,7 +240,9 @@ def report(result: dict) -> None:
         out.write(f"\nthe fitted rule's ROC on the {h} half (threshold: harmful accepted / good rejected): "
                   + ", ".join(f"{p['threshold']:.2f}: {p['harmful_accepted']:.0%}/{p['good_rejected']:.0%}" for p in points)
                   + f"; the rule's threshold is {result['rule']['threshold']:.2f}\n")
-    out.write(f"\nsentinel tolerance (chosen on tuning): {result['sentinel_tolerance']} mIoU points\n")
+    r = result["rule"]
+    out.write(f"\nwith sentinel frames (chosen on tuning): the candidate gains >= {r['sentinel_margin']:g} mIoU points "
+              f"on them and the fitted rule's threshold is {r['sentinel_threshold']:.3f}\n")
     for name, ok in result["floors"].items():
         out.write(f"floor {name}: {'pass' if ok else 'FAIL'}\n")
     out.flush()
