@@ -230,7 +230,7 @@ class RoundConfig:
     gate_rule: str = setting("shipped", "A fitted gate (tools/gate_fit.py) the round must also pass: shipped (the "
                                      "packaged one), none, or a rule file.")
     sentinel: str | None = setting(None, "Folder of a few labelled frames of this camera (images/ + labels/); a "
-                                         "candidate must also not be worse than the serving model on them.")
+                                         "candidate must also beat the serving model on them (--sentinel-margin).")
     sentinel_margin: float | None = setting(None, "With --sentinel: mIoU points the candidate must gain over the "
                                                   "serving model on the sentinel frames (negative: may lose); "
                                                   "default: the gate rule's (shipped: 3), 0 without one.")
