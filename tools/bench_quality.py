@@ -94,6 +94,9 @@ METHODS = {
     "bn": dict(method="bn"), "tent": dict(method="tent"), "tent (lr 1e-3)": dict(method="tent", lr=1e-3),
     "pseudo": dict(method="pseudo"),
     "cotta": dict(method="cotta"), "cotta (lr 1e-4)": dict(method="cotta", lr=1e-4),
+    # CoTTA's second setting: lr 3e-4 and the teacher's plain argmax (no pixel is below a confidence
+    # of 0, so none takes the augmentation average), as CoTTA's re-runs in the literature use it
+    "cotta (lr 3e-4; no averaging)": dict(method="cotta", lr=3e-4, cotta_confidence=0.0),
     "mas3-paper": dict(method="mas3-paper"),
     "mas3 (all params)": dict(method="mas3", params="all"),
     "mas3 (pooled SWD)": dict(method="mas3", class_conditional=False),
@@ -138,8 +141,9 @@ def compounding(net: SegModel, frames: np.ndarray, cfg: AdaptConfig) -> tuple[st
 
 
 PICKS = {"mas3 (steps compound)": compounding}  # rows whose round picks its set otherwise
-# the shipped mas3 must beat each one's mean gain
-BASELINES = ("bn", "tent", "tent (lr 1e-3)", "pseudo", "cotta", "cotta (lr 1e-4)")
+# the default must beat each one's mean gain; every method can have the bank, so Tent inside it is one
+BASELINES = ("bn", "tent", "tent (lr 1e-3)", "pseudo", "cotta", "cotta (lr 1e-4)", "cotta (lr 3e-4; no averaging)",
+             "tent (lr 1e-3 in the bank)")
 ORACLE = "the source model fine-tuned on the target's labelled adapt split; a ceiling, not a method"
 
 
@@ -504,34 +508,32 @@ def _mean(values) -> float:
 
 
 def floor_checks(results: dict, row: str = "mas3") -> list[dict]:
-    """The floors for the shipped row (report these on the report split): (1) at least the gain of
-    its zero-step ablation on average, and on every target within 0.5; (2) a mean gain 1 point
-    above the best baseline's (BASELINES); (3) never below source-only on any target, the source
-    domain within 1 point. A floor whose rows were not run is left out."""
+    """The floors a default must meet on each report split: (1) a mean gain 1 point above the best
+    baseline's, each baseline at its best setting among the rows run (BASELINES, Tent inside the bank
+    included); (2) never more than 0.3 below statistics alone (`mas3 (zero steps)`) on any target;
+    (3) the source domain within 1 point after every target's round. A floor whose rows were not run
+    is left out."""
     if row not in results:
         return []
-    g, base = gains(results, row), results["source-only"]
-    checks = []
-    if "mas3 (zero steps)" in results:
-        z = gains(results, "mas3 (zero steps)")
-        worst = min(g, key=lambda t: g[t] - z[t])
-        checks.append({"check": f"{row} gains at least its zero-step ablation on average, and within 0.5 on every target",
-                       "pass": _mean(g.values()) >= _mean(z.values()) and g[worst] - z[worst] >= -0.5,
-                       "detail": f"mean {_mean(g.values()):+.2f} vs {_mean(z.values()):+.2f}; "
-                                 f"worst {worst} {g[worst] - z[worst]:+.2f}"})
-    others = {b: _mean(gains(results, b).values()) for b in BASELINES if b in results}
+    g, base, checks = gains(results, row), results["source-only"], []
+    others = {b: _mean(gains(results, b).values()) for b in BASELINES if b in results and b != row}
     if others:
         best = max(others, key=others.get)
         checks.append({"check": f"{row}'s mean gain is 1 point above the best baseline's",
                        "pass": _mean(g.values()) >= others[best] + 1.0,
                        "detail": f"{row} {_mean(g.values()):+.2f} vs best {best} {others[best]:+.2f} ("
                                  + ", ".join(f"{b} {v:+.2f}" for b, v in others.items()) + ")"})
-    worst = min(g, key=g.get)
+    if "mas3 (zero steps)" in results and row != "mas3 (zero steps)":
+        z = gains(results, "mas3 (zero steps)")
+        worst = min(g, key=lambda t: g[t] - z[t])
+        checks.append({"check": f"{row} never more than 0.3 below statistics alone (mas3 (zero steps)) on any target",
+                       "pass": g[worst] - z[worst] >= -0.3,
+                       "detail": f"mean {_mean(g.values()):+.2f} vs {_mean(z.values()):+.2f}; "
+                                 f"worst {worst} {g[worst] - z[worst]:+.2f}"})
     drop = {t: results[row][t]["source"] - base[t]["source"] for t in g}
     lost = min(drop, key=drop.get)
-    checks.append({"check": f"{row} never below source-only on any target, the source domain within 1 point",
-                   "pass": g[worst] >= 0 and drop[lost] >= -1.0,
-                   "detail": f"worst target {worst} {g[worst]:+.2f}; source {lost} {drop[lost]:+.2f}"})
+    checks.append({"check": f"{row} keeps the source domain within 1 point on every target",
+                   "pass": drop[lost] >= -1.0, "detail": f"worst {lost} {drop[lost]:+.2f}"})
     return checks
 
 
