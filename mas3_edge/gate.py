@@ -93,9 +93,12 @@ def gate_signals(serving: SegModel, new: SegModel, source: SegModel, frames: np.
                  rcfg: RoundConfig = RoundConfig()) -> dict:
     """The three gate signals of `new` (its consistency alone; the others against `serving` and
     the lineage's `source`), on held-out frames."""
+    new_source = source_path(new)
+    if source.gmm is None:  # a round never moves the fused classifier's source means (the prototypes):
+        new_source.gmm = None  # the question is whether it moved the source path's weights
     return {"consistency": consistency(new, frames, rcfg.consistency_frames),
             "retained": agreement(serving, new, frames, top=0.5),
-            "source": agreement(source_path(source), source_path(new), frames)}
+            "source": agreement(source_path(source), new_source, frames)}
 
 
 def gate_accept(after: dict, rcfg: RoundConfig = RoundConfig()) -> tuple[bool, str]:

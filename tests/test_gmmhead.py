@@ -111,6 +111,8 @@ def test_a_round_with_the_setting_serves_the_head_with_its_set_moved(tiny_bundle
     assert torch.equal(net.gmm.bank[0], proto.mean)  # the source set keeps the source means
     assert not torch.equal(net.gmm.mean, proto.mean)  # the round's set moved its own
     assert sum(on.report["gmm_mean_updates"]) > 0
+    # from a plain model, the gate's source signal compares the source path's weights, which the round left
+    assert on.report["gate_after"]["source"] == 1.0
     gmmhead.install(net, proto, 0.0)  # a round without the setting serves the network alone
     assert net.gmm is None and "gmm.scale" not in net.state_dict()
 
