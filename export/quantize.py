@@ -1,8 +1,8 @@
 """INT8 graphs of an exported version: ONNX Runtime static quantisation, checked against fp32.
 
-    quantize_version(vdir, frames)   model.int8.onnx (+ sets/set-<s>.int8.onnx where export wrote the
-                                     per-set graphs), calibrated on `frames`, checked, listed under
-                                     "int8" in export.json
+    quantize_version(vdir, frames)   model.int8.onnx, or sets/set-<s>.int8.onnx for each per-set
+                                     graph where export wrote them (the INT8 engine serves those),
+                                     calibrated on `frames`, checked, listed under "int8" in export.json
     int8_graphs(vdir, report)        the INT8 files a verified export lists, or UserError with the reason
 
 What: QDQ format (QuantizeLinear/DequantizeLinear pairs around each quantised op, which ONNX
@@ -151,7 +151,10 @@ def int8_name(fp32_file: str) -> str:
 
 def quantize_version(vdir: Path, frames: np.ndarray, labelled: tuple[np.ndarray, np.ndarray] | None = None,
                      *, source: str = "frames") -> dict:
-    """Quantise a version's verified graphs (model.onnx and every per-set graph) and check them.
+    """Quantise the graphs a version's INT8 engine serves (its per-set graphs where export wrote them,
+    else model.onnx) and check them. The blended model.onnx of a model with per-set graphs stays fp32:
+    calibrating it held every intermediate tensor of its per-frame routing too, the largest part of
+    an INT8 round's memory, for a graph the INT8 engine does not run.
 
     `frames`: uint8 (N, H, W, 3), oldest first; the newest quarter is held out for the agreement
     check. `labelled`: optional (images, labels) for the mIoU check. Writes the INT8 files only if
@@ -161,8 +164,8 @@ def quantize_version(vdir: Path, frames: np.ndarray, labelled: tuple[np.ndarray,
     path, report = check_onnx(vdir)
     cal, held = split_frames(np.asarray(frames))
     t0, graphs, blobs, failures = time.perf_counter(), [], {}, []
-    sources = [report["onnx"]["file"]] + [g["file"] for g in (report.get("sets") or {}).get("graphs", [])]
-    for rel in sources:  # model.onnx first: the CPU engine's graph
+    sources = [g["file"] for g in (report.get("sets") or {}).get("graphs", [])] or [report["onnx"]["file"]]
+    for rel in sources:
         data = quantize_graph(vdir / rel, cal)
         check = parity_int8(vdir / rel, data, held, labelled, _labels(vdir))
         failures += [f"{int8_name(rel)}: {why}" for why in check.pop("failures")]
@@ -217,10 +220,11 @@ def parity_int8(fp32: Path, int8: bytes, held: np.ndarray, labelled: tuple[np.nd
     return out
 
 
-def int8_graphs(vdir: Path, report: dict) -> tuple[Path, dict[str, Path]]:
-    """The INT8 graph of model.onnx and those of the per-set graphs ({fp32 file: INT8 path}), if
-    export.json lists a calibration that passed and each file is the one checked, made from the fp32
-    graph export verified; else UserError saying why (the caller serves fp32)."""
+def int8_graphs(vdir: Path, report: dict) -> tuple[Path | None, dict[str, Path]]:
+    """The INT8 graph of model.onnx (None where the per-set graphs were calibrated instead) and those
+    of the per-set graphs ({fp32 file: INT8 path}), if export.json lists a calibration that passed
+    and each file is the one checked, made from the fp32 graph export verified; else UserError
+    saying why (the caller serves fp32)."""
     entry = report.get("int8")
     fix = f"run `mas3-edge export --bundle {vdir} --precision int8`"
     if not entry:
@@ -237,7 +241,7 @@ def int8_graphs(vdir: Path, report: dict) -> tuple[Path, dict[str, Path]]:
         if not path.is_file() or sha256_file(path) != g["sha256"]:
             raise UserError(f"{path} is missing or not the file calibration checked; {fix}")
         paths[g["from"]] = path
-    return paths.pop(report["onnx"]["file"]), paths
+    return paths.pop(report["onnx"]["file"], None), paths
 
 
 def int8_or_fp32(vdir: Path, report: dict, path: Path, graphs: list[Path]) -> tuple[Path, list[Path], str]:
@@ -245,7 +249,9 @@ def int8_or_fp32(vdir: Path, report: dict, path: Path, graphs: list[Path]) -> tu
     and why they are served instead (for the engine's one log line)."""
     try:
         main, sets = int8_graphs(vdir, report)
-        return main, [sets[g.relative_to(vdir).as_posix()] for g in graphs], ""
+        if main is None and not graphs:
+            return path, graphs, f"no INT8 graph of {report['onnx']['file']} (its per-set graphs carry INT8)"
+        return main or path, [sets[g.relative_to(vdir).as_posix()] for g in graphs], ""
     except UserError as e:
         return path, graphs, str(e)
     except KeyError as e:  # a per-set graph that calibration did not cover

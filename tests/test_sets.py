@@ -145,3 +145,18 @@ def test_an_export_from_before_per_set_graphs_is_still_current(tiny_bundle):
     del report["settings"]["per_set"]  # as export.json was written before
     (vdir / xonnx.EXPORT_FILE).write_text(json.dumps(report))
     assert xonnx.export_onnx(tiny_bundle).reused and first.report["settings"]["per_set"] is False
+
+
+def test_int8_calibrates_the_per_set_graphs_the_engine_serves_not_the_blended_one(per_set, tmp_path, monkeypatch):
+    from mas3_edge.export import quantize
+    vdir, frames = per_set
+    vdir = Path(shutil.copytree(vdir.parent.parent, tmp_path / "b")) / "versions" / vdir.name
+    monkeypatch.setattr(quantize, "MIN_AGREEMENT", 0.0)  # an untrained network: which graphs, not their parity
+    entry = quantize.quantize_version(vdir, frames)
+    sets = json.loads((vdir / xonnx.EXPORT_FILE).read_text())["sets"]["graphs"]
+    assert [g["from"] for g in entry["graphs"]] == [g["file"] for g in sets] and len(sets) == 3
+    assert entry["passed"] and not (vdir / quantize.INT8_FILE).exists()
+    engine = load_engine(vdir, "onnxruntime", "cpu", precision="int8", threads=1)
+    assert engine.precision == "int8" and "per-set graphs" in engine.provider
+    blended = load_engine(vdir, "onnxruntime", "cpu", precision="int8", threads=1, per_set=False)
+    assert blended.precision == "fp32" and "per-set graphs carry INT8" in blended.precision_note
