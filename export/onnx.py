@@ -95,6 +95,7 @@ def export_onnx(bundle: Path, version: str | None = None, *, opset: int = OPSET,
     ref = parity.torch_reference(ver.net, images)
     raw = _torch_export(ver.net, opset)
     model, graph, check = _first_passing(passes.candidates(raw, tuple(ver.net.config.input_size), simplify), images, ref, source)
+    del raw, ref  # the per-set export below makes its own (the logits alone are 10 MB an image at 256x512)
     helper.set_model_props(model, {"mas3_edge.version": ver.id, "mas3_edge.weights_sha256": ver.meta["sha256"],
                                    "mas3_edge.input": "uint8 NHWC RGB, normalisation inside"})
     files, sets_report = (xsets.export_sets(ver.net, graph, images, source, opset, simplify)
