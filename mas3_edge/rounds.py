@@ -208,7 +208,9 @@ def judge_round(serving: SegModel, net: SegModel, source: SegModel, proto: Proto
         checks.append(rule.check(out, sentinel=sentinel is not None))
     if sentinel is not None:
         scores = {"frames": len(sentinel), "serving_miou": sentinel.miou(serving), "new_miou": sentinel.miou(net)}
-        margin = rcfg.sentinel_margin if rcfg.sentinel_margin is not None else rule.sentinel_margin if rule else 0.0
+        margin = rcfg.sentinel_margin
+        if margin is None:  # the rule's, chosen with its sentinel threshold
+            margin = rule.sentinel_margin if rule else 0.0
         checks.append(decide.sentinel_check(scores["serving_miou"], scores["new_miou"], margin, len(sentinel)))
         out["sentinel"] = scores
     ok, reason = decide.verdict(checks)

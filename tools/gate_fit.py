@@ -177,12 +177,13 @@ def main(argv: list[str] | None = None) -> dict:
         x = matrix(rs, names, {n: fill.get(n, 0.0) for n in names})
         result["auroc"][h] = {n: auroc(x[:, i], kinds == "harmful") for i, n in enumerate(names)}
         result["auroc"][h]["fitted"] = auroc(np.array([rule.harm(features(r)) for r in rs]), kinds == "harmful")
-        result["rules"][h] = {name: rates(acc, kinds) for name, acc in decisions(rs, rule).items()}
+        decided = decisions(rs, rule)
+        result["rules"][h] = {name: rates(acc, kinds) for name, acc in decided.items()}
         for part, keep in SUBSETS.items():
             sub = np.array([keep(r) for r in rs])
             if sub.any():
                 result["rules"][f"{h}, {part}"] = {name: rates(acc[sub], kinds[sub])
-                                                   for name, acc in decisions(rs, rule).items()}
+                                                   for name, acc in decided.items()}
         result["roc"][h] = roc(np.array([rule.harm(features(r)) for r in rs]), kinds)
     result["floors"] = {**floor_checks(result["rules"].get("report", {})),
                         **{f"{k} (bank rounds)": v for k, v in floor_checks(result["rules"].get("report, bank rounds", {})).items()}}
