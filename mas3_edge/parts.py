@@ -62,12 +62,20 @@ def _libc():
         return None
 
 
-def tame_heap(mmap_threshold_mb: int = 4) -> bool:
+# A round's blocks of this size and more are mapped on their own. 4 MB left an INT8 round's peak
+# (calibration holds every activation of a frame, ~100 arrays of 1-12 MB) just over 800 MB at the
+# edge model's 256 x 512; 1 MB brought it about 30 MB lower, at about a tenth more round time
+# (tools/bench_round.py --mmap-threshold-mb, docs/results/speed.md).
+MMAP_THRESHOLD_MB = 1
+
+
+def tame_heap(mmap_threshold_mb: int | None = None) -> bool:
     """For a process that allocates and frees big tensors part after part (a round): glibc serves
     every block under its mmap threshold from the heap and keeps it when freed, and it raises that
     threshold after each big free (up to 32 MB), so a round's activations would stay resident
-    after the part that needed them. A fixed threshold maps big blocks on their own and unmaps them at
-    free. False where this is not glibc."""
+    after the part that needed them. A fixed threshold (MMAP_THRESHOLD_MB) maps big blocks on their
+    own and unmaps them at free. False where this is not glibc."""
+    mmap_threshold_mb = MMAP_THRESHOLD_MB if mmap_threshold_mb is None else mmap_threshold_mb
     libc = _libc()
     if libc is None:
         return False

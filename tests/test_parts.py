@@ -38,8 +38,8 @@ if sys.argv[1] == "tame":
 np.ones(2 * 2**20)  # one 16 MB block freed: glibc raises its mmap threshold past the blocks below
 before, keep = _status_mb("VmRSS"), []
 blocks = []
-for _ in range(25):  # 200 MB in 8 MB blocks, each followed by a small block that stays
-    blocks.append(np.ones(2**20))
+for _ in range(100):  # 200 MB in 2 MB blocks (the size of an activation), each followed by a small block that stays
+    blocks.append(np.ones(2**18))
     keep.append(np.ones(1000))
 del blocks
 print(_status_mb("VmRSS") - before)

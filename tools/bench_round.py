@@ -42,8 +42,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the round (the scheduler's default 1)")
     p.add_argument("--int8", action="store_true", help="the round also calibrates and checks the INT8 graphs "
                    "(as `run --precision int8`)")
+    p.add_argument("--mmap-threshold-mb", type=int, help="the round child's glibc mmap threshold "
+                   "(default: the runtime's, mas3_edge.parts.MMAP_THRESHOLD_MB)")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
+    if a.mmap_threshold_mb is None:
+        from mas3_edge.parts import MMAP_THRESHOLD_MB
+        a.mmap_threshold_mb = MMAP_THRESHOLD_MB
     a.size = tuple(int(v) for v in a.size.lower().split("x"))
     return a
 
@@ -82,7 +87,8 @@ def run_child(root: Path, frames: Path, a: argparse.Namespace) -> tuple[dict, fl
     job = {"bundle": str(root), "frames": str(frames), "version": "v0001", "adapt": {"steps": a.steps, "guard": False, "tau": a.tau},
            "limit": a.frames, "export": True, "threads": a.threads, "int8": a.int8}
     result = root.parent / "round.json"
-    proc = mp.get_context("spawn").Process(target=round_child, args=(default_round, job, str(result), 10, os.getpid(), "bench"))
+    proc = mp.get_context("spawn").Process(target=_child, args=(a.mmap_threshold_mb, round_child, default_round, job,
+                                                                str(result), 10, os.getpid(), "bench"))
     t0, peak = time.monotonic(), 0.0
     proc.start()
     while proc.is_alive():
@@ -94,6 +100,13 @@ def run_child(root: Path, frames: Path, a: argparse.Namespace) -> tuple[dict, fl
     wall = time.monotonic() - t0
     proc.join()
     return json.loads(result.read_text()), peak, wall
+
+
+def _child(mmap_threshold_mb: int | None, round_child, *args) -> None:
+    from mas3_edge import parts
+    if mmap_threshold_mb is not None:
+        parts.MMAP_THRESHOLD_MB = mmap_threshold_mb
+    round_child(*args)
 
 
 def swap(root: Path, version: str, precision: str = "fp32") -> dict:
@@ -120,7 +133,7 @@ def markdown(res: dict) -> str:
     lines.append(f"\nround child: peak RSS {c['peak_rss_mb']:.0f} MB (floor < {FLOOR_MB:.0f} MB: "
                  f"{'pass' if c['peak_rss_mb'] < FLOOR_MB else 'FAIL'}), wall {c['wall_s']:.1f} s from spawn to exit, "
                  f"outcome {c['outcome']}; {res['frames']} frames, {res['steps_run']} of {res['steps']} steps run, {res['threads']} torch thread(s), "
-                 f"{res['size'][0]}x{res['size'][1]}; torch {res['torch']}; load average at start {res['load_average']}")
+                 f"{res['size'][0]}x{res['size'][1]}, mmap threshold {res['mmap_threshold_mb']} MB; torch {res['torch']}; load average at start {res['load_average']}")
     return "\n".join(lines)
 
 
@@ -146,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     import torch  # which build: a CUDA build maps about 300 MB more at import than a CPU-only one
     res = {"preset": a.preset, "size": list(a.size), "frames": a.frames, "steps": a.steps, "threads": a.threads,
-           "torch": torch.__version__, "int8": a.int8,
+           "mmap_threshold_mb": a.mmap_threshold_mb, "torch": torch.__version__, "int8": a.int8,
            "load_average": load, "parts": {k: v for k, v in parts.items() if v is not None},
            "steps_run": steps, "result": out,
            "child": {"peak_rss_mb": peak, "wall_s": wall, "outcome": out.get("outcome"), "reason": out.get("reason"),
