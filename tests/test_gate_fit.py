@@ -23,7 +23,7 @@ def _round(rng, half: str, kind: str) -> dict:
             "health_before": HEALTH, "health_after": {k: v * (1 + rng.normal(0, 0.01)) for k, v in HEALTH.items()},
             "gate_before": {"consistency": 0.8}, "gate_after": {"consistency": 0.8 + rng.normal(0, 0.01),
                                                                "retained": 0.9, "source": 1.0},
-            "checks": [{"kind": "health", "passed": True}, {"kind": "gate", "passed": True}],
+            "checks": [{"kind": "health", "signal": "swd", "passed": True}, {"kind": "gate", "signal": "source", "passed": True}],
             "signals": {"atc_delta": (-0.1 if harmful else 0.05) + rng.normal(0, 0.03),
                         "gmm_loglik_delta": rng.normal(0, 1), "agreement_plain": None}}
 
@@ -82,3 +82,38 @@ def test_the_3d_halves_join_the_fit_halves_and_need_their_own_source(capsys):
     with pytest.raises(SystemExit) as e:
         gate_corpus.main(["--half", "report3d", "--out", "unused.json"])
     assert e.value.code == 2 and "needs --source" in capsys.readouterr().err
+
+
+def _scored(target: float, sentinel: float, source_passed: bool = True, retained_passed: bool = True) -> dict:
+    return {"effect": {"target": target, "source": 0.0}, "before": {"sentinel": 30.0}, "after": {"sentinel": 30.0 + sentinel},
+            "checks": [{"kind": "gate", "signal": "source", "passed": source_passed},
+                       {"kind": "gate", "signal": "retained", "passed": retained_passed}]}
+
+
+def test_the_oracle_bound_and_the_gain_a_rule_throws_away():
+    """Two harmful rounds gain 2 and lose 3 on their sentinel frames; the good ones gain 1, 4 and 5 on
+    the target (sentinel +1, +4, +5): no margin keeps the +2 harmful round out and the +1 good one in."""
+    recs = [_scored(-2.0, 2.0), _scored(-2.0, -3.0), _scored(1.0, 1.0), _scored(4.0, 4.0, retained_passed=False),
+            _scored(5.0, 5.0)]
+    constant = GateRule((), (), (), (), 0.0, 1.0)  # P(harm) 0.5 for every round: the margin decides
+    bound = gate_fit.sentinel_bound(recs, constant)
+    # the strictest margin that rejects as few: 4 (any from 2.25 keeps the +2 harmful round out)
+    assert bound["no floor"] == {"good_rejected": pytest.approx(1 / 3), "margin": 4.0, "threshold": np.inf}
+    assert bound["all floors"]["good_rejected"] == pytest.approx(2 / 3)  # retained throws the +4 round away too
+    lost = gate_fit.lost_gain(recs, np.array([False, False, False, True, True]))
+    assert lost == {"share_of_gain": pytest.approx(0.1), "rejected": 1, "rejected_under_2_points": 1}
+
+
+def test_paired_sentinel_frames(tmp_path, capsys):
+    rec = {**_scored(-2.0, 1.0), "key": "tuning3d/4", "half": "tuning"}
+    rec["effect"]["sentinel"] = 1.0
+    rec["before"]["sentinel_frames"], rec["after"]["sentinel_frames"] = [10.0, 20.0, 30.0, 40.0], [12.0, 21.0, 29.0, 42.0]
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"rounds": [rec]}))
+    res = gate_fit.main(["--paired", "--corpus", str(path), "--out", str(tmp_path / "p.json")])
+    (row,) = res["rounds"]
+    d = np.array([2.0, 1.0, -1.0, 2.0])
+    assert row["outcome"] == "harmful" and row["improved"] == 3 and row["frames_mean"] == 1.0
+    assert row["t"] == pytest.approx(d.mean() / (d.std(ddof=1) / 2))
+    assert "| tuning3d/4 | harmful |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "p.json").read_text())["rounds"] == res["rounds"]

@@ -133,7 +133,10 @@ class Corpus:
             sentinel = bq.Pairs([self.s.data[f"{target}-adapt"][i] for i in range(SENTINEL)])
             self.scores[vid, target] = {"target": self.s.score(net, f"{target}-val"),
                                         "source": self.s.score(net, "source-val"),
-                                        "sentinel": evaluate(net, sentinel)["miou"]}
+                                        "sentinel": evaluate(net, sentinel)["miou"],
+                                        # each frame's own, for a paired test of the sentinel frames
+                                        "sentinel_frames": [evaluate(net, bq.Pairs([sentinel[i]]))["miou"]
+                                                            for i in range(len(sentinel))]}
         return self.scores[vid, target]
 
     def start(self, target: str, start: str) -> str:
@@ -162,7 +165,7 @@ class Corpus:
         before, after = self.score(parent, t), self.score(r.version_dir.name, t)
         rep = r.report
         out = {**spec, "parent": parent, "seconds": time.perf_counter() - t0,
-               "effect": {k: after[k] - before[k] for k in after}, "before": before, "after": after,
+               "effect": {k: after[k] - before[k] for k in ("target", "source", "sentinel")}, "before": before, "after": after,
                **{k: rep.get(k) for k in ("set", "choice", "health_before", "health_after", "gate_before",
                                          "gate_after", "checks", "signals", "accepted", "reason", "warnings")}}
         if r.version_dir.name not in self.starts.values():
@@ -178,15 +181,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--preset", choices=sorted(bq.PRESETS), default="small")
     ap.add_argument("--source", type=Path, default=Path(__file__).resolve().parent.parent / "mas3_edge" /
                     "default_bundle", help="A source bundle trained by the small preset's recipe (default: the packaged one).")
+    ap.add_argument("--keys", help="Run only these rounds of the half, by index (\"4,8,20\"): to score chosen "
+                    "rounds again into another --out.")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
+    try:
+        keys = {f"{args.half}/{int(k)}" for k in args.keys.split(",")} if args.keys else None
+    except ValueError:
+        ap.error(f"--keys takes round indices like 4,8,20, got {args.keys!r}")
     if args.half.endswith("3d") and args.source == ap.get_default("source"):
         ap.error(f"--half {args.half} needs --source: a bundle trained on r3d-source (bench_quality --save-source)")
     corpus = json.loads(args.out.read_text()) if args.out.exists() else {"rounds": []}
     done = {r["key"] for r in corpus["rounds"]}
-    todo = [sp for sp in specs(args.half, args.rounds) if sp["key"] not in done]
+    n = max(int(k.split("/")[1]) + 1 for k in keys) if keys else args.rounds
+    todo = [sp for sp in specs(args.half, n) if sp["key"] not in done and (keys is None or sp["key"] in keys)]
     print(f"{len(todo)} rounds to run ({len(done)} cached)", flush=True)
     if not todo:
         return corpus

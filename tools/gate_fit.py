@@ -136,20 +136,56 @@ def choose_sentinel(tuning: list[dict], rule: GateRule) -> GateRule:
     (the larger margin, the lower threshold). The labels vouch for a round, so the fitted rule may
     let more through: on the tuning half a fixed threshold with a 0-point margin rejected 57 % of
     the good rounds."""
-    kinds = np.array([outcome(r) for r in tuning])
     harm = np.array([rule.harm(features(r)) for r in tuning])
-    delta, floors = np.array([sentinel_delta(r) for r in tuning]), np.array([floors_pass(r) for r in tuning])
-    grid = [(margin, float(t)) for margin in SENTINEL_MARGINS
-            for t in sorted({*np.quantile(harm, np.linspace(0, 1, SENTINEL_THRESHOLDS)), rule.threshold})]
+    thresholds = sorted({*np.quantile(harm, np.linspace(0, 1, SENTINEL_THRESHOLDS)), rule.threshold})
+    best = best_pair(tuning, rule, np.array([floors_pass(r) for r in tuning]), SENTINEL_MARGINS, thresholds)
+    _, margin, t = best or (1.0, SENTINEL_MARGINS[-1], rule.threshold)  # none keeps every harmful round out: the strictest
+    return replace(rule, sentinel_threshold=t, sentinel_margin=margin)
+
+
+def best_pair(recs: list[dict], rule: GateRule, floors: np.ndarray, margins, thresholds) -> tuple[float, float, float] | None:
+    """(good rejected, margin, threshold) of the pair with which floors + fitted + sentinel lets no
+    harmful round of `recs` through and rejects the fewest good ones (ties: the larger margin, the
+    lower threshold); None if no pair keeps every harmful round out."""
+    kinds = np.array([outcome(r) for r in recs])
+    harm = np.array([rule.harm(features(r)) for r in recs])
+    delta = np.array([sentinel_delta(r) for r in recs])
     scored = []
-    for margin, t in grid:
-        acc = floors & (harm < t) & (delta >= margin)
-        if not acc[kinds == "harmful"].any():
-            scored.append((float((~acc[kinds == "good"]).mean()) if (kinds == "good").any() else 0.0, -margin, t))
-    if not scored:  # no pair keeps every harmful tuning round out: the strictest there is
-        scored = [(1.0, -SENTINEL_MARGINS[-1], rule.threshold)]
-    _, neg_margin, t = min(scored)
-    return replace(rule, sentinel_threshold=t, sentinel_margin=-neg_margin)
+    for margin in margins:
+        for t in thresholds:
+            acc = floors & (harm < t) & (delta >= margin)
+            if not acc[kinds == "harmful"].any():
+                scored.append((float((~acc[kinds == "good"]).mean()) if (kinds == "good").any() else 0.0, -margin, t))
+    if not scored:
+        return None
+    rejected, neg_margin, t = min(scored)
+    return rejected, float(-neg_margin), float(t)
+
+
+def sentinel_bound(recs: list[dict], rule: GateRule) -> dict:
+    """The fewest good rounds any sentinel rule of this family could reject on `recs` with no harmful
+    round through, its margin, threshold and floors chosen with `recs`' own labels: an oracle's bound,
+    not a result. The floors: all of them, the source floor alone, or none."""
+    checks = {"all floors": floors_pass,
+              "the source floor": lambda r: all(c["passed"] for c in r.get("checks", []) if c.get("signal") == "source"),
+              "no floor": lambda r: True}
+    harm = np.array([rule.harm(features(r)) for r in recs])
+    thresholds = [*np.quantile(harm, np.linspace(0, 1, 81)), np.inf]
+    out = {}
+    for name, check in checks.items():
+        best = best_pair(recs, rule, np.array([check(r) for r in recs]), np.arange(-1.0, 10.01, 0.25), thresholds)
+        out[name] = None if best is None else dict(zip(("good_rejected", "margin", "threshold"), best))
+    return out
+
+
+def lost_gain(recs: list[dict], accept: np.ndarray) -> dict:
+    """What the good rounds a rule rejects were worth: their share of all good rounds' target gain,
+    and how many of them gained under 2 points."""
+    good = np.array([outcome(r) == "good" for r in recs])
+    gain = np.array([r["effect"]["target"] for r in recs])
+    lost = good & ~accept
+    return {"share_of_gain": float(gain[lost].sum() / gain[good].sum()) if good.any() else float("nan"),
+            "rejected": int(lost.sum()), "rejected_under_2_points": int((lost & (gain < 2)).sum())}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -157,8 +193,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--corpus", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--rule", type=Path, help="Write the fitted rule here (the file the runtime loads).")
+    ap.add_argument("--paired", action="store_true", help="The corpus's rounds were scored frame by frame "
+                    "(gate_corpus.py --keys): print each one's sentinel frames as a paired sample; fit nothing.")
     args = ap.parse_args(argv)
     recs = [r for r in json.loads(args.corpus.read_text())["rounds"] if "effect" in r]
+    if args.paired:
+        rows = paired(recs)
+        atomic_write_json(args.out, {"corpus": str(args.corpus), "rounds": rows})
+        return {"rounds": rows}
     halves = {h: [r for r in recs if r["half"] == h] for h in ("tuning", "report")}
     if len(halves["tuning"]) < 10:
         ap.error(f"{args.corpus} has {len(halves['tuning'])} scored tuning rounds; run tools/gate_corpus.py first")
@@ -185,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
                 result["rules"][f"{h}, {part}"] = {name: rates(acc[sub], kinds[sub])
                                                    for name, acc in decided.items()}
         result["roc"][h] = roc(np.array([rule.harm(features(r)) for r in rs]), kinds)
+        result.setdefault("sentinel_bound", {})[h] = sentinel_bound(rs, rule)
+        result.setdefault("sentinel_lost_gain", {})[h] = lost_gain(rs, decided["floors + fitted + sentinel"])
     result["floors"] = {**floor_checks(result["rules"].get("report", {})),
                         **{f"{k} (bank rounds)": v for k, v in floor_checks(result["rules"].get("report, bank rounds", {})).items()}}
     report(result)
@@ -193,6 +237,24 @@ def main(argv: list[str] | None = None) -> dict:
         note = f"fitted by tools/gate_fit.py on the tuning half of {args.corpus.name} ({len(halves['tuning'])} rounds)"
         atomic_write_json(args.rule, {**rule.to_dict(), "note": note})
     return result
+
+
+def paired(recs: list[dict]) -> list[dict]:
+    """Each round's sentinel frames as a paired sample (printed as a table): the mean of the frames'
+    mIoU changes, its t statistic (mean over standard error) and how many frames improved."""
+    rows = []
+    for r in recs:
+        d = np.array(r["after"]["sentinel_frames"]) - np.array(r["before"]["sentinel_frames"])
+        se = float(d.std(ddof=1) / np.sqrt(len(d)))
+        rows.append({"key": r["key"], "outcome": outcome(r), **{k: r["effect"][k] for k in ("target", "source", "sentinel")},
+                     "frames_mean": float(d.mean()), "t": float(d.mean()) / se if se > 0 else float("nan"),
+                     "improved": int((d > 0).sum()), "frames": len(d)})
+    sys.stdout.write("| round | outcome | target | source | sentinel mIoU | frames' mean change | t | frames improved |\n"
+                     "|---|---|---:|---:|---:|---:|---:|---:|\n")
+    for w in sorted(rows, key=lambda w: (w["outcome"], -w["t"])):
+        sys.stdout.write(f"| {w['key']} | {w['outcome']} | {w['target']:+.2f} | {w['source']:+.2f} | {w['sentinel']:+.2f} | "
+                         f"{w['frames_mean']:+.2f} | {w['t']:+.2f} | {w['improved']} of {w['frames']} |\n")
+    return rows
 
 
 # the hard cases: rounds that kept the source set (a one-set round that loses the source is caught by
@@ -244,6 +306,15 @@ def report(result: dict) -> None:
     r = result["rule"]
     out.write(f"\nwith sentinel frames (chosen on tuning): the candidate gains >= {r['sentinel_margin']:g} mIoU points "
               f"on them and the fitted rule's threshold is {r['sentinel_threshold']:.3f}\n")
+    for h, lost in result.get("sentinel_lost_gain", {}).items():
+        out.write(f"{h} half, floors + fitted + sentinel: the {lost['rejected']} good rounds rejected were "
+                  f"{lost['share_of_gain']:.0%} of the good rounds' target gain; {lost['rejected_under_2_points']} "
+                  f"of them gained under 2 points\n")
+    for h, bound in result.get("sentinel_bound", {}).items():
+        out.write(f"{h} half, an oracle's bound (margin, threshold and floors chosen with this half's labels), "
+                  "good rejected with no harmful round through: " + ", ".join(
+                      f"{name} {b['good_rejected']:.0%} (margin {b['margin']:g}, threshold {b['threshold']:.3f})"
+                      if b else f"{name}: none" for name, b in bound.items()) + "\n")
     for name, ok in result["floors"].items():
         out.write(f"floor {name}: {'pass' if ok else 'FAIL'}\n")
     out.flush()
