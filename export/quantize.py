@@ -80,14 +80,21 @@ class FrameReader:
 
 
 def quantize_graph(model: bytes | Path, frames: np.ndarray, *, exclude: list[str] | None = None,
-                   **options) -> bytes:
-    """A QDQ INT8 copy of an fp32 graph calibrated on `frames` (SETTINGS; `options` override
-    quantize_static's arguments, for the benchmark's variants)."""
+                   norm_as_conv: bool = True, **options) -> bytes:
+    """A QDQ INT8 copy of an fp32 graph calibrated on `frames` (SETTINGS; the input normalisation
+    as one fp32 Conv unless `norm_as_conv` is off; `options` override quantize_static's arguments,
+    for the benchmark's variants)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    import onnx
+
+    from .passes import NORM_CONV, normalise_as_conv
     frames = frames[:len(frames) // STRIDE * STRIDE] if len(frames) >= STRIDE else frames
+    graph = onnx.load_from_string(model.read_bytes() if isinstance(model, Path) else model)
+    as_conv = normalise_as_conv(graph) if norm_as_conv else None  # stays fp32, as the Sub and Div would
+    graph, exclude = (as_conv, [*(exclude or []), NORM_CONV]) if as_conv is not None else (graph, exclude)
     with tempfile.TemporaryDirectory(prefix="mas3-int8-") as tmp:  # quantize_static works on files
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        src.write_bytes(model.read_bytes() if isinstance(model, Path) else model)
+        src.write_bytes(graph.SerializeToString())
         kwargs = dict(quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
                       activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                       calibrate_method=CalibrationMethod.Percentile, op_types_to_quantize=OPS,

@@ -55,6 +55,21 @@ def test_uint8_is_only_cast_from_and_to_float(exported):
     assert nodes[last.input[0]].attribute[0].i == onnx.TensorProto.FLOAT
 
 
+def test_the_input_normalisation_as_one_conv_gives_the_same_outputs(exported):
+    """The INT8 graphs' form of the normalisation: one grouped 1x1 Conv instead of Sub and Div."""
+    import onnxruntime as ort
+    model = onnx.load(str(exported / bundle.ONNX_FILE))
+    conv = passes.normalise_as_conv(model)
+    assert conv is not None
+    ops = [n.op_type for n in conv.graph.node]
+    assert "Sub" not in ops and "Div" not in ops and passes.NORM_CONV in {n.name for n in conv.graph.node}
+    x = np.random.default_rng(0).integers(0, 256, (2, 64, 128, 3), dtype=np.uint8)
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"images": x})
+           for m in (model, conv)]
+    assert (run[0][0] == run[1][0]).mean() > 0.999 and np.allclose(run[0][1], run[1][1], atol=1e-4)
+    assert passes.normalise_as_conv(conv) is None  # nothing left to replace
+
+
 def test_export_matches_torch_at_another_batch_size(exported):
     ver = bundle.load_version(exported)
     frames = np.random.default_rng(5).integers(0, 256, (3, 64, 128, 3), dtype=np.uint8)

@@ -19,6 +19,7 @@ from mas3_edge.bundle import PACKAGED
 from mas3_edge.cli import app
 from mas3_edge.export import quantize
 from mas3_edge.export.onnx import EXPORT_FILE, run_onnx
+from mas3_edge.export.passes import NORM_CONV
 from mas3_edge.runtime import scheduler
 from mas3_edge.runtime.engines import load_engine
 from mas3_edge.runtime.versions import version_rows
@@ -61,6 +62,8 @@ def test_int8_graph_is_qdq_per_channel_and_passes_parity(packaged, labelled):
     conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
     weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] in conv_weights]
     assert weight_dq and all(len(inits[n.input[1]].dims) == 1 and inits[n.input[1]].dims[0] > 1 for n in weight_dq)
+    norm = next(n for n in model.graph.node if n.name == NORM_CONV)  # the input normalisation, kept fp32
+    assert norm.input[1] in inits and not {"Sub", "Div"} & ops
     assert json.loads((packaged / EXPORT_FILE).read_text())["int8"]["passed"]
     assert version_rows(packaged.parent.parent)[1][0][6] == "verified+int8"
     engine = load_engine(packaged, "onnxruntime", "cpu", precision="int8", threads=1)

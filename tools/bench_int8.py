@@ -19,6 +19,7 @@ Variants (quantize_static options on top of export/quantize.py's settings):
   minmax       MinMax ranges, full 8-bit weight range
   noends       the shipped settings without the first and last convolution
   pertensor    per-tensor weights
+  subdiv       the shipped settings with the input normalisation left as Sub and Div
 """
 from __future__ import annotations
 
@@ -65,6 +66,8 @@ def variant_options(name: str, fp32: Path) -> dict:
     if name == "minmax":
         return {"calibrate_method": CalibrationMethod.MinMax, "reduce_range": False,
                 "extra_options": {"CalibStridedMinMax": 4}}
+    if name == "subdiv":  # the input normalisation left as the export's Sub and Div
+        return {"norm_as_conv": False}
     if name == "pertensor":
         return {"per_channel": False}
     if name == "noends":
