@@ -56,6 +56,7 @@ class ServiceConfig:
     allow_remote: bool = False  # allows a non-loopback publish address and metrics host
     confidence: bool = False
     overlay: bool = True
+    overlay_fps: float = 0.0  # at most this many overlays a second (0: one per frame)
     jpeg_quality: int = 80
     loop: bool = False
     fps: float | None = None  # pace file / synthetic sources (None: their own rate, 0: unpaced)
@@ -86,6 +87,7 @@ class ServiceConfig:
             raise UserError(f"the health timeout must be positive, got {self.health_stale_s} s")
         for name, value, ok, rule in (
                 ("--fps", self.fps, lambda v: v >= 0, "0 (unpaced) or more"),
+                ("--overlay-fps", self.overlay_fps, lambda v: v >= 0, "0 (every frame) or more"),
                 ("--duration", self.duration, lambda v: v > 0, "more than 0 seconds"),
                 ("--max-frames", self.max_frames, lambda v: v >= 1, "at least 1"),
                 ("--threads", self.threads, lambda v: v >= 1, "at least 1"),
@@ -141,6 +143,7 @@ class Service:
         self.scheduler = self.metrics = self._events = None
         self.fleet: FleetRunner | None = None
         self.infer_errors = 0
+        self.overlay_due = 0.0  # monotonic time from which the next frame gets an overlay
         self.rate = RateWindow()
         self._stop = threading.Event()
         self._last_status = 0.0
@@ -319,7 +322,7 @@ class Service:
         self.infer_errors = 0
         cls, labels = classes[0], self.labels_of(engine.version)
         jpeg = (wire.encode_overlay(image, cls, self.cfg.jpeg_quality, palette=labels.palette)
-                if self.cfg.overlay else None)
+                if self._overlay_now() else None)
         msg = wire.encode(self.cfg.topic, frame.id, frame.capture_ns, cls, version=engine.version, engine=engine.name,
                           label_set=labels.id, num_classes=labels.num_classes, infer_us=int(infer_ms * 1e3),
                           confidence=conf[0] if self.cfg.confidence else None, overlay_jpeg=jpeg,
@@ -332,6 +335,21 @@ class Service:
             self.telemetry.record_labels(cls, frame.label, engine.version, labels.num_classes, labels.ignore)
         if self.buffer is not None:
             self.buffer.offer(frame.image)
+
+    def _overlay_now(self) -> bool:
+        """Whether this frame's message carries an overlay: a picture for people, which costs more
+        than a fast engine's frame at camera resolution, so `overlay_fps` can thin it out."""
+        if not self.cfg.overlay:
+            return False
+        now = time.monotonic()
+        if now < self.overlay_due:
+            return False
+        if self.cfg.overlay_fps:
+            period = 1 / self.cfg.overlay_fps
+            self.overlay_due += period  # on the clock, so that a 30 fps camera gets 10 overlays, not 7.5
+            if self.overlay_due <= now:  # the first frame, or after a gap: count from now
+                self.overlay_due = now + period
+        return True
 
     def _housekeeping(self) -> None:
         if self.scheduler is not None and not (self.fleet is not None and self.fleet.busy):

@@ -298,3 +298,23 @@ def test_live_miou_counts_k_classes():
     tel.record_labels(np.array([[0, 1], [2, 2]], np.uint8), label, "v0001", num_classes=4, ignore=255)
     assert tel.by_version["v0001"].shape == (4, 4) and tel.by_version["v0001"].sum() == 3
     assert tel.snapshot()["miou_window"] == pytest.approx(100 * (1 + 1 + 0 + 0) / 4)
+
+
+def test_colours_and_overlays_follow_the_palette_for_any_id_type():
+    from mas3_edge.labels import colorize, overlay
+    ids = np.array([[0, 1, 2, 3], [4, 255, 0, 3]], np.uint8)  # 4 and 255 are not classes of FOUR: black
+    want = np.array([FOUR.palette[i] if i < 4 else (0, 0, 0) for i in ids.ravel()], np.uint8).reshape(2, 4, 3)
+    assert (colorize(ids, FOUR.palette) == want).all()
+    assert (colorize(np.array([[0, 256, -1, 3]]), FOUR.palette)[0, 1:3] == 0).all()  # past uint8: black, no wrap
+    img = np.random.default_rng(0).integers(0, 256, (2, 4, 3), dtype=np.uint8)
+    for alpha in (0.3, 0.5):
+        ref = img * (1 - alpha) + want * alpha  # the blend in float
+        assert np.abs(overlay(img, ids, alpha, FOUR.palette) - ref).max() <= 0.5 + 1e-6
+
+
+def test_bench_overlay_prints_both_ways_and_they_agree():
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import bench_overlay
+    (row,) = bench_overlay.main(["--sizes", "32x64", "--rounds", "2"])
+    assert row["shipped p50 ms"] > 0 and row["max abs difference (quality 100)"] <= 1

@@ -124,8 +124,18 @@ def test_synthetic_source_reports_live_miou_and_metrics(tmp_path, tiny_bundle):
     assert run.summary["buffer_dropped"] >= 5  # what the policy chose while buffering was stopped
 
 
+def test_overlay_fps_thins_the_overlays_and_keeps_every_frames_classes(tmp_path, tiny_bundle):
+    with Running(config(tmp_path, tiny_bundle, "synthetic://fog", fps=30, overlay_fps=5)) as run:
+        msgs = run.collect(3, until=lambda m: len(m) >= 60)
+    drawn = [m.publish_ns / 1e9 for m in msgs if m.overlay_jpeg]
+    span = (msgs[-1].publish_ns - msgs[0].publish_ns) / 1e9
+    assert len(msgs) >= 40 and all(m.classes.shape == (64, 128) for m in msgs)
+    assert 2 <= len(drawn) <= 5 * span + 2 and min(b - a for a, b in zip(drawn, drawn[1:])) > 0.1, (len(drawn), span)
+
+
 def test_bad_numbers_are_refused_by_the_config_itself(tmp_path, tiny_bundle):
     for kw, message in ((dict(fps=-1), "--fps must be 0"), (dict(duration=0), "--duration"),
+                        (dict(overlay_fps=-2), "--overlay-fps"),
                         (dict(metrics_port=70000), "--metrics-port"), (dict(max_frames=0), "--max-frames"),
                         (dict(publish="tcp://127.0.0.1:99999"), "port 99999"),
                         (dict(status_every=float("nan")), "status")):

@@ -98,6 +98,7 @@ _POSITIVE = (lambda v: v > 0, "more than 0")
 _OFF_OR_MORE = (lambda v: v >= 0, "0 (off) or more")
 _RUN_NUMBERS = {
     "threads": _AT_LEAST_1, "fps": (lambda v: v >= 0, "0 (unpaced) or more"),
+    "overlay_fps": (lambda v: v >= 0, "0 (every frame) or more"),
     "buffer_frames": _AT_LEAST_1, "buffer_mb": _POSITIVE, "buffer_every": _AT_LEAST_1,
     "buffer_interval": (lambda v: v >= 0, "0 or more"), "round_every_frames": _OFF_OR_MORE,
     "round_every_minutes": _OFF_OR_MORE, "drift_threshold": _POSITIVE, "round_frames": (lambda v: v >= 2, "at least 2"),
@@ -136,6 +137,8 @@ def run_cmd(
     camera_id: Annotated[Optional[str], typer.Option(help="Camera id in every message (default: derived from --camera).")] = None,
     confidence: Annotated[bool, typer.Option(help="Send the confidence map.")] = False,
     overlay: Annotated[bool, typer.Option(help="Send a JPEG colour overlay.")] = True,
+    overlay_fps: Annotated[float, typer.Option(help="At most this many overlays a second (0: one per frame); "
+                                                    "messages between them carry the classes alone.")] = 0.0,
     loop: Annotated[bool, typer.Option(help="Loop a video file or folder.")] = False,
     fps: Annotated[Optional[float], typer.Option(help="Pace files/synthetic (default: their rate; 0: unpaced).")] = None,
     buffer: Annotated[Path, typer.Option(help="Frame buffer folder for adaptation.")] = Path("frames"),
@@ -207,7 +210,7 @@ def run_cmd(
     cfg = ServiceConfig(camera=camera, bundle=user_bundle(bundle), engine=engine, device=device, threads=threads,
                         precision=precision,
                         publish=publish, topic=topic, allow_remote=allow_remote, confidence=confidence,
-                        overlay=overlay, loop=loop, fps=fps, buffer=None if no_buffer else buffer,
+                        overlay=overlay, overlay_fps=overlay_fps, loop=loop, fps=fps, buffer=None if no_buffer else buffer,
                         buffer_policy=BufferPolicy(max_frames=buffer_frames, max_mb=buffer_mb, every_n=buffer_every,
                                                    min_interval_s=buffer_interval),
                         adapt=adapt and not no_buffer, schedule=sched, status_every=status_every,
