@@ -4,6 +4,7 @@
 - `classes_last`: softmax/max/argmax over the last axis (3x faster on ONNX Runtime CPU).
 - `uint8_via_float`: uint8 touched only by float casts at the graph's edges (TensorRT's rule).
 - `normalise_as_conv`: the input normalisation as one grouped 1x1 Conv (for the INT8 graphs).
+- `classes_only`: the class map alone, without the softmax that only the confidence needs.
 """
 from __future__ import annotations
 
@@ -155,6 +156,29 @@ def normalise_as_conv(model: onnx.ModelProto) -> onnx.ModelProto | None:
     nodes = [conv if n is sub else n for n in nodes if n is not div]
     del m.graph.node[:]
     m.graph.node.extend(nodes)
+    _prune(m)
+    return m
+
+
+def classes_only(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """The graph without its `confidence` output: ArgMax over the logits instead of over their
+    softmax (the same class, softmax keeps the order), the Softmax and its ReduceMax gone. For a
+    service that does not send the confidence map: ONNX Runtime runs every node of a graph whatever
+    outputs are asked for, and the full-size Softmax is a fifth of an INT8 frame on a CPU
+    (docs/results/int8.md). None where the graph has no such tail."""
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    nodes = list(m.graph.node)
+    soft = [n for n in nodes if n.op_type == "Softmax"]
+    users = [n for n in nodes if soft and soft[0].output[0] in n.input]
+    if len(soft) != 1 or sorted(n.op_type for n in users) != ["ArgMax", "ReduceMax"] \
+            or next(n for n in users if n.op_type == "ReduceMax").output[0] != "confidence" \
+            or attr(next(n for n in users if n.op_type == "ArgMax"), "axis") != attr(soft[0], "axis"):
+        return None
+    argmax = next(n for n in users if n.op_type == "ArgMax")
+    argmax.input[0] = soft[0].input[0]
+    outputs = [o for o in m.graph.output if o.name != "confidence"]
+    del m.graph.output[:]
+    m.graph.output.extend(outputs)
     _prune(m)
     return m
 

@@ -57,14 +57,15 @@ class Engine:
     version: str = ""  # the bundle version id
     input_size: tuple[int, int] = (0, 0)  # (H, W)
 
-    def infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (B, H, W, 3) RGB -> classes uint8 (B, H, W), confidence float32 (B, H, W)."""
+    def infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 (B, H, W, 3) RGB -> classes uint8 (B, H, W), confidence float32 (B, H, W) (None from
+        an engine loaded without it)."""
         return self._infer(self._check(frames))
 
     def close(self) -> None:
         """Release device memory now rather than at garbage collection (after a hot swap)."""
 
-    def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         raise NotImplementedError
 
     def _check(self, frames: np.ndarray) -> np.ndarray:
@@ -81,7 +82,7 @@ class Engine:
 
 def load_engine(version_dir: Path, kind: str = "auto", device: str | None = None, *,
                 precision: str | None = None, batch_sizes: tuple[int, ...] = (1, 8),
-                threads: int | None = None, per_set: bool | None = None) -> Engine:
+                threads: int | None = None, per_set: bool | None = None, confidence: bool = True) -> Engine:
     """Load a version (a version directory, or a bundle root: its serving version) as an engine.
 
     `device`: None picks "cuda" when torch sees a GPU, else "cpu". `precision` (fp32, fp16, int8;
@@ -93,6 +94,8 @@ def load_engine(version_dir: Path, kind: str = "auto", device: str | None = None
     `threads`: ONNX Runtime intra-op threads (default: its own, the physical cores).
     `per_set`: ONNX Runtime / TensorRT on an adapted model's per-set graphs (True), its blended
     model.onnx (False), or None: per-set graphs on a GPU where the export wrote them.
+    `confidence`: False where the caller does not use it; ONNX Runtime on a CPU then runs its graphs
+    without the confidence softmax and returns None for it (other engines still return it).
     """
     from mas3_edge.bundle import resolve
     vdir = resolve(Path(version_dir))
@@ -100,7 +103,8 @@ def load_engine(version_dir: Path, kind: str = "auto", device: str | None = None
     kind = _ALIASES.get(kind, kind)
     if precision not in (None, *PRECISIONS):
         raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    opts = {"precision": precision, "batch_sizes": tuple(batch_sizes), "threads": threads, "per_set": per_set}
+    opts = {"precision": precision, "batch_sizes": tuple(batch_sizes), "threads": threads, "per_set": per_set,
+            "confidence": confidence}
     if kind != "auto":
         if kind not in KINDS:
             raise UserError(f"unknown engine kind {kind!r}; choose auto or one of {', '.join(KINDS)}")
@@ -166,7 +170,7 @@ def _build(kind: str, vdir: Path, dev: str, opts: dict) -> Engine:
     if kind == "onnxruntime":
         from .ort_engine import OrtEngine
         return OrtEngine(vdir, dev, opts["precision"], opts["batch_sizes"], opts["threads"],
-                         gpu_only=opts.get("gpu_only", False), per_set=opts.get("per_set"))
+                         gpu_only=opts.get("gpu_only", False), per_set=opts.get("per_set"), confidence=opts["confidence"])
     if kind == "torch-compile":
         from .compiled import load_compiled
         return load_compiled(vdir, dev, opts["precision"], opts["batch_sizes"])

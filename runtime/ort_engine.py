@@ -27,8 +27,9 @@ class OrtEngine(Engine):
 
     def __init__(self, vdir: Path, device: str = "cpu", precision: str = "fp16",
                  batch_sizes: tuple[int, ...] = (1, 8), threads: int | None = None, gpu_only: bool = False,
-                 per_set: bool | None = None):
+                 per_set: bool | None = None, confidence: bool = True):
         # precision: fp16 lowers on the TensorRT provider; int8 on a CPU serves the INT8 graphs
+        # confidence=False: infer returns None for it, and on a CPU the graphs run without its softmax
         import onnxruntime as ort
         from mas3_edge.export.onnx import check_onnx
         from mas3_edge.export.sets import check_sets
@@ -49,10 +50,13 @@ class OrtEngine(Engine):
         elif precision == "fp16" and device == "cpu":
             self.precision_note = "the CPU provider has no fp16 kernels worth serving; the fp32 graph runs"
         opts = lambda p: self._providers(ort, Path(vdir), device, precision, tuple(batch_sizes), _sha(report, p))  # noqa: E731
+        # the TensorRT provider caches engines by the file's hash: only the CPU's graphs are trimmed
+        trim = not confidence and device == "cpu"
+        self._outputs = ["classes", "confidence"] if confidence else ["classes"]
         first = opts(router if per_set else path)
-        self._sess = _ort_session(ort, path, first, threads) if not per_set else None
+        self._sess = _ort_session(ort, path, first, threads, trim) if not per_set else None
         self._router = _ort_session(ort, router, first, threads) if per_set else None
-        self._sets = [_ort_session(ort, g, opts(g), threads) for g in graphs]
+        self._sets = [_ort_session(ort, g, opts(g), threads, trim) for g in graphs]
         wanted = first[0][0]
         self.provider = (self._sess or self._sets[0]).get_providers()[0]
         if self.provider != wanted:
@@ -64,7 +68,7 @@ class OrtEngine(Engine):
         self.precision = "int8" if int8 else "fp16" if trt_fp16 else "fp32"
         for b in (batch_sizes if not self.provider.startswith("CPU") else (1,)):  # TensorRT EP builds at first run
             for sess in self._sets or [self._sess]:  # every set's graph, not only the one zeros route to
-                sess.run(["classes", "confidence"], {"images": np.zeros((b, *self.input_size, 3), np.uint8)})
+                sess.run(self._outputs, {"images": np.zeros((b, *self.input_size, 3), np.uint8)})
             self._infer(np.zeros((b, *self.input_size, 3), np.uint8))
 
     @staticmethod
@@ -80,21 +84,25 @@ class OrtEngine(Engine):
                 out.append(("CUDAExecutionProvider", {"device_id": idx}))
         return out + [("CPUExecutionProvider", {})]
 
-    def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _infer(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if self._router is None:
-            classes, conf = self._sess.run(["classes", "confidence"], {"images": frames})
-            return classes, conf
+            return self._run(self._sess, frames)
         from mas3_edge.export.sets import split_by_set
         route = self._router.run(["route"], {"images": frames})[0]
         parts = split_by_set(route)
         if len(parts) == 1:
-            classes, conf = self._sets[parts[0][0]].run(["classes", "confidence"], {"images": frames})
-            return classes, conf
+            return self._run(self._sets[parts[0][0]], frames)
         classes = np.empty(frames.shape[:3], np.uint8)  # a mixed batch: each set's frames through its graph
-        conf = np.empty(frames.shape[:3], np.float32)
+        conf = np.empty(frames.shape[:3], np.float32) if len(self._outputs) == 2 else None
         for s, idx in parts:
-            classes[idx], conf[idx] = self._sets[s].run(["classes", "confidence"], {"images": frames[idx]})
+            classes[idx], part = self._run(self._sets[s], frames[idx])
+            if conf is not None:
+                conf[idx] = part
         return classes, conf
+
+    def _run(self, sess, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        out = sess.run(self._outputs, {"images": frames})
+        return out[0], out[1] if len(out) == 2 else None
 
     def close(self) -> None:
         self._sess, self._router, self._sets = None, None, []
@@ -109,9 +117,17 @@ def _sha(report: dict, path: Path) -> str:
     return report["onnx"]["sha256"]
 
 
-def _ort_session(ort, path: Path, wanted: list[tuple[str, dict]], threads: int | None):
+def _ort_session(ort, path: Path, wanted: list[tuple[str, dict]], threads: int | None, trim: bool = False):
     """A session on the first provider list that ORT accepts, dropping the most demanding provider
-    after each failure (an ORT build that rejects a TensorRT option must still get CUDA)."""
+    after each failure (an ORT build that rejects a TensorRT option must still get CUDA); `trim`:
+    the graph without its confidence softmax, where it has one (export/passes.py, classes_only)."""
+    source: str | bytes = str(path)
+    if trim:
+        import onnx
+
+        from mas3_edge.export.passes import classes_only
+        trimmed = classes_only(onnx.load(str(path)))
+        source = source if trimmed is None else trimmed.SerializeToString()
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
@@ -119,7 +135,7 @@ def _ort_session(ort, path: Path, wanted: list[tuple[str, dict]], threads: int |
         so.intra_op_num_threads = int(threads)
     for i in range(len(wanted)):
         try:
-            return ort.InferenceSession(str(path), so, providers=wanted[i:])
+            return ort.InferenceSession(source, so, providers=wanted[i:])
         except Exception as e:  # ORT raises its own exception types
             error = str(e).splitlines()[0] if str(e) else type(e).__name__
             if i + 1 < len(wanted):

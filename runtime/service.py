@@ -189,7 +189,8 @@ class Service:
         if c.events is not None:
             c.events.parent.mkdir(parents=True, exist_ok=True)
             self._events = open(c.events, "a", buffering=1)
-        self.swapper = EngineSwapper(c.bundle, kind=c.engine, device=c.device, precision=c.precision)
+        self.swapper = EngineSwapper(c.bundle, kind=c.engine, device=c.device, precision=c.precision,
+                                     confidence=c.confidence)
         size = self._input_size()
         # the camera first: "no camera" must fail in a second, before any engine is loaded. Its frames
         # are numbered from the first one served (start() in _loop): none is used up while loading.

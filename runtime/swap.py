@@ -83,9 +83,10 @@ class _Failure:
 
 class EngineSwapper:
     def __init__(self, bundle: Path, *, kind: str = "auto", device: str | None = None, threads: int | None = None,
-                 precision: str | None = None, poll_s: float = 0.25, exporter=export_in_child, retry_s: float = 1.0, retry_max_s: float = 300.0):
+                 precision: str | None = None, confidence: bool = True, poll_s: float = 0.25, exporter=export_in_child,
+                 retry_s: float = 1.0, retry_max_s: float = 300.0):
         self.bundle, self.kind, self.device, self.threads = Path(bundle), kind, device, threads
-        self.precision = precision
+        self.precision, self.confidence = precision, confidence
         self.poll_s, self.exporter = poll_s, exporter
         self.retry_s, self.retry_max_s = retry_s, retry_max_s
         self.root = None if bundles.is_version_dir(self.bundle) else self.bundle  # a bare version: no pointer
@@ -156,7 +157,8 @@ class EngineSwapper:
         if self.kind in _NEEDS_ONNX and not _verified_onnx(vdir):
             log.warning("version %s has no verified model.onnx; exporting it in a child process", vid)
             self.exporter(vdir, stop=self._stop)
-        engine = load_engine(vdir, self.kind, self.device, threads=self.threads, precision=self.precision)
+        engine = load_engine(vdir, self.kind, self.device, threads=self.threads, precision=self.precision,
+                             confidence=self.confidence)
         engine.infer(np.zeros((1, *engine.input_size, 3), np.uint8))  # first-call allocations happen here
         return engine
 

@@ -133,6 +133,18 @@ def test_overlay_fps_thins_the_overlays_and_keeps_every_frames_classes(tmp_path,
     assert 2 <= len(drawn) <= 5 * span + 2 and min(b - a for a, b in zip(drawn, drawn[1:])) > 0.1, (len(drawn), span)
 
 
+@pytest.mark.parametrize("confidence", [False, True])
+def test_onnxruntime_serves_the_confidence_map_only_when_asked(tmp_path, tiny_bundle, confidence):
+    from mas3_edge.export.onnx import export_onnx
+    export_onnx(bundle.resolve(tiny_bundle))
+    cfg = config(tmp_path, tiny_bundle, "synthetic://fog", engine="onnxruntime", confidence=confidence)
+    with Running(cfg) as run:
+        msgs = run.collect(5, until=lambda m: len(m) >= 3)
+    assert len(msgs) >= 3 and all((m.confidence is not None) == confidence for m in msgs)
+    if confidence:
+        assert all(0.0 < m.confidence.min() and m.confidence.max() <= 1.0 for m in msgs)
+
+
 def test_bad_numbers_are_refused_by_the_config_itself(tmp_path, tiny_bundle):
     for kw, message in ((dict(fps=-1), "--fps must be 0"), (dict(duration=0), "--duration"),
                         (dict(overlay_fps=-2), "--overlay-fps"),

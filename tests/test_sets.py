@@ -61,6 +61,23 @@ def test_per_set_graphs_serve_what_the_blended_graph_and_pytorch_serve(per_set):
         assert np.abs(pa - pc).max() < 1e-3 and np.abs(pb - pc).max() < 1e-3
 
 
+def test_engines_loaded_without_confidence_serve_the_same_classes_without_its_softmax(per_set):
+    import onnx
+
+    from mas3_edge.export.passes import classes_only
+    vdir, frames = per_set
+    for per in (True, False):
+        full = load_engine(vdir, "onnxruntime", "cpu", per_set=per)
+        trimmed = load_engine(vdir, "onnxruntime", "cpu", per_set=per, confidence=False)
+        for idx in ([0, 3, 6], [4], list(range(9))):  # mixed batches and one set alone
+            (a, _), (b, conf) = full.infer(frames[idx]), trimmed.infer(frames[idx])
+            assert conf is None and (a == b).all()
+    graph = classes_only(onnx.load(str(vdir / "sets" / "set-1.onnx")))
+    assert graph is not None and [o.name for o in graph.graph.output] == ["classes"]
+    assert not any(n.op_type in ("Softmax", "ReduceMax") for n in graph.graph.node)
+    assert classes_only(graph) is None  # no confidence tail left: nothing to trim
+
+
 def test_router_routes_each_domain_to_its_own_set(per_set):
     vdir, frames = per_set
     route = xonnx.run_onnx(vdir / "sets" / xsets.ROUTER_FILE, frames, [xsets.ROUTE])[xsets.ROUTE]

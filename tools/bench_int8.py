@@ -13,6 +13,9 @@ Resident memory: a fresh process per graph and thread count reads its VmRSS befo
 created, after, and after the first frame (first-run allocations). A round's calibration (the
 frame cap of export/quantize.py) runs in another fresh process: its time and peak RSS.
 
+`--outputs classes` times every graph without its confidence output and softmax (export/passes.py,
+classes_only): what `run` serves unless it is asked to send the confidence map.
+
 Variants (quantize_static options on top of export/quantize.py's settings):
   qdq          the shipped settings: QDQ, per-channel int8 weights (7-bit range), percentile ranges
   qoperator    QOperator format (QLinearConv nodes instead of Q/DQ pairs)
@@ -20,6 +23,7 @@ Variants (quantize_static options on top of export/quantize.py's settings):
   noends       the shipped settings without the first and last convolution
   pertensor    per-tensor weights
   subdiv       the shipped settings with the input normalisation left as Sub and Div
+  fullrange    the shipped settings with the full 8-bit weight range
 """
 from __future__ import annotations
 
@@ -50,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=6, help="frames per graph per round (default 6)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.add_argument("--profile", action="store_true", help="also print ONNX Runtime's time per op type (1 thread)")
+    p.add_argument("--outputs", choices=["both", "classes"], default="both",
+                   help="time the graphs with both outputs, or without the confidence map's softmax (classes: "
+                        "what `run` serves unless --confidence)")
     p.add_argument("--keep", type=Path, help="keep the graphs in this folder (default: a temporary one)")
     p.add_argument("--_rss", nargs=2, help=argparse.SUPPRESS)  # internal: GRAPH THREADS -> RSS figures
     p.add_argument("--_calibrate", help=argparse.SUPPRESS)  # internal: VERSION_DIR -> a round's calibration
@@ -66,6 +73,8 @@ def variant_options(name: str, fp32: Path) -> dict:
     if name == "minmax":
         return {"calibrate_method": CalibrationMethod.MinMax, "reduce_range": False,
                 "extra_options": {"CalibStridedMinMax": 4}}
+    if name == "fullrange":  # 8-bit weights: what a CPU with VNNI can take without saturating
+        return {"reduce_range": False}
     if name == "subdiv":  # the input normalisation left as the export's Sub and Div
         return {"norm_as_conv": False}
     if name == "pertensor":
@@ -106,6 +115,17 @@ def make_graphs(work: Path, preset_name: str, size: tuple[int, int], variants: l
     return graphs
 
 
+def trim_graphs(graphs: dict, work: Path) -> None:
+    """Point every graph at a copy without the confidence softmax, as the engine loads it for `run`."""
+    import onnx
+
+    from mas3_edge.export.passes import classes_only
+    for name, g in graphs.items():
+        path = work / f"{name}.classes.onnx"
+        path.write_bytes(classes_only(onnx.load(g["path"])).SerializeToString())
+        g["path"] = str(path)
+
+
 def session(path: str, threads: int):
     import onnxruntime as ort
     so = ort.SessionOptions()
@@ -128,7 +148,7 @@ def time_graphs(graphs: dict, threads: int, size: tuple[int, int], rounds: int, 
         for name in order:
             for _ in range(runs):
                 t0 = time.perf_counter()
-                sessions[name].run(["classes", "confidence"], {"images": frame})
+                sessions[name].run(None, {"images": frame})  # every output the graph has
                 times[name].append((time.perf_counter() - t0) * 1e3)
     return {name: {"p50_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)), "n": len(t)}
             for name, t in times.items()}
@@ -168,7 +188,7 @@ def rss_child(path: str, threads: int, size: tuple[int, int]) -> dict:
     before = rss_kb()
     s = session(path, threads)
     created = rss_kb()
-    s.run(["classes", "confidence"], {"images": np.zeros((1, *size, 3), np.uint8)})
+    s.run(None, {"images": np.zeros((1, *size, 3), np.uint8)})
     first = rss_kb()
     return {"session_mb": (created - before) / 1024, "after_first_frame_mb": (first - before) / 1024}
 
@@ -228,11 +248,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         res["graphs"] = make_graphs(work, args.preset, size, args.variants.split(","), args.frames)
+        res["outputs"], vdir = args.outputs, Path(res["graphs"]["fp32"]["path"]).parent
+        if args.outputs == "classes":
+            trim_graphs(res["graphs"], work)
         res["threads"] = {}
         for t in (int(v) for v in args.threads.split(",")):
             res["threads"][t] = {"latency": time_graphs(res["graphs"], t, size, args.rounds, args.runs),
                                  "rss": {n: measure_rss(g["path"], t, size) for n, g in res["graphs"].items()}}
-        vdir = Path(res["graphs"]["fp32"]["path"]).parent
         out = subprocess.run([sys.executable, __file__, "--size", args.size, "--_calibrate", str(vdir)],
                              capture_output=True, text=True, check=True)
         res["round_calibration"] = json.loads(out.stdout.strip().splitlines()[-1])

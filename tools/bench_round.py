@@ -115,7 +115,8 @@ def swap(root: Path, version: str, precision: str = "fp32") -> dict:
 
     from mas3_edge.runtime.engines import load_engine
     t0 = time.perf_counter()
-    engine = load_engine(root / "versions" / version, "onnxruntime", "cpu", precision=precision, threads=1)
+    engine = load_engine(root / "versions" / version, "onnxruntime", "cpu", precision=precision, threads=1,
+                         confidence=False)  # as `run` loads it
     engine.infer(np.zeros((1, *engine.input_size, 3), np.uint8))
     return {"seconds": time.perf_counter() - t0, "peak_rss_mb": None, "note": "in the serving process"}
 

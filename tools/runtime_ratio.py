@@ -47,7 +47,7 @@ def video_frames(video: Path, size: tuple[int, int], n: int = 30) -> np.ndarray:
 def engine_alone(vdir: str, video: str, threads: str, seconds: str, record: str) -> None:
     """Entry of the engine process: frames per second of `infer` alone, one frame per call."""
     from mas3_edge.runtime.engines import load_engine
-    engine = load_engine(Path(vdir), "onnxruntime", "cpu", threads=int(threads))
+    engine = load_engine(Path(vdir), "onnxruntime", "cpu", threads=int(threads), confidence=False)  # as `run` loads it
     frames = video_frames(Path(video), engine.input_size)
     engine.infer(frames[:1])
     n, t0 = 0, time.perf_counter()
