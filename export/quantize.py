@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -48,12 +49,27 @@ MIN_FRAMES = 4
 OPS = ["Conv", "Clip", "Relu", "Add", "Mul", "Concat", "GlobalAveragePool", "MaxPool", "AveragePool", "MatMul", "Gemm"]
 STRIDE = 1  # frames whose every intermediate tensor calibration holds at once (the round's peak memory)
 CALIBRATION_FRAMES = 32  # newest buffered frames a round calibrates and judges on (time and memory)
-# reduce_range (7-bit weights): a CPU without VNNI multiplies u8 x s8 with AVX2's vpmaddubsw, whose
-# 16-bit pair sums saturate with 8-bit weights; percentile ranges ignore the rare extreme activation.
-# Both raised the agreement with fp32 on held-out frames (docs/results/int8.md has the figures).
+# percentile ranges ignore the rare extreme activation: they raised the agreement with fp32 on
+# held-out frames, as the weight range of weight_bits() did (docs/results/int8.md has the figures)
 PERCENTILE = 99.999
-SETTINGS = {"format": "QDQ", "weights": "int8 per channel, 7-bit range", "activations": "uint8 per tensor",
-            "calibration": f"percentile {PERCENTILE}", "ops": OPS}
+
+
+def weight_bits() -> int:
+    """The weight range this CPU multiplies without overflow: 7 bits on an x86 CPU without VNNI (AVX2's
+    vpmaddubsw sums pairs of u8 x s8 products in 16 bits, which saturate with 8-bit weights), else 8."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return 8
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        return 7  # unknown: the range that is safe everywhere
+    return 8 if {"avx512_vnni", "avx_vnni"} & set(flags.split()) else 7
+
+
+def settings(bits: int) -> dict:
+    """What export.json records of a calibration's settings."""
+    return {"format": "QDQ", "weights": f"int8 per channel, {bits}-bit range", "weight_bits": bits,
+            "activations": "uint8 per tensor", "calibration": f"percentile {PERCENTILE}", "ops": OPS}
 
 
 class FrameReader:
@@ -81,9 +97,9 @@ class FrameReader:
 
 def quantize_graph(model: bytes | Path, frames: np.ndarray, *, exclude: list[str] | None = None,
                    norm_as_conv: bool = True, **options) -> bytes:
-    """A QDQ INT8 copy of an fp32 graph calibrated on `frames` (SETTINGS; the input normalisation
-    as one fp32 Conv unless `norm_as_conv` is off; `options` override quantize_static's arguments,
-    for the benchmark's variants)."""
+    """A QDQ INT8 copy of an fp32 graph calibrated on `frames`: weights in this CPU's range
+    (weight_bits), the input normalisation as one fp32 Conv unless `norm_as_conv` is off; `options`
+    override quantize_static's arguments, for the benchmark's variants."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     import onnx
 
@@ -95,7 +111,7 @@ def quantize_graph(model: bytes | Path, frames: np.ndarray, *, exclude: list[str
     with tempfile.TemporaryDirectory(prefix="mas3-int8-") as tmp:  # quantize_static works on files
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(graph.SerializeToString())
-        kwargs = dict(quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
+        kwargs = dict(quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=weight_bits() < 8,
                       activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                       calibrate_method=CalibrationMethod.Percentile, op_types_to_quantize=OPS,
                       nodes_to_exclude=exclude or [],
@@ -170,17 +186,17 @@ def quantize_version(vdir: Path, frames: np.ndarray, labelled: tuple[np.ndarray,
     vdir = Path(vdir)
     path, report = check_onnx(vdir)
     cal, held = split_frames(np.asarray(frames))
-    t0, graphs, blobs, failures = time.perf_counter(), [], {}, []
+    t0, graphs, blobs, failures, bits = time.perf_counter(), [], {}, [], weight_bits()
     sources = [g["file"] for g in (report.get("sets") or {}).get("graphs", [])] or [report["onnx"]["file"]]
     for rel in sources:
-        data = quantize_graph(vdir / rel, cal)
+        data = quantize_graph(vdir / rel, cal, reduce_range=bits < 8)
         check = parity_int8(vdir / rel, data, held, labelled, _labels(vdir))
         failures += [f"{int8_name(rel)}: {why}" for why in check.pop("failures")]
         blobs[int8_name(rel)] = data
         graphs.append({"file": int8_name(rel), "from": rel, "from_sha256": sha256_file(vdir / rel),
                        "sha256": sha256_bytes(data), "bytes": len(data), "parity": check})
     entry = {"passed": not failures, "reason": "; ".join(failures) or None, "graphs": graphs,
-             "settings": SETTINGS, "calibration": {"frames": len(cal), "held_out": len(held), "source": source},
+             "settings": settings(bits), "calibration": {"frames": len(cal), "held_out": len(held), "source": source},
              "seconds": round(time.perf_counter() - t0, 2),
              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _write(vdir, report, entry, blobs)
@@ -238,6 +254,9 @@ def int8_graphs(vdir: Path, report: dict) -> tuple[Path | None, dict[str, Path]]
         raise UserError(f"version {report.get('version')} has no INT8 graph; {fix}")
     if not entry.get("passed"):
         raise UserError(f"the INT8 graph of {report.get('version')} failed its parity check ({entry.get('reason')})")
+    if entry.get("settings", {}).get("weight_bits", 7) > weight_bits():
+        raise UserError(f"the INT8 graph of {report.get('version')} has 8-bit weights, which saturate on a CPU "
+                        f"without VNNI; {fix} on this machine")
     fp32 = {report["onnx"]["file"]: report["onnx"]["sha256"]}
     fp32.update({g["file"]: g["sha256"] for g in (report.get("sets") or {}).get("graphs", [])})
     paths = {}

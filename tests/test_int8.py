@@ -89,6 +89,22 @@ def test_failed_parity_serves_fp32_with_one_line(packaged, labelled, monkeypatch
     assert "int8 asked for; onnxruntime serves fp32" in lines[0] and "failed its parity check" in lines[0]
 
 
+@pytest.mark.parametrize("bits", [7, 8])
+def test_the_weight_range_follows_the_cpu_and_8_bit_weights_are_not_served_without_vnni(packaged, labelled,
+                                                                                          monkeypatch, bits):
+    monkeypatch.setattr(quantize, "MIN_AGREEMENT", 0.0)  # the weights' range, not their parity
+    monkeypatch.setattr(quantize, "weight_bits", lambda: bits)  # calibrated on a CPU with (8) or without (7) VNNI
+    entry = quantize.quantize_version(packaged, labelled[0])
+    assert entry["settings"]["weight_bits"] == bits and f"{bits}-bit range" in entry["settings"]["weights"]
+    model = onnx.load(str(packaged / quantize.INT8_FILE))
+    weights = [onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert weights and (max(int(np.abs(w.astype(int)).max()) for w in weights) > 64) == (bits == 8)
+    monkeypatch.setattr(quantize, "weight_bits", lambda: 7)  # served on a CPU without VNNI
+    engine = load_engine(packaged, "onnxruntime", "cpu", precision="int8", threads=1)
+    assert engine.precision == ("int8" if bits == 7 else "fp32")
+    assert bits == 7 or "saturate on a CPU without VNNI" in engine.precision_note
+
+
 def test_round_hook_never_rejects_a_round(packaged, tmp_path):
     (tmp_path / "empty").mkdir()
     out = scheduler._calibrate(packaged, str(tmp_path / "empty"), limit=150)

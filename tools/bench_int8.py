@@ -17,7 +17,7 @@ frame cap of export/quantize.py) runs in another fresh process: its time and pea
 classes_only): what `run` serves unless it is asked to send the confidence map.
 
 Variants (quantize_static options on top of export/quantize.py's settings):
-  qdq          the shipped settings: QDQ, per-channel int8 weights (7-bit range), percentile ranges
+  qdq          the shipped settings: QDQ, per-channel int8 weights (8-bit range with VNNI, else 7), percentile ranges
   qoperator    QOperator format (QLinearConv nodes instead of Q/DQ pairs)
   minmax       MinMax ranges, full 8-bit weight range
   noends       the shipped settings without the first and last convolution
