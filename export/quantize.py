@@ -54,16 +54,22 @@ CALIBRATION_FRAMES = 32  # newest buffered frames a round calibrates and judges 
 PERCENTILE = 99.999
 
 
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags as Linux lists them, or None where they cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return set(next((ln for ln in text.splitlines() if ln.startswith("flags")), "").split())
+
+
 def weight_bits() -> int:
     """The weight range this CPU multiplies without overflow: 7 bits on an x86 CPU without VNNI (AVX2's
     vpmaddubsw sums pairs of u8 x s8 products in 16 bits, which saturate with 8-bit weights), else 8."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return 8
-    try:
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        return 7  # unknown: the range that is safe everywhere
-    return 8 if {"avx512_vnni", "avx_vnni"} & set(flags.split()) else 7
+    flags = cpu_flags()  # unknown: 7 bits, the range that is safe everywhere
+    return 8 if flags and {"avx512_vnni", "avx_vnni"} & flags else 7
 
 
 def settings(bits: int) -> dict:

@@ -147,6 +147,7 @@ def test_eval_subset_scores_only_its_classes(tmp_path, tiny_bundle):
     (["--metrics-port", "-5"], "--metrics-port must be a port in 0..65535"),
     (["--publish", "tcp://127.0.0.1:99999"], "port 99999 is not in 1..65535"),
     (["--fps", "-1"], "--fps must be 0 (unpaced) or more, got -1.0"),
+    (["--overlay-fps", "-2"], "--overlay-fps must be 0 (every frame) or more, got -2.0"),
     (["--duration", "-1"], "--duration must be more than 0"),
     (["--duration", "0"], "--duration must be more than 0"),
     (["--max-frames", "0"], "--max-frames must be at least 1"),

@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(json.dumps(calibrate_child(Path(args._calibrate), size)))
         return None
     import onnxruntime
-    flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "").split()
+    from mas3_edge.export.quantize import cpu_flags
+    flags = cpu_flags() or set()
     res: dict = {"preset": args.preset, "size": list(size), "onnxruntime": onnxruntime.__version__,
                  "cpu_flags": {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")},
                  "cores": os.cpu_count(), "load_average_start": os.getloadavg(), "floor": FLOOR}
